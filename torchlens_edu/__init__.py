@@ -1,0 +1,96 @@
+"""torchlens_edu: see inside transformers while you learn them.
+
+>>> import torchlens_edu as tle
+>>> tle.describe(torch.zeros(2, 3))  # doctest: +SKIP
+
+Names are imported lazily so that ``import torchlens_edu`` (and the pytest plugin) stay cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    # printing
+    "set_printoptions": "printing",
+    "printoptions": "printing",
+    "describe": "printing",
+    "show": "printing",
+    "show_attention": "printing",
+    "install": "printing",
+    "uninstall": "printing",
+    "installed": "printing",
+    # named dimensions and shape assertions
+    "Dims": "dims",
+    "format_shape": "dims",
+    "assert_shape": "dims",
+    "shape_scope": "dims",
+    # hooks and capture
+    "hooks": "hooks",
+    "HookSet": "hooks",
+    "ActivationCache": "hooks",
+    # shapes
+    "trace_shapes": "shapes",
+    "ShapeTrace": "shapes",
+    # NaN / Inf
+    "watch_nans": "nans",
+    "NonFiniteError": "nans",
+    "NonFiniteReport": "nans",
+    # facade
+    "inspect": "inspector",
+    "Inspector": "inspector",
+    # debugging
+    "stop_at": "debug",
+    "clear_stops": "debug",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+if TYPE_CHECKING:
+    from torchlens_edu.debug import clear_stops, stop_at
+    from torchlens_edu.dims import Dims, assert_shape, format_shape, shape_scope
+    from torchlens_edu.hooks import ActivationCache, HookSet, hooks
+    from torchlens_edu.inspector import Inspector, inspect
+    from torchlens_edu.nans import NonFiniteError, NonFiniteReport, watch_nans
+    from torchlens_edu.printing import (
+        describe,
+        install,
+        installed,
+        printoptions,
+        set_printoptions,
+        show,
+        show_attention,
+        uninstall,
+    )
+    from torchlens_edu.shapes import ShapeTrace, trace_shapes
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'torchlens_edu' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"torchlens_edu.{module}"), name)
+    globals()[name] = value  # next access skips __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext torchlens_edu``: registers ``%trace_shapes``."""
+    from torchlens_edu.ipython import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """``%unload_ext torchlens_edu``: removes what ``%load_ext`` added."""
+    from torchlens_edu.ipython import unload_ipython_extension as unload
+
+    unload(ipython)

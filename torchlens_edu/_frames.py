@@ -1,0 +1,53 @@
+"""Find the user's line of code: the first frame outside torch and torchlens_edu's machinery.
+
+The bundled models (``torchlens_edu/models``), demos and tests count as *user* code: a learner
+stepping through ``gpt2.py`` wants to see ``gpt2.py:57``, not a line of our hooks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+from types import FrameType
+
+import torch
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_MODELS_DIR = os.path.join(_PACKAGE_DIR, "models") + os.sep
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+_STDLIB_DIR = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
+_SKIP_PREFIXES = ("<frozen ",)
+
+
+def is_user_file(filename: str) -> bool:
+    """True for code a learner wrote or reads (their scripts, notebooks, Hugging Face models,
+    our bundled models); False for torch, the standard library and our own observers."""
+    if filename.startswith(_SKIP_PREFIXES):
+        return False
+    path = os.path.abspath(filename)
+    if path.startswith(_MODELS_DIR):
+        return True
+    return not path.startswith((_PACKAGE_DIR + os.sep, _TORCH_DIR, _STDLIB_DIR))
+
+
+def user_frame(start: FrameType | None = None) -> FrameType | None:
+    """The innermost frame that belongs to the user's code, or None."""
+    frame = start if start is not None else sys._getframe(1)
+    while frame is not None:
+        if is_user_file(frame.f_code.co_filename):
+            return frame
+        frame = frame.f_back
+    return None
+
+
+def frame_location(frame: FrameType | None) -> str:
+    """``"path/to/file.py:LINE"`` for a frame (``""`` when unknown)."""
+    if frame is None:
+        return ""
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+def user_source() -> str:
+    """``"path/to/file.py:LINE"`` of the user's line that is running now (``""`` if none)."""
+    return frame_location(user_frame(sys._getframe(1)))

@@ -1,0 +1,184 @@
+"""Named dimensions: give the sizes in a shape the names a learner uses (``B, T, C, nh, hs``).
+
+Names come from three places, strongest first: what the user says (``dims={"B": 2}``), the
+inputs of a run (``B`` and ``T`` of the token ids), and the model's config (``n_embd`` is ``C``,
+``n_head`` is ``nh``, and so on, for our GPT-2, Hugging Face and TransformerLens configs).
+
+When two names share a size (``T == hs == 64``) we never guess silently: the size prints as
+``64:T|hs`` unless its position settles it (the batch axis first, a feature axis last).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+# role -> config attribute names that carry it (ours, Hugging Face, TransformerLens, others)
+_CONFIG_FIELDS: dict[str, tuple[str, ...]] = {
+    "C": ("n_embd", "hidden_size", "d_model", "dim", "embed_dim"),
+    "nh": ("n_head", "num_attention_heads", "num_heads", "n_heads", "encoder_attention_heads"),
+    "hs": ("head_dim", "d_head", "d_kv"),
+    "V": ("vocab_size", "d_vocab"),
+    "ctx": ("n_positions", "max_position_embeddings", "n_ctx", "block_size"),
+    "ff": ("n_inner", "intermediate_size", "d_ff", "d_mlp", "ffn_dim", "encoder_ffn_dim"),
+    "nkv": ("num_key_value_heads", "n_key_value_heads"),
+}
+# Axes that hold features; the last axis of a 3-D+ activation is one of these.
+_FEATURE_ROLES = frozenset({"C", "hs", "V", "3C", "4C", "ff", "2C"})
+
+
+def _config_of(model: Any) -> Any:
+    for attr in ("config", "cfg"):
+        config = getattr(model, attr, None)
+        if config is not None:
+            return config
+    return None
+
+
+def _first_int(config: Any, names: Iterable[str]) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def dims_from_config(config: Any) -> dict[str, int]:
+    """Named sizes a config implies, e.g. ``{"C": 768, "nh": 12, "hs": 64, "V": 50257, ...}``.
+
+    >>> from torchlens_edu.models import GPT2Config
+    >>> dims_from_config(GPT2Config.preset("gpt2"))["hs"]
+    64
+    """
+    if config is None:
+        return {}
+    found = {role: _first_int(config, fields) for role, fields in _CONFIG_FIELDS.items()}
+    sizes = {role: size for role, size in found.items() if size is not None}
+    C, nh = sizes.get("C"), sizes.get("nh")
+    if C and nh and "hs" not in sizes and C % nh == 0:
+        sizes["hs"] = C // nh
+    if C:
+        sizes["3C"] = 3 * C
+        ff = sizes.pop("ff", None) or 4 * C
+        sizes["4C" if ff == 4 * C else "ff"] = ff
+    if sizes.get("nkv") == nh:
+        sizes.pop("nkv")
+    return sizes
+
+
+def dims_from_inputs(*inputs: Any) -> dict[str, int]:
+    """``B`` and ``T`` read off the first token-id tensor ``(B, T)`` or activation ``(B, T, C)``.
+
+    >>> dims_from_inputs(torch.zeros(2, 16, dtype=torch.long))
+    {'B': 2, 'T': 16}
+    """
+    from torchlens_edu._tree import iter_tensors
+
+    for tensor in iter_tensors(list(inputs)):
+        if tensor.dim() == 2 and not tensor.is_floating_point():
+            return {"B": tensor.shape[0], "T": tensor.shape[1]}
+        if tensor.dim() == 3 and tensor.is_floating_point():
+            return {"B": tensor.shape[0], "T": tensor.shape[1]}
+    return {}
+
+
+class Dims(Mapping[str, int]):
+    """An ordered mapping ``name -> size`` that formats shapes with names.
+
+    >>> d = Dims({"B": 2, "T": 16, "nh": 12, "hs": 64})
+    >>> d.format((2, 12, 16, 64))
+    '(B=2, nh=12, T=16, hs=64)'
+    >>> Dims({"T": 64, "hs": 64}).format((12, 64, 64))
+    '(12, 64:T|hs, hs=64)'
+    """
+
+    def __init__(self, sizes: Mapping[str, int] | None = None) -> None:
+        self._sizes: dict[str, int] = {}
+        for name, size in (sizes or {}).items():
+            if not isinstance(name, str) or not (name.isidentifier() or name[:1].isdigit()):
+                raise ValueError(f"dimension name {name!r} must be a short word such as 'B' or 'T'")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise ValueError(f"dimension {name}={size!r}: the size must be a non-negative int")
+            self._sizes[name] = size
+
+    @classmethod
+    def infer(cls, model: Any = None, inputs: Sequence[Any] = (),
+              overrides: Mapping[str, int] | None = None) -> Dims:
+        """Names from the user's overrides, then the inputs, then the model's config.
+
+        >>> from torchlens_edu.models import GPT2, GPT2Config
+        >>> m = GPT2(GPT2Config.preset("tiny"))
+        >>> Dims.infer(m, [torch.zeros(1, 8, dtype=torch.long)])["T"]
+        8
+        """
+        sizes: dict[str, int] = dict(overrides or {})
+        for source in (dims_from_inputs(*inputs), dims_from_config(_config_of(model))):
+            for name, size in source.items():
+                sizes.setdefault(name, size)
+        return cls(sizes)
+
+    def merged(self, other: Mapping[str, int]) -> Dims:
+        """A copy where ``other``'s names win."""
+        return Dims({**self._sizes, **dict(other)})
+
+    def __getitem__(self, name: str) -> int:
+        return self._sizes[name]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._sizes)
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def __repr__(self) -> str:
+        return "Dims(" + ", ".join(f"{k}={v}" for k, v in self._sizes.items()) + ")"
+
+    def names_for(self, size: int) -> list[str]:
+        """All names whose size is ``size``, strongest first."""
+        return [name for name, value in self._sizes.items() if value == size]
+
+    def labels(self, shape: Sequence[int]) -> list[str]:
+        """One label per axis: ``"B=2"``, ``"64:T|hs"`` (ambiguous) or ``"7"`` (unnamed)."""
+        shape = [int(s) for s in shape]
+        return [self._label(size, axis, len(shape)) for axis, size in enumerate(shape)]
+
+    def _label(self, size: int, axis: int, ndim: int) -> str:
+        names = self.names_for(size)
+        if size == 1 and not (axis == 0 and names[:1] == ["B"]):
+            return "1"  # a kept or broadcast axis; calling it B or T would mislead
+        if len(names) > 1:
+            names = _settle_by_position(names, axis, ndim)
+        if not names:
+            return str(size)
+        if len(names) == 1:
+            return f"{names[0]}={size}"
+        return f"{size}:" + "|".join(names)
+
+    def format(self, shape: Sequence[int] | torch.Size, *, brackets: str = "()") -> str:
+        """``(B=2, T=16, C=768)``; with ``brackets="[]"`` for one-line summaries."""
+        return brackets[0] + ", ".join(self.labels(shape)) + brackets[1]
+
+
+def _settle_by_position(names: list[str], axis: int, ndim: int) -> list[str]:
+    if axis == 0 and ndim >= 2 and "B" in names:
+        return ["B"]
+    if axis == ndim - 1 and ndim >= 3:
+        features = [n for n in names if n in _FEATURE_ROLES]
+        if len(features) == 1:
+            return features
+    return names
+
+
+def format_shape(shape: Sequence[int] | torch.Size, dims: Mapping[str, int] | None = None,
+                 *, brackets: str = "()") -> str:
+    """Format a shape with names when ``dims`` knows them, else plainly.
+
+    >>> format_shape((2, 16, 768), {"B": 2, "T": 16, "C": 768})
+    '(B=2, T=16, C=768)'
+    >>> format_shape((3, 4))
+    '(3, 4)'
+    """
+    named = dims if isinstance(dims, Dims) else Dims(dims)
+    return named.format(shape, brackets=brackets)

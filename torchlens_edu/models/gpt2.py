@@ -1,0 +1,369 @@
+"""GPT-2, written to be read and stepped through.
+
+One file in the spirit of minGPT / nanoGPT, with the OpenAI / Hugging Face module names
+(``transformer.h.3.attn.c_attn``, ``lm_head``, ...) so that the same module-path patterns and
+state dicts work here and on Hugging Face's ``GPT2LMHeadModel``.
+
+Shapes in the comments:  B batch, T tokens in this call, Tk tokens attended to (cache + T),
+C n_embd, nh n_head, hs head size (C // nh), V vocab_size.
+
+Attention has two paths that give the same numbers:
+- ``explicit``: q, k, v, scores, mask, softmax weights and weighted sum, one named local per
+  line: what you step through with F10 in the debugger.
+- ``sdpa``: ``F.scaled_dot_product_attention``, the fast fused kernel.
+``attn_impl="auto"`` (the default) takes the fast path unless a stop point or an op-level trace
+wants to look inside attention.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from torchlens_edu import debug
+
+AttnImpl = Literal["auto", "explicit", "sdpa"]
+
+# Exact OpenAI values of the four released GPT-2 sizes.
+_PRESETS: dict[str, dict[str, int]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M parameters
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    # Small custom sizes for tests, lessons and laptops.
+    "tiny": dict(n_layer=2, n_head=2, n_embd=32, vocab_size=256, n_positions=64),
+    "small-test": dict(n_layer=4, n_head=4, n_embd=64, vocab_size=512, n_positions=128),
+}
+
+
+@dataclass
+class GPT2Config:
+    """Hyper-parameters of a GPT-2. Field names follow Hugging Face's ``GPT2Config``.
+
+    >>> GPT2Config.preset("gpt2-xl").n_embd
+    1600
+    """
+
+    vocab_size: int = 50257
+    n_positions: int = 1024  # context length: the most tokens the model can see
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd
+    layer_norm_epsilon: float = 1e-5
+    dropout: float = 0.0
+    attn_impl: AttnImpl = "auto"
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} "
+                             "so that every head gets the same size hs = n_embd // n_head")
+        if self.attn_impl not in ("auto", "explicit", "sdpa"):
+            raise ValueError(f"attn_impl={self.attn_impl!r}: choose 'auto', 'explicit' or 'sdpa'")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> GPT2Config:
+        """A named size: ``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``, ``tiny``, ...
+
+        >>> GPT2Config.preset("gpt2", dropout=0.1).dropout
+        0.1
+        """
+        if name not in _PRESETS:
+            raise ValueError(f"unknown GPT-2 preset {name!r}; choose one of {sorted(_PRESETS)}")
+        return cls(**{**_PRESETS[name], **overrides})
+
+    @classmethod
+    def presets(cls) -> list[str]:
+        """The names :meth:`preset` accepts."""
+        return list(_PRESETS)
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (the Hugging Face ``config.json`` subset we use)."""
+        return asdict(self)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, preallocated for the whole context.
+
+    Writing into a fixed buffer (instead of ``torch.cat`` at every step) keeps generation
+    linear in the number of tokens.
+    """
+
+    def __init__(self, config: GPT2Config, batch_size: int, *, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        shape = (batch_size, config.n_head, config.n_positions, config.head_size)
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.length = 0  # tokens already stored
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this call's k, v for ``layer``; return all keys/values so far ``(B, nh, Tk, hs)``."""
+        start, end = self.length, self.length + k.shape[2]
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+_force_explicit = 0  # > 0 while an observer (op-level trace) asks to see inside attention
+
+
+@contextmanager
+def explicit_attention() -> Iterator[None]:
+    """Within this block, ``attn_impl="auto"`` takes the explicit, step-through path.
+
+    >>> with explicit_attention(): pass
+    """
+    global _force_explicit
+    _force_explicit += 1
+    try:
+        yield
+    finally:
+        _force_explicit -= 1
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.attn_impl = config.attn_impl
+        self.layer_idx = layer_idx
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.shape  # (B, T, C)
+        nh, hs = self.n_head, C // self.n_head
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        past = cache.length if cache is not None else 0
+        if cache is not None:
+            k, v = cache.append(self.layer_idx, k, v)  # (B, nh, Tk, hs), Tk = past + T
+
+        if self._use_explicit():
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, Tk)
+            mask = _causal_mask(T, past, x.device)  # (T, Tk): True where a query may look
+            scores = scores.masked_fill(~mask, float("-inf"))  # (B, nh, T, Tk)
+            att = F.softmax(scores, dim=-1)  # (B, nh, T, Tk): each row sums to 1
+            if debug.stop_requested("attention", layer=self.layer_idx):
+                breakpoint()  # stop point: q, k, v, scores and att are the locals here
+            att = self.attn_dropout(att)  # (B, nh, T, Tk)
+            y = att @ v  # (B, nh, T, hs)
+        else:
+            p = self.attn_dropout.p if self.training else 0.0
+            if past == 0:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=T > 1)
+            else:  # new queries see the whole cache and the causal part of themselves
+                mask = _causal_mask(T, past, x.device)  # (T, Tk)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            # y: (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+        return self.resid_dropout(self.c_proj(y))  # (B, T, C)
+
+    def _use_explicit(self) -> bool:
+        if self.attn_impl != "auto":
+            return self.attn_impl == "explicit"
+        return _force_explicit > 0 or debug.stop_requested("attention", layer=self.layer_idx)
+
+
+def _causal_mask(T: int, past: int, device: torch.device) -> torch.Tensor:
+    """``(T, past + T)`` booleans: query i (at position past + i) may see keys 0 .. past + i."""
+    return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_width)
+        self.c_proj = nn.Linear(config.mlp_width, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(x)  # (B, T, 4C)
+        h = F.gelu(h, approximate="tanh")  # (B, T, 4C): GPT-2 uses the tanh approximation
+        return self.dropout(self.c_proj(h))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)  # (B, T, C): the residual stream
+        x = x + self.mlp(self.ln_2(x))  # (B, T, C)
+        return x
+
+
+class GPT2(nn.Module):
+    """The GPT-2 language model: token ids ``(B, T)`` in, next-token logits ``(B, T, V)`` out.
+
+    >>> m = GPT2(GPT2Config.preset("tiny"))
+    >>> m(torch.zeros(1, 5, dtype=torch.long)).shape
+    torch.Size([1, 5, 256])
+    """
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+            wpe=nn.Embedding(config.n_positions, config.n_embd),  # learned position embeddings
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied: the same (V, C) matrix
+        if not any(p.is_meta for p in self.parameters()):
+            self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2's initialisation: N(0, 0.02), zero biases, unit LayerNorm.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        _check_ids(idx, self.config)
+        B, T = idx.shape  # (B, T)
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.n_positions:
+            raise ValueError(f"{past + T} tokens do not fit GPT-2's context of "
+                             f"{self.config.n_positions}; crop the input to the last "
+                             f"{self.config.n_positions} tokens")
+        pos = torch.arange(past, past + T, device=idx.device)  # (T,)
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        pos_emb = self.transformer.wpe(pos)  # (T, C), broadcast over the batch
+        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, cache)  # (B, T, C)
+        x = self.transformer.ln_f(x)  # (B, T, C)
+        if cache is not None:
+            cache.length += T
+        return self.lm_head(x)  # (B, T, V)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, seed: int | None = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """Append up to ``max_new_tokens`` sampled tokens to ``idx`` ``(B, T)``.
+
+        ``temperature=0`` is greedy. Generation stops early, cleanly, when the context is full.
+
+        >>> m = GPT2(GPT2Config.preset("tiny")).eval()
+        >>> m.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0).shape
+        torch.Size([1, 7])
+        """
+        return torch.cat(list(self.stream(idx, max_new_tokens, temperature=temperature,
+                                          top_k=top_k, seed=seed, use_cache=use_cache)), dim=1)
+
+    @torch.no_grad()
+    def stream(self, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+               top_k: int | None = None, seed: int | None = None,
+               use_cache: bool = True) -> Iterator[torch.Tensor]:
+        """Like :meth:`generate`, but yields ``idx`` first and then each new token ``(B, 1)``.
+
+        >>> m = GPT2(GPT2Config.preset("tiny")).eval()
+        >>> [t.shape[1] for t in m.stream(torch.zeros(1, 2, dtype=torch.long), 2, temperature=0)]
+        [2, 1, 1]
+        """
+        _check_ids(idx, self.config)
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy)")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k={top_k} must be a positive number of candidates or None")
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=idx.device).manual_seed(seed)
+        yield idx
+        ctx = self.config.n_positions
+        steps = min(max_new_tokens, ctx - idx.shape[1])  # stop cleanly when the context is full
+        if steps <= 0:
+            return
+        param = self.transformer.wte.weight
+        cache = (KVCache(self.config, idx.shape[0], device=idx.device, dtype=param.dtype)
+                 if use_cache else None)
+        seq, feed = idx, idx
+        for _ in range(steps):
+            logits = self(feed, cache)[:, -1, :].float()  # (B, V): only the last position
+            next_id = _sample(logits, temperature, top_k, generator)  # (B, 1)
+            yield next_id
+            seq = torch.cat([seq, next_id], dim=1)  # (B, T + 1)
+            feed = next_id if cache is not None else seq
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = "gpt2", *, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None, progress: bool = True) -> GPT2:
+        """Load GPT-2 weights: a preset name (``"gpt2"``, through the Hugging Face cache), a
+        directory in Hugging Face layout, a single weights file, or ``"embedded"``.
+
+        >>> m = GPT2.from_pretrained("embedded")  # doctest: +SKIP
+        """
+        from torchlens_edu.models.loading import load_pretrained
+
+        return load_pretrained(cls, name_or_path, device=device, dtype=dtype, progress=progress)
+
+    def num_params(self, *, count_tied_once: bool = True) -> int:
+        """Parameter count; the tied ``lm_head``/``wte`` matrix counts once by default."""
+        if count_tied_once:
+            return sum(p.numel() for p in self.parameters())  # parameters() skips repeats
+        return sum(p.numel() for _, p in self.named_parameters(remove_duplicate=False))
+
+    def with_attn_impl(self, impl: AttnImpl) -> GPT2:
+        """Switch every attention layer to ``impl`` (in place) and return the model."""
+        self.config = replace(self.config, attn_impl=impl)
+        for block in self.transformer.h:
+            block.attn.attn_impl = impl
+        return self
+
+
+def _check_ids(idx: torch.Tensor, config: GPT2Config) -> None:
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"GPT2 expects a tensor of token ids of shape (B, T), got "
+                        f"{type(idx).__name__}; use torch.tensor([tokenizer.encode(text)])")
+    if idx.dim() != 2:
+        raise ValueError(f"GPT2 expects token ids of shape (B, T), got shape {tuple(idx.shape)}; "
+                         "add a batch axis with idx[None] or idx.unsqueeze(0)")
+    if idx.dtype not in (torch.long, torch.int, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"token ids must be integers, got {idx.dtype}; use idx.long()")
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None,
+            generator: torch.Generator | None) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)  # (B, 1): greedy
+    logits = logits / temperature  # (B, V)
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # (B, V)
+    probs = F.softmax(logits, dim=-1)  # (B, V)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
