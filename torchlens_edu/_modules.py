@@ -1,0 +1,67 @@
+"""Find modules by their path in the model (``transformer.h.3.attn``) with glob patterns.
+
+Patterns are ``fnmatch`` globs over dotted paths (``transformer.h.*.attn``, ``*.mlp``,
+``lm_head``) or predicates ``(path, module) -> bool``. The root module's path is ``""``.
+A pattern that matches nothing is an error that suggests close paths: a silent miss is the
+worst outcome for someone who typed ``transformer.h.*.atn``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable
+from typing import Union
+
+import torch.nn as nn
+
+Pattern = Union[str, Callable[[str, nn.Module], bool]]
+
+
+class PatternError(ValueError):
+    """A module-path pattern matched no module of the model."""
+
+
+def match_modules(model: nn.Module, pattern: Pattern, *, required: bool = True
+                  ) -> list[tuple[str, nn.Module]]:
+    """``(path, module)`` pairs whose path matches ``pattern``, in model order.
+
+    >>> import torch.nn as nn
+    >>> m = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    >>> [p for p, _ in match_modules(m, "0")]
+    ['0']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    named = list(model.named_modules())  # shared submodules appear once, under their first path
+    if callable(pattern):
+        found = [(path, module) for path, module in named if pattern(path, module)]
+    elif isinstance(pattern, str):
+        found = [(path, module) for path, module in named if fnmatch.fnmatchcase(path, pattern)]
+    else:
+        raise TypeError(f"a module pattern is a glob string such as 'transformer.h.*.attn' or a "
+                        f"function (path, module) -> bool, not {type(pattern).__name__}")
+    if required and not found:
+        raise PatternError(_no_match_message(pattern, [path for path, _ in named]))
+    return found
+
+
+def _no_match_message(pattern: Pattern, paths: list[str]) -> str:
+    if callable(pattern):
+        return "the module predicate matched no module of the model"
+    close = difflib.get_close_matches(pattern, [p for p in paths if p], n=5, cutoff=0.5)
+    if not close:  # globs rarely look like paths letter for letter: compare their last parts
+        tail = pattern.rsplit(".", 1)[-1]
+        close = sorted({p for p in paths if p and tail and tail.strip("*") in p})[:5]
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    sample = ", ".join(p for p in paths[1:8] if p)
+    return (f"pattern {pattern!r} matches no module of the model.{hint} "
+            f"Module paths look like: {sample}{' ...' if len(paths) > 8 else ''}")
+
+
+def module_paths(model: nn.Module) -> dict[nn.Module, str]:
+    """Module -> its (first) dotted path in ``model``; the root is ``""``."""
+    paths: dict[nn.Module, str] = {}
+    for path, module in model.named_modules():
+        paths.setdefault(module, path)
+    return paths

@@ -1,0 +1,1 @@
+"""Subcommands of ``torchlens-edu``; each module exposes ``register(subparsers)``."""
