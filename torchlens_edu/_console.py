@@ -25,12 +25,15 @@ def render_text(renderable: Any, *, width: int = 100) -> str:
     return capture.get().rstrip("\n")
 
 
+_HTML_FORMAT = '<pre style="font-family:monospace;line-height:1.2">{code}</pre>'
+
+
 def render_html(renderable: Any, *, width: int = 100) -> str:
     """Render a rich object to an HTML fragment, for ``_repr_html_`` in Jupyter."""
     console = Console(record=True, width=width, force_terminal=True, force_jupyter=False,
                       color_system="truecolor", highlight=False, file=_Discard())
     console.print(renderable)
-    return console.export_html(inline_styles=True, code_format="<pre style=\"font-family:monospace;line-height:1.2\">{code}</pre>")
+    return console.export_html(inline_styles=True, code_format=_HTML_FORMAT)
 
 
 class _Discard:

@@ -11,11 +11,10 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from collections.abc import Callable
-from typing import Union
 
 import torch.nn as nn
 
-Pattern = Union[str, Callable[[str, nn.Module], bool]]
+Pattern = str | Callable[[str, nn.Module], bool]
 
 
 class PatternError(ValueError):

@@ -107,13 +107,14 @@ class KVCache:
     def __init__(self, config: GPT2Config, batch_size: int, *, device: torch.device,
                  dtype: torch.dtype) -> None:
         shape = (batch_size, config.n_head, config.n_positions, config.head_size)
-        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        layers = range(config.n_layer)
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in layers]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in layers]
         self.length = 0  # tokens already stored
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this call's k, v for ``layer``; return all keys/values so far ``(B, nh, Tk, hs)``."""
+        """Store this call's k, v for ``layer``; return every key/value so far (B, nh, Tk, hs)."""
         start, end = self.length, self.length + k.shape[2]
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
@@ -254,7 +255,7 @@ class GPT2(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         _check_ids(idx, self.config)
-        B, T = idx.shape  # (B, T)
+        T = idx.shape[1]  # idx: (B, T)
         past = cache.length if cache is not None else 0
         if past + T > self.config.n_positions:
             raise ValueError(f"{past + T} tokens do not fit GPT-2's context of "
@@ -321,7 +322,8 @@ class GPT2(nn.Module):
             feed = next_id if cache is not None else seq
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = "gpt2", *, device: str | torch.device | None = None,
+    def from_pretrained(cls, name_or_path: str = "gpt2", *,
+                        device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, progress: bool = True) -> GPT2:
         """Load GPT-2 weights: a preset name (``"gpt2"``, through the Hugging Face cache), a
         directory in Hugging Face layout, a single weights file, or ``"embedded"``.
