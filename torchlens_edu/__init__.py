@@ -29,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "format_shape": "dims",
     "assert_shape": "dims",
     "shape_scope": "dims",
+    "ShapeError": "dims",
     # hooks and capture
     "hooks": "hooks",
     "HookSet": "hooks",
@@ -52,7 +53,7 @@ __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
     from torchlens_edu.debug import clear_stops, stop_at
-    from torchlens_edu.dims import Dims, assert_shape, format_shape, shape_scope
+    from torchlens_edu.dims import Dims, ShapeError, assert_shape, format_shape, shape_scope
     from torchlens_edu.hooks import ActivationCache, HookSet, hooks
     from torchlens_edu.inspector import Inspector, inspect
     from torchlens_edu.nans import NonFiniteError, NonFiniteReport, watch_nans
