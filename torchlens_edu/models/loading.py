@@ -1,0 +1,422 @@
+"""Loading GPT-2 weights saved by Hugging Face (or OpenAI, or us) into :class:`GPT2`.
+
+Where the weights come from:
+- a preset name (``"gpt2"`` ... ``"gpt2-xl"``, or any hub repo id like ``"openai-community/gpt2"``):
+  the Hugging Face hub cache; downloaded only when missing and the network is allowed;
+- ``"embedded"``: the small model shipped in ``torchlens_edu/data/embedded/``;
+- a directory in Hugging Face layout: ``config.json`` + ``model.safetensors`` (preferred) or
+  ``pytorch_model.bin``;
+- a single weights file (``.safetensors``, or ``.bin``/``.pt``/``.pth``): the config is read from
+  a ``config.json`` beside it, else inferred from the tensor shapes.
+
+How they map: Hugging Face's GPT-2 stores its four projection matrices as ``Conv1D`` weights of
+shape ``(in, out)``; ours are ``nn.Linear`` ``(out, in)``, so exactly those four are transposed.
+The causal-mask buffers ``attn.bias`` / ``attn.masked_bias`` are not weights and are skipped.
+The model is built on the meta device (no memory) and the loaded tensors are assigned into it, so
+loading needs about one copy of the weights, not two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+from torchlens_edu._console import get_console
+from torchlens_edu.models.devices import resolve_device
+from torchlens_edu.models.gpt2 import GPT2Config
+from torchlens_edu.models.tokenizer import EMBEDDED_DIR, get_tokenizer
+
+if TYPE_CHECKING:
+    from torchlens_edu.models.gpt2 import GPT2
+    from torchlens_edu.models.tokenizer import CharTokenizer, GPT2Tokenizer
+
+M = TypeVar("M", bound="GPT2")
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight",
+                  "mlp.c_fc.weight", "mlp.c_proj.weight")
+_SKIPPED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")  # HF's causal-mask buffers
+_HUB_TIMEOUT_S = 5.0  # a dead network fails fast instead of hanging
+_GET_WEIGHTS = ("To get them, run `huggingface-cli download {name}` (or `hf download {name}`) "
+                "where the network is reachable, with HF_HUB_OFFLINE unset or HF_HUB_OFFLINE=0; "
+                "or pass a local directory with config.json + model.safetensors: "
+                "GPT2.from_pretrained('path/to/dir'). To work offline right now, "
+                "GPT2.from_pretrained('embedded') loads the small model shipped with "
+                "torchlens-edu.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as GPT-2: damaged file, wrong keys or shapes, ..."""
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """The weights are neither cached nor downloadable (offline, or no network)."""
+
+
+def load_pretrained(cls: type[M], name_or_path: str | os.PathLike[str], *,
+                    device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                    progress: bool = True, config: GPT2Config | None = None) -> M:
+    """Build ``cls`` (a :class:`GPT2`) with the weights of ``name_or_path``, in eval mode.
+
+    ``device``: None (CPU), ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"``. ``dtype``: None keeps
+    float32; e.g. ``torch.bfloat16`` halves the memory. ``config`` overrides the checkpoint's.
+
+    >>> from torchlens_edu.models import GPT2
+    >>> m = load_pretrained(GPT2, "gpt2", device="auto")  # doctest: +SKIP
+    """
+    target = resolve_device("cpu" if device is None else device)
+    weights, cfg = _resolve(name_or_path)
+    if config is None:
+        config = cfg if cfg is not None else _config_from_file(weights)
+    with _progress(progress, f"loading {Path(weights).name}") as advance:
+        state = _read_state_dict(weights, advance)
+        model = _build(cls, config, state, device=target, dtype=dtype)
+    return model.eval()
+
+
+def load_best_available(*, device: str | torch.device | None = "auto", progress: bool = True
+                        ) -> tuple[GPT2, GPT2Tokenizer | CharTokenizer, str | None]:
+    """The best GPT-2 available offline: real ``gpt2`` weights if cached, else the embedded
+    model, else seeded random weights. Returns ``(model, tokenizer, notice)``; ``notice`` is a
+    one-line explanation when the fallback was taken, else None. Never touches the network.
+
+    >>> model, tok, notice = load_best_available(device="cpu")  # doctest: +SKIP
+    """
+    from torchlens_edu.models.gpt2 import GPT2
+
+    if _cached_snapshot("gpt2") is not None:
+        return load_pretrained(GPT2, "gpt2", device=device, progress=progress), \
+            get_tokenizer("gpt2"), None
+    if (EMBEDDED_DIR / "config.json").is_file():
+        return (load_pretrained(GPT2, "embedded", device=device, progress=progress),
+                get_tokenizer("embedded"),
+                "GPT-2 weights are not cached (`huggingface-cli download gpt2` gets them); "
+                "using the small embedded model")
+    with torch.random.fork_rng(devices=[]):  # the user's random state stays untouched
+        torch.manual_seed(0)
+        model = GPT2(GPT2Config.preset("gpt2"))
+    return (model.to(resolve_device(device)).eval(), get_tokenizer("gpt2"),
+            "no GPT-2 weights are cached and the embedded model is missing; using seeded random "
+            "weights, so the text will be gibberish (`huggingface-cli download gpt2` fixes that)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the files are
+
+
+def _resolve(name_or_path: str | os.PathLike[str]) -> tuple[Path, GPT2Config | None]:
+    """The weights file to read, and the config from a ``config.json`` next to it (if any)."""
+    name = os.fspath(name_or_path)
+    if name == "embedded":
+        if not EMBEDDED_DIR.is_dir():
+            raise WeightsNotFoundError(f"the embedded model is missing from {EMBEDDED_DIR}; "
+                                       "reinstall torchlens-edu or run scripts/train_tiny.py")
+        return _resolve_dir(EMBEDDED_DIR)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _resolve_dir(path)
+    if path.is_file():
+        config_file = path.parent / "config.json"
+        return path, config_from_hf(config_file) if config_file.is_file() else None
+    if path.suffix in (".safetensors", ".bin", ".pt", ".pth") or (
+            os.sep in name and not _looks_like_repo_id(name)):
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    return _resolve_dir(_hub_snapshot(name))
+
+
+def _resolve_dir(directory: Path) -> tuple[Path, GPT2Config | None]:
+    config_file = directory / "config.json"
+    config = config_from_hf(config_file) if config_file.is_file() else None
+    for filename in WEIGHT_FILES:
+        if (directory / filename).is_file():
+            return directory / filename, config
+    if any(directory.glob("*.index.json")):
+        raise CheckpointError(f"{directory} holds a sharded checkpoint (*.index.json); "
+                              "torchlens-edu loads single-file checkpoints: save it with "
+                              "save_pretrained(..., max_shard_size='100GB')")
+    raise CheckpointError(f"{directory} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+
+
+def _hub_cache_dir() -> str:
+    # Read the environment now (huggingface_hub reads it once, at import).
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return constants.HF_HUB_CACHE
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot folder of ``repo_id`` holding a config and weights, without network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cache = _hub_cache_dir()
+    config = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache)
+    if not isinstance(config, str):
+        return None
+    for filename in WEIGHT_FILES:
+        if isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=cache), str):
+            return Path(config).parent
+    return None
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The snapshot folder of ``repo_id``: from the cache, else downloaded (if allowed)."""
+    cached = _cached_snapshot(repo_id)
+    if cached is not None:
+        return cached
+    cache = _hub_cache_dir()
+    if _offline():
+        raise WeightsNotFoundError(f"GPT-2 weights {repo_id!r} are not in the Hugging Face cache "
+                                   f"({cache}) and HF_HUB_OFFLINE=1 forbids downloading them. "
+                                   + _GET_WEIGHTS.format(name=repo_id))
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        config = hf_hub_download(repo_id, "config.json", cache_dir=cache,
+                                 etag_timeout=_HUB_TIMEOUT_S)
+        for filename in WEIGHT_FILES:
+            try:
+                hf_hub_download(repo_id, filename, cache_dir=cache, etag_timeout=_HUB_TIMEOUT_S)
+                return Path(config).parent
+            except EntryNotFoundError:
+                continue
+    except EntryNotFoundError as err:
+        raise CheckpointError(f"the hub repo {repo_id!r} has no config.json: {err}") from err
+    except (OSError, ValueError) as err:  # no network, unknown repo, refused, timed out, ...
+        raise WeightsNotFoundError(f"GPT-2 weights {repo_id!r} are not in the Hugging Face cache "
+                                   f"({cache}) and downloading them failed "
+                                   f"({type(err).__name__}: {str(err).splitlines()[0]}). "
+                                   + _GET_WEIGHTS.format(name=repo_id)) from err
+    raise CheckpointError(f"the hub repo {repo_id!r} has none of {', '.join(WEIGHT_FILES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+def config_from_hf(path: str | os.PathLike[str]) -> GPT2Config:
+    """A :class:`GPT2Config` from a Hugging Face ``config.json``.
+
+    >>> config_from_hf("gpt2/config.json").n_layer  # doctest: +SKIP
+    12
+    """
+    try:
+        raw: dict[str, Any] = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read the model config {path}: {err}") from err
+    if raw.get("model_type", "gpt2") != "gpt2":
+        raise CheckpointError(f"{path} describes a {raw['model_type']!r} model, not GPT-2")
+    activation = raw.get("activation_function", "gelu_new")
+    if activation not in ("gelu_new", "gelu_pytorch_tanh"):  # both are the tanh GELU
+        raise CheckpointError(f"{path}: activation_function={activation!r}; this GPT-2 "
+                              "implements only GPT-2's tanh GELU ('gelu_new')")
+    unsupported = {key: raw[key] for key, ok in (("add_cross_attention", False),
+                                                  ("scale_attn_by_inverse_layer_idx", False),
+                                                  ("scale_attn_weights", True),
+                                                  ("tie_word_embeddings", True))
+                   if key in raw and raw[key] != ok}
+    if unsupported:
+        raise CheckpointError(f"{path}: settings this GPT-2 does not implement: {unsupported}")
+    try:
+        return GPT2Config(
+            vocab_size=int(raw["vocab_size"]),
+            n_positions=int(raw.get("n_positions", raw.get("n_ctx", 1024))),
+            n_embd=int(raw["n_embd"]),
+            n_layer=int(raw["n_layer"]),
+            n_head=int(raw["n_head"]),
+            n_inner=raw.get("n_inner"),
+            layer_norm_epsilon=float(raw.get("layer_norm_epsilon", 1e-5)),
+            dropout=float(raw.get("resid_pdrop", 0.0)),
+        )
+    except KeyError as err:
+        raise CheckpointError(f"{path} lacks the field {err.args[0]!r}") from err
+
+
+def _config_from_file(weights: Path) -> GPT2Config:
+    """Infer the config from tensor shapes (the head count from GPT-2's head size of 64)."""
+    shapes = _read_shapes(weights)
+    get = {_our_key(k): v for k, v in shapes.items() if not _SKIPPED.search(k)}
+    try:
+        V, C = get["transformer.wte.weight"]
+        n_positions = get["transformer.wpe.weight"][0]
+    except KeyError as err:
+        raise CheckpointError(f"{weights} is not a GPT-2 checkpoint: it has no {err.args[0]!r}; "
+                              f"its first keys are {list(shapes)[:5]}") from err
+    n_layer = len({k.split(".")[2] for k in get if k.startswith("transformer.h.")})
+    inner = get.get("transformer.h.0.mlp.c_fc.weight", (C, 4 * C))[0]
+    if C % 64:
+        raise CheckpointError(f"cannot infer the number of heads of {weights} (n_embd={C} is not "
+                              "a multiple of 64): put its config.json next to it or pass "
+                              "config=GPT2Config(...)")
+    return GPT2Config(vocab_size=V, n_positions=n_positions, n_embd=C, n_layer=n_layer,
+                      n_head=C // 64, n_inner=None if inner == 4 * C else inner)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors
+
+
+def _our_key(key: str) -> str:
+    """Checkpoint key -> our key: with or without the ``transformer.`` prefix."""
+    if key.startswith("transformer.") or key.startswith("lm_head."):
+        return key
+    return "transformer." + key
+
+
+def _read_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    if weights.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        except SafetensorError as err:
+            raise _damaged(weights, err) from err
+    return {k: tuple(v.shape) for k, v in _load_bin(weights).items()}
+
+
+def _read_state_dict(weights: Path, advance: Callable[..., None]
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(our key, tensor)`` one tensor at a time, Conv1D weights transposed."""
+    if weights.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            handle = safe_open(str(weights), framework="pt")
+        except SafetensorError as err:
+            raise _damaged(weights, err) from err
+
+        def items() -> Iterator[tuple[str, torch.Tensor]]:
+            with handle as f:
+                keys = list(f.keys())
+                advance(total=len(keys))
+                for k in keys:
+                    try:
+                        yield k, f.get_tensor(k)
+                    except SafetensorError as err:
+                        raise _damaged(weights, err) from err
+        source = items()
+    else:
+        state = _load_bin(weights)
+        advance(total=len(state))
+        # pop as we go: each original tensor is freed once its (transposed) copy is made
+        source = (state.popitem() for _ in range(len(state)))
+    for key, tensor in source:
+        advance()
+        if _SKIPPED.search(key):
+            continue
+        ours = _our_key(key)
+        if ours.endswith(CONV1D_WEIGHTS):
+            tensor = tensor.t()  # Conv1D (in, out) -> Linear (out, in)
+        yield ours, tensor
+
+
+def _load_bin(weights: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(str(weights), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{weights} is not a weights-only checkpoint: unpickling it would run code stored in "
+            "the file, which torchlens-edu never does. Load it yourself only if you trust its "
+            "source, then save the state_dict with safetensors.torch.save_file") from err
+    except (OSError, RuntimeError, EOFError) as err:
+        raise _damaged(weights, err) from err
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{weights} does not hold a state_dict (a mapping of names to "
+                              f"tensors) but a {type(obj).__name__}")
+    return obj
+
+
+def _damaged(weights: Path, err: BaseException) -> CheckpointError:
+    return CheckpointError(f"{weights} is damaged or incomplete (a truncated download?): {err}. "
+                           "Delete it and download or save it again")
+
+
+def _build(cls: type[M], config: GPT2Config, state: Iterator[tuple[str, torch.Tensor]], *,
+           device: torch.device, dtype: torch.dtype | None) -> M:
+    with torch.device("meta"):
+        model = cls(config)  # shapes only, no memory
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    loaded: dict[str, torch.Tensor] = {}
+    lm_head: torch.Tensor | None = None
+    wrong_shape: list[str] = []
+    unexpected: list[str] = []
+    for key, tensor in state:
+        if key not in expected:
+            unexpected.append(key)
+            continue
+        if tuple(tensor.shape) != expected[key]:
+            wrong_shape.append(f"{key}: checkpoint {tuple(tensor.shape)}, model {expected[key]}")
+            continue
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype or torch.float32)
+        tensor = tensor.to(device).contiguous()
+        if key == "lm_head.weight":
+            lm_head = tensor  # tied to wte: checked below, not loaded twice
+        else:
+            loaded[key] = tensor
+    missing = sorted(set(expected) - set(loaded) - {"lm_head.weight"})
+    problems = [f"missing keys: {_names(missing)}" if missing else "",
+                f"unexpected keys: {_names(unexpected)}" if unexpected else "",
+                f"shape mismatches: {'; '.join(wrong_shape[:6])}" if wrong_shape else ""]
+    if any(problems):
+        raise CheckpointError("the checkpoint does not fit GPT2(" + _short(config) + "): "
+                              + " | ".join(p for p in problems if p)
+                              + ". Check that config.json belongs to these weights")
+    wte = loaded["transformer.wte.weight"]
+    if lm_head is not None and not torch.equal(lm_head, wte):
+        raise CheckpointError("the checkpoint's lm_head.weight differs from transformer.wte.weight;"
+                              " GPT-2 ties them, so these weights are not GPT-2's")
+    loaded["lm_head.weight"] = wte
+    model.load_state_dict(loaded, strict=True, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced wte: tie again
+    return model
+
+
+def _names(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _short(config: GPT2Config) -> str:
+    return (f"n_layer={config.n_layer}, n_head={config.n_head}, n_embd={config.n_embd}, "
+            f"vocab_size={config.vocab_size}, n_positions={config.n_positions}")
+
+
+@contextmanager
+def _progress(enabled: bool, description: str) -> Iterator[Callable[..., None]]:
+    """A transient rich progress bar on stderr, as ``advance()``; ``advance(total=n)`` sizes it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   console=get_console(stderr=True), transient=True, disable=not enabled)
+    task = bar.add_task(description, total=None)
+
+    def advance(total: int | None = None) -> None:
+        if total is not None:
+            bar.update(task, total=total)
+        else:
+            bar.advance(task)
+
+    with bar:
+        yield advance
