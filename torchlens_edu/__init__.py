@@ -9,6 +9,7 @@ Names are imported lazily so that ``import torchlens_edu`` (and the pytest plugi
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -19,6 +20,8 @@ _EXPORTS: dict[str, str] = {
     "set_printoptions": "printing",
     "printoptions": "printing",
     "describe": "printing",
+    "tensor_stats": "printing",
+    "TensorStats": "printing",
     "show": "printing",
     "show_attention": "printing",
     "install": "printing",
@@ -58,6 +61,7 @@ if TYPE_CHECKING:
     from torchlens_edu.inspector import Inspector, inspect
     from torchlens_edu.nans import NonFiniteError, NonFiniteReport, watch_nans
     from torchlens_edu.printing import (
+        TensorStats,
         describe,
         install,
         installed,
@@ -65,9 +69,16 @@ if TYPE_CHECKING:
         set_printoptions,
         show,
         show_attention,
+        tensor_stats,
         uninstall,
     )
     from torchlens_edu.shapes import ShapeTrace, trace_shapes
+
+
+if os.environ.get("TORCHLENS_EDU_PRINT"):  # e.g. from a VS Code launch config: apply the preset
+    from torchlens_edu.printing import apply_env_preset
+
+    apply_env_preset()
 
 
 def __getattr__(name: str) -> Any:

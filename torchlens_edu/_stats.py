@@ -1,0 +1,271 @@
+"""Summary statistics of any tensor, computed on its own device with one host read.
+
+``tensor_stats(t)`` is what ``describe``, the hooks, the NaN watcher and the pytest helpers print.
+It must be cheap and must never raise, whatever the tensor: every dtype (bool, ints, uint16..64,
+fp16/bf16/fp8, complex), 0-d, empty, non-contiguous, sparse, quantized, meta and fake tensors.
+
+How it stays cheap:
+- every reduction runs where the tensor lives; the results are packed into one small float64
+  vector that crosses to the host with a single ``.tolist()`` (one device sync);
+- float32/float64 tensors are reduced in place (``aminmax``, ``var_mean``, ``count_nonzero``: no
+  full-size temporaries); on CPU we first look at ``aminmax`` (a free "sync") and only take the
+  masked path, with its temporaries, when the tensor really holds NaN or Inf;
+- other dtypes are converted to float64 in chunks of ~1M elements (views, never a full-size
+  float64 copy) and the chunks' partial moments are merged (Chan et al.'s parallel variance);
+- the sparkline histogram comes from a fixed-seed sample of a few thousand elements.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+HIST_BINS = 8
+_SAMPLE = 4096  # elements drawn for the histogram
+_CHUNK = 1 << 20  # elements converted to float64 at a time
+# partial moments: count of finite values, their mean and M2 (sum of squared deviations),
+# min, max, and counts of NaN, +Inf, -Inf and zeros
+_N, _MEAN, _M2, _MIN, _MAX, _NAN, _POS, _NEG, _ZERO = range(9)
+_INT_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# dtypes whose min/max we read exactly as int64 (float64 would round int64 beyond 2**53);
+# uint16..64 lack aminmax and go through float64 like the rest
+_EXACT_MINMAX = frozenset({torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32,
+                           torch.int64})
+# dtypes torch.take does not support: we sample their bits through an int dtype of equal size
+_TAKE_BY_BITS = frozenset({torch.uint16, torch.uint32, torch.uint64, torch.complex32,
+                           *(d for d in vars(torch).values()
+                             if isinstance(d, torch.dtype) and str(d).startswith("torch.float8"))})
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """What a tensor holds, in numbers. ``None`` means "not computed"; ``note`` says why.
+
+    ``min``/``max``/``mean``/``std`` are over finite values only (``std`` with Bessel's
+    correction, like ``torch.std``); complex tensors are summarised by their magnitude ``|z|``
+    and sparse tensors count their implicit zeros. ``hist`` is a histogram of a sample of the
+    finite values between ``min`` and ``max`` (``HIST_BINS`` bins), for sparklines.
+
+    >>> s = tensor_stats(torch.tensor([1.0, 2.0, float("nan"), 0.0]))
+    >>> (s.numel, s.nan, s.zeros, s.min, s.max, s.mean)
+    (4, 1, 1, 0.0, 2.0, 1.0)
+    """
+
+    numel: int | None = None
+    nan: int | None = None
+    posinf: int | None = None
+    neginf: int | None = None
+    zeros: int | None = None
+    min: float | None = None
+    max: float | None = None
+    mean: float | None = None
+    std: float | None = None
+    note: str = ""
+    hist: tuple[int, ...] = ()
+
+    @property
+    def finite(self) -> int | None:
+        """How many values are neither NaN nor ±Inf."""
+        if None in (self.numel, self.nan, self.posinf, self.neginf):
+            return None
+        return self.numel - self.nan - self.posinf - self.neginf  # type: ignore[operator]
+
+
+def tensor_stats(t: torch.Tensor) -> TensorStats:
+    """Count, range, mean, std, NaN/Inf/zero counts and a histogram of ``t``; never raises.
+
+    >>> s = tensor_stats(torch.arange(6).reshape(2, 3))
+    >>> (s.min, s.max, s.mean, round(s.std, 4))
+    (0, 5, 2.5, 1.8708)
+    >>> tensor_stats(torch.empty(2, 3, device="meta")).note
+    'meta tensor: no data'
+    """
+    if not isinstance(t, torch.Tensor):
+        return TensorStats(note=f"not a tensor ({type(t).__name__})")
+    try:
+        numel = t.numel()
+    except Exception as err:  # e.g. tensor subclasses with symbolic sizes
+        return TensorStats(note=f"size unknown: {type(err).__name__}: {err}")
+    no_data = _why_no_data(t)
+    if no_data:
+        return TensorStats(numel=numel, note=no_data)
+    if numel == 0:
+        return TensorStats(numel=0, nan=0, posinf=0, neginf=0, zeros=0, note="empty")
+    try:
+        with torch.no_grad():
+            return _compute(t.detach(), numel)
+    except Exception as err:  # the contract is "never raises": say what failed instead
+        return TensorStats(numel=numel, note=f"stats failed: {type(err).__name__}: {err}")
+
+
+def _why_no_data(t: torch.Tensor) -> str:
+    if t.is_meta:
+        return "meta tensor: no data"
+    if isinstance(t, torch._subclasses.fake_tensor.FakeTensor):
+        return "fake tensor: no data"
+    if t.layout not in (torch.strided, torch.sparse_coo, torch.sparse_csr, torch.sparse_csc,
+                        torch.sparse_bsr, torch.sparse_bsc):
+        return f"layout {t.layout}: no statistics"
+    return ""
+
+
+def _compute(t: torch.Tensor, numel: int) -> TensorStats:
+    if t.is_quantized:
+        t = t.dequantize()
+    implicit_zeros = 0
+    if t.layout != torch.strided:
+        values = t.coalesce().values() if t.layout == torch.sparse_coo else t.values()
+        implicit_zeros = numel - values.numel()
+        t = values
+    exact_minmax = t.dtype in _EXACT_MINMAX
+    parts = _partials(t) if t.numel() else torch.zeros(0, 9, dtype=torch.float64, device=t.device)
+    if implicit_zeros:
+        zero_part = torch.tensor([[implicit_zeros, 0, 0, 0, 0, 0, 0, 0, implicit_zeros]],
+                                 dtype=torch.float64, device=t.device)
+        parts = torch.cat([parts, zero_part])
+    total = _merge(parts)
+    hist = _histogram(t, total[_MIN], total[_MAX])
+    if implicit_zeros:  # the sample saw stored values only: add the zeros, scaled alike
+        zero_bin = _histogram(torch.zeros(1, device=t.device), total[_MIN], total[_MAX])
+        hist = hist + zero_bin * implicit_zeros * min(1.0, _SAMPLE / max(t.numel(), 1))
+    pieces = [total, hist.round()]
+    if exact_minmax and t.numel():
+        lo, hi = torch.aminmax(t)
+        exact = torch.stack([lo, hi]).to(torch.int64)
+        if implicit_zeros:
+            exact = torch.stack([exact[0].clamp(max=0), exact[1].clamp(min=0)])
+        pieces.append(exact.view(torch.float64))  # bit-cast: int64 beyond 2**53 stays exact
+    host = torch.cat(pieces).tolist()  # the one host read
+    return _to_stats(host, numel, exact_minmax and t.numel() > 0, t.dtype.is_complex)
+
+
+def _to_stats(host: list[float], numel: int, exact: bool, is_complex: bool) -> TensorStats:
+    n = int(host[_N])
+    counts = {k: int(host[i]) for k, i in
+              (("nan", _NAN), ("posinf", _POS), ("neginf", _NEG), ("zeros", _ZERO))}
+    hist = tuple(int(c) for c in host[9:9 + HIST_BINS])
+    note = "stats of |z|" if is_complex else ""
+    if n == 0:
+        return TensorStats(numel=numel, **counts, note=note or "no finite values", hist=())
+    lo: float = host[_MIN]
+    hi: float = host[_MAX]
+    if exact:
+        lo, hi = struct.unpack("<2q", struct.pack("<2d", *host[9 + HIST_BINS:]))
+    std = math.sqrt(max(host[_M2], 0.0) / (n - 1)) if n > 1 else None
+    return TensorStats(numel=numel, **counts, min=lo, max=hi, mean=host[_MEAN], std=std,
+                       note=note, hist=hist)
+
+
+def _as_float(t: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """How to turn a chunk of ``t`` into real floats; None when ``t`` can be reduced as is."""
+    if t.dtype in (torch.float32, torch.float64):
+        return None
+    if t.dtype.is_complex:
+        return lambda c: c.abs().to(torch.float64)
+    return lambda c: c.to(torch.float64)
+
+
+def _partials(t: torch.Tensor) -> torch.Tensor:
+    """Partial moments, one row per chunk, shape (k, 9), float64, on ``t``'s device."""
+    convert = _as_float(t)
+    can_be_nonfinite = t.dtype.is_floating_point or t.dtype.is_complex
+    if convert is None:
+        if t.device.type == "cpu" and _all_finite_cpu(t):
+            return _partial_finite(t)[None]
+        return _partial_masked(t)[None]
+    partial = _partial_masked if can_be_nonfinite else _partial_finite
+    return torch.stack([partial(convert(chunk)) for chunk in _chunks(t, _CHUNK)])
+
+
+def _all_finite_cpu(t: torch.Tensor) -> bool:
+    # On CPU reading two numbers costs nothing, and it spares the masked path's temporaries.
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(lo.item()) and math.isfinite(hi.item())
+
+
+def _partial_finite(x: torch.Tensor) -> torch.Tensor:
+    """Moments of a real float tensor known to hold no NaN/Inf: in place, no temporaries."""
+    n = x.numel()
+    lo, hi = torch.aminmax(x)
+    var, mean = torch.var_mean(x, correction=0)
+    zeros = n - torch.count_nonzero(x)
+    nil = torch.zeros((), dtype=torch.float64, device=x.device)
+    return torch.stack([nil + n, mean.double(), var.double() * n, lo.double(), hi.double(),
+                        nil, nil, nil, zeros.double()])
+
+
+def _partial_masked(x: torch.Tensor) -> torch.Tensor:
+    """Moments over the finite values of a real float tensor that may hold NaN/Inf."""
+    finite = torch.isfinite(x)
+    n = finite.sum()
+    nan = torch.isnan(x).sum()
+    posinf = (x == math.inf).sum()
+    neginf = x.numel() - n - nan - posinf
+    zeros = (x == 0).sum()
+    mean = torch.where(finite, x, 0).sum(dtype=torch.float64) / n.clamp(min=1)
+    m2 = torch.where(finite, x - mean, 0).double().square().sum()
+    lo = torch.where(finite, x, math.inf).amin().double()
+    hi = torch.where(finite, x, -math.inf).amax().double()
+    return torch.stack([n.double(), mean, m2, lo, hi, nan.double(), posinf.double(),
+                        neginf.double(), zeros.double()])
+
+
+def _merge(parts: torch.Tensor) -> torch.Tensor:
+    """Combine per-chunk moments into one row (Chan et al.), all on device."""
+    n_i, mean_i = parts[:, _N], parts[:, _MEAN]
+    n = n_i.sum()
+    mean = (n_i * mean_i).sum() / n.clamp(min=1)
+    m2 = parts[:, _M2].sum() + (n_i * (mean_i - mean).square()).sum()
+    # a chunk without finite values has a meaningless min/max: keep it out of the range
+    has = n_i > 0
+    lo = torch.where(has, parts[:, _MIN], math.inf).amin()
+    hi = torch.where(has, parts[:, _MAX], -math.inf).amax()
+    counts = parts[:, _NAN:].sum(0)
+    return torch.cat([torch.stack([n, mean, m2, lo, hi]), counts])
+
+
+def _chunks(t: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    """Views of ``t`` with at most ``size`` elements each (splitting leading axes; no copies)."""
+    if t.numel() <= size or t.dim() == 0:
+        yield t
+        return
+    row = t[0].numel() if t.shape[0] else 0
+    if row >= size:
+        for sub in t:
+            yield from _chunks(sub, size)
+        return
+    yield from t.split(max(1, size // max(row, 1)), dim=0)
+
+
+def _histogram(t: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``HIST_BINS`` counts of a fixed-seed sample of ``t``'s finite values in [lo, hi]."""
+    n = t.numel()
+    if n == 0:
+        return torch.zeros(HIST_BINS, dtype=torch.float64, device=t.device)
+    if n <= _SAMPLE:
+        index = torch.arange(n, device=t.device)
+    else:
+        gen = torch.Generator().manual_seed(0)
+        index = torch.randint(0, n, (_SAMPLE,), generator=gen).to(t.device)
+    sample = _take(t, index)
+    sample = sample.abs() if sample.dtype.is_complex else sample
+    sample = sample.to(torch.float64)
+    span = hi - lo
+    scaled = torch.where(span > 0, (sample - lo) / span, 0.5) * HIST_BINS
+    bins = scaled.nan_to_num(nan=-1.0).floor().clamp(max=HIST_BINS - 1)
+    bins = torch.where(torch.isfinite(sample), bins, -1)  # drop NaN/±Inf samples
+    # compare-and-sum instead of bincount: deterministic on CUDA too
+    edges = torch.arange(HIST_BINS, device=t.device, dtype=torch.float64)
+    return (bins[:, None] == edges).sum(0).double()
+
+
+def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``torch.take`` for every dtype: dtypes it lacks (uint16..64, fp8) go through their bits."""
+    if t.dtype in _TAKE_BY_BITS:
+        bits = _INT_BITS[t.dtype.itemsize]
+        return torch.take(t.view(bits), index).view(t.dtype)
+    return torch.take(t, index)
