@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-_COMMANDS = ("demo", "generate", "trace", "vscode")
+_COMMANDS = ("debug", "demo", "generate", "trace", "vscode")
 
 
 def build_parser() -> argparse.ArgumentParser:

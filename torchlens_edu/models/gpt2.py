@@ -166,7 +166,7 @@ class CausalSelfAttention(nn.Module):
             mask = _causal_mask(T, past, x.device)  # (T, Tk): True where a query may look
             scores = scores.masked_fill(~mask, float("-inf"))  # (B, nh, T, Tk)
             att = F.softmax(scores, dim=-1)  # (B, nh, T, Tk): each row sums to 1
-            if debug.stop_requested("attention", layer=self.layer_idx):
+            if debug.should_stop("attention", layer=self.layer_idx):
                 breakpoint()  # stop point: q, k, v, scores and att are the locals here
             att = self.attn_dropout(att)  # (B, nh, T, Tk)
             y = att @ v  # (B, nh, T, hs)
