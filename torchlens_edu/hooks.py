@@ -1,0 +1,336 @@
+"""Hooks on any ``nn.Module``, by module path: look at (or change) what flows through a model.
+
+``hooks(model)`` returns a :class:`HookSet`. Every hook function gets one argument, a
+:class:`HookCall` that says which module ran (``path``, ``module``, ``call``: the how-manieth
+call of that module in this forward) and what it saw (``args``, ``kwargs``, ``output``, and for
+backward hooks ``grad``). Returning ``None`` keeps things as they are; returning a value
+replaces the output (forward), the inputs (forward_pre) or the gradient (backward)::
+
+    with tle.hooks(model) as h:
+        h.forward("transformer.h.*.mlp", lambda c: print(c.path, c.output.shape))
+        h.backward("lm_head", lambda c: print("grad", c.grad.norm()))
+        model(ids).sum().backward()
+
+Why it is built this way:
+- one torch hook per (module, kind), whatever the number of user functions: the hot path is a
+  counter, a small object and the user's call, so hooks on every module stay cheap;
+- backward hooks are *tensor* hooks on the module's outputs, registered during the forward.
+  ``register_full_backward_hook`` wraps outputs in ``BackwardHookFunction`` views, and the
+  in-place op that often follows a module (``h.mul_(2)``, ``ReLU(inplace=True)``) then fails;
+  a tensor hook registered before the in-place op receives the gradient of the module's output;
+- everything is removed on ``__exit__``/``remove()``, and also when a hook function raises, so
+  a failing hook never leaves a model half-hooked.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
+
+from torchlens_edu._modules import Pattern, match_modules, module_paths
+from torchlens_edu._tree import iter_tensors
+
+Kind = Literal["forward", "forward_pre", "backward"]
+HookFn = Callable[["HookCall"], Any]
+_PRUNE_EVERY = 4096  # tensor-hook handles kept before the dead ones (freed outputs) are dropped
+
+
+@dataclass(slots=True)
+class HookCall:
+    """What a hook function sees: one call of one module.
+
+    ``call`` counts this module's calls in the current forward of the hooked model (0, 1, ...:
+    a block applied twice, or an embedding shared by encoder and decoder, shows 0 then 1).
+    ``output`` is ``None`` in forward_pre hooks. Backward hooks run once per output tensor that
+    gets a gradient: ``grad`` is that gradient and ``index`` the tensor's position among the
+    output's tensors (0 for a plain tensor output); their ``args``/``kwargs`` are empty so that
+    the graph does not keep the inputs alive for us.
+
+    >>> import torch.nn as nn
+    >>> m = nn.Sequential(nn.Linear(2, 3))
+    >>> with hooks(m) as h:
+    ...     _ = h.forward("0", lambda c: print(c.path, c.call, tuple(c.output.shape)))
+    ...     _ = m(torch.zeros(1, 2))
+    0 0 (1, 3)
+    """
+
+    kind: Kind
+    path: str
+    module: nn.Module
+    call: int
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    output: Any = None
+    grad: torch.Tensor | None = None
+    index: int = 0
+
+
+class HookSet:
+    """Forward, forward-pre and backward hooks on modules chosen by path; removed together.
+
+    Use it as a context manager (hooks are removed on exit, also when the block raises) or
+    call :meth:`remove` yourself; removing twice is harmless. Patterns are globs over module
+    paths (``"transformer.h.*.attn"``, ``"*.mlp"``, ``"lm_head"``, ``""`` for the model itself)
+    or predicates ``(path, module) -> bool``; a pattern that matches nothing raises an error
+    that suggests close paths.
+
+    >>> import torch.nn as nn
+    >>> m = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    >>> with hooks(m) as h:
+    ...     h.forward("1", lambda c: c.output * 0)  # replace ReLU's output
+    ...     m(torch.ones(1, 2)).sum().item()
+    ['1']
+    0.0
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = require_module(model, "hooks()")
+        self._paths: dict[nn.Module, str] | None = None
+        self._fns: dict[tuple[nn.Module, Kind], list[HookFn]] = {}
+        self._handles: list[RemovableHandle] = []
+        self._tensor_handles: list[RemovableHandle] = []
+        self._removed = False
+        self.forwards = 0  # forwards of ``model`` seen since the hooks were added
+
+    # -- adding hooks ---------------------------------------------------------------------
+
+    def forward(self, pattern: Pattern, fn: HookFn) -> list[str]:
+        """Run ``fn(call)`` after each matching module's forward; a non-None result replaces
+        the output. Returns the matched module paths."""
+        return self._add("forward", pattern, fn)
+
+    def forward_pre(self, pattern: Pattern, fn: HookFn) -> list[str]:
+        """Run ``fn(call)`` before each matching module's forward. A non-None result replaces
+        the inputs: a tensor replaces the first positional argument, a tuple the positional
+        arguments, and a pair ``(args_tuple, kwargs_dict)`` both."""
+        return self._add("forward_pre", pattern, fn)
+
+    def backward(self, pattern: Pattern, fn: HookFn) -> list[str]:
+        """Run ``fn(call)`` when the gradient of a matching module's output is computed
+        (``call.grad``); a non-None result replaces that gradient. Outputs of forwards run
+        with grad disabled get no backward hooks."""
+        return self._add("backward", pattern, fn)
+
+    def _add(self, kind: Kind, pattern: Pattern, fn: HookFn) -> list[str]:
+        if self._removed:
+            raise RuntimeError("this HookSet was removed (its `with` block ended or .remove() "
+                               "was called); make a new one with tle.hooks(model)")
+        if not callable(fn):
+            raise TypeError(f"a hook function takes one HookCall and returns None or a "
+                            f"replacement; got {type(fn).__name__} instead of a function")
+        matched = match_modules(self.model, pattern)
+        _refuse_compiled(self.model, [path for path, _ in matched])
+        if not self._handles:  # first hook: count calls per forward of the whole model
+            self._handles.append(self.model.register_forward_pre_hook(
+                self._new_forward, prepend=True))
+        for path, module in matched:
+            fns = self._fns.get((module, kind))
+            if fns is None:
+                fns = self._fns[(module, kind)] = []
+                self._handles.append(self._install(kind, module, path, fns))
+            fns.append(fn)
+        return [path for path, _ in matched]
+
+    def _install(self, kind: Kind, module: nn.Module, path: str, fns: list[HookFn]
+                 ) -> RemovableHandle:
+        # One dispatcher per (module, kind). ``state`` = [forward number, calls in it]: the
+        # call index restarts at each forward of the hooked model without a reset loop.
+        state = [-1, 0]
+
+        def next_index() -> int:
+            if state[0] != self.forwards:
+                state[0], state[1] = self.forwards, 0
+            state[1] += 1
+            return state[1] - 1
+
+        if kind == "forward_pre":
+            def pre(mod: nn.Module, args: tuple, kwargs: dict) -> Any:
+                index, changed = next_index(), False
+                for fn in fns:
+                    result = self._call(fn, HookCall("forward_pre", path, mod, index, args, kwargs))
+                    if result is not None:
+                        args, kwargs = _as_inputs(result, args, kwargs, path)
+                        changed = True
+                return (args, kwargs) if changed else None
+
+            return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+        if kind == "forward":
+            def post(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+                index, changed = next_index(), False
+                for fn in fns:
+                    result = self._call(fn, HookCall("forward", path, mod, index, args, kwargs,
+                                                     output))
+                    if result is not None:
+                        output, changed = result, True
+                return output if changed else None
+
+            return module.register_forward_hook(post, with_kwargs=True)
+
+        def watch(mod: nn.Module, args: tuple, output: Any) -> None:
+            # After the forward: one gradient hook on each output tensor that will get a grad.
+            index = next_index()
+            for position, tensor in enumerate(iter_tensors(output)):
+                if tensor.requires_grad:
+                    self._watch_grad(tensor, mod, path, index, position, fns)
+
+        return module.register_forward_hook(watch)
+
+    def _watch_grad(self, tensor: torch.Tensor, module: nn.Module, path: str, index: int,
+                    position: int, fns: list[HookFn]) -> None:
+        def on_grad(grad: torch.Tensor) -> torch.Tensor | None:
+            changed = False
+            for fn in fns:
+                result = self._call(fn, HookCall("backward", path, module, index, grad=grad,
+                                                 index=position))
+                if result is not None:
+                    grad, changed = result, True
+            return grad if changed else None
+
+        if len(self._tensor_handles) >= _PRUNE_EVERY:  # outputs freed since: their hooks went
+            self._tensor_handles = [h for h in self._tensor_handles if h.hooks_dict_ref()]
+        self._tensor_handles.append(tensor.register_hook(on_grad))
+
+    def _new_forward(self, module: nn.Module, args: tuple) -> None:
+        self.forwards += 1
+
+    def _call(self, fn: HookFn, call: HookCall) -> Any:
+        try:
+            return fn(call)
+        except BaseException as error:
+            # A failing hook must not leave the model hooked: remove everything, then re-raise.
+            self.remove()
+            if hasattr(error, "add_note"):  # Python >= 3.11
+                error.add_note(f"(raised by a {call.kind} hook on module '{call.path}', call "
+                               f"{call.call}; torchlens_edu removed all hooks of this HookSet)")
+            raise
+
+    # -- removing ---------------------------------------------------------------------------
+
+    def remove(self) -> None:
+        """Remove every hook this set added (module hooks and gradient hooks); idempotent."""
+        for handle in (*self._handles, *self._tensor_handles):
+            handle.remove()
+        self._handles.clear()
+        self._tensor_handles.clear()
+        self._fns.clear()
+        self._removed = True
+
+    @property
+    def active(self) -> bool:
+        """True while the hooks are installed."""
+        return not self._removed
+
+    def __enter__(self) -> HookSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def paths(self) -> dict[nn.Module, str]:
+        """Module -> dotted path, for every module of the model (computed once)."""
+        if self._paths is None:
+            self._paths = module_paths(self.model)
+        return self._paths
+
+    def __iter__(self) -> Iterator[tuple[str, Kind, int]]:
+        """``(path, kind, number of functions)`` for each hooked module."""
+        paths = self.paths()
+        for (module, kind), fns in self._fns.items():
+            yield paths.get(module, "?"), kind, len(fns)
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        hooked = ", ".join(f"{kind}:{path or '<model>'}" for path, kind, _ in self)
+        return f"HookSet({type(self.model).__name__}, {state}{', ' if hooked else ''}{hooked})"
+
+
+def hooks(model: nn.Module) -> HookSet:
+    """A :class:`HookSet` on ``model``; use it in a ``with`` block.
+
+    >>> import torch.nn as nn
+    >>> m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    >>> shapes = []
+    >>> with hooks(m) as h:
+    ...     _ = h.forward("*", lambda c: shapes.append((c.path, tuple(c.output.shape))))
+    ...     _ = m(torch.zeros(3, 4))
+    >>> shapes[-1]
+    ('', (3, 1))
+    """
+    return HookSet(model)
+
+
+def _as_inputs(result: Any, args: tuple, kwargs: dict, path: str) -> tuple[tuple, dict]:
+    """What a forward_pre hook returned, as ``(args, kwargs)``."""
+    if isinstance(result, torch.Tensor):
+        if not args:
+            raise TypeError(f"a forward_pre hook on '{path}' returned a tensor, but the module "
+                            "got no positional argument to replace; return (args, kwargs)")
+        return (result, *args[1:]), kwargs
+    if (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], tuple)
+            and isinstance(result[1], dict)):
+        return result[0], result[1]
+    if isinstance(result, tuple):
+        return result, kwargs
+    raise TypeError(f"a forward_pre hook on '{path}' returned {type(result).__name__}; return "
+                    "None, a tensor (new first argument), a tuple of arguments, or (args, kwargs)")
+
+
+def _refuse_compiled(model: nn.Module, paths: list[str]) -> None:
+    """Hooks inside torch.compile'd or TorchScript code would silently never run: say so."""
+    compiled_type = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+    compiled: list[str] = []
+    scripted: list[str] = []
+    for path, module in model.named_modules():
+        if compiled_type is not None and isinstance(module, compiled_type):
+            compiled.append(path)
+        elif isinstance(module, torch.jit.ScriptModule):
+            scripted.append(path)
+    for path in paths:
+        for top in compiled:
+            inner = f"{top}._orig_mod" if top else "_orig_mod"
+            if path == inner or path.startswith(inner + "."):
+                name = f"model.{top}" if top else "model"
+                raise TypeError(
+                    f"module '{path}' runs inside torch.compile'd code ({name} is an "
+                    f"OptimizedModule): hooks on it are traced by TorchDynamo or never run. What "
+                    f"works: hooks on '{top or '<the compiled module itself>'}' (they run "
+                    f"eagerly around the compiled code). To see inside, hook and call the eager "
+                    f"original {name}._orig_mod instead, e.g. tle.hooks({name}._orig_mod).")
+        for top in scripted:
+            if path == top or path.startswith(top + "." if top else ""):
+                raise TypeError(
+                    f"module '{path or '<model>'}' is TorchScript (torch.jit.script/trace): "
+                    "TorchScript runs a compiled graph, so Python hooks on it or inside it do not "
+                    "run (torch ignores them on submodules). Hook the eager nn.Module before "
+                    "scripting it, and run that one while you look inside.")
+
+
+def require_module(obj: Any, who: str) -> nn.Module:
+    """``obj`` if it is an ``nn.Module``, else an error that says what to pass instead."""
+    if isinstance(obj, nn.Module):
+        return obj
+    kind = type(obj).__name__
+    if isinstance(getattr(obj, "model", None), nn.Module):  # HF pipeline, wrappers, trainers
+        hint = (f"it wraps one: pass its .model (e.g. {who.rstrip('()')}(pipe.model) for a "
+                "Hugging Face pipeline)")
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        hint = ("this looks like a state dict (names -> tensors): build the model first, then "
+                "model.load_state_dict(state_dict), and pass the model")
+    elif isinstance(obj, torch.Tensor):
+        hint = "this is a tensor: pass the model that produces or consumes it"
+    elif isinstance(obj, str):
+        hint = ("this is a name: load the model first, e.g. "
+                "GPT2.from_pretrained('gpt2') from torchlens_edu.models")
+    elif callable(obj):
+        hint = ("this is a function: pass the nn.Module it calls, or wrap the function in an "
+                "nn.Module whose forward calls it")
+    else:
+        hint = "pass the torch.nn.Module you want to look inside"
+    raise TypeError(f"{who} needs a torch.nn.Module, got {kind}: {hint}")
