@@ -1,0 +1,506 @@
+"""The precise tier of the NaN/Inf watch: replay the failing step and find the producing op.
+
+The cheap tier only knows *that* a module boundary saw a NaN/Inf. Here we replay that step's
+forward with the same inputs and the same random state (dropout masks come out identical), under a
+``TorchFunctionMode`` that sees every torch call, functional glue between modules included:
+
+- forward: the producer is the first call whose inputs were finite (or only intentionally
+  non-finite) and whose output was not. Each non-finite tensor carries the producer it came from,
+  so a NaN that a ``torch.where`` later masks out does not hide the one that reached a module
+  boundary. ``-inf`` written on purpose (``masked_fill(mask, -inf)``, ``torch.full(..., -inf)``)
+  is *allowed*: ops that merely carry it along are fine, an op that turns it into a new kind (a
+  softmax over a fully masked row makes NaN) is the producer.
+- backward: the replayed forward records which user line created each autograd node; a backward
+  from the gradients that reached the model's outputs then runs with node hooks, and the producer
+  is the first node whose incoming gradients were finite and outgoing were not.
+
+The replay runs on the model's own parameters without changing them: no gradients are
+accumulated (``torch.autograd.grad``), buffers are restored, and the random state is put back.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+
+from torchlens_edu._frames import frame_location, user_frame
+from torchlens_edu._nan_report import (
+    TensorSummary,
+    backward_cause,
+    forward_cause,
+    hint_for,
+    kind_of,
+)
+from torchlens_edu._tree import iter_tensors
+
+ALL_KINDS = frozenset({"nan", "+inf", "-inf"})
+# ops that only move or view data: they pass non-finite values along, they never make them
+_MOVES = frozenset({
+    "__getitem__", "__setitem__", "view", "view_as", "reshape", "reshape_as", "transpose", "t",
+    "permute", "contiguous", "clone", "split", "split_with_sizes", "tensor_split", "chunk",
+    "unbind", "cat", "concat", "concatenate", "stack", "expand", "expand_as", "to", "detach",
+    "flatten", "unflatten", "squeeze", "unsqueeze", "narrow", "select", "index_select",
+    "gather", "repeat", "tile", "roll", "flip", "movedim", "swapaxes", "copy_", "masked_select",
+    "float", "double", "type", "type_as", "cpu", "cuda", "requires_grad_", "dropout", "tril",
+    "triu", "diagonal", "as_strided"})
+# factories whose output is uninitialised memory: judged when it is read, not when made
+_UNINITIALISED = frozenset({"empty", "empty_like", "new_empty", "empty_strided"})
+_REVERSED = {"__rdiv__": "div", "__rtruediv__": "div", "__rsub__": "sub", "__rpow__": "pow",
+             "__rmatmul__": "matmul", "__radd__": "add", "__rmul__": "mul"}
+
+
+@dataclass
+class Producer:
+    """The op (or autograd node) that made the first non-finite value, and what surrounded it."""
+
+    phase: str
+    index: int  # position of the forward call in the replay (for stopping there again)
+    op: str
+    module: str
+    source: str
+    cause: str
+    hint: str
+    inputs: list[TensorSummary] = field(default_factory=list)
+    outputs: list[TensorSummary] = field(default_factory=list)
+    params: list[TensorSummary] = field(default_factory=list)
+    forward_op: str = ""
+
+    @property
+    def kind(self) -> str:
+        return kind_of(self.outputs)
+
+
+class _Found(Exception):  # control flow, never reaches the user
+    def __init__(self, producer: Producer) -> None:
+        super().__init__(producer.op)
+        self.producer = producer
+
+
+class Stopped(Exception):  # control flow: the replay stopped at the producer
+    """Raised inside the replay at the producing call; its traceback ends in the user's frame."""
+
+    def __init__(self, frame: FrameType | None) -> None:
+        super().__init__("stopped at the producing call")
+        self.frame = frame
+
+
+@dataclass(frozen=True)
+class _State:
+    """What we know of a tensor's non-finite values: none, intended, or from a producer."""
+
+    kinds: frozenset[str] = frozenset()
+    allowed: bool = False  # intentional (-inf masks)
+    origin: Producer | None = None  # tainted: made by this producer
+    label: str = ""  # non-finite already when first seen (a parameter, buffer, input)
+
+
+_CLEAN = _State()
+
+
+def bad_kinds(t: torch.Tensor, kinds: frozenset[str]) -> frozenset[str]:
+    """Which of ``kinds`` (``"nan"``, ``"+inf"``, ``"-inf"``) occur in ``t`` (host syncs)."""
+    t = t.detach()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    if t.numel() == 0 or bool(torch.isfinite(t).all()):
+        return frozenset()
+    found = set()
+    if "nan" in kinds and bool(torch.isnan(t).any()):
+        found.add("nan")
+    if "+inf" in kinds and bool((t == math.inf).any()):
+        found.add("+inf")
+    if "-inf" in kinds and bool((t == -math.inf).any()):
+        found.add("-inf")
+    return frozenset(found)
+
+
+def _floats(obj: Any) -> list[torch.Tensor]:
+    return [t for t in iter_tensors(obj) if t.is_floating_point() or t.is_complex()]
+
+
+def _scalar_kinds(obj: Any) -> set[str]:
+    """Non-finite Python numbers among the arguments (``masked_fill(m, float("-inf"))``)."""
+    found: set[str] = set()
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if math.isnan(item):
+                found.add("nan")
+            elif math.isinf(item):
+                found.add("+inf" if item > 0 else "-inf")
+        elif isinstance(item, (tuple, list)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+    return found
+
+
+@dataclass
+class ReplayInputs:
+    """Everything needed to run one step's forward again, identically."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    rng_cpu: torch.Tensor
+    rng_cuda: list[torch.Tensor] | None
+    out_grads: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def save_rng() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """The CPU and (when in use) CUDA random states, to replay dropout identically."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng(cpu: torch.Tensor, cuda: list[torch.Tensor] | None) -> None:
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class Replayer(TorchFunctionMode):
+    """Runs a recorded step again under observation; see the module docstring.
+
+    ``watched`` is the model the user gave (its module paths name things); ``target`` is what we
+    call (the same model, or the module inside a DistributedDataParallel wrapper, whose forward
+    would start collectives on this rank alone).
+    """
+
+    def __init__(self, watched: nn.Module, target: nn.Module, kinds: frozenset[str],
+                 dims: Mapping[str, int] | None) -> None:
+        super().__init__()
+        self.watched, self.target, self.kinds, self.dims = watched, target, kinds, dims
+        self.paths: dict[nn.Module, str] = {}
+        for path, module in watched.named_modules():
+            self.paths.setdefault(module, path)
+        self.labels: dict[int, str] = {}
+        for name, p in watched.named_parameters():
+            self.labels[id(p)] = f"parameter {name}"
+        for name, b in watched.named_buffers():
+            self.labels[id(b)] = f"buffer {name}"
+        self.allowed_modules: set[str] = set()
+        self.on_stop: Callable[[FrameType | None], None] | None = None
+        self._reset(track=False, record=False, stop_at=None)
+
+    def _reset(self, *, track: bool, record: bool, stop_at: int | None) -> None:
+        self.track, self.record, self.stop_at = track, record, stop_at
+        self.count = 0
+        self.busy = False
+        self.stack: list[str] = []
+        self.states: dict[int, tuple[weakref.ref, int, _State]] = {}
+        self.nodes: dict[Any, tuple[int, str, str, str, list[torch.Tensor]]] = {}
+
+    # ---------------------------------------------------------------- the three replays
+    def forward(self, step: ReplayInputs) -> Producer | None:
+        """The producer of the first non-finite value that reached a module boundary."""
+        self._reset(track=True, record=False, stop_at=None)
+        for i, t in enumerate(_floats((step.args, step.kwargs))):
+            kinds = bad_kinds(t, self.kinds)
+            # an additive attention mask comes in holding -inf on purpose
+            state = _State(kinds, allowed=kinds <= {"-inf"}, label=f"model input {i}")
+            self.states[id(t)] = (weakref.ref(t), t._version, state if kinds else _CLEAN)
+        try:
+            with self._replaying(step, grad=False):
+                self._run(step)
+        except _Found as found:
+            return found.producer
+        return None
+
+    def stop_at_call(self, step: ReplayInputs, index: int) -> Stopped | None:
+        """Replay until call ``index`` and stop there (``on_stop`` runs in the user's frame)."""
+        self._reset(track=False, record=False, stop_at=index)
+        try:
+            with self._replaying(step, grad=False):
+                self._run(step)
+        except Stopped as stopped:
+            return stopped
+        return None
+
+    def backward(self, step: ReplayInputs) -> Producer | None:
+        """The first autograd node whose incoming gradients are finite and outgoing are not."""
+        self._reset(track=False, record=True, stop_at=None)
+        with self._replaying(step, grad=True):
+            out = self._run(step)
+            roots, grads = [], []
+            for i, t in enumerate(_floats(out)):
+                if i in step.out_grads and t.grad_fn is not None:
+                    roots.append(t)
+                    grads.append(step.out_grads[i])
+            if not roots:
+                return None
+            if any(bad_kinds(g, self.kinds) for g in grads):
+                summaries = [TensorSummary.of(f"grad of output {i}", g, self.dims)
+                             for i, g in enumerate(grads)]
+                return Producer("backward", -1, "", "", "", "loss", hint_for(
+                    "loss", "the gradient that reached the model's outputs was already "
+                    "non-finite: the code after the model (the loss) made it"),
+                    outputs=summaries)
+            self._hook_nodes(roots)
+            leaves = [p for p in self.target.parameters() if p.requires_grad]
+            leaves += [t for t in iter_tensors((step.args, step.kwargs)) if t.requires_grad]
+            if not leaves:
+                return None
+            try:
+                # autograd.grad: gradients are returned, never accumulated into .grad
+                torch.autograd.grad(roots, leaves, grads, allow_unused=True)
+            except _Found as found:
+                return found.producer
+        return None
+
+    # ---------------------------------------------------------------- replay plumbing
+    @contextmanager
+    def _replaying(self, step: ReplayInputs, *, grad: bool) -> Iterator[None]:
+        """Same random state and buffers as the recorded step; everything put back after."""
+        rng_now = save_rng()
+        buffers = [(b, b.detach().clone()) for b in self.target.buffers()]
+        try:
+            _set_rng(step.rng_cpu, step.rng_cuda)
+            with torch.set_grad_enabled(grad):
+                yield
+        finally:
+            with torch.no_grad():
+                for buf, saved in buffers:
+                    buf.copy_(saved)
+            _set_rng(*rng_now)
+
+    def _run(self, step: ReplayInputs) -> Any:
+        """The target's forward with every torch call and module boundary observed."""
+        handles = []
+        for module in self.target.modules():
+            path = self.paths.get(module, "")
+            handles.append(module.register_forward_pre_hook(
+                lambda _m, _a, path=path: self.stack.append(path)))
+            handles.append(module.register_forward_hook(self._after_module, always_call=True))
+        try:
+            with self:
+                return self.target(*step.args, **step.kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextmanager
+    def _quiet(self) -> Iterator[None]:
+        """Our own tensor math (checks, statistics) is not part of the replayed step."""
+        busy, self.busy = self.busy, True
+        try:
+            yield
+        finally:
+            self.busy = busy
+
+    def _after_module(self, module: nn.Module, args: Any, output: Any) -> None:
+        path = self.stack.pop() if self.stack else ""
+        if not self.track or self.busy:
+            return
+        with self._quiet():
+            self._check_boundary(path, output)
+
+    def _check_boundary(self, path: str, output: Any) -> None:
+        for t in _floats(output):
+            state = self._state(t)
+            if state.origin is not None:
+                raise _Found(state.origin)
+            if state.label and not state.allowed:  # e.g. a module that returns its parameter
+                raise _Found(self._forward_producer(
+                    self.count, "", [], [t], [(t, state)], path=path))
+            if state.kinds:
+                self.allowed_modules.add(path)
+
+    def _state(self, t: torch.Tensor) -> _State:
+        entry = self.states.get(id(t))
+        if entry is not None and entry[0]() is t and entry[1] == t._version:
+            return entry[2]
+        kinds = bad_kinds(t, self.kinds)
+        state = _State(kinds, label=self.labels.get(id(t), "a tensor made outside torch calls")
+                       ) if kinds else _CLEAN
+        self._set(t, state)
+        return state
+
+    def _set(self, t: torch.Tensor, state: _State) -> None:
+        self.states[id(t)] = (weakref.ref(t), t._version, state)
+
+    # ---------------------------------------------------------------- every torch call
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if self.busy or not name or name in ("__get__", "__set__"):  # .shape, .grad, ...
+            return func(*args, **kwargs)
+        index = self.count
+        self.count += 1
+        if index == self.stop_at:
+            frame = user_frame(sys._getframe(1))
+            if self.on_stop is not None:
+                self.on_stop(frame)
+            raise Stopped(frame)
+        if not (self.track or self.record):
+            return func(*args, **kwargs)
+        inputs = _floats((args, kwargs))
+        before = [self._state(t) for t in inputs] if self.track else []
+        in_place = name.endswith("_") or name.startswith("__i") or name == "__setitem__"
+        snapshot = [t.detach().clone() for t in inputs[:1]] if in_place and self.track else []
+        out = func(*args, **kwargs)
+        outputs = _floats(args[0] if name == "__setitem__" else out)
+        if self.record:
+            self._record(index, name, outputs, inputs)
+        if self.track and outputs:
+            with self._quiet():
+                self._track(index, name, args, kwargs, snapshot + inputs[len(snapshot):],
+                            before, outputs)
+        return out
+
+    def _record(self, index: int, name: str, outputs: list[torch.Tensor],
+                inputs: list[torch.Tensor]) -> None:
+        source = ""
+        for t in outputs:
+            node = t.grad_fn
+            if node is not None and node not in self.nodes:
+                source = source or frame_location(user_frame(sys._getframe(1)))
+                module = self.stack[-1] if self.stack else ""
+                self.nodes[node] = (index, _display(name), module, source, inputs)
+
+    def _track(self, index: int, name: str, args: tuple, kwargs: dict,
+               inputs: list[torch.Tensor], before: list[_State],
+               outputs: list[torch.Tensor]) -> None:
+        if name in _UNINITIALISED:
+            return  # judged when read
+        out_kinds = [bad_kinds(t, self.kinds) for t in outputs]
+        made = frozenset().union(*out_kinds)
+        if not made:
+            for t in outputs:
+                self._set(t, _CLEAN)
+            return
+        origins = [s.origin for s in before if s.origin is not None]
+        foreign = [(t, s) for t, s in zip(inputs, before, strict=True)
+                   if s.label and not s.allowed]
+        allowed = set(_scalar_kinds((args, kwargs)))
+        for s in before:
+            if s.allowed:
+                allowed |= s.kinds
+        if origins:
+            state = _State(made, origin=min(origins, key=lambda p: p.index))
+        elif name in _MOVES and foreign:  # carried along, not made: judged where it is used
+            state = _State(made, label=foreign[0][1].label)
+        elif not foreign and made <= allowed:
+            state = _State(made, allowed=True)
+        else:
+            state = _State(made, origin=self._forward_producer(
+                index, name, inputs, outputs, foreign,
+                masked=any(s.allowed and "-inf" in s.kinds for s in before)))
+        for t, kinds in zip(outputs, out_kinds, strict=True):
+            self._set(t, state if kinds else _CLEAN)
+
+    def _forward_producer(self, index: int, name: str, inputs: list[torch.Tensor],
+                          outputs: list[torch.Tensor], foreign: list[tuple[torch.Tensor, _State]],
+                          *, masked: bool = False, path: str | None = None) -> Producer:
+        module = path if path is not None else (self.stack[-1] if self.stack else "")
+        source = frame_location(user_frame(sys._getframe(1)))
+        ins = [TensorSummary.of(self.labels.get(id(t), f"input {i}"), t, self.dims)
+               for i, t in enumerate(inputs)]
+        outs = [TensorSummary.of(f"output {i}", t, self.dims) for i, t in enumerate(outputs)]
+        if foreign:
+            label = foreign[0][1].label
+            what = "parameter" if label.startswith("parameter") else "value"
+            cause, hint = "exploding", hint_for("exploding", (
+                f"{label} already held {kind_of(ins)} before {_display(name) or module!r} used "
+                f"it: an earlier step wrote it (an optimizer step with too large a learning "
+                f"rate or without gradient clipping, or a bad checkpoint); this {what} was not "
+                "made non-finite in this forward"))
+        else:
+            cause, detail = forward_cause(_display(name), ins, outs, masked)
+            hint = hint_for(cause, detail)
+        return Producer("forward", index, _display(name), module, source, cause, hint, ins,
+                        outs, self._module_params(module))
+
+    def _module_params(self, path: str) -> list[TensorSummary]:
+        module = dict(self.watched.named_modules()).get(path)
+        if module is None:
+            return []
+        prefix = f"{path}." if path else ""
+        return [TensorSummary.of(prefix + n, p, self.dims)
+                for n, p in module.named_parameters(recurse=False)]
+
+    # ---------------------------------------------------------------- backward hooks
+    def _hook_nodes(self, roots: list[torch.Tensor]) -> None:
+        owner: dict[Any, tuple[int, str, str, str, list[torch.Tensor]]] = {}
+        queue = [t.grad_fn for t in roots]
+        for node in queue:
+            owner.setdefault(node, self.nodes.get(node, (-1, "", "", "", [])))
+        seen = set(queue)
+        while queue:
+            node = queue.pop(0)
+            if type(node).__name__ != "AccumulateGrad":
+                node.register_hook(self._node_hook(node, owner[node]))
+            for nxt, _ in node.next_functions:
+                if nxt is not None and nxt not in seen:
+                    seen.add(nxt)
+                    owner[nxt] = self.nodes.get(nxt, owner[node])
+                    queue.append(nxt)
+
+    def _node_hook(self, node: Any, info: tuple[int, str, str, str, list[torch.Tensor]]
+                   ) -> Callable:
+        def hook(grad_inputs: tuple, grad_outputs: tuple) -> None:
+            with self._quiet():
+                self._check_node(node, info, grad_inputs, grad_outputs)
+
+        return hook
+
+    def _check_node(self, node: Any, info: tuple[int, str, str, str, list[torch.Tensor]],
+                    grad_inputs: tuple, grad_outputs: tuple) -> None:
+        incoming = [g for g in grad_outputs if g is not None]
+        if any(bad_kinds(g, self.kinds) for g in incoming):
+            return  # downstream of the producer
+        outgoing = [g for g in grad_inputs if g is not None]
+        if any(bad_kinds(g, self.kinds) for g in outgoing):
+            raise _Found(self._backward_producer(node, info, incoming, outgoing))
+
+    def _backward_producer(self, node: Any, info: tuple[int, str, str, str, list[torch.Tensor]],
+                           incoming: list[torch.Tensor], outgoing: list[torch.Tensor]
+                           ) -> Producer:
+        index, forward_op, module, source, fwd_inputs = info
+        zero_incoming = _zero_where_bad(incoming, outgoing)
+        ins = [TensorSummary.of(f"grad of output {i}", g, self.dims)
+               for i, g in enumerate(incoming)]
+        ins += [TensorSummary.of(f"forward input {i}", t, self.dims)
+                for i, t in enumerate(fwd_inputs)]
+        outs = [TensorSummary.of(f"grad of input {i}", g, self.dims)
+                for i, g in enumerate(outgoing)]
+        cause, detail = backward_cause(node.name(), forward_op, zero_incoming, outs)
+        return Producer("backward", index, node.name(), module, source, cause,
+                        hint_for(cause, detail), ins, outs, self._module_params(module),
+                        forward_op=forward_op)
+
+
+def _zero_where_bad(incoming: list[torch.Tensor], outgoing: list[torch.Tensor]) -> bool:
+    """True when the incoming gradient is exactly 0 wherever the outgoing one is non-finite."""
+    if not incoming:
+        return False
+    g_in = incoming[0]
+    for g_out in outgoing:
+        if g_out.shape != g_in.shape:
+            continue
+        bad = ~torch.isfinite(g_out)
+        if bool(bad.any()):
+            return bool((g_in[bad] == 0).all())
+    return False
+
+
+def _display(name: str) -> str:
+    """``__rdiv__`` -> ``div``, ``__iadd__`` -> ``add_``; plain names stay as they are."""
+    if name in _REVERSED:
+        return _REVERSED[name]
+    if name.startswith("__i") and name.endswith("__"):
+        return name[3:-2] + "_"
+    if name.startswith("__") and name.endswith("__"):
+        return name[2:-2]
+    return name

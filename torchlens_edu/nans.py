@@ -1,0 +1,478 @@
+"""NaN/Inf watch: find where the first non-finite value was *made*, cheaply enough to leave on.
+
+Two tiers:
+
+- cheap, every checked step: forward hooks reduce each module's outputs (and the model's inputs)
+  to one number on the device (a sum: finite exactly when the tensor is, barring overflow), and
+  tensor hooks do the same for the gradients reaching those outputs. Nothing is read back until
+  the end of the forward and the end of the backward: one host sync each.
+- precise, only when the cheap tier fires: the failing step is replayed identically and watched
+  call by call (see ``_nan_locate``) to name the producing op, its module and the user's line.
+
+>>> import torch, torchlens_edu as tle
+>>> model = torch.nn.Linear(2, 2)
+>>> with tle.watch_nans(model):
+...     model(torch.ones(1, 2)).sum().backward()
+"""
+
+from __future__ import annotations
+
+import math
+import pdb
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import partial
+from types import FrameType, TracebackType
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from torchlens_edu._console import get_console
+from torchlens_edu._frames import user_source
+from torchlens_edu._nan_locate import ALL_KINDS, Producer, Replayer, ReplayInputs, save_rng
+from torchlens_edu._nan_report import NonFiniteReport, TensorSummary, hint_for, kind_of
+from torchlens_edu._tree import iter_tensors
+from torchlens_edu.dims import Dims
+
+__all__ = ["NanWatch", "NonFiniteError", "NonFiniteReport", "watch_nans"]
+
+Mode = Literal["raise", "warn", "break"]
+_KIND_CODES = {"nan": 1, "+inf": 2, "-inf": 3}
+_PHASE_CODES = {"input": 1, "forward": 2, "backward": 3}
+DIST_TIMEOUT = timedelta(minutes=5)  # how long a rank waits for the others' verdict
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or Inf was made; ``.report`` (a :class:`NonFiniteReport`) says where and why.
+
+    >>> err = NonFiniteError(NonFiniteReport("forward", "", "log", "nan", "", None, "hint"))
+    >>> err.report.op
+    'log'
+    """
+
+    def __init__(self, report: NonFiniteReport) -> None:
+        super().__init__(report.summary())
+        self.report = report
+
+    def __str__(self) -> str:
+        return "\n" + str(self.report)
+
+
+@dataclass
+class _Step:
+    """One checked forward (and the backward through it): cheap-tier probes, replay inputs."""
+
+    index: int
+    replay: ReplayInputs
+    source: str  # the user's line that called the model
+    labels: list[str] = field(default_factory=list)  # "input 0" or a module path
+    probes: list[torch.Tensor] = field(default_factory=list)
+    n_inputs: int = 0
+    seen: set[int] = field(default_factory=set)
+    grad_paths: list[str] = field(default_factory=list)
+    grad_probes: list[torch.Tensor] = field(default_factory=list)
+    producer: Producer | None = None  # what the precise tier found
+
+
+def _probe(t: torch.Tensor) -> torch.Tensor:
+    """A 0-d float on t's device that is finite iff t is (a float32 sum only overflows for
+    values near 1e38, and then the replay sorts the false alarm out)."""
+    t = t.detach()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return t.sum(dtype=torch.float32) if t.dtype != torch.float32 else t.sum()
+
+
+def _read(probes: list[torch.Tensor]) -> list[float]:
+    """All probes to the host in one transfer (the one sync of a forward or a backward)."""
+    if not probes:
+        return []
+    device = probes[0].device
+    return torch.stack([p.to(device) for p in probes]).tolist()
+
+
+def _is_float(t: torch.Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
+def _rank() -> int | None:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else None
+
+
+def _share(code: int) -> list[int]:
+    """Every rank's verdict code (0: clean), so that no rank waits for one that stopped."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return [code]
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    codes = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=device)
+    codes[dist.get_rank()] = code
+    try:
+        dist.all_reduce(codes, async_op=True).wait(timeout=DIST_TIMEOUT)
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"watch_nans: rank {dist.get_rank()} waited {DIST_TIMEOUT} for the other ranks' "
+            "NaN check and gave up; every rank must run the same watched forward/backward "
+            "steps (same `every`)") from err
+    return codes.tolist()
+
+
+class NanWatch:
+    """The context manager :func:`watch_nans` returns; ``.reports`` lists what it found.
+
+    >>> model = torch.nn.Linear(2, 2)
+    >>> with NanWatch(model) as watch:
+    ...     _ = model(torch.ones(1, 2))
+    >>> watch.reports
+    []
+    """
+
+    def __init__(self, model: nn.Module, *, mode: Mode = "raise", check_inf: bool = True,
+                 every: int = 1, dims: Mapping[str, int] | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"watch_nans watches an nn.Module, got {type(model).__name__}")
+        if mode not in ("raise", "warn", "break"):
+            raise ValueError(f"mode={mode!r}: choose 'raise' (stop with NonFiniteError), 'warn' "
+                             "(print and go on) or 'break' (open the debugger at the line)")
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"every={every!r}: check every N-th forward, N an int >= 1")
+        self.model, self.mode, self.every = model, mode, every
+        self.kinds = ALL_KINDS if check_inf else frozenset({"nan"})
+        self.dims = dict(dims or {})
+        self.reports: list[NonFiniteReport] = []
+        self._paths: dict[nn.Module, str] = {}
+        for path, module in model.named_modules():
+            self._paths.setdefault(module, path)
+        # DistributedDataParallel's forward starts collectives: replay the module inside it
+        target = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        self._replayer = Replayer(model, target, self.kinds, self.dims)
+        self._allow_inf: set[str] = set()  # module paths seen to output -inf on purpose
+        self._handles: list[Any] = []
+        self._active = False
+        self._replaying = False
+        self._calls = 0
+        self._step: _Step | None = None
+        self._nested = 0
+        self._pending: list[_Step] = []
+        self._param_grads: list[tuple[str, torch.Tensor]] = []
+        self._queued = False
+        self._warned: set[tuple[str, str, str, str]] = set()
+
+    # ------------------------------------------------------------------ attach / detach
+    def __enter__(self) -> NanWatch:
+        root = self.model
+        try:
+            self._handles.append(root.register_forward_pre_hook(self._on_start, with_kwargs=True))
+            for module in self._paths:
+                self._handles.append(module.register_forward_hook(self._on_module))
+            self._handles.append(root.register_forward_hook(self._on_end, always_call=True))
+            for name, param in model_params(root):
+                self._handles.append(param.register_post_accumulate_grad_hook(
+                    partial(self._on_param_grad, name)))
+        except BaseException:
+            self._detach()
+            raise
+        self._active = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._detach()
+
+    def _detach(self) -> None:
+        self._active = False
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._step = None
+        self._pending.clear()
+        self._param_grads.clear()
+
+    # ------------------------------------------------------------------ cheap tier: forward
+    def _on_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._replaying:
+            return
+        if self._step is not None:  # the model calls itself: one step, checked at the end
+            self._nested += 1
+            return
+        self._calls += 1
+        if (self._calls - 1) % self.every:
+            return
+        cpu, cuda = save_rng()
+        step = _Step(self._calls, ReplayInputs(args, kwargs, cpu, cuda), user_source())
+        for i, t in enumerate(t for t in iter_tensors((args, kwargs)) if _is_float(t)):
+            step.labels.append(f"input {i}")
+            step.probes.append(_probe(t))
+        step.n_inputs = len(step.probes)
+        self._step = step
+
+    def _on_module(self, module: nn.Module, args: tuple, output: Any) -> None:
+        step = self._step
+        if step is None or self._replaying:
+            return
+        path = self._paths.get(module, "")
+        for t in iter_tensors(output):
+            if not _is_float(t) or id(t) in step.seen:
+                continue
+            step.seen.add(id(t))  # a tensor passed through (eval dropout) counts once
+            step.labels.append(path)
+            step.probes.append(_probe(t))
+            if t.requires_grad:
+                t.register_hook(partial(self._on_grad, step, path))
+
+    def _on_end(self, module: nn.Module, args: tuple, output: Any) -> None:
+        step = self._step
+        if step is None or self._replaying:
+            return
+        if self._nested:
+            self._nested -= 1
+            return
+        self._step = None
+        if output is None and sys.exc_info()[0] is not None:
+            return  # the forward itself raised: that error is the news
+        for i, t in enumerate(t for t in iter_tensors(output) if _is_float(t)):
+            if t.requires_grad:
+                t.register_hook(partial(self._keep_grad, step, i))
+        values = _read(step.probes)
+        bad = self._first_bad(values, step.labels, step.n_inputs)
+        phase = "input" if bad is not None and bad < step.n_inputs else "forward"
+        self._verdict(step, phase, *self._bad_entry(step.labels, values, bad))
+
+    # ------------------------------------------------------------------ cheap tier: backward
+    def _on_grad(self, step: _Step, path: str, grad: torch.Tensor) -> None:
+        if not self._active or self._replaying:
+            return
+        step.grad_paths.append(path)
+        step.grad_probes.append(_probe(grad))
+        if step not in self._pending:
+            self._pending.append(step)
+        self._queue()
+
+    def _on_param_grad(self, name: str, param: torch.Tensor) -> None:
+        if not self._active or self._replaying or param.grad is None:
+            return
+        self._param_grads.append((f"parameter {name}", _probe(param.grad)))
+        self._queue()
+
+    def _queue(self) -> None:
+        if not self._queued:  # one check when this backward pass ends
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+
+    def _keep_grad(self, step: _Step, index: int, grad: torch.Tensor) -> None:
+        if self._active and not self._replaying:
+            step.replay.out_grads[index] = grad  # for a backward replay; dropped after the check
+
+    def _on_backward_end(self) -> None:
+        self._queued = False
+        steps, self._pending = self._pending, []
+        params, self._param_grads = self._param_grads, []
+        labels = [p for s in steps for p in s.grad_paths] + [name for name, _ in params]
+        values = _read([p for s in steps for p in s.grad_probes] + [p for _, p in params])
+        bad = self._first_bad(values, labels, 0)
+        # the step whose gradients went bad; a bad parameter gradient: the last step
+        owner, start = (steps[-1] if steps else None), 0
+        for step in steps:
+            if bad is not None and start <= bad < start + len(step.grad_probes):
+                owner = step
+            start += len(step.grad_probes)
+        try:
+            self._verdict(owner, "backward", *self._bad_entry(labels, values, bad))
+        finally:
+            for step in steps:
+                step.replay.out_grads.clear()
+                step.grad_probes.clear()
+                step.grad_paths.clear()
+
+    @staticmethod
+    def _bad_entry(labels: list[str], values: list[float], bad: int | None
+                   ) -> tuple[str | None, str | None]:
+        if bad is None:
+            return None, None
+        value = values[bad]
+        return labels[bad], "nan" if math.isnan(value) else ("+inf" if value > 0 else "-inf")
+
+    def _first_bad(self, values: list[float], labels: list[str], n_inputs: int) -> int | None:
+        check_inf = "+inf" in self.kinds
+        for i, v in enumerate(values):
+            if math.isnan(v):
+                return i
+            if check_inf and math.isinf(v):
+                # an additive mask comes in holding -inf on purpose (the sum is -inf only then)
+                if i < n_inputs and v < 0:
+                    continue
+                if labels[i] in self._allow_inf:
+                    continue
+                return i
+        return None
+
+    # ------------------------------------------------------------------ verdict
+    def _verdict(self, step: _Step | None, phase: str, label: str | None,
+                 kind: str | None) -> None:
+        """Share the verdict with the other ranks; locate and deliver when anyone is bad."""
+        code = 0 if kind is None else _PHASE_CODES[phase] * 4 + _KIND_CODES[kind]
+        codes = _share(code)
+        if not any(codes):
+            return
+        if label is None or kind is None:
+            report = self._other_rank_report(codes)
+        else:
+            report = self._locate(step, phase, label, kind)
+        if report is not None:
+            self._deliver(report, step)
+
+    def _other_rank_report(self, codes: list[int]) -> NonFiniteReport:
+        phases = {v: k for k, v in _PHASE_CODES.items()}
+        kinds = {v: k for k, v in _KIND_CODES.items()}
+        first = next(c for c in codes if c)
+        ranks = [r for r, c in enumerate(codes) if c]
+        phase, kind = phases[first // 4], kinds[first % 4]
+        return NonFiniteReport(
+            phase, "", "", kind, user_source(), _rank(), hint_for(
+                "other_rank", f"rank {', '.join(map(str, ranks))} found {kind} in the {phase}; "
+                "this rank stops too so that it does not wait for it forever: read that "
+                "rank's report"), cause="other_rank")
+
+    def _locate(self, step: _Step | None, phase: str, label: str, kind: str
+                ) -> NonFiniteReport | None:
+        """The precise tier: replay the step and name the producer."""
+        if step is None:  # a parameter's gradient, with no watched forward to replay
+            return self._unreproduced(phase, label, kind, "", 0)
+        replay = step.replay
+        dims = Dims.infer(self.model, (replay.args, replay.kwargs), self.dims)
+        self._replayer.dims = dims
+        if phase == "input":
+            t = [t for t in iter_tensors((replay.args, replay.kwargs)) if _is_float(t)][
+                step.labels.index(label)]
+            summary = TensorSummary.of(label, t, dims)
+            return NonFiniteReport(
+                "input", "", "", kind_of([summary]), step.source, _rank(), hint_for(
+                    "input", "the values were non-finite before the model ran; check the data "
+                    "pipeline (or what fed this input), the model is not at fault"),
+                cause="input", step=step.index, inputs=[summary])
+        self._replaying = True
+        try:
+            if phase == "forward":
+                producer = self._replayer.forward(replay)
+            else:
+                producer = self._replayer.backward(replay)
+        finally:
+            self._replaying = False
+        if producer is None:
+            if phase == "forward" and label in self._replayer.allowed_modules:
+                self._allow_inf.add(label)  # it outputs -inf on purpose (a mask)
+                return None
+            return self._unreproduced(phase, label, kind, step.source, step.index)
+        step.producer = producer
+        return _to_report(producer, step)
+
+    def _unreproduced(self, phase: str, label: str, kind: str, source: str, index: int
+                      ) -> NonFiniteReport:
+        module = label.removeprefix("parameter ")
+        return NonFiniteReport(
+            phase, module, "", kind, source, _rank(), hint_for(
+                "not_reproduced", f"{label or 'the root module'!r} saw {kind} in the {phase}, "
+                "but replaying the step did not make it again (a non-deterministic op, state "
+                "that changed since, or a gradient from outside the watched forward); rerun "
+                "with torch.use_deterministic_algorithms(True)"),
+            cause="not_reproduced", step=index)
+
+    def _deliver(self, report: NonFiniteReport, step: _Step | None) -> None:
+        self.reports.append(report)
+        if self.mode == "warn":
+            key = (report.phase, report.module, report.op, report.source)
+            if key not in self._warned:  # the same NaN every step after: say it once
+                self._warned.add(key)
+                get_console(stderr=True).print(report)
+            return
+        if self.mode == "break" and step is not None and report.cause != "other_rank":
+            self._break(step, report)
+        raise NonFiniteError(report)
+
+    # ------------------------------------------------------------------ mode="break"
+    def _break(self, step: _Step, report: NonFiniteReport) -> None:
+        producer = step.producer
+        console = get_console(stderr=True)
+        if report.cause in ("input", "loss", "not_reproduced") or producer is None:
+            console.print(f"[yellow]watch_nans(mode='break'):[/] no line of the model to stop "
+                          f"at ({report.cause}); raising NonFiniteError")
+            return
+        debugger = _debugpy_connected()
+        if not debugger and not (sys.stdin is not None and sys.stdin.isatty()):
+            console.print("[yellow]watch_nans(mode='break'):[/] stdin is not interactive, so "
+                          "no debugger can open here; raising NonFiniteError instead")
+            return
+        console.print(report)
+        console.print(f"[bold]Stopping at {report.source}[/] in a replay of the failing step: "
+                      "the locals are the values that made the non-finite result. Continue "
+                      "(c) to raise NonFiniteError.")
+        self._replayer.on_stop = _debugpy_stop if debugger else None
+        self._replaying = True
+        try:
+            stopped = self._replayer.stop_at_call(step.replay, producer.index)
+        finally:
+            self._replaying = False
+            self._replayer.on_stop = None
+        if stopped is not None and not debugger:
+            pdb.post_mortem(_trim(stopped.__traceback__, stopped.frame))
+
+
+def model_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Parameters that get gradients (tied ones once)."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def _to_report(producer: Producer, step: _Step) -> NonFiniteReport:
+    return NonFiniteReport(
+        producer.phase, producer.module, producer.op, producer.kind, producer.source, _rank(),
+        producer.hint, cause=producer.cause, step=step.index, forward_op=producer.forward_op,
+        inputs=producer.inputs, outputs=producer.outputs, params=producer.params)
+
+
+def _debugpy_connected() -> bool:
+    debugpy = sys.modules.get("debugpy")  # never imported just to ask
+    return bool(debugpy is not None and debugpy.is_client_connected())
+
+
+def _debugpy_stop(frame: FrameType | None) -> None:
+    """Pause the attached debugpy client in ``frame`` (the user's line), live."""
+    from debugpy.server import api
+
+    # debugpy.breakpoint() stops in its caller's frame; this is the same call with the
+    # user's frame as the place to stop
+    api._settrace(suspend=True, trace_only_current_thread=True, patch_multiprocessing=False,
+                  stop_at_frame=frame)
+
+
+def _trim(tb: TracebackType | None, frame: FrameType | None) -> TracebackType | None:
+    """Cut the traceback after ``frame`` so that pdb opens in the user's line, not in ours."""
+    node = tb
+    while node is not None:
+        if node.tb_frame is frame:
+            node.tb_next = None
+            break
+        node = node.tb_next
+    return tb
+
+
+def watch_nans(model: nn.Module, *, mode: Mode = "raise", check_inf: bool = True,
+               every: int = 1, dims: Mapping[str, int] | None = None) -> NanWatch:
+    """Watch ``model`` for NaN/Inf; at the first one, name the op, module and line that made it.
+
+    ``mode``: ``"raise"`` a :class:`NonFiniteError`, ``"warn"`` (print the report, go on), or
+    ``"break"`` (stop in the debugger at the producing line, then raise). ``check_inf=False``
+    watches NaN only; ``every=N`` checks every N-th forward (and its backward); ``dims`` names
+    sizes for the report's shapes (``{"B": 8}``).
+
+    >>> model = torch.nn.Linear(2, 2)
+    >>> with watch_nans(model) as watch:
+    ...     model(torch.ones(1, 2)).sum().backward()
+    >>> watch.reports
+    []
+    """
+    return NanWatch(model, mode=mode, check_inf=check_inf, every=every, dims=dims)
