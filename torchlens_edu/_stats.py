@@ -7,11 +7,12 @@ fp16/bf16/fp8, complex), 0-d, empty, non-contiguous, sparse, quantized, meta and
 How it stays cheap:
 - every reduction runs where the tensor lives; the results are packed into one small float64
   vector that crosses to the host with a single ``.tolist()`` (one device sync);
-- float32/float64 tensors are reduced in place (``aminmax``, ``var_mean``, ``count_nonzero``: no
-  full-size temporaries); on CPU we first look at ``aminmax`` (a free "sync") and only take the
-  masked path, with its temporaries, when the tensor really holds NaN or Inf;
-- other dtypes are converted to float64 in chunks of ~1M elements (views, never a full-size
-  float64 copy) and the chunks' partial moments are merged (Chan et al.'s parallel variance);
+- float32/float64 CPU tensors are reduced in place (``aminmax``, ``sum``, ``vector_norm``,
+  ``count_nonzero``: one pass each, no temporaries); we first look at ``aminmax`` (on CPU a
+  read is free) and only take the masked path, with its temporaries, for real NaN/Inf;
+- everything else (other dtypes, other devices) is reduced in chunks of ~1M elements (views;
+  other dtypes are converted to float64 chunk by chunk, never as a full-size copy) and the
+  chunks' partial moments are merged on the device (Chan et al.'s parallel variance);
 - the sparkline histogram comes from a fixed-seed sample of a few thousand elements.
 """
 
@@ -172,30 +173,48 @@ def _as_float(t: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
 def _partials(t: torch.Tensor) -> torch.Tensor:
     """Partial moments, one row per chunk, shape (k, 9), float64, on ``t``'s device."""
     convert = _as_float(t)
+    if convert is None and t.device.type == "cpu":
+        return _partial_cpu(t)[None]
+    # elsewhere no host reads until the end: chunked, so the masked path's temporaries stay small
     can_be_nonfinite = t.dtype.is_floating_point or t.dtype.is_complex
-    if convert is None:
-        if t.device.type == "cpu" and _all_finite_cpu(t):
-            return _partial_finite(t)[None]
-        return _partial_masked(t)[None]
-    partial = _partial_masked if can_be_nonfinite else _partial_finite
-    return torch.stack([partial(convert(chunk)) for chunk in _chunks(t, _CHUNK)])
+    partial = _partial_masked if can_be_nonfinite else _partial_two_pass
+    chunks = _chunks(t, _CHUNK)
+    return torch.stack([partial(chunk if convert is None else convert(chunk)) for chunk in chunks])
 
 
-def _all_finite_cpu(t: torch.Tensor) -> bool:
-    # On CPU reading two numbers costs nothing, and it spares the masked path's temporaries.
-    lo, hi = torch.aminmax(t)
-    return math.isfinite(lo.item()) and math.isfinite(hi.item())
+def _partial_cpu(x: torch.Tensor) -> torch.Tensor:
+    """Moments of a float32/64 CPU tensor in single passes with no temporaries.
+
+    On CPU reading a number costs no device sync, so we look before we leap: ``aminmax``
+    tells whether the tensor holds NaN/Inf (then the masked path, with its temporaries);
+    otherwise ``sum`` and ``vector_norm`` give the moments (both one vectorised pass, unlike
+    ``var_mean``'s slow Welford loop), and only an ill-conditioned variance (|mean| >> std,
+    where sum-of-squares cancels) pays for ``var_mean``.
+    """
+    lo, hi = (v.item() for v in torch.aminmax(x))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return _partial_masked(x)
+    n = x.numel()
+    mean = x.sum().item() / n
+    sumsq = torch.linalg.vector_norm(x).item() ** 2
+    m2 = sumsq - n * mean * mean
+    if not (math.isfinite(mean) and math.isfinite(sumsq)) or m2 <= 1e-2 * n * mean * mean:
+        var, mean_t = torch.var_mean(x, correction=0)
+        mean, m2 = mean_t.item(), var.item() * n
+    # a range that excludes 0 holds no zeros: skip the counting pass
+    zeros = n - torch.count_nonzero(x).item() if lo <= 0 <= hi else 0
+    return torch.tensor([n, mean, m2, lo, hi, 0, 0, 0, zeros], dtype=torch.float64)
 
 
-def _partial_finite(x: torch.Tensor) -> torch.Tensor:
-    """Moments of a real float tensor known to hold no NaN/Inf: in place, no temporaries."""
+def _partial_two_pass(x: torch.Tensor) -> torch.Tensor:
+    """Moments of a float64 chunk without NaN/Inf (converted ints): exact two-pass variance."""
     n = x.numel()
     lo, hi = torch.aminmax(x)
-    var, mean = torch.var_mean(x, correction=0)
+    mean = x.sum() / n
+    m2 = torch.linalg.vector_norm(x - mean).square()
     zeros = n - torch.count_nonzero(x)
     nil = torch.zeros((), dtype=torch.float64, device=x.device)
-    return torch.stack([nil + n, mean.double(), var.double() * n, lo.double(), hi.double(),
-                        nil, nil, nil, zeros.double()])
+    return torch.stack([nil + n, mean, m2, lo, hi, nil, nil, nil, zeros.double()])
 
 
 def _partial_masked(x: torch.Tensor) -> torch.Tensor:

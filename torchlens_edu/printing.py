@@ -22,12 +22,16 @@ from typing import Any
 
 import torch
 
+from torchlens_edu._attention import AttentionView, show_attention
 from torchlens_edu._describe import describe, format_stats, sparkline
+from torchlens_edu._render import TensorView, show
 from torchlens_edu._stats import TensorStats, tensor_stats
 
 __all__ = [
     "PRESETS",
+    "AttentionView",
     "TensorStats",
+    "TensorView",
     "describe",
     "format_stats",
     "get_printoptions",
@@ -35,6 +39,8 @@ __all__ = [
     "installed",
     "printoptions",
     "set_printoptions",
+    "show",
+    "show_attention",
     "sparkline",
     "tensor_stats",
     "uninstall",
