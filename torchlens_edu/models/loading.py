@@ -22,6 +22,8 @@ import json
 import os
 import pickle
 import re
+import socket
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,9 +32,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from torchlens_edu._console import get_console
+from torchlens_edu.models import tokenizer as _tokenizer
 from torchlens_edu.models.devices import resolve_device
 from torchlens_edu.models.gpt2 import GPT2Config
-from torchlens_edu.models.tokenizer import EMBEDDED_DIR, get_tokenizer
+from torchlens_edu.models.tokenizer import get_tokenizer
 
 if TYPE_CHECKING:
     from torchlens_edu.models.gpt2 import GPT2
@@ -44,6 +47,7 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of prefere
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight",
                   "mlp.c_fc.weight", "mlp.c_proj.weight")
 _SKIPPED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")  # HF's causal-mask buffers
+RANDOM_FALLBACK = GPT2Config.preset("gpt2")  # real GPT-2 shapes when no weights exist at all
 _HUB_TIMEOUT_S = 5.0  # a dead network fails fast instead of hanging
 _GET_WEIGHTS = ("To get them, run `huggingface-cli download {name}` (or `hf download {name}`) "
                 "where the network is reachable, with HF_HUB_OFFLINE unset or HF_HUB_OFFLINE=0; "
@@ -92,18 +96,19 @@ def load_best_available(*, device: str | torch.device | None = "auto", progress:
     """
     from torchlens_edu.models.gpt2 import GPT2
 
+    target = resolve_device(device)
     if _cached_snapshot("gpt2") is not None:
-        return load_pretrained(GPT2, "gpt2", device=device, progress=progress), \
-            get_tokenizer("gpt2"), None
-    if (EMBEDDED_DIR / "config.json").is_file():
-        return (load_pretrained(GPT2, "embedded", device=device, progress=progress),
+        return (load_pretrained(GPT2, "gpt2", device=target, progress=progress),
+                get_tokenizer("gpt2"), None)
+    if (_tokenizer.EMBEDDED_DIR / "config.json").is_file():
+        return (load_pretrained(GPT2, "embedded", device=target, progress=progress),
                 get_tokenizer("embedded"),
                 "GPT-2 weights are not cached (`huggingface-cli download gpt2` gets them); "
                 "using the small embedded model")
     with torch.random.fork_rng(devices=[]):  # the user's random state stays untouched
         torch.manual_seed(0)
-        model = GPT2(GPT2Config.preset("gpt2"))
-    return (model.to(resolve_device(device)).eval(), get_tokenizer("gpt2"),
+        model = GPT2(RANDOM_FALLBACK)
+    return (model.to(target).eval(), get_tokenizer("gpt2"),
             "no GPT-2 weights are cached and the embedded model is missing; using seeded random "
             "weights, so the text will be gibberish (`huggingface-cli download gpt2` fixes that)")
 
@@ -116,10 +121,11 @@ def _resolve(name_or_path: str | os.PathLike[str]) -> tuple[Path, GPT2Config | N
     """The weights file to read, and the config from a ``config.json`` next to it (if any)."""
     name = os.fspath(name_or_path)
     if name == "embedded":
-        if not EMBEDDED_DIR.is_dir():
-            raise WeightsNotFoundError(f"the embedded model is missing from {EMBEDDED_DIR}; "
+        embedded = _tokenizer.EMBEDDED_DIR
+        if not embedded.is_dir():
+            raise WeightsNotFoundError(f"the embedded model is missing from {embedded}; "
                                        "reinstall torchlens-edu or run scripts/train_tiny.py")
-        return _resolve_dir(EMBEDDED_DIR)
+        return _resolve_dir(embedded)
     path = Path(name).expanduser()
     if path.is_dir():
         return _resolve_dir(path)
@@ -188,26 +194,46 @@ def _hub_snapshot(repo_id: str) -> Path:
         raise WeightsNotFoundError(f"GPT-2 weights {repo_id!r} are not in the Hugging Face cache "
                                    f"({cache}) and HF_HUB_OFFLINE=1 forbids downloading them. "
                                    + _GET_WEIGHTS.format(name=repo_id))
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
+    def not_found(why: str) -> WeightsNotFoundError:
+        return WeightsNotFoundError(f"GPT-2 weights {repo_id!r} are not in the Hugging Face cache "
+                                    f"({cache}) and downloading them failed ({why}). "
+                                    + _GET_WEIGHTS.format(name=repo_id))
+
+    # huggingface_hub retries a dead network for ~25 s; one short connection attempt first
+    # turns "no network" into an immediate, actionable error.
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    unreachable = _unreachable(endpoint)
+    if unreachable:
+        raise not_found(f"{endpoint} is unreachable: {unreachable}")
     try:
-        config = hf_hub_download(repo_id, "config.json", cache_dir=cache,
+        config = hf_hub_download(repo_id, "config.json", cache_dir=cache, endpoint=endpoint,
                                  etag_timeout=_HUB_TIMEOUT_S)
         for filename in WEIGHT_FILES:
             try:
-                hf_hub_download(repo_id, filename, cache_dir=cache, etag_timeout=_HUB_TIMEOUT_S)
+                hf_hub_download(repo_id, filename, cache_dir=cache, endpoint=endpoint,
+                                etag_timeout=_HUB_TIMEOUT_S)
                 return Path(config).parent
-            except EntryNotFoundError:
+            except RemoteEntryNotFoundError:
                 continue
-    except EntryNotFoundError as err:
+    except RemoteEntryNotFoundError as err:
         raise CheckpointError(f"the hub repo {repo_id!r} has no config.json: {err}") from err
-    except (OSError, ValueError) as err:  # no network, unknown repo, refused, timed out, ...
-        raise WeightsNotFoundError(f"GPT-2 weights {repo_id!r} are not in the Hugging Face cache "
-                                   f"({cache}) and downloading them failed "
-                                   f"({type(err).__name__}: {str(err).splitlines()[0]}). "
-                                   + _GET_WEIGHTS.format(name=repo_id)) from err
+    except (OSError, ValueError) as err:  # unknown repo, refused, timed out, gated, ...
+        raise not_found(f"{type(err).__name__}: {str(err).splitlines()[0]}") from err
     raise CheckpointError(f"the hub repo {repo_id!r} has none of {', '.join(WEIGHT_FILES)}")
+
+
+def _unreachable(endpoint: str) -> str | None:
+    """Why ``endpoint`` cannot be reached within the timeout, or None when it can."""
+    url = urllib.parse.urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=_HUB_TIMEOUT_S).close()
+    except OSError as err:
+        return str(err) or type(err).__name__
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +266,7 @@ def config_from_hf(path: str | os.PathLike[str]) -> GPT2Config:
     try:
         return GPT2Config(
             vocab_size=int(raw["vocab_size"]),
-            n_positions=int(raw.get("n_positions", raw.get("n_ctx", 1024))),
+            n_positions=int(raw.get("n_positions") or raw.get("n_ctx") or 1024),
             n_embd=int(raw["n_embd"]),
             n_layer=int(raw["n_layer"]),
             n_head=int(raw["n_head"]),
@@ -263,7 +289,8 @@ def _config_from_file(weights: Path) -> GPT2Config:
         raise CheckpointError(f"{weights} is not a GPT-2 checkpoint: it has no {err.args[0]!r}; "
                               f"its first keys are {list(shapes)[:5]}") from err
     n_layer = len({k.split(".")[2] for k in get if k.startswith("transformer.h.")})
-    inner = get.get("transformer.h.0.mlp.c_fc.weight", (C, 4 * C))[0]
+    c_fc = get.get("transformer.h.0.mlp.c_fc.weight", (C, 4 * C))
+    inner = c_fc[0] if _linear_layout(shapes) else c_fc[1]
     if C % 64:
         raise CheckpointError(f"cannot infer the number of heads of {weights} (n_embd={C} is not "
                               "a multiple of 64): put its config.json next to it or pass "
@@ -283,50 +310,58 @@ def _our_key(key: str) -> str:
     return "transformer." + key
 
 
+def _open_safetensors(weights: Path) -> Any:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(weights), framework="pt")
+    except SafetensorError as err:
+        raise _damaged(weights, err) from err
+
+
 def _read_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
     if weights.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(weights), framework="pt") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-        except SafetensorError as err:
-            raise _damaged(weights, err) from err
+        f = _open_safetensors(weights)
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     return {k: tuple(v.shape) for k, v in _load_bin(weights).items()}
+
+
+def _linear_layout(shapes: dict[str, tuple[int, ...]]) -> bool:
+    """True when projections are stored ``(out, in)`` like ``nn.Linear`` (a state_dict of our
+    GPT2), False for Hugging Face's ``Conv1D`` ``(in, out)``; c_attn's ``3C`` side tells."""
+    for key, shape in shapes.items():
+        if key.endswith("attn.c_attn.weight") and len(shape) == 2:
+            return shape[0] == 3 * shape[1]
+    return False
 
 
 def _read_state_dict(weights: Path, advance: Callable[..., None]
                      ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(our key, tensor)`` one tensor at a time, Conv1D weights transposed."""
     if weights.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
+        from safetensors import SafetensorError
 
-        try:
-            handle = safe_open(str(weights), framework="pt")
-        except SafetensorError as err:
-            raise _damaged(weights, err) from err
+        f = _open_safetensors(weights)
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
 
-        def items() -> Iterator[tuple[str, torch.Tensor]]:
-            with handle as f:
-                keys = list(f.keys())
-                advance(total=len(keys))
-                for k in keys:
-                    try:
-                        yield k, f.get_tensor(k)
-                    except SafetensorError as err:
-                        raise _damaged(weights, err) from err
-        source = items()
+        def get(key: str) -> torch.Tensor:
+            try:
+                return f.get_tensor(key)
+            except SafetensorError as err:
+                raise _damaged(weights, err) from err
     else:
         state = _load_bin(weights)
-        advance(total=len(state))
-        # pop as we go: each original tensor is freed once its (transposed) copy is made
-        source = (state.popitem() for _ in range(len(state)))
-    for key, tensor in source:
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        get = state.pop  # each original tensor is freed once its (transposed) copy is made
+    transpose = not _linear_layout(shapes)
+    advance(total=len(shapes))
+    for key in shapes:
+        tensor = get(key)
         advance()
         if _SKIPPED.search(key):
             continue
         ours = _our_key(key)
-        if ours.endswith(CONV1D_WEIGHTS):
+        if transpose and ours.endswith(CONV1D_WEIGHTS):
             tensor = tensor.t()  # Conv1D (in, out) -> Linear (out, in)
         yield ours, tensor
 
