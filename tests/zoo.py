@@ -214,8 +214,9 @@ class InplaceAfter(nn.Module):
         h = self.fc1(x)
         h.mul_(2.0)  # in place, right after fc1
         h = self.act(self.fc2(h))  # ReLU(inplace=True) writes into fc2's output
-        h += 1.0
-        return self.fc3(h)
+        out = self.fc3(h)
+        out += 1.0  # in place on the last module's output
+        return out
 
 
 class KwargsOnly(nn.Module):

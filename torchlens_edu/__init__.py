@@ -36,7 +36,9 @@ _EXPORTS: dict[str, str] = {
     # hooks and capture
     "hooks": "hooks",
     "HookSet": "hooks",
-    "ActivationCache": "hooks",
+    "HookCall": "hooks",
+    "ActivationCache": "capture",
+    "CaptureTooLarge": "capture",
     # shapes
     "trace_shapes": "shapes",
     "ShapeTrace": "shapes",
@@ -55,9 +57,10 @@ _EXPORTS: dict[str, str] = {
 __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
+    from torchlens_edu.capture import ActivationCache, CaptureTooLarge
     from torchlens_edu.debug import clear_stops, stop_at
     from torchlens_edu.dims import Dims, ShapeError, assert_shape, format_shape, shape_scope
-    from torchlens_edu.hooks import ActivationCache, HookSet, hooks
+    from torchlens_edu.hooks import HookCall, HookSet, hooks
     from torchlens_edu.inspector import Inspector, inspect
     from torchlens_edu.nans import NonFiniteError, NonFiniteReport, watch_nans
     from torchlens_edu.printing import (

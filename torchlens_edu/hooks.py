@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -96,6 +97,7 @@ class HookSet:
         self._handles: list[RemovableHandle] = []
         self._tensor_handles: list[RemovableHandle] = []
         self._removed = False
+        self._paused = False
         self.forwards = 0  # forwards of ``model`` seen since the hooks were added
 
     # -- adding hooks ---------------------------------------------------------------------
@@ -151,6 +153,8 @@ class HookSet:
 
         if kind == "forward_pre":
             def pre(mod: nn.Module, args: tuple, kwargs: dict) -> Any:
+                if self._paused:
+                    return None
                 index, changed = next_index(), False
                 for fn in fns:
                     result = self._call(fn, HookCall("forward_pre", path, mod, index, args, kwargs))
@@ -163,6 +167,8 @@ class HookSet:
 
         if kind == "forward":
             def post(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+                if self._paused:
+                    return None
                 index, changed = next_index(), False
                 for fn in fns:
                     result = self._call(fn, HookCall("forward", path, mod, index, args, kwargs,
@@ -175,6 +181,8 @@ class HookSet:
 
         def watch(mod: nn.Module, args: tuple, output: Any) -> None:
             # After the forward: one gradient hook on each output tensor that will get a grad.
+            if self._paused:
+                return
             index = next_index()
             for position, tensor in enumerate(iter_tensors(output)):
                 if tensor.requires_grad:
@@ -198,7 +206,25 @@ class HookSet:
         self._tensor_handles.append(tensor.register_hook(on_grad))
 
     def _new_forward(self, module: nn.Module, args: tuple) -> None:
-        self.forwards += 1
+        if not self._paused:
+            self.forwards += 1
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Within this block the hooks do nothing (e.g. for a side run of the same model).
+
+        >>> import torch.nn as nn
+        >>> m = nn.Linear(2, 2)
+        >>> with hooks(m) as h:
+        ...     _ = h.forward("", lambda c: print("seen"))
+        ...     with h.paused():
+        ...         _ = m(torch.zeros(1, 2))
+        """
+        before, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = before
 
     def _call(self, fn: HookFn, call: HookCall) -> Any:
         try:

@@ -1,0 +1,432 @@
+"""Capture activations (and their gradients) by module path, into an :class:`ActivationCache`.
+
+::
+
+    with tle.inspect(model).capture("transformer.h.*.attn", grads=True) as cache:
+        model(ids).logsumexp(-1).mean().backward()
+    cache                                   # a table: shapes with named dims, stats, NaN/Inf
+    cache["transformer.h.0.attn"]           # the output tensor (B, T, C)
+    cache.grad("transformer.h.0.attn")      # d loss / d output
+
+The cache holds the *latest* forward of the model (a new forward starts a fresh cache, like
+TransformerLens' ``run_with_cache``); modules called several times per forward keep every call,
+``cache[path, call]``. Gradients arrive during ``backward()``, so run it inside the block.
+
+Memory: before the first forward is captured, a shape-only run on meta tensors
+(``trace_shapes(meta=True)``) estimates what the capture will hold, and the capture refuses
+(:class:`CaptureTooLarge`) above ``max_bytes``. The estimate is cached per model, pattern and
+input shapes, so capturing in a loop costs one meta run. When the model cannot run on meta
+tensors (value-dependent code), the bytes are counted as they are captured and the capture
+stops as soon as they would pass the limit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import weakref
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from rich.table import Table
+from rich.text import Text
+
+from torchlens_edu._console import render_html, render_text
+from torchlens_edu._modules import Pattern, match_modules
+from torchlens_edu._tree import iter_tensors, map_tensors
+from torchlens_edu.dims import Dims
+from torchlens_edu.hooks import HookCall, HookSet, require_module
+
+DEFAULT_MAX_BYTES = 2 * 2**30  # 2 GiB: more than a learner means to keep by accident
+_MAX_ROWS = 80  # table rows shown before "... N more"
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+          "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+# model -> {(pattern, input specs, grads, inputs): estimated bytes or None (no meta run)}
+_ESTIMATES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int | None]] = \
+    weakref.WeakKeyDictionary()
+
+
+class CaptureTooLarge(MemoryError):
+    """The capture would hold more memory than its limit (``max_bytes``)."""
+
+
+@dataclass
+class Activation:
+    """One captured call of one module: its output, and on request its inputs and gradients.
+
+    ``grads`` has one entry per tensor of ``output`` (in ``iter_tensors`` order), ``None`` for
+    a tensor whose gradient was not computed.
+    """
+
+    path: str
+    call: int
+    output: Any
+    args: tuple[Any, ...] | None = None
+    kwargs: dict[str, Any] | None = None
+    grads: list[torch.Tensor | None] = field(default_factory=list)
+    versions: tuple[int | None, ...] = ()  # version counters of kept tensors that alias
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return list(iter_tensors(self.output))
+
+    @property
+    def grad(self) -> Any:
+        """Gradients shaped like ``output`` (same container), ``None`` where none arrived."""
+        grads = iter(self.grads)
+        return map_tensors(lambda _: next(grads, None), self.output)
+
+    @property
+    def modified_in_place(self) -> bool:
+        """True when the model changed the captured tensors in place after the capture (they
+        share memory with the model's activations unless ``clone=True`` or a device move)."""
+        return any(v is not None and t._version != v
+                   for t, v in zip(self.tensors, self.versions, strict=False))
+
+
+class ActivationCache:
+    """Activations of one forward, keyed by module path (and call index).
+
+    >>> import torch.nn as nn
+    >>> m = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    >>> with capture(m, "0") as cache:
+    ...     _ = m(torch.zeros(2, 4))
+    >>> cache["0"].shape
+    torch.Size([2, 8])
+    >>> list(cache)
+    [('0', 0)]
+    """
+
+    def __init__(self, dims: Mapping[str, int] | None = None) -> None:
+        self.dims = Dims(dims)
+        self.forwards = 0  # forwards seen; the cache holds the latest
+        self.estimate: int | None = None  # bytes the shape-only run predicted
+        self.note = ""  # why there is no estimate, when there is none
+        self._entries: dict[tuple[str, int], Activation] = {}
+        self._held = 0  # bytes captured in this forward, for the limit
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def __getitem__(self, key: str | tuple[str, int]) -> Any:
+        """``cache[path]`` (a module called once) or ``cache[path, call]``: the output."""
+        return self.activation(*key if isinstance(key, tuple) else (key,)).output
+
+    def activation(self, path: str, call: int | None = None) -> Activation:
+        """The :class:`Activation` of ``path`` (``call`` required when it ran several times)."""
+        calls = [a for (p, _), a in self._entries.items() if p == path]
+        if not calls:
+            raise KeyError(self._missing(path))
+        if call is None:
+            if len(calls) > 1:
+                raise KeyError(f"'{path}' ran {len(calls)} times in this forward: pick a call, "
+                               f"cache['{path}', 0] ... cache['{path}', {len(calls) - 1}]")
+            return calls[0]
+        entry = self._entries.get((path, call))
+        if entry is None:
+            raise KeyError(f"'{path}' has calls 0..{len(calls) - 1} in this forward, not {call}")
+        return entry
+
+    def grad(self, path: str, call: int | None = None) -> Any:
+        """Gradient of the loss w.r.t. ``path``'s output (after ``backward()``; ``grads=True``).
+
+        Shaped like the output; ``None`` where no gradient arrived."""
+        return self.activation(path, call).grad
+
+    def inputs(self, path: str, call: int | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``(args, kwargs)`` the module was called with (needs ``inputs=True``)."""
+        entry = self.activation(path, call)
+        if entry.args is None:
+            raise KeyError("inputs were not captured: use capture(..., inputs=True)")
+        return entry.args, entry.kwargs or {}
+
+    def _missing(self, path: str) -> str:
+        paths = sorted({p for p, _ in self._entries})
+        close = difflib.get_close_matches(path, paths, n=3, cutoff=0.5)
+        if not paths:
+            return (f"nothing captured yet for '{path}': run the model inside the `with` block "
+                    "(the cache fills during the forward)")
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        return (f"'{path}' was not captured.{hint} Captured: {', '.join(paths[:8])}"
+                f"{' ...' if len(paths) > 8 else ''}")
+
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, tuple):
+            return key in self._entries
+        return any(p == key for p, _ in self._entries)
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self) -> list[tuple[str, int]]:
+        return list(self._entries)
+
+    def items(self) -> list[tuple[tuple[str, int], Any]]:
+        return [(key, a.output) for key, a in self._entries.items()]
+
+    def paths(self) -> list[str]:
+        """Captured module paths, in call order, each once."""
+        return list(dict.fromkeys(p for p, _ in self._entries))
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"path": output}``; modules called several times as ``"path#call"``."""
+        counts: dict[str, int] = {}
+        for path, _ in self._entries:
+            counts[path] = counts.get(path, 0) + 1
+        return {(p if counts[p] == 1 else f"{p}#{c}"): a.output
+                for (p, c), a in self._entries.items()}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors held (outputs, inputs, gradients)."""
+        total = 0
+        for a in self._entries.values():
+            held = [*a.tensors, *(g for g in a.grads if g is not None)]
+            if a.args is not None:
+                held += list(iter_tensors((a.args, a.kwargs)))
+            total += sum(_nbytes(t) for t in held)
+        return total
+
+    # -- showing ----------------------------------------------------------------------------
+
+    def __rich__(self) -> Table:
+        from torchlens_edu._describe import format_bytes
+
+        estimate = f", estimated {format_bytes(self.estimate)}" if self.estimate else ""
+        table = Table(title=f"ActivationCache: {len(self)} calls, {format_bytes(self.nbytes)}"
+                            f"{estimate}", title_justify="left", show_edge=False, pad_edge=False)
+        rows = self._rows()
+        has_grads = any(g is not None for a in self._entries.values() for g in a.grads)
+        names = ["module", "shape", "dtype", "values", "NaN/Inf", "grad"]
+        dtypes = {row[2] for row in rows}
+        if len(dtypes) == 1:  # one dtype for all: say it once, in the title
+            table.title += f", all {dtypes.pop()}"
+            names.remove("dtype")
+        if not has_grads:
+            names.remove("grad")
+        picked = [["module", "shape", "dtype", "values", "NaN/Inf", "grad"].index(n) for n in names]
+        rows = [[row[i] for i in picked] for row in rows]
+        for i, name in enumerate(names):
+            widest = max((len(str(row[i])) for row in rows), default=0)
+            if name == "values":  # the numbers wrap when space is short; the rest stays whole
+                table.add_column(name, ratio=1, min_width=20)
+            else:
+                table.add_column(name, no_wrap=True, overflow="ellipsis",
+                                 min_width=max(len(name), min(widest, 40)),
+                                 justify="right" if name == "NaN/Inf" else "left")
+        for row in rows[:_MAX_ROWS]:
+            table.add_row(*row)
+        if len(rows) > _MAX_ROWS:
+            table.add_row(Text(f"... {len(rows) - _MAX_ROWS} more rows", "dim"))
+        notes = [self.note] if self.note else []
+        if any(a.modified_in_place for a in self._entries.values()):
+            notes.append("* changed in place by the model after the capture: use clone=True")
+        if not self._entries:
+            notes.append("empty: run the model inside the `with` block")
+        table.caption = "\n".join(notes) or None
+        return table
+
+    def _rows(self) -> list[list[Any]]:
+        from torchlens_edu._describe import format_stats, short_dtype
+        from torchlens_edu.printing import tensor_stats
+
+        counts: dict[str, int] = {}
+        for path, _ in self._entries:
+            counts[path] = counts.get(path, 0) + 1
+        rows: list[list[Any]] = []
+        for (path, call), a in self._entries.items():
+            tensors = a.tensors
+            for index, tensor in enumerate(tensors):
+                name = (path or "<model>") + (f" #{call}" if counts[path] > 1 else "")
+                name += f" out[{index}]" if len(tensors) > 1 else ""
+                name += " *" if a.modified_in_place else ""
+                stats = tensor_stats(tensor)
+                bad = (stats.nan or 0) + (stats.posinf or 0) + (stats.neginf or 0)
+                values = format_stats(dataclasses.replace(stats, nan=None, posinf=0, neginf=0),
+                                      tensor.dtype)
+                g = a.grads[index] if index < len(a.grads) else None
+                grad = "-" if g is None else _grad_text(tensor_stats(g))
+                rows.append([name, self.dims.format(tensor.shape), short_dtype(tensor.dtype),
+                             _short(values), Text(f"{bad}", "bold red" if bad else "dim"), grad])
+        return rows
+
+    def __repr__(self) -> str:
+        return render_text(self, width=120)
+
+    def _repr_html_(self) -> str:
+        return render_html(self, width=120)
+
+
+@contextmanager
+def capture(model: nn.Module, pattern: Pattern = "*", *, grads: bool = False,
+            inputs: bool = False, device: torch.device | str | None = None, detach: bool = True,
+            clone: bool = False, max_bytes: int | str | None = None,
+            dims: Mapping[str, int] | None = None) -> Iterator[ActivationCache]:
+    """Capture the outputs of the modules matching ``pattern`` while the block runs.
+
+    - ``grads``: also the gradient w.r.t. each output, filled in by ``backward()``.
+    - ``inputs``: also each call's ``(args, kwargs)``.
+    - ``device``: move captured tensors there (e.g. ``"cpu"`` to free GPU memory).
+    - ``detach``: cut captured tensors from the graph (default); ``clone``: copy them, so that
+      in-place ops after the module cannot change what was captured.
+    - ``max_bytes``: refuse captures larger than this (``int`` or ``"8GiB"``, ``"500MB"``);
+      default 2 GiB.
+
+    >>> import torch.nn as nn
+    >>> m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    >>> with capture(m, "*", grads=True) as cache:
+    ...     m(torch.ones(3, 4)).sum().backward()
+    >>> cache.grad("2").shape, len(cache)
+    (torch.Size([3, 1]), 4)
+    """
+    require_module(model, "capture()")
+    limit = parse_bytes(DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
+    cache = ActivationCache(dims)
+    paths = {path for path, _ in match_modules(model, pattern)}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        kept = tensor.detach() if detach else tensor
+        if device is not None:
+            kept = kept.to(device)
+        if clone and kept.data_ptr() == tensor.data_ptr():
+            kept = kept.clone()
+        return kept
+
+    with HookSet(model) as hookset:
+        def start(call: HookCall) -> None:  # the model's forward begins
+            cache._entries.clear()
+            cache._held = 0
+            cache.forwards += 1
+            if cache.forwards == 1:
+                cache.dims = Dims.infer(model, [call.args, call.kwargs], dims)
+                with hookset.paused():
+                    cache.estimate, cache.note = _estimate(model, pattern, paths, call.args,
+                                                           call.kwargs, grads, inputs)
+                if cache.estimate is not None and cache.estimate > limit:
+                    raise CaptureTooLarge(_too_large(cache.estimate, limit, pattern, len(paths)))
+
+        def record(call: HookCall) -> None:
+            output = map_tensors(keep, call.output)
+            entry = Activation(call.path, call.call, output)
+            if inputs:
+                entry.args, entry.kwargs = map_tensors(keep, (call.args, call.kwargs))
+            # Kept tensors that alias the model's: remember their version to spot later edits.
+            entry.versions = tuple(
+                t._version if t.data_ptr() == src.data_ptr() else None
+                for t, src in zip(iter_tensors(output), iter_tensors(call.output), strict=True))
+            entry.grads = [None] * len(entry.tensors)
+            held = entry.tensors + list(iter_tensors((entry.args, entry.kwargs)))
+            _guard(cache, held, limit, pattern, len(paths))
+            cache._entries[(call.path, call.call)] = entry
+
+        def record_grad(call: HookCall) -> None:
+            entry = cache._entries.get((call.path, call.call))
+            if entry is not None and call.grad is not None and call.index < len(entry.grads):
+                grad = keep(call.grad)
+                _guard(cache, [grad], limit, pattern, len(paths))
+                entry.grads[call.index] = grad
+
+        hookset.forward_pre("", start)
+        hookset.forward(pattern, record)
+        if grads:
+            hookset.backward(pattern, record_grad)
+        yield cache
+
+
+def _estimate(model: nn.Module, pattern: Pattern, paths: set[str], args: tuple, kwargs: dict,
+              grads: bool, inputs: bool) -> tuple[int | None, str]:
+    """Bytes the capture will hold, from a shape-only (meta) run; cached per input shapes."""
+    key = (pattern, _specs((args, kwargs)), grads, inputs)
+    known = _ESTIMATES.setdefault(model, {})
+    if key in known:
+        nbytes = known[key]
+        return nbytes, "" if nbytes is not None else _NO_ESTIMATE
+    from torchlens_edu.shapes import trace_shapes
+
+    try:
+        trace = trace_shapes(model, *args, meta=True, include=pattern, **kwargs)
+    except Exception:  # value-dependent forward: say so, and guard while capturing instead
+        known[key] = None
+        return None, _NO_ESTIMATE
+    nbytes = 0
+    for event in trace.events:
+        if event.kind == "module" and event.path in paths:
+            specs = event.outputs * (2 if grads else 1) + (event.inputs if inputs else ())
+            nbytes += sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs)
+    known[key] = nbytes
+    return nbytes, ""
+
+
+_NO_ESTIMATE = ("no estimate (the model cannot run on meta tensors); the bytes were counted "
+                "while capturing instead")
+
+
+def _grad_text(stats: Any) -> str:
+    """``max|g|=0.3``: how big a gradient is, in the few characters a table has."""
+    if stats.std is None or stats.min is None or stats.max is None:
+        return stats.note or "-"
+    bad = (stats.nan or 0) + (stats.posinf or 0) + (stats.neginf or 0)
+    text = f"max|g|={max(abs(stats.min), abs(stats.max)):.3g}"
+    return text + (f" NaN/Inf:{bad}" if bad else "")
+
+
+def _short(stats: str) -> str:
+    """Drop the sparkline from ``format_stats`` text: table cells have room for numbers only."""
+    return " ".join(part for part in stats.split(" ") if not set(part) <= _BARS)
+
+
+_BARS = set("▁▂▃▄▅▆▇█")
+
+
+def _specs(obj: Any) -> tuple:
+    return tuple((tuple(t.shape), t.dtype, t.device.type) for t in iter_tensors(obj))
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _guard(cache: ActivationCache, tensors: list[torch.Tensor], limit: int, pattern: Pattern,
+           modules: int) -> None:
+    """Count what is about to be kept; stop the capture before it passes the limit."""
+    held = cache._held + sum(_nbytes(t) for t in tensors)
+    if held > limit:
+        cache._entries.clear()
+        raise CaptureTooLarge(_too_large(held, limit, pattern, modules, partial=True))
+    cache._held = held
+
+
+def _too_large(nbytes: int, limit: int, pattern: Pattern, modules: int,
+               partial: bool = False) -> str:
+    from torchlens_edu._describe import format_bytes
+
+    what = "already reached" if partial else "would hold"
+    return (f"capturing {pattern!r} ({modules} modules) {what} {format_bytes(nbytes)} in one "
+            f"forward, above the limit of {format_bytes(limit)}. Narrow the pattern (e.g. "
+            f"'transformer.h.0.*'), use a shorter input, capture to device='cpu', or raise the "
+            f"limit: capture(..., max_bytes='8GiB').")
+
+
+def parse_bytes(value: int | str) -> int:
+    """``2147483648``, ``"2GiB"``, ``"500MB"``, ``"1.5G"`` -> bytes.
+
+    >>> parse_bytes("2GiB"), parse_bytes("500MB"), parse_bytes(1024)
+    (2147483648, 500000000, 1024)
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    unit = match and _UNITS.get(match.group(2).lower())
+    if not match or unit is None or float(match.group(1)) <= 0:
+        raise ValueError(f"max_bytes={value!r}: give a positive number of bytes or a size such "
+                         "as '500MB' or '8GiB'")
+    return int(float(match.group(1)) * unit)
