@@ -1,0 +1,315 @@
+"""``inspect(model)``: one object to look at any ``nn.Module`` with every tool of the toolkit.
+
+::
+
+    insp = tle.inspect(model)            # GPT-2 (ours or Hugging Face), BERT, TransformerLens...
+    insp                                 # the module tree: parameter shapes (named) and counts
+    insp.summary(ids)                    # torchinfo table: output shapes with named dims, params
+    insp.modules("transformer.h.*.attn") # [(path, module), ...]
+    with insp.capture("*.mlp") as cache: model(ids)
+    insp.trace(ids)                      # shapes of every module call
+    with insp.watch_nans(): train_step()
+
+Parameter counts explain weight tying: GPT-2 small has 124M parameters because ``lm_head``
+*is* ``transformer.wte`` (the same (V, C) matrix); summing every layer's parameters counts it
+twice and gives 163M.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
+
+from torchlens_edu._console import render_html, render_text
+from torchlens_edu._modules import Pattern, match_modules, module_paths
+from torchlens_edu.capture import ActivationCache, capture
+from torchlens_edu.dims import Dims
+from torchlens_edu.hooks import HookSet, require_module
+
+
+@dataclass
+class ParamCount:
+    """How many parameters a model has, and why a naive sum says more.
+
+    ``unique`` counts every tensor once; ``naive`` sums over all parameter names, so a tied
+    tensor (``lm_head.weight`` is ``transformer.wte.weight``) counts once per name. ``tied``
+    lists the names that share one tensor, with its size.
+
+    >>> lin = nn.Linear(4, 4, bias=False)
+    >>> count_parameters(nn.ModuleDict({"a": lin, "b": nn.Linear(4, 4)})).unique
+    36
+    """
+
+    unique: int
+    trainable: int
+    naive: int
+    tied: list[tuple[list[str], int]] = field(default_factory=list)
+
+    def explain(self) -> str:
+        """One or two sentences a learner can read."""
+        text = f"{self.unique:,} parameters ({_human(self.unique)})"
+        if self.trainable != self.unique:
+            text += f", {self.trainable:,} trainable"
+        if not self.tied:
+            return text + "."
+        shared = "; ".join(f"{' = '.join(names)} ({numel:,})" for names, numel in self.tied)
+        return (f"{text}. Tied weights, one tensor under several names: {shared}. A per-layer sum "
+                f"counts them again and gives {self.naive:,} ({_human(self.naive)}).")
+
+
+def count_parameters(model: nn.Module) -> ParamCount:
+    """:class:`ParamCount` of ``model``: unique, trainable, naive (per-name) and tied."""
+    names: dict[int, list[str]] = defaultdict(list)
+    tensors: dict[int, torch.Tensor] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names[id(p)].append(name)
+        tensors[id(p)] = p
+    unique = sum(t.numel() for t in tensors.values())
+    trainable = sum(t.numel() for t in tensors.values() if t.requires_grad)
+    naive = sum(tensors[key].numel() * len(n) for key, n in names.items())
+    tied = [(list(dict.fromkeys(n)), tensors[key].numel()) for key, n in names.items()
+            if len(set(n)) > 1]
+    return ParamCount(unique, trainable, naive, tied)
+
+
+class Inspector:
+    """The facade over hooks, capture, shape traces, NaN watches and stop points for one model.
+
+    >>> from torchlens_edu.models import GPT2, GPT2Config
+    >>> insp = inspect(GPT2(GPT2Config.preset("tiny")))
+    >>> insp.dims["C"], insp.parameters().unique
+    (32, 35712)
+    """
+
+    def __init__(self, model: nn.Module, *, dims: Mapping[str, int] | None = None) -> None:
+        self.model = require_module(model, "inspect()")
+        self._overrides = dict(dims or {})
+        self.dims = Dims.infer(self.model, (), self._overrides)
+
+    # -- what is in the model -----------------------------------------------------------
+
+    def parameters(self) -> ParamCount:
+        """Parameter counts, explaining weight tying."""
+        return count_parameters(self.model)
+
+    def modules(self, pattern: Pattern = "*") -> list[tuple[str, nn.Module]]:
+        """``(path, module)`` pairs matching a glob or predicate, in model order."""
+        return match_modules(self.model, pattern)
+
+    def summary(self, *inputs: Any, depth: int = 3, **forward_kwargs: Any) -> ModelSummary:
+        """A torchinfo table: every module to ``depth`` with its output shape (when inputs are
+        given: one forward under ``no_grad``) in named dims and its parameters, and a footer
+        that explains the parameter count (weight tying)."""
+        import torchinfo.torchinfo as torchinfo
+
+        modes = {m: m.training for m in self.model.modules()}
+        cached = dict(torchinfo._cached_forward_pass)  # it keeps the last model per class name
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        # torchinfo calls model(*list) or model(**dict): keyword-only models pass a dict
+        data: Any = list(inputs) if inputs else (dict(forward_kwargs) or None)
+        extra = forward_kwargs if inputs else {}
+        try:
+            stats = torchinfo.summary(
+                self.model, input_data=data, depth=depth, verbose=0, device=device,
+                mode="train" if self.model.training else "eval", **extra)
+        finally:
+            torchinfo._cached_forward_pass.clear()
+            torchinfo._cached_forward_pass.update(cached)
+            for module, training in modes.items():  # torchinfo resets only the root's mode
+                module.training = training
+        dims = Dims.infer(self.model, [inputs, forward_kwargs], self._overrides)
+        return ModelSummary(self.model, stats.summary_list, depth, dims, self.parameters())
+
+    # -- the tools, bound to this model ---------------------------------------------------
+
+    def hooks(self) -> HookSet:
+        """A :class:`~torchlens_edu.hooks.HookSet` on the model (use it in a ``with`` block)."""
+        return HookSet(self.model)
+
+    def capture(self, pattern: Pattern = "*", **options: Any
+                ) -> AbstractContextManager[ActivationCache]:
+        """``with insp.capture("transformer.h.*.attn", grads=True) as cache: ...``; see
+        :func:`torchlens_edu.capture.capture` for the options."""
+        options.setdefault("dims", self._overrides)
+        return capture(self.model, pattern, **options)
+
+    def trace(self, *inputs: Any, **options: Any) -> Any:
+        """Shapes of one forward: :func:`torchlens_edu.shapes.trace_shapes`."""
+        from torchlens_edu.shapes import trace_shapes
+
+        options.setdefault("dims", self._overrides)
+        return trace_shapes(self.model, *inputs, **options)
+
+    def watch_nans(self, **options: Any) -> Any:
+        """Stop at the first NaN/Inf: :func:`torchlens_edu.nans.watch_nans`."""
+        from torchlens_edu.nans import watch_nans
+
+        options.setdefault("dims", self._overrides)
+        return watch_nans(self.model, **options)
+
+    def stop_at(self, pattern: Pattern, **options: Any) -> Any:
+        """Pause in the debugger at a module: :func:`torchlens_edu.debug.stop_at_module`."""
+        from torchlens_edu.debug import stop_at_module
+
+        return stop_at_module(self.model, pattern, **options)
+
+    # -- showing --------------------------------------------------------------------------
+
+    def __rich__(self) -> Tree:
+        return module_tree(self.model, self.dims)
+
+    def __repr__(self) -> str:
+        return render_text(self)
+
+    def _repr_html_(self) -> str:
+        return render_html(self)
+
+
+def inspect(model: nn.Module, *, dims: Mapping[str, int] | None = None) -> Inspector:
+    """An :class:`Inspector` for ``model``; ``dims`` names sizes (``{"B": 4}``) on top of what
+    the model's config says.
+
+    >>> import torch.nn as nn
+    >>> inspect(nn.Linear(3, 2)).parameters().unique
+    8
+    """
+    return Inspector(model, dims=dims)
+
+
+# -- the module tree (Inspector's repr) ---------------------------------------------------
+
+def module_tree(model: nn.Module, dims: Dims) -> Tree:
+    """A rich Tree: each module with its class, own parameters (named shapes) and total count.
+
+    Repeated siblings with the same structure (``h.1`` ... ``h.11`` like ``h.0``) fold into
+    one line, and a tensor shared with an earlier module says where it lives.
+    """
+    count = count_parameters(model)
+    root = Tree(Text.assemble((type(model).__name__, "bold"), "  ", count.explain()))
+    seen: dict[int, str] = {}  # id(tensor or module) -> first path
+    _grow(root, model, "", dims, seen)
+    return root
+
+
+def _grow(node: Tree, module: nn.Module, path: str, dims: Dims, seen: dict[int, str]) -> None:
+    for name, p in module.named_parameters(recurse=False):
+        full = f"{path}.{name}" if path else name
+        line = Text.assemble(("· ", "dim"), name, " ", dims.format(p.shape), "  ",
+                             (f"{p.numel():,}", "cyan"))
+        if id(p) in seen:
+            line.append(f"  tied: same tensor as {seen[id(p)]}", "yellow")
+        else:
+            seen[id(p)] = full
+        if not p.requires_grad:
+            line.append("  frozen", "dim")
+        node.add(line)
+    children = list(module.named_children())
+    shown = 0
+    while shown < len(children):
+        name, child = children[shown]
+        full = f"{path}.{name}" if path else name
+        repeats = _repeats(children, shown)
+        label = Text.assemble((name, "bold"), " ", (type(child).__name__, "magenta"), "  ",
+                              (_human(_own_total(child)), "cyan"))
+        if id(child) in seen:  # the same module object again: its calls are hooked once
+            node.add(label.append(f"  same module as {seen[id(child)]}", "yellow"))
+            shown += 1
+            continue
+        seen[id(child)] = full
+        branch = node.add(label)
+        _grow(branch, child, full, dims, seen)
+        if repeats:
+            last = children[shown + repeats][0]
+            node.add(Text(f"{children[shown + 1][0]} … {last}: {repeats} more "
+                          f"{type(child).__name__} like {name} ({_human(_own_total(child))} each)",
+                          "dim"))
+            for _, twin in children[shown + 1: shown + repeats + 1]:
+                for p in twin.parameters():
+                    seen.setdefault(id(p), full)
+        shown += repeats + 1
+
+
+def _repeats(children: list[tuple[str, nn.Module]], index: int) -> int:
+    """How many numbered siblings after ``children[index]`` (``h.1``, ``h.2``, ... after
+    ``h.0``) have its exact structure; 0 unless at least two would fold."""
+    name, first = children[index]
+    if not name.isdigit():
+        return 0
+    signature = _signature(first)
+    count = 0
+    for other_name, other in children[index + 1:]:
+        if not other_name.isdigit() or other is first or _signature(other) != signature:
+            break
+        count += 1
+    return count if count >= 2 else 0
+
+
+def _signature(module: nn.Module) -> tuple:
+    return tuple((name, type(m).__name__, tuple((n, tuple(p.shape)) for n, p in
+                                               m.named_parameters(recurse=False)))
+                 for name, m in module.named_modules())
+
+
+def _own_total(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _human(n: int) -> str:
+    """``124.4M``, ``33.9K``, ``8``."""
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+# -- summary --------------------------------------------------------------------------------
+
+class ModelSummary:
+    """What :meth:`Inspector.summary` returns: torchinfo's rows, shown with named dims.
+
+    ``rows`` are ``(path, class name, depth, output shape or None, parameters)``.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[Any], depth: int, dims: Dims,
+                 params: ParamCount) -> None:
+        paths = module_paths(model)
+        self.dims, self.params = dims, params
+        self.rows: list[tuple[str, str, int, list[int] | None, int]] = []
+        for layer in layers:
+            if layer.depth > depth:
+                continue
+            output = list(layer.output_size) if getattr(layer, "output_size", None) else None
+            self.rows.append((paths.get(layer.module, layer.var_name), layer.class_name,
+                              layer.depth, output, _own_total(layer.module)))
+
+    def __iter__(self) -> Iterator[tuple[str, str, int, list[int] | None, int]]:
+        return iter(self.rows)
+
+    def __rich__(self) -> Group:
+        table = Table(show_edge=False, pad_edge=False, title_justify="left")
+        table.add_column("module", no_wrap=True)
+        table.add_column("class", style="magenta", no_wrap=True)
+        table.add_column("output", no_wrap=True)
+        table.add_column("params", justify="right", style="cyan")
+        for path, cls, depth, output, params in self.rows:
+            shape = self.dims.format(output) if output and isinstance(output[0], int) else (
+                str(output) if output else "")
+            table.add_row("  " * depth + (path.rsplit(".", 1)[-1] or "<model>"), cls, shape,
+                          f"{params:,}" if params else "-")
+        return Group(table, Text(self.params.explain()))
+
+    def __repr__(self) -> str:
+        return render_text(self, width=110)
+
+    def _repr_html_(self) -> str:
+        return render_html(self, width=110)
