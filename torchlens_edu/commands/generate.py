@@ -33,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load the model, encode the prompt, stream the continuation; returns the exit code."""
     import torch
+    from rich.markup import escape
 
     from torchlens_edu.models.devices import DeviceUnavailableError, resolve_device
     from torchlens_edu.models.gpt2 import GPT2
@@ -44,7 +45,10 @@ def run(args: argparse.Namespace) -> int:
     )
     from torchlens_edu.models.tokenizer import get_tokenizer
 
-    console, errors = get_console(), get_console(stderr=True)
+    console = get_console()
+    # soft_wrap: the terminal wraps long messages, so paths and commands copy-paste intact
+    errors = get_console(stderr=True)
+    errors.soft_wrap = True
     if args.max_new_tokens < 0:
         errors.print("[red]error:[/] --max-new-tokens must be >= 0")
         return 2
@@ -53,14 +57,14 @@ def run(args: argparse.Namespace) -> int:
         if args.model is None:
             model, tokenizer, notice = load_best_available(device=device)
             if notice:
-                errors.print(f"[yellow]note:[/] {notice}", markup=True)
+                errors.print(f"[yellow]note:[/] {escape(notice)}")
         else:
             model = load_pretrained(GPT2, args.model, device=device)
             tokenizer = get_tokenizer(args.model)
         ids = tokenizer.encode(args.prompt)
     except (CheckpointError, WeightsNotFoundError, DeviceUnavailableError, ValueError,
             FileNotFoundError) as err:
-        errors.print(f"[red]error:[/] {err}", markup=True, highlight=False)
+        errors.print(f"[red]error:[/] {escape(str(err))}")
         return 1
     if not ids:
         eot = getattr(tokenizer, "eot_token", None)
@@ -68,6 +72,11 @@ def run(args: argparse.Namespace) -> int:
             errors.print("[red]error:[/] the prompt is empty; give some text to continue")
             return 2
         ids = [eot]  # GPT-2 starts unconditional text after <|endoftext|>
+    if max(ids) >= model.config.vocab_size:
+        errors.print(f"[red]error:[/] the {escape(tokenizer.name)} tokenizer made token id "
+                     f"{max(ids)}, but this model knows only {model.config.vocab_size} tokens; "
+                     "put the model's own tokenizer.json next to its weights")
+        return 1
     limit = model.config.n_positions
     if len(ids) >= limit:
         errors.print(f"[yellow]note:[/] the prompt has {len(ids)} tokens; keeping the last "
@@ -75,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         ids = ids[-(limit - 1):]
 
     idx = torch.tensor([ids], dtype=torch.long, device=model.device)  # (1, T)
-    console.print(args.prompt, style="bold", end="", markup=False, highlight=False)
+    console.print(args.prompt, style="bold", end="", markup=False, soft_wrap=True)
     new_ids: list[int] = []
     printed = ""
     start = time.perf_counter()
@@ -87,10 +96,10 @@ def run(args: argparse.Namespace) -> int:
         text = tokenizer.decode(new_ids)
         if text.endswith("\ufffd"):  # half of a UTF-8 character: wait for the rest
             continue
-        console.print(text[len(printed):], style="cyan", end="", markup=False, highlight=False)
+        console.print(text[len(printed):], style="cyan", end="", markup=False, soft_wrap=True)
         printed = text
     text = tokenizer.decode(new_ids)
-    console.print(text[len(printed):], style="cyan", markup=False, highlight=False)
+    console.print(text[len(printed):], style="cyan", markup=False, soft_wrap=True)
     seconds = time.perf_counter() - start
     rate = len(new_ids) / seconds if seconds > 0 else float("inf")
     errors.print(f"[dim]{len(new_ids)} tokens in {seconds:.2f} s ({rate:.1f} tokens/s) on "
