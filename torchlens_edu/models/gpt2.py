@@ -355,8 +355,9 @@ def _check_ids(idx: torch.Tensor, config: GPT2Config) -> None:
     if idx.dim() != 2:
         raise ValueError(f"GPT2 expects token ids of shape (B, T), got shape {tuple(idx.shape)}; "
                          "add a batch axis with idx[None] or idx.unsqueeze(0)")
-    if idx.dtype not in (torch.long, torch.int, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"token ids must be integers, got {idx.dtype}; use idx.long()")
+    if idx.dtype not in (torch.long, torch.int):  # what nn.Embedding accepts
+        raise TypeError(f"token ids must be torch.long (or torch.int), got {idx.dtype}; "
+                        "use idx.long()")
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None,

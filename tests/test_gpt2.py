@@ -1,0 +1,136 @@
+"""The readable GPT-2: presets, meta builds, both attention paths, KV cache, generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torchlens_edu.models import GPT2, GPT2Config, KVCache, explicit_attention
+
+# Hugging Face's GPT2LMHeadModel.num_parameters() for the four OpenAI sizes (tied lm_head once).
+OPENAI_SIZES = {
+    "gpt2": ((12, 12, 768), 124_439_808),
+    "gpt2-medium": ((24, 16, 1024), 354_823_168),
+    "gpt2-large": ((36, 20, 1280), 774_030_080),
+    "gpt2-xl": ((48, 25, 1600), 1_557_611_200),
+}
+
+
+@pytest.mark.parametrize("name", list(OPENAI_SIZES))
+def test_presets_build_on_meta_with_exact_sizes(name):
+    (n_layer, n_head, n_embd), n_params = OPENAI_SIZES[name]
+    config = GPT2Config.preset(name)
+    assert (config.n_layer, config.n_head, config.n_embd) == (n_layer, n_head, n_embd)
+    assert (config.vocab_size, config.n_positions, config.layer_norm_epsilon) == (50257, 1024, 1e-5)
+    with torch.device("meta"):
+        model = GPT2(config)
+    assert all(p.is_meta for p in model.parameters())
+    assert model.num_params() == n_params
+    assert model.lm_head.weight is model.transformer.wte.weight
+    out = model(torch.zeros(1, 4, dtype=torch.long, device="meta"))
+    assert out.shape == (1, 4, 50257) and out.is_meta
+
+
+def test_hf_module_names(tiny_gpt2):
+    names = {name for name, _ in tiny_gpt2.named_modules()}
+    for name in ("transformer.wte", "transformer.wpe", "transformer.h.1.ln_1",
+                 "transformer.h.1.attn.c_attn", "transformer.h.1.attn.c_proj",
+                 "transformer.h.1.ln_2", "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj",
+                 "transformer.ln_f", "lm_head"):
+        assert name in names
+
+
+def _with_impl(model: GPT2, impl: str) -> GPT2:
+    return model.with_attn_impl(impl)
+
+
+def test_attention_paths_agree(tiny_gpt2, tiny_ids):
+    explicit = _with_impl(tiny_gpt2, "explicit")(tiny_ids)
+    sdpa = _with_impl(tiny_gpt2, "sdpa")(tiny_ids)
+    assert (explicit - sdpa).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["explicit", "sdpa"])
+def test_cache_in_chunks_equals_one_pass(tiny_gpt2, tiny_ids, impl):
+    model = _with_impl(tiny_gpt2, impl)
+    full = model(tiny_ids)  # (B, T, V)
+    cache = KVCache(model.config, tiny_ids.shape[0], device=tiny_ids.device, dtype=torch.float32)
+    parts = [model(tiny_ids[:, :3], cache), model(tiny_ids[:, 3:4], cache),
+             model(tiny_ids[:, 4:], cache)]
+    assert cache.length == tiny_ids.shape[1]
+    assert (torch.cat(parts, dim=1) - full).abs().max() < 1e-5
+
+
+def test_explicit_attention_context_forces_the_explicit_path(tiny_gpt2, tiny_ids, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fused kernel ran inside explicit_attention()")
+
+    expected = tiny_gpt2(tiny_ids)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", refuse)
+    with explicit_attention():
+        got = tiny_gpt2(tiny_ids)
+    assert (got - expected).abs().max() < 1e-5
+    with pytest.raises(AssertionError, match="fused kernel"):
+        tiny_gpt2(tiny_ids)  # outside the block, auto takes the fast path again
+
+
+@pytest.mark.parametrize("impl", ["explicit", "sdpa"])
+def test_generation_with_and_without_cache(tiny_gpt2, tiny_ids, impl):
+    model = _with_impl(tiny_gpt2, impl)
+    for kwargs in (dict(temperature=0), dict(temperature=0.9, top_k=20, seed=11)):
+        with_cache = model.generate(tiny_ids, 12, **kwargs)
+        assert with_cache.shape == (2, 20)
+        assert torch.equal(with_cache, model.generate(tiny_ids, 12, use_cache=False, **kwargs))
+
+
+def test_sampling_controls(tiny_gpt2, tiny_ids):
+    greedy = tiny_gpt2.generate(tiny_ids, 6, temperature=0)
+    assert torch.equal(greedy, tiny_gpt2.generate(tiny_ids, 6, temperature=1.0, top_k=1, seed=0))
+    a = tiny_gpt2.generate(tiny_ids, 6, seed=5)
+    assert torch.equal(a, tiny_gpt2.generate(tiny_ids, 6, seed=5))
+    state = torch.random.get_rng_state()
+    tiny_gpt2.generate(tiny_ids, 3, seed=5)
+    assert torch.equal(state, torch.random.get_rng_state())  # a seed never touches global RNG
+
+
+def test_generation_stops_cleanly_at_the_context(tiny_gpt2):
+    ctx = tiny_gpt2.config.n_positions
+    prompt = torch.zeros(1, ctx - 3, dtype=torch.long)
+    assert tiny_gpt2.generate(prompt, 10, temperature=0).shape == (1, ctx)
+    full = torch.zeros(1, ctx, dtype=torch.long)
+    assert torch.equal(tiny_gpt2.generate(full, 5), full)
+
+
+def test_int32_ids_work(tiny_gpt2, tiny_ids):
+    assert (tiny_gpt2(tiny_ids.int()) - tiny_gpt2(tiny_ids)).abs().max() == 0
+
+
+def test_clear_errors(tiny_gpt2, tiny_ids):
+    with pytest.raises(ValueError, match=r"shape \(B, T\)"):
+        tiny_gpt2(tiny_ids[0])
+    with pytest.raises(TypeError, match=r"use idx\.long\(\)"):
+        tiny_gpt2(tiny_ids.float())
+    with pytest.raises(TypeError, match=r"use idx\.long\(\)"):
+        tiny_gpt2(tiny_ids.to(torch.uint8))
+    with pytest.raises(TypeError, match="tensor of token ids"):
+        tiny_gpt2([[1, 2]])
+    with pytest.raises(ValueError, match="do not fit GPT-2's context of 64"):
+        tiny_gpt2(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature"):
+        next(tiny_gpt2.stream(tiny_ids, 2, temperature=-1))
+    with pytest.raises(ValueError, match="top_k"):
+        tiny_gpt2.generate(tiny_ids, 2, top_k=0)
+    with pytest.raises(ValueError, match="divisible"):
+        GPT2Config(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="unknown GPT-2 preset"):
+        GPT2Config.preset("gpt3")
+
+
+def test_training_step_reaches_every_parameter(tiny_ids):
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config.preset("tiny", dropout=0.1)).train()
+    logits = model(tiny_ids[:, :-1])
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tiny_ids[:, 1:].reshape(-1))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
