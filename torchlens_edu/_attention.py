@@ -60,7 +60,8 @@ def select_attention(weights: Any, *, layer: int | None = None, head: int | None
         w = _index(w, batch, "batch", parts)
     if w.dim() == 3:
         if head is None:
-            parts.append(f"mean of {w.shape[0]} heads" if w.shape[0] > 1 else "head 0")
+            if w.shape[0] > 1:
+                parts.append(f"mean of {w.shape[0]} heads")
             w = w.float().mean(0)
         else:
             w = _index(w, head, "head", parts)

@@ -184,4 +184,5 @@ def _count(k: int, n: int | None) -> str:
     if not n:
         return str(k)
     share = 100 * k / n
-    return f"{k}" if n <= 100 else f"{share:.3g}%"
+    # a share reads better for many zeros (dead ReLUs), a count for a few
+    return f"{k}" if n <= 100 or share < 1 else f"{share:.3g}%"

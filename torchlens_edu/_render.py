@@ -133,7 +133,7 @@ class TensorView(RichView):
         for index, block in _slices(data):
             caption = _caption(index, labels)
             if self.heatmap and data.dim() >= 2:
-                yield _heat_block(block, heat, plain, caption, labels[-2:])
+                yield _heat_block(block, heat, plain, caption, labels[-2:], options.max_width)
             else:
                 yield _value_table(block, heat, plain, caption, labels[-2:] if block.dim() == 2
                                    else labels[-1:])
@@ -301,14 +301,16 @@ def _fmt(v: Any, dtype: torch.dtype, scale: float) -> str:
 
 
 def _heat_block(block: torch.Tensor, heat: Heat, plain: bool, caption: str,
-                labels: list[str]) -> Group:
+                labels: list[str], width: int) -> Group:
     if block.numel() == 0 and caption == "…":
         return Group(Text("  …", style="dim"))
     rows, cols = block.shape
-    h, w = min(rows, _MAX_HEAT[0]), min(cols, _MAX_HEAT[1])
-    values = block.to(torch.float32) if block.dtype != torch.float64 else block
+    # two characters per cell, and never wider than the console (a wrapped grid is unreadable)
+    h, w = min(rows, _MAX_HEAT[0]), min(cols, _MAX_HEAT[1], max(1, width // 2))
     if block.dtype.is_complex:
         values = block.abs().float()
+    else:
+        values = block.to(torch.float32) if block.dtype != torch.float64 else block
     if (h, w) != (rows, cols):  # block-average a big slice into a thumbnail on its device
         values = torch.nn.functional.adaptive_avg_pool2d(values[None, None], (h, w))[0, 0]
     grid = values.to("cpu", torch.float64).tolist()

@@ -1,0 +1,141 @@
+"""Print options that always come back, and a reversible repr patch."""
+
+from __future__ import annotations
+
+import doctest
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import torchlens_edu as tle
+from torchlens_edu import printing
+
+
+def _opts() -> dict:
+    return printing.get_printoptions()
+
+
+def test_set_printoptions_returns_previous_and_keeps_sci_mode() -> None:
+    before = _opts()
+    try:
+        torch.set_printoptions(sci_mode=False)
+        old = tle.set_printoptions("edu")
+        assert old["sci_mode"] is False
+        now = _opts()
+        assert (now["precision"], now["edgeitems"], now["threshold"]) == (4, 4, 30)
+        assert now["sci_mode"] is False  # torch.set_printoptions would have reset it to None
+        assert 80 <= now["linewidth"] <= 160
+        tle.set_printoptions(precision=2)
+        assert _opts()["threshold"] == 30  # options not named stay as they are
+    finally:
+        tle.set_printoptions(**before)
+    assert _opts() == before
+
+
+@pytest.mark.parametrize("preset", list(printing.PRESETS))
+def test_every_preset_restores_exactly(preset: str) -> None:
+    before = _opts()
+    with tle.printoptions(preset) as applied:
+        assert applied == _opts()
+    assert _opts() == before
+
+
+def test_default_preset_is_torchs_default_profile() -> None:
+    with tle.printoptions("full"), tle.printoptions("default"):
+        ours = _opts()
+        torch.set_printoptions(profile="default")
+        assert _opts() == ours
+
+
+def test_printoptions_restores_after_exception_and_nesting() -> None:
+    before = _opts()
+    with pytest.raises(ZeroDivisionError), tle.printoptions("edu", sci_mode=True):
+        with tle.printoptions(precision=1, threshold=math.inf):
+            assert _opts()["precision"] == 1 and _opts()["sci_mode"] is True
+            with tle.printoptions("short"):
+                1 / 0  # noqa: B018
+        assert _opts()["precision"] == 4 and _opts()["threshold"] == 30
+    assert _opts() == before
+
+
+def test_printoptions_changes_what_torch_prints() -> None:
+    with tle.printoptions(precision=2):
+        assert repr(torch.tensor([1.23456])) == "tensor([1.23])"
+    with tle.printoptions("edu"):
+        assert "..." in repr(torch.arange(31))
+
+
+def test_bad_options_say_what_to_do() -> None:
+    before = _opts()
+    with pytest.raises(ValueError, match="choose one of 'edu'"):
+        tle.set_printoptions("pretty")
+    with pytest.raises(TypeError, match="did you mean 'precision'"):
+        tle.set_printoptions(precission=3)
+    with pytest.raises(TypeError), tle.printoptions(edge_items=3):
+        pass
+    assert _opts() == before
+
+
+def test_env_switch_applies_preset_on_import() -> None:
+    code = ("import torch, torchlens_edu; o = torch._tensor_str.PRINT_OPTS; "
+            "print(o.precision, o.edgeitems, o.threshold)")
+    env = {**os.environ, "TORCHLENS_EDU_PRINT": "edu"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["4", "4", "30"]
+    env["TORCHLENS_EDU_PRINT"] = "nope"
+    out = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["4", "3", "1000"] and "unknown print preset" in out.stderr
+
+
+def test_install_uninstall_restore_repr_exactly() -> None:
+    original = torch.Tensor.__repr__
+    original_dict_entry = torch.Tensor.__dict__["__repr__"]
+    tle.install()
+    try:
+        tle.install()  # twice: harmless
+        text = repr(torch.zeros(2, 3))
+        assert text.splitlines()[0].startswith("Tensor[2, 3] f32 cpu")
+        assert text.splitlines()[1].startswith("tensor([[0., 0., 0.]")
+        assert "requires_grad=True" in repr(torch.ones(1, requires_grad=True))
+    finally:
+        tle.uninstall()
+    assert torch.Tensor.__repr__ is original
+    assert torch.Tensor.__dict__["__repr__"] is original_dict_entry
+    tle.uninstall()  # not installed: nothing happens
+    assert torch.Tensor.__repr__ is original
+
+
+def test_installed_context_restores_on_exception_and_nesting() -> None:
+    original = torch.Tensor.__repr__
+    with pytest.raises(KeyError), tle.installed():
+        with tle.installed():
+            pass
+        assert "f32" in repr(torch.ones(1))  # the inner block left the outer one's patch
+        raise KeyError
+    assert torch.Tensor.__repr__ is original
+
+
+def test_uninstall_refuses_to_clobber_a_later_patch() -> None:
+    original = torch.Tensor.__repr__
+    tle.install()
+    try:
+        torch.Tensor.__repr__ = lambda self, **kw: "theirs"  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError, match="replaced again"):
+            tle.uninstall()
+    finally:
+        torch.Tensor.__repr__ = printing._summary_repr  # type: ignore[method-assign]
+        tle.uninstall()
+    assert torch.Tensor.__repr__ is original
+
+
+@pytest.mark.parametrize("module", ["_stats", "_describe", "printing", "_render", "_attention"])
+def test_docstring_examples_run(module: str) -> None:
+    mod = __import__(f"torchlens_edu.{module}", fromlist=["_"])
+    result = doctest.testmod(mod, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
