@@ -2,7 +2,7 @@
 
 Where the weights come from:
 - a preset name (``"gpt2"`` ... ``"gpt2-xl"``, or any hub repo id like ``"openai-community/gpt2"``):
-  the Hugging Face hub cache; downloaded only when missing and the network is allowed;
+  the Hugging Face hub cache (see :mod:`torchlens_edu.models.hub`);
 - ``"embedded"``: the small model shipped in ``torchlens_edu/data/embedded/``;
 - a directory in Hugging Face layout: ``config.json`` + ``model.safetensors`` (preferred) or
   ``pytorch_model.bin``;
@@ -10,7 +10,8 @@ Where the weights come from:
   a ``config.json`` beside it, else inferred from the tensor shapes.
 
 How they map: Hugging Face's GPT-2 stores its four projection matrices as ``Conv1D`` weights of
-shape ``(in, out)``; ours are ``nn.Linear`` ``(out, in)``, so exactly those four are transposed.
+shape ``(in, out)``; ours are ``nn.Linear`` ``(out, in)``, so exactly those four are transposed
+(a saved ``state_dict()`` of our own GPT2 is recognised by c_attn's shape and left as it is).
 The causal-mask buffers ``attn.bias`` / ``attn.masked_bias`` are not weights and are skipped.
 The model is built on the meta device (no memory) and the loaded tensors are assigned into it, so
 loading needs about one copy of the weights, not two.
@@ -22,8 +23,6 @@ import json
 import os
 import pickle
 import re
-import socket
-import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +34,7 @@ from torchlens_edu._console import get_console
 from torchlens_edu.models import tokenizer as _tokenizer
 from torchlens_edu.models.devices import resolve_device
 from torchlens_edu.models.gpt2 import GPT2Config
+from torchlens_edu.models.hub import WeightsNotFoundError, cached_snapshot, hub_snapshot
 from torchlens_edu.models.tokenizer import get_tokenizer
 
 if TYPE_CHECKING:
@@ -48,21 +48,10 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight",
                   "mlp.c_fc.weight", "mlp.c_proj.weight")
 _SKIPPED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")  # HF's causal-mask buffers
 RANDOM_FALLBACK = GPT2Config.preset("gpt2")  # real GPT-2 shapes when no weights exist at all
-_HUB_TIMEOUT_S = 5.0  # a dead network fails fast instead of hanging
-_GET_WEIGHTS = ("To get them, run `huggingface-cli download {name}` (or `hf download {name}`) "
-                "where the network is reachable, with HF_HUB_OFFLINE unset or HF_HUB_OFFLINE=0; "
-                "or pass a local directory with config.json + model.safetensors: "
-                "GPT2.from_pretrained('path/to/dir'). To work offline right now, "
-                "GPT2.from_pretrained('embedded') loads the small model shipped with "
-                "torchlens-edu.")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as GPT-2: damaged file, wrong keys or shapes, ..."""
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """The weights are neither cached nor downloadable (offline, or no network)."""
 
 
 def load_pretrained(cls: type[M], name_or_path: str | os.PathLike[str], *,
@@ -97,7 +86,7 @@ def load_best_available(*, device: str | torch.device | None = "auto", progress:
     from torchlens_edu.models.gpt2 import GPT2
 
     target = resolve_device(device)
-    if _cached_snapshot("gpt2") is not None:
+    if cached_snapshot("gpt2", WEIGHT_FILES) is not None:
         return (load_pretrained(GPT2, "gpt2", device=target, progress=progress),
                 get_tokenizer("gpt2"), None)
     if (_tokenizer.EMBEDDED_DIR / "config.json").is_file():
@@ -135,7 +124,7 @@ def _resolve(name_or_path: str | os.PathLike[str]) -> tuple[Path, GPT2Config | N
     if path.suffix in (".safetensors", ".bin", ".pt", ".pth") or (
             os.sep in name and not _looks_like_repo_id(name)):
         raise FileNotFoundError(f"no such file or directory: {path}")
-    return _resolve_dir(_hub_snapshot(name))
+    return _resolve_dir(hub_snapshot(name, WEIGHT_FILES))
 
 
 def _resolve_dir(directory: Path) -> tuple[Path, GPT2Config | None]:
@@ -153,87 +142,6 @@ def _resolve_dir(directory: Path) -> tuple[Path, GPT2Config | None]:
 
 def _looks_like_repo_id(name: str) -> bool:
     return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
-
-
-def _hub_cache_dir() -> str:
-    # Read the environment now (huggingface_hub reads it once, at import).
-    from huggingface_hub import constants
-
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.environ["HF_HOME"], "hub")
-    return constants.HF_HUB_CACHE
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
-def _cached_snapshot(repo_id: str) -> Path | None:
-    """The cached snapshot folder of ``repo_id`` holding a config and weights, without network."""
-    from huggingface_hub import try_to_load_from_cache
-
-    cache = _hub_cache_dir()
-    config = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache)
-    if not isinstance(config, str):
-        return None
-    for filename in WEIGHT_FILES:
-        if isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=cache), str):
-            return Path(config).parent
-    return None
-
-
-def _hub_snapshot(repo_id: str) -> Path:
-    """The snapshot folder of ``repo_id``: from the cache, else downloaded (if allowed)."""
-    cached = _cached_snapshot(repo_id)
-    if cached is not None:
-        return cached
-    cache = _hub_cache_dir()
-    if _offline():
-        raise WeightsNotFoundError(f"GPT-2 weights {repo_id!r} are not in the Hugging Face cache "
-                                   f"({cache}) and HF_HUB_OFFLINE=1 forbids downloading them. "
-                                   + _GET_WEIGHTS.format(name=repo_id))
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import RemoteEntryNotFoundError
-
-    def not_found(why: str) -> WeightsNotFoundError:
-        return WeightsNotFoundError(f"GPT-2 weights {repo_id!r} are not in the Hugging Face cache "
-                                    f"({cache}) and downloading them failed ({why}). "
-                                    + _GET_WEIGHTS.format(name=repo_id))
-
-    # huggingface_hub retries a dead network for ~25 s; one short connection attempt first
-    # turns "no network" into an immediate, actionable error.
-    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
-    unreachable = _unreachable(endpoint)
-    if unreachable:
-        raise not_found(f"{endpoint} is unreachable: {unreachable}")
-    try:
-        config = hf_hub_download(repo_id, "config.json", cache_dir=cache, endpoint=endpoint,
-                                 etag_timeout=_HUB_TIMEOUT_S)
-        for filename in WEIGHT_FILES:
-            try:
-                hf_hub_download(repo_id, filename, cache_dir=cache, endpoint=endpoint,
-                                etag_timeout=_HUB_TIMEOUT_S)
-                return Path(config).parent
-            except RemoteEntryNotFoundError:
-                continue
-    except RemoteEntryNotFoundError as err:
-        raise CheckpointError(f"the hub repo {repo_id!r} has no config.json: {err}") from err
-    except (OSError, ValueError) as err:  # unknown repo, refused, timed out, gated, ...
-        raise not_found(f"{type(err).__name__}: {str(err).splitlines()[0]}") from err
-    raise CheckpointError(f"the hub repo {repo_id!r} has none of {', '.join(WEIGHT_FILES)}")
-
-
-def _unreachable(endpoint: str) -> str | None:
-    """Why ``endpoint`` cannot be reached within the timeout, or None when it can."""
-    url = urllib.parse.urlsplit(endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname or "", port), timeout=_HUB_TIMEOUT_S).close()
-    except OSError as err:
-        return str(err) or type(err).__name__
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
