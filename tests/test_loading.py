@@ -157,6 +157,17 @@ def test_single_file_uses_neighbouring_config_or_explicit_config(saved, hf_model
     assert _max_diff(m, hf_models["3L-48C-4h-inner80"], _ids(m.config)) < 1e-4
 
 
+def test_our_own_state_dict_loads_without_transposes(tiny_gpt2, tiny_ids, tmp_path):
+    from safetensors.torch import save_file
+
+    state = {k: v for k, v in tiny_gpt2.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, tmp_path / "ours.safetensors")
+    m = load_pretrained(GPT2, tmp_path / "ours.safetensors", progress=False,
+                        config=tiny_gpt2.config)
+    with torch.no_grad():
+        assert torch.equal(m(tiny_ids), tiny_gpt2(tiny_ids))
+
+
 def test_embedded_name_resolves_to_package_dir(hf_models, tmp_path, monkeypatch):
     from torchlens_edu.models import tokenizer
 
