@@ -37,21 +37,18 @@ def run(args: argparse.Namespace) -> int:
 
     from torchlens_edu.models.devices import DeviceUnavailableError, resolve_device
     from torchlens_edu.models.gpt2 import GPT2
-    from torchlens_edu.models.loading import (
-        CheckpointError,
-        WeightsNotFoundError,
-        load_best_available,
-        load_pretrained,
-    )
+    from torchlens_edu.models.loading import load_best_available, load_pretrained
     from torchlens_edu.models.tokenizer import get_tokenizer
 
     console = get_console()
     # soft_wrap: the terminal wraps long messages, so paths and commands copy-paste intact
     errors = get_console(stderr=True)
     errors.soft_wrap = True
-    if args.max_new_tokens < 0:
-        errors.print("[red]error:[/] --max-new-tokens must be >= 0")
-        return 2
+    for flag, value in (("--max-new-tokens", args.max_new_tokens),
+                        ("--temperature", args.temperature), ("--top-k", args.top_k)):
+        if value < 0:
+            errors.print(f"[red]error:[/] {flag} must be >= 0, got {value}")
+            return 2
     try:
         device = resolve_device(args.device)
         if args.model is None:
@@ -62,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
             model = load_pretrained(GPT2, args.model, device=device)
             tokenizer = get_tokenizer(args.model)
         ids = tokenizer.encode(args.prompt)
-    except (CheckpointError, WeightsNotFoundError, DeviceUnavailableError, ValueError,
-            FileNotFoundError) as err:
+    # CheckpointError is a ValueError, WeightsNotFoundError a FileNotFoundError
+    except (ValueError, FileNotFoundError, DeviceUnavailableError) as err:
         errors.print(f"[red]error:[/] {escape(str(err))}")
         return 1
     if not ids:
