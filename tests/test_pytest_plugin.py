@@ -232,7 +232,7 @@ def test_not_a_module(tle_inspect):
     result.assert_outcomes(passed=2, failed=1, errors=1)
     result.stdout.fnmatch_lines(["*ERROR at teardown of test_leaks*",
                                  "*hooks left behind on the inspected model(s):",
-                                 "*0 forward: 1 more"])
+                                 "  module '0' forward_hooks: +1"])
 
 
 def test_hook_counts_sees_module_tensor_and_global_hooks() -> None:
@@ -241,8 +241,9 @@ def test_hook_counts_sees_module_tensor_and_global_hooks() -> None:
                model[0].weight.register_hook(lambda g: g),
                torch.nn.modules.module.register_module_forward_hook(lambda *a: None)]
     try:
-        assert hook_counts(model) == {"0 forward_pre": 1, "0.weight tensor": 1,
-                                      "(global) forward": 1}
+        assert hook_counts(model) == {"module '0' forward_pre_hooks": 1,
+                                      "parameter 0.weight tensor hooks": 1,
+                                      "module global_forward_hooks": 1}
     finally:
         for handle in handles:
             handle.remove()

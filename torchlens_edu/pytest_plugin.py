@@ -167,7 +167,7 @@ def tle_inspect() -> Iterator[Callable[..., Any]]:
         return inspect(model, **kwargs)
 
     yield factory
-    left = [f"{where}: {n} more" for model, counts in before
+    left = [f"{where}: +{n}" for model, counts in before
             for where, n in _increases(counts, hook_counts(model)).items()]
     if left:
         pytest.fail("hooks left behind on the inspected model(s):\n  " + "\n  ".join(left),
@@ -197,7 +197,7 @@ def hook_counts(model: Any) -> dict[str, int]:
     >>> m = torch.nn.Linear(2, 2)
     >>> h = m.register_forward_hook(lambda *a: None)
     >>> hook_counts(m)
-    {'(root) forward': 1}
+    {"module '' forward_hooks": 1}
     >>> h.remove()
     """
     from torch.nn.modules import module as torch_module
@@ -207,14 +207,14 @@ def hook_counts(model: Any) -> dict[str, int]:
              "_state_dict_hooks", "_load_state_dict_pre_hooks")
     for path, module in model.named_modules():
         for kind in kinds:
-            counts[f"{path or '(root)'} {kind[1:-6]}"] = len(getattr(module, kind, None) or ())
+            counts[f"module {path!r} {kind[1:]}"] = len(getattr(module, kind, None) or ())
         for name, param in module.named_parameters(recurse=False):
             hooks = len(param._backward_hooks or ()) + len(
                 getattr(param, "_post_accumulate_grad_hooks", None) or ())
-            counts[f"{path + '.' if path else ''}{name} tensor"] = hooks
+            counts[f"parameter {path + '.' if path else ''}{name} tensor hooks"] = hooks
     for kind in ("_global_forward_pre_hooks", "_global_forward_hooks",
                  "_global_backward_pre_hooks", "_global_backward_hooks"):
-        counts[f"(global) {kind[8:-6]}"] = len(getattr(torch_module, kind))
+        counts[f"module {kind[1:]}"] = len(getattr(torch_module, kind))
     return {where: n for where, n in counts.items() if n}
 
 
