@@ -28,6 +28,12 @@ def test_presets_build_on_meta_with_exact_sizes(name):
     assert all(p.is_meta for p in model.parameters())
     assert model.num_params() == n_params
     assert model.lm_head.weight is model.transformer.wte.weight
+
+
+
+def test_meta_model_runs_shape_only():
+    with torch.device("meta"):
+        model = GPT2(GPT2Config.preset("gpt2"))
     out = model(torch.zeros(1, 4, dtype=torch.long, device="meta"))
     assert out.shape == (1, 4, 50257) and out.is_meta
 
