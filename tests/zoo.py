@@ -118,7 +118,12 @@ def _hooked_transformer() -> nn.Module:
         from transformer_lens import HookedTransformer, HookedTransformerConfig
 
         return HookedTransformer(HookedTransformerConfig(**cfg))
-    return TransformerBridge.boot_native(TransformerBridgeConfig(**cfg))
+    bridge = TransformerBridge.boot_native(TransformerBridgeConfig(**cfg))
+    # Its first forward with grad adds forward-pre hooks of its own (to its LayerNorms): run
+    # one now, so that checks for hooks left behind compare against the settled model.
+    bridge(_ids(1, 4, 256)).sum().backward()
+    bridge.zero_grad(set_to_none=True)
+    return bridge
 
 
 # --- plain PyTorch -------------------------------------------------------------------------
@@ -231,6 +236,60 @@ class KwargsOnly(nn.Module):
     def forward(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         h = self.mix(self.embed(input_ids)) * attention_mask.unsqueeze(-1)
         return self.head(F.relu(h)).sum(dim=1)  # (B, 4)
+
+
+# --- checking that an observer left the model as it found it --------------------------------
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+               "_forward_hooks_always_called")
+_GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks",
+                      "_global_backward_hooks", "_global_backward_pre_hooks")
+
+
+class ModelGuard:
+    """Snapshot of a model's state and hooks; :meth:`check` asserts nothing changed.
+
+    Compares the state dict bit for bit, every module's hook dictionaries and training flag,
+    torch's global module hooks, and (given tensors) that no tensor hook is left on them.
+
+    >>> guard = ModelGuard(nn.Linear(2, 2))
+    >>> guard.check()
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.state = {k: _bits(v) for k, v in model.state_dict(keep_vars=True).items()}
+        self.hooks = self._hooks()
+        self.training = [m.training for m in model.modules()]
+
+    def _hooks(self) -> list[tuple[str, str, tuple]]:
+        import torch.nn.modules.module as module_mod
+
+        found = [(path, name, tuple(getattr(m, name, {}) or {}))
+                 for path, m in self.model.named_modules() for name in _HOOK_DICTS]
+        found += [("<global>", name, tuple(getattr(module_mod, name)))
+                  for name in _GLOBAL_HOOK_DICTS]
+        return found
+
+    def check(self, *tensors: Any) -> None:
+        state = {k: _bits(v) for k, v in self.model.state_dict(keep_vars=True).items()}
+        assert state.keys() == self.state.keys(), "the state dict's keys changed"
+        for key, bits in state.items():
+            assert bits.dtype == self.state[key].dtype and torch.equal(bits, self.state[key]), \
+                f"{key} changed"
+        assert self._hooks() == self.hooks, "a module hook was left behind"
+        assert [m.training for m in self.model.modules()] == self.training, "train/eval changed"
+        from torchlens_edu._tree import iter_tensors
+
+        for tensor in iter_tensors(list(tensors)):
+            assert not tensor._backward_hooks, "a tensor hook was left on an output"
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of a tensor (so that -0.0 != 0.0 and NaN == NaN), as a CPU copy."""
+    data = tensor.detach().cpu().contiguous().clone()
+    return data.view(torch.uint8) if data.dim() and data.element_size() else data
 
 
 ZOO: list[ZooEntry] = [

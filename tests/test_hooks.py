@@ -1,0 +1,301 @@
+"""HookSet: hooks by module path on every zoo model; removal in every way out; in-place safety."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from zoo import ZOO, ZOO_BY_NAME, InplaceAfter, ModelGuard, ZooEntry
+
+import torchlens_edu as tle
+from torchlens_edu._modules import PatternError
+from torchlens_edu._tree import iter_tensors
+from torchlens_edu.hooks import HookCall, require_module
+
+
+def _build(entry: ZooEntry) -> nn.Module:
+    if entry.needs:
+        pytest.importorskip(entry.needs)
+    return entry.build()
+
+
+def _plain_shapes(model: nn.Module, entry: ZooEntry) -> list[tuple[str, list[tuple[int, ...]]]]:
+    """Output shapes of every module call, recorded with plain torch hooks (the reference)."""
+    seen: list[tuple[str, list[tuple[int, ...]]]] = []
+    handles = [m.register_forward_hook(
+        lambda mod, args, out, path=path: seen.append(
+            (path, [tuple(t.shape) for t in iter_tensors(out)])))
+        for path, m in model.named_modules()]
+    try:
+        with torch.no_grad():
+            entry.run(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("entry", ZOO, ids=lambda e: e.name)
+def test_forward_hooks_on_every_module_of_the_zoo(entry: ZooEntry) -> None:
+    model = _build(entry)
+    expected = _plain_shapes(model, entry)
+    guard = ModelGuard(model)
+    seen: list[tuple[str, list[tuple[int, ...]]]] = []
+    pre: list[HookCall] = []
+    with tle.hooks(model) as h:
+        h.forward("*", lambda c: seen.append((c.path, [tuple(t.shape)
+                                                       for t in iter_tensors(c.output)])))
+        h.forward_pre("*", pre.append)
+        with torch.no_grad():
+            out = entry.run(model)
+    assert seen == expected  # same calls, same order, same shapes
+    assert len(pre) == len(seen)
+    assert seen[-1][0] == "" and seen[-1][1] == [tuple(t.shape) for t in iter_tensors(out)]
+    guard.check(out)
+
+
+@pytest.mark.parametrize("entry", ZOO, ids=lambda e: e.name)
+def test_backward_hooks_on_every_module_of_the_zoo(entry: ZooEntry) -> None:
+    model = _build(entry)
+    guard = ModelGuard(model)
+    grads: dict[tuple[str, int, int], torch.Tensor] = {}
+    with tle.hooks(model) as h:
+        h.backward("*", lambda c: grads.__setitem__((c.path, c.call, c.index), c.grad))
+        out = entry.run(model)
+        floats = [t for t in iter_tensors(out) if t.is_floating_point() and t.requires_grad]
+        sum(t.sum() for t in floats).backward()
+    assert grads, "no gradient reached a backward hook"
+    root = [grads[key] for key in sorted(key for key in grads if key[0] == "")]
+    assert [g.shape for g in root] == [t.shape for t in floats]
+    if len(floats) == 1:  # d(sum of the output)/d(output) is all ones
+        assert torch.equal(root[0], torch.ones_like(root[0]))
+    guard.check(out)
+
+
+def test_backward_hooks_survive_in_place_ops_after_the_module() -> None:
+    """fc1's output is multiplied in place, fc2's goes through ReLU(inplace=True) and fc3's
+    gets `+= 1`: torch's full backward hooks fail there, ours give the right gradients."""
+    torch.manual_seed(0)
+    model, x = InplaceAfter().eval(), torch.randn(3, 8)
+    broken = model.fc1.register_full_backward_hook(lambda *a: None)
+    with pytest.raises(RuntimeError, match="BackwardHookFunction"):
+        model(x).sum().backward()
+    broken.remove()
+    model.zero_grad()
+
+    # reference: the same maths out of place, gradients from autograd.grad
+    h1 = model.fc1(x)
+    h2 = model.fc2(h1 * 2.0)
+    out = model.fc3(torch.relu(h2)) + 1.0
+    ref = dict(zip(("fc1", "fc2"), torch.autograd.grad(out.sum(), [h1, h2]), strict=True))
+
+    guard = ModelGuard(model)
+    got: dict[str, torch.Tensor] = {}
+    with tle.hooks(model) as h:
+        h.backward(lambda path, m: path.startswith("fc"),
+                   lambda c: got.__setitem__(c.path, c.grad))
+        y = model(x)
+        y.sum().backward()
+    torch.testing.assert_close(got["fc1"], ref["fc1"])
+    torch.testing.assert_close(got["fc2"], ref["fc2"])
+    torch.testing.assert_close(got["fc3"], torch.ones(3, 4))
+    guard.check(y)
+
+
+def test_call_index_counts_calls_per_forward() -> None:
+    model = ZOO_BY_NAME["mlp_twice"].build()
+    calls: list[tuple[str, int]] = []
+    with tle.hooks(model) as h:
+        h.forward("block*", lambda c: calls.append((c.path, c.call)))
+        model(torch.zeros(2, 8))
+        model(torch.zeros(2, 8))
+        assert h.forwards == 2
+    once = [("block.0", 0), ("block.1", 0), ("block", 0),
+            ("block.0", 1), ("block.1", 1), ("block", 1)]
+    assert calls == once + once  # restarts at 0 for each forward of the model
+
+
+def test_a_module_shared_under_two_names_reports_every_call() -> None:
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.Linear(4, 4)
+            self.dec = self.enc  # the same module, as tied embeddings are
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.dec(self.enc(x))
+
+    model = Shared()
+    calls: list[tuple[str, int, tuple[int, ...]]] = []
+    with tle.hooks(model) as h:
+        h.forward("enc", lambda c: calls.append((c.path, c.call, tuple(c.output.shape))))
+        model(torch.zeros(1, 4))
+    assert calls == [("enc", 0, (1, 4)), ("enc", 1, (1, 4))]
+
+
+def test_hooks_see_args_and_kwargs() -> None:
+    entry = ZOO_BY_NAME["kwargs_only"]
+    model = entry.build()
+    seen: list[HookCall] = []
+    with tle.hooks(model) as h:
+        h.forward_pre("", seen.append)
+        h.forward("", seen.append)
+        entry.run(model)
+    assert [c.kind for c in seen] == ["forward_pre", "forward"]
+    assert seen[0].args == () and set(seen[0].kwargs) == {"input_ids", "attention_mask"}
+    assert seen[1].kwargs["input_ids"].shape == (2, 6)
+
+
+def test_replacing_outputs_inputs_and_gradients() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1))
+    x = torch.randn(2, 3, requires_grad=True)
+    with tle.hooks(model) as h:
+        h.forward("1", lambda c: torch.zeros_like(c.output))
+        assert torch.equal(model(x), model[2].bias.expand(2, 1))
+    with tle.hooks(model) as h:
+        h.forward_pre("2", lambda c: torch.ones(2, 3))  # a tensor: the first argument
+        assert torch.allclose(model(x), model[2](torch.ones(2, 3)))
+    with tle.hooks(model) as h:
+        h.forward_pre("2", lambda c: ((torch.zeros(2, 3),), {}))  # (args, kwargs)
+        assert torch.equal(model(x), model[2].bias.expand(2, 1))
+    with tle.hooks(model) as h:
+        h.backward("0", lambda c: torch.zeros_like(c.grad))  # no gradient reaches x
+        model(x).sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    with tle.hooks(model) as h:
+        h.forward_pre("2", lambda c: "nonsense")
+        with pytest.raises(TypeError, match="forward_pre hook on '2' returned str"):
+            model(x)
+
+
+def test_dict_outputs_can_be_read_and_replaced() -> None:
+    entry = ZOO_BY_NAME["dict_outputs"]
+    model = entry.build()
+
+    def zero_pooled(call: HookCall) -> dict[str, torch.Tensor]:
+        return {**call.output, "pooled": torch.zeros_like(call.output["pooled"])}
+
+    with tle.hooks(model) as h:
+        h.forward("trunk", zero_pooled)
+        out = entry.run(model)
+    assert torch.equal(out["logits"], model.cls.bias.expand(2, 3))
+
+
+def test_hookset_removes_everything_on_exit_and_exit_twice_is_harmless() -> None:
+    model = ZOO_BY_NAME["gpt2_ours"].build()
+    guard = ModelGuard(model)
+    h = tle.hooks(model)
+    with h:
+        assert h.forward("transformer.h.*.attn", lambda c: None) == [
+            "transformer.h.0.attn", "transformer.h.1.attn"]
+        h.forward("transformer.h.*.attn", lambda c: None)  # same modules: one torch hook each
+        h.backward("lm_head", lambda c: None)
+        assert len(model.transformer.h[0].attn._forward_hooks) == 1
+        assert h.active and "forward:transformer.h.0.attn" in repr(h)
+    guard.check()
+    h.__exit__(None, None, None)
+    h.remove()
+    assert not h.active
+    with pytest.raises(RuntimeError, match="was removed"):
+        h.forward("lm_head", lambda c: None)
+    guard.check()
+
+
+def test_hooks_are_removed_when_the_forward_raises() -> None:
+    model = ZOO_BY_NAME["gpt2_ours"].build()
+    guard = ModelGuard(model)
+    with pytest.raises(ValueError, match="token ids of shape"), tle.hooks(model) as h:
+        h.forward("*", lambda c: None)
+        h.backward("*", lambda c: None)
+        model(torch.zeros(3, dtype=torch.long))  # wrong shape: GPT2 raises
+    guard.check()
+
+
+@pytest.mark.parametrize("kind", ["forward", "forward_pre", "backward"])
+def test_hooks_are_removed_when_a_hook_raises_even_without_with(kind: str) -> None:
+    model = ZOO_BY_NAME["inplace_after"].build()
+    guard = ModelGuard(model)
+
+    def boom(call: HookCall) -> None:
+        raise KeyError("user bug")
+
+    h = tle.hooks(model)
+    getattr(h, kind)("fc2", boom)
+    h.backward("fc1", lambda c: None)
+    out = None
+    with pytest.raises(KeyError, match="user bug") as info:
+        out = model(torch.randn(3, 8))
+        out.sum().backward()
+    assert not h.active
+    if hasattr(info.value, "__notes__"):
+        assert "hook on module 'fc2'" in info.value.__notes__[0]
+    guard.check(out)
+    model(torch.randn(3, 8)).sum().backward()  # the model works as before
+
+
+def test_pattern_that_matches_nothing_suggests_paths() -> None:
+    model = ZOO_BY_NAME["gpt2_ours"].build()
+    with pytest.raises(PatternError, match=r"Did you mean.*transformer\.h\.0\.attn"):
+        tle.hooks(model).forward("transformer.h.*.atn", lambda c: None)
+    with pytest.raises(TypeError, match="hook function"):
+        tle.hooks(model).forward("lm_head", "not a function")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_torchscript_modules_are_refused_with_a_clear_message() -> None:
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    with pytest.raises(TypeError, match=r"TorchScript.*before scripting"):
+        tle.hooks(scripted).forward("0", lambda c: None)
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.eager = nn.Linear(2, 2)
+            self.sub = scripted
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.sub(self.eager(x))
+
+    model = Holder()
+    with tle.hooks(model) as h:
+        assert h.forward("eager", lambda c: None) == ["eager"]  # the eager part still works
+        with pytest.raises(TypeError, match=r"module 'sub\.0' is TorchScript"):
+            h.forward("sub.*", lambda c: None)
+
+
+def test_compiled_modules_say_what_works() -> None:
+    inner = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    compiled = torch.compile(inner, backend="eager")
+    seen: list[str] = []
+    with tle.hooks(compiled) as h:
+        with pytest.raises(TypeError, match=r"torch.compile'd.*_orig_mod"):
+            h.forward("_orig_mod.0", lambda c: None)
+        h.forward("", lambda c: seen.append(type(c.output).__name__))  # around: works
+        compiled(torch.zeros(1, 2))
+    assert seen == ["Tensor"]
+
+
+@pytest.mark.parametrize(("obj", "hint"), [
+    (lambda x: x, "this is a function"),
+    ({"w": torch.zeros(2)}, "state dict"),
+    ("gpt2", "load the model first"),
+    (torch.zeros(2), "this is a tensor"),
+    (type("Pipeline", (), {"model": nn.Linear(1, 1)})(), "pass its .model"),
+])
+def test_non_modules_get_a_hint(obj: object, hint: str) -> None:
+    with pytest.raises(TypeError, match=hint):
+        require_module(obj, "hooks()")
+    with pytest.raises(TypeError, match=r"needs a torch\.nn\.Module"):
+        tle.hooks(obj)  # type: ignore[arg-type]
+
+
+def test_paused_hooks_do_nothing() -> None:
+    model = nn.Linear(2, 2)
+    seen: list[int] = []
+    with tle.hooks(model) as h:
+        h.forward("", lambda c: seen.append(c.call))
+        with h.paused():
+            model(torch.zeros(1, 2))
+        model(torch.zeros(1, 2))
+    assert seen == [0]
