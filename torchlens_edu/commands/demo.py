@@ -1,5 +1,10 @@
 """``torchlens-edu demo``: the toolkit at work on a real model, offline, in under a minute.
 
+It loads the best GPT-2 available (the real weights if they are in the Hugging Face cache,
+else the small model shipped with the package), then shows, in order: the model summary, the
+shape trace with named dims, the attention pattern of an interesting head, the residual stream
+at a few layers, a short generation, and a NaN being caught and explained.
+
 >>> from torchlens_edu.cli import main
 >>> main(["demo", "--max-new-tokens", "8"])  # doctest: +SKIP
 """
@@ -7,9 +12,19 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
-DEFAULT_PROMPT = "The old man looked at the sea and said"
+if TYPE_CHECKING:  # torch is imported lazily: `torchlens-edu --help` stays fast
+    import torch
+    from rich.console import Console
+
+    from torchlens_edu.models import GPT2
+    from torchlens_edu.models.tokenizer import Tokenizer
+
+DEFAULT_PROMPT = "Mr. Darcy looked at Elizabeth, and Elizabeth looked at"
 
 
 def register(subparsers: Any) -> None:
@@ -19,27 +34,182 @@ def register(subparsers: Any) -> None:
                               "cached, else the embedded model) and show what the toolkit sees.")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where to run (default: auto = cuda if available)")
-    p.add_argument("--model", default=None,
-                   help="'gpt2', 'embedded', or a local HF-layout directory "
+    p.add_argument("--model", default=None, metavar="gpt2|embedded|PATH",
+                   help="'gpt2' (from the Hugging Face cache), 'embedded' (shipped with "
+                        "torchlens-edu) or a local HF-layout directory "
                         "(default: gpt2 if cached, else embedded)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to feed the model")
-    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate")
+    p.add_argument("--max-new-tokens", type=int, default=60, metavar="N",
+                   help="tokens to generate (default 60)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; returns the exit code."""
     import torch
+    from rich.markup import escape
+    from rich.rule import Rule
 
+    import torchlens_edu as tle
     from torchlens_edu._console import get_console
-    from torchlens_edu.models import GPT2, get_tokenizer
+    from torchlens_edu.models.devices import DeviceUnavailableError
+    from torchlens_edu.models.loading import CheckpointError, WeightsNotFoundError
 
     console = get_console()
-    name = args.model or "embedded"
-    model = GPT2.from_pretrained(name, device=args.device).eval()
-    tok = get_tokenizer(name)
-    console.print(model)
-    idx = torch.tensor([tok.encode(args.prompt)], device=model.device)
-    out = model.generate(idx, args.max_new_tokens, temperature=0)
-    console.print(tok.decode(out[0].tolist()))
+    errors = get_console(stderr=True)
+    errors.soft_wrap = True  # long messages wrap in the terminal, commands copy-paste intact
+    if args.max_new_tokens < 0:
+        errors.print("[red]error:[/] --max-new-tokens must be >= 0")
+        return 2
+    try:
+        model, tok, notice = _load(args.model, args.device)
+        ids = tok.encode(args.prompt)
+    except (CheckpointError, WeightsNotFoundError, DeviceUnavailableError, ValueError,
+            FileNotFoundError) as err:
+        errors.print(f"[red]error:[/] {escape(str(err))}")
+        return 1
+    if notice:
+        errors.print(f"[yellow]note:[/] {escape(notice)}")
+    if not 2 <= len(ids) <= model.config.n_positions // 2:
+        errors.print(f"[red]error:[/] the prompt makes {len(ids)} tokens; give between 2 and "
+                     f"{model.config.n_positions // 2} so that attention has something to show")
+        return 2
+    idx = torch.tensor([ids], device=model.device)  # (B=1, T)
+    pieces = [tok.decode([i]) for i in ids]
+    insp = tle.inspect(model)
+    C = model.config
+
+    console.print(Rule(f"1. the model: {C.n_layer} layers, {C.n_head} heads, n_embd {C.n_embd}, "
+                       f"vocabulary {C.vocab_size}, on {model.device}"))
+    console.print(f"prompt: {escape(args.prompt)!r} -> {len(ids)} tokens "
+                  f"{escape(str(pieces[:12]))}{' ...' if len(ids) > 12 else ''}")
+    console.print(insp.summary(idx, depth=2))
+
+    console.print(Rule("2. shapes with named dims: identical blocks folded into one"))
+    console.print(insp.trace(idx, depth=3))
+
+    console.print(Rule("3. attention: rows are queries, columns the keys they look at"))
+    att = attention_weights(model, idx)[:, 0]  # (L, nh, T, T)
+    layer, head, score = _previous_token_head(att)
+    console.print(f"layer {layer}, head {head} puts {score:.0%} of its weight on the previous "
+                  "token: a 'previous-token head', a building block of induction (copying)")
+    tle.show_attention(att[layer, head], pieces, layer=layer, head=head, console=console)
+
+    console.print(Rule("4. the residual stream, layer by layer (tle.describe)"))
+    with insp.capture(_is_block) as cache, torch.no_grad():
+        model(idx)
+    for i in sorted({0, C.n_layer // 2, C.n_layer - 1}):
+        line = tle.describe(cache[f"transformer.h.{i}"], dims=cache.dims)
+        console.print(f"after h.{i:<2d} {escape(line)}")
+
+    console.print(Rule("5. generation (KV cache, temperature 0.8, seed 0)"))
+    _generate(console, model, tok, idx, args.max_new_tokens)
+
+    console.print(Rule("6. a NaN caught and explained (tle.watch_nans)"))
+    console.print("We plant +inf in one weight of h.1.mlp.c_fc, as a too-large learning-rate "
+                  "step would, and run a forward under watch_nans:")
+    target = min(1, C.n_layer - 1)
+    weight = model.transformer.h[target].mlp.c_fc.weight
+    with _planted_inf(weight), insp.watch_nans(mode="raise"):
+        try:
+            model(idx)
+        except tle.NonFiniteError as err:
+            console.print(err.report)
+    console.print("[dim]the weight is restored; next: the lessons in demos/ "
+                  "(python demos/01_tensors_and_print_options.py)[/dim]")
     return 0
+
+
+def _is_block(path: str, module: Any) -> bool:
+    """The blocks ``transformer.h.N`` themselves (the glob ``transformer.h.*`` also matches
+    everything inside them)."""
+    from torchlens_edu.models.gpt2 import Block
+
+    return isinstance(module, Block)
+
+
+def _load(name: str | None, device: str) -> tuple[GPT2, Tokenizer, str | None]:
+    """The model and its tokenizer; with no name, the best available offline (and a notice)."""
+    from torchlens_edu.models import GPT2, get_tokenizer
+    from torchlens_edu.models.loading import load_best_available
+
+    if name is None:
+        return load_best_available(device=device)
+    return GPT2.from_pretrained(name, device=device), get_tokenizer(name), None
+
+
+def attention_weights(model: GPT2, idx: torch.Tensor) -> torch.Tensor:
+    """Every layer's attention pattern ``(L, B, nh, T, T)`` for token ids ``idx`` ``(B, T)``.
+
+    GPT-2 never returns its attention weights, so we capture what it does return, each layer's
+    ``c_attn`` output (q, k and v side by side), and redo the two lines of attention maths.
+
+    >>> import torch
+    >>> from torchlens_edu.models import GPT2, GPT2Config
+    >>> m = GPT2(GPT2Config.preset("tiny")).eval()
+    >>> attention_weights(m, torch.zeros(1, 5, dtype=torch.long)).shape
+    torch.Size([2, 1, 2, 5, 5])
+    """
+    import torch
+
+    from torchlens_edu.capture import capture
+
+    nh = model.config.n_head
+    with capture(model, "transformer.h.*.attn.c_attn") as cache, torch.no_grad():
+        model(idx)
+    layers = []
+    for layer in range(model.config.n_layer):
+        qkv = cache[f"transformer.h.{layer}.attn.c_attn"]  # (B, T, 3C)
+        B, T, C3 = qkv.shape
+        q, k, _ = (t.reshape(B, T, nh, -1).transpose(1, 2) for t in qkv.split(C3 // 3, dim=2))
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, nh, T, T)
+        mask = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
+        layers.append(scores.masked_fill(~mask, float("-inf")).softmax(-1))  # (B, nh, T, T)
+    return torch.stack(layers)  # (L, B, nh, T, T)
+
+
+def _previous_token_head(att: torch.Tensor) -> tuple[int, int, float]:
+    """``(layer, head, score)`` of the head that looks most at the previous token.
+
+    ``att``: ``(L, nh, T, T)``; the score is the mean weight on key ``t - 1`` from query ``t``.
+    """
+    import torch
+
+    T = att.shape[-1]
+    prev = att[..., torch.arange(1, T), torch.arange(T - 1)].mean(-1)  # (L, nh)
+    best = int(prev.argmax())
+    layer, head = divmod(best, att.shape[1])
+    return layer, head, float(prev[layer, head])
+
+
+def _generate(console: Console, model: GPT2, tok: Tokenizer, idx: torch.Tensor,
+              max_new_tokens: int) -> None:
+    """Print the prompt, then each new token as soon as it is made."""
+    from rich.markup import escape
+
+    stream = model.stream(idx, max_new_tokens, temperature=0.8, top_k=40, seed=0)
+    console.print(escape(tok.decode(next(stream)[0].tolist())), style="bold", end="",
+                  soft_wrap=True)
+    made = 0
+    for token in stream:
+        console.print(escape(tok.decode(token[0].tolist())), end="", soft_wrap=True)
+        made += 1
+    console.print()
+    if made < max_new_tokens:
+        console.print(f"[dim]stopped after {made} tokens: the context of "
+                      f"{model.config.n_positions} tokens is full[/dim]")
+
+
+@contextmanager
+def _planted_inf(weight: torch.Tensor) -> Iterator[None]:
+    """Set one element of ``weight`` to +inf for the block, then put the old value back."""
+    import torch
+
+    with torch.no_grad():
+        old = weight[0, 0].clone()
+        weight[0, 0] = float("inf")
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            weight[0, 0] = old
