@@ -419,8 +419,10 @@ class Replayer(TorchFunctionMode):
         else:
             cause, detail = forward_cause(_display(name), ins, outs, masked)
             hint = hint_for(cause, detail)
+        named = {s.name for s in ins}
+        params = [s for s in self._module_params(module) if f"parameter {s.name}" not in named]
         return Producer("forward", index, _display(name), module, source, cause, hint, ins,
-                        outs, self._module_params(module))
+                        outs, params)
 
     def _module_params(self, path: str) -> list[TensorSummary]:
         module = dict(self.watched.named_modules()).get(path)

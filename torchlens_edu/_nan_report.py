@@ -115,7 +115,6 @@ class NonFiniteReport:
     inputs: list[TensorSummary] = field(default_factory=list)
     outputs: list[TensorSummary] = field(default_factory=list)
     params: list[TensorSummary] = field(default_factory=list)
-    note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for programs: phase, module, op, kind, source, rank, hint and details."""
@@ -151,8 +150,6 @@ class NonFiniteReport:
         if tensors:
             parts.append(_tensor_table(tensors))
         parts.append(Text.assemble(("hint: ", "bold yellow"), self.hint))
-        if self.note:
-            parts.append(Text(self.note, style="dim"))
         return Panel(Group(*parts), title=Text(self.summary(), style="bold red"),
                      title_align="left", border_style="red")
 
@@ -181,14 +178,17 @@ def _count(value: int | None) -> Text:
 
 
 def _tensor_table(rows: list[tuple[str, TensorSummary]]) -> Table:
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    for title in ("", "name", "shape", "dtype"):
-        table.add_column(title)
-    for title in ("NaN", "+Inf", "-Inf", "finite min", "finite max"):
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
+                  caption="min/max over the finite values", caption_justify="left")
+    table.add_column("tensor", overflow="fold", min_width=14, ratio=3)
+    table.add_column("shape", overflow="fold", ratio=2)
+    table.add_column("dtype")
+    for title in ("NaN", "+Inf", "-Inf", "min", "max"):
         table.add_column(title, justify="right")
     for group, s in rows:
-        table.add_row(group.rstrip("s"), s.name, s.shape, s.dtype, _count(s.nan),
-                      _count(s.posinf), _count(s.neginf), _number(s.min), _number(s.max))
+        name = f"param {s.name}" if group == "params" else s.name
+        table.add_row(name, s.shape, s.dtype, _count(s.nan), _count(s.posinf), _count(s.neginf),
+                      _number(s.min), _number(s.max))
     return table
 
 

@@ -1,0 +1,415 @@
+"""watch_nans: planted faults, each with the producer we expect (phase, module, op, line).
+
+Lines are found by the ``# @tag`` comments next to the faulty code, so the tests do not break
+when lines move.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import torchlens_edu as tle
+from torchlens_edu.models import GPT2, GPT2Config
+from torchlens_edu.models.gpt2 import explicit_attention
+from torchlens_edu.nans import NonFiniteError, watch_nans
+
+KEYS = {"phase", "module", "op", "kind", "source", "rank", "hint"}
+
+
+def line_of(tag: str) -> str:
+    """``"tests/test_nans.py:LINE"`` (as _frames writes it) of the line tagged ``# @tag``."""
+    with open(__file__) as f:
+        for number, line in enumerate(f, 1):
+            if line.rstrip().endswith(f"# @{tag}"):
+                return f"{__file__}:{number}"
+    raise AssertionError(f"no line tagged @{tag}")
+
+
+def producer(model: nn.Module, *inputs: torch.Tensor, backward: bool = True, **kw) -> dict:
+    """Run one watched step; return the report of the NonFiniteError it must raise."""
+    with pytest.raises(NonFiniteError) as info, watch_nans(model, **kw):
+        out = model(*inputs)
+        if backward:
+            out.float().sum().backward()
+    report = info.value.report.to_dict()
+    assert KEYS <= report.keys()
+    return report
+
+
+# ----------------------------------------------------------------------------- planted faults
+class LogBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        h = torch.log(h)  # @log
+        return x + h
+
+
+class Net(nn.Module):
+    """x -> block -> head, with optional functional glue between them."""
+
+    def __init__(self, block: nn.Module, glue: str = "") -> None:
+        super().__init__()
+        self.block, self.glue = block, glue
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.block(x)
+        if self.glue == "div":
+            h = h / (h * 0).sum(-1, keepdim=True)  # @div
+        if self.glue == "where":
+            h = torch.where(h > 0, torch.sqrt(h), 0.0)  # @where
+        return self.head(h)
+
+
+class SqrtGain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.gain = nn.Parameter(torch.zeros(4))  # sqrt(0) is fine; its slope is not
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * torch.sqrt(self.gain)  # @sqrt
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(4, 8)
+        self.c_proj = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x)))  # @mlp
+
+
+class Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qk = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = self.qk(x)
+        scores = (q @ q.transpose(-2, -1)).masked_fill(~mask, float("-inf"))
+        return F.softmax(scores, dim=-1) @ x  # @softmax
+
+
+class Masker(nn.Module):
+    """A module whose *output* holds -inf on purpose: an additive causal mask."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[-2]
+        return torch.full((T, T), float("-inf")).triu(1)
+
+
+class MaskedAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask = Masker()
+        self.qk = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.qk(x)
+        scores = q @ q.transpose(-2, -1) + self.mask(x)
+        if extra is not None:
+            scores = scores + extra
+        return F.softmax(scores, dim=-1) @ x
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(3, 4)
+
+
+def test_log_of_negative_in_a_block_forward(x):
+    torch.manual_seed(0)
+    r = producer(Net(LogBlock()), x)
+    assert (r["phase"], r["module"], r["op"], r["kind"]) == ("forward", "block", "log", "nan")
+    assert r["source"] == line_of("log")
+    assert r["hint"].startswith("log/sqrt of <= 0")
+    assert r["rank"] is None
+    assert r["inputs"][0]["min"] < 0 and r["outputs"][0]["nan"] > 0
+
+
+def test_sqrt_of_zero_whose_gradient_is_inf(x):
+    torch.manual_seed(0)
+    r = producer(Net(SqrtGain()), x)
+    assert (r["phase"], r["module"], r["op"]) == ("backward", "block", "SqrtBackward0")
+    assert r["kind"] in ("+inf", "-inf") and r["forward_op"] == "sqrt"
+    assert r["source"] == line_of("sqrt")  # the forward line that created the node
+    assert r["hint"].startswith("log/sqrt of <= 0")
+
+
+def test_weight_set_to_inf(x):
+    torch.manual_seed(0)
+    model = Net(LogBlock())
+    model.block.fc = nn.Linear(4, 4)
+    model.block.forward = lambda x: model.block.fc(x)  # @inf_weight
+    with torch.no_grad():
+        model.block.fc.weight[1, 2] = math.inf
+    r = producer(model, x)
+    assert (r["phase"], r["module"], r["op"]) == ("forward", "block.fc", "linear")
+    assert r["source"] == line_of("inf_weight")
+    assert "parameter block.fc.weight" in r["hint"]
+    assert r["hint"].startswith("exploding values/learning rate")
+
+
+def test_fp16_overflow_in_an_mlp():
+    torch.manual_seed(0)
+    mlp = MLP().half()
+    with torch.no_grad():
+        mlp.c_fc.weight.fill_(100.0)
+    r = producer(mlp, torch.full((2, 4), 200.0, dtype=torch.float16), backward=False)
+    assert (r["phase"], r["module"], r["op"], r["kind"]) == ("forward", "c_fc", "linear", "+inf")
+    assert r["source"] == line_of("mlp")
+    assert r["hint"].startswith("fp16 overflow above 65504")
+
+
+def test_division_by_zero_in_functional_glue(x):
+    torch.manual_seed(0)
+    r = producer(Net(nn.Linear(4, 4), glue="div"), x)
+    assert (r["phase"], r["module"], r["op"]) == ("forward", "", "div")
+    assert r["kind"] in ("+inf", "-inf", "nan")
+    assert r["source"] == line_of("div")
+    assert r["hint"].startswith("division by ~0")
+
+
+def test_the_torch_where_gradient_trap(x):
+    torch.manual_seed(0)
+    r = producer(Net(nn.Linear(4, 4), glue="where"), x)
+    assert (r["phase"], r["module"], r["op"], r["kind"]) == (
+        "backward", "", "SqrtBackward0", "nan")
+    assert r["source"] == line_of("where")
+    assert r["hint"].startswith("where-gradient trap")
+
+
+def test_a_fully_masked_softmax_row(x):
+    torch.manual_seed(0)
+    model = Attention()
+    mask = torch.ones(3, 3, dtype=torch.bool).tril()
+    mask[1] = False  # query 1 may look nowhere
+    r = producer(model, x, mask)
+    assert (r["phase"], r["module"], r["op"], r["kind"]) == ("forward", "", "softmax", "nan")
+    assert r["source"] == line_of("softmax")
+    assert r["hint"].startswith("softmax over a fully masked row")
+
+
+def test_nan_in_the_input_is_reported_as_input(x):
+    torch.manual_seed(0)
+    x = x.clone()
+    x[2, 1] = math.nan
+    model = Net(LogBlock())
+    with pytest.raises(NonFiniteError) as info, watch_nans(model):
+        model(x)  # @input
+    r = info.value.report.to_dict()
+    assert (r["phase"], r["module"], r["op"], r["kind"]) == ("input", "", "", "nan")
+    assert r["source"] == line_of("input")
+    assert r["inputs"][0]["nan"] == 1
+
+
+def test_nan_from_the_loss_is_not_blamed_on_the_model(x):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    with pytest.raises(NonFiniteError) as info, watch_nans(model):
+        torch.sqrt(model(x) * 0).sum().backward()
+    r = info.value.report
+    assert (r.phase, r.cause) == ("backward", "loss")
+
+
+# ----------------------------------------------------------------------------- no false alarms
+@pytest.mark.parametrize("impl", ["explicit", "sdpa"])
+def test_no_false_positives_on_clean_gpt2_training_steps(impl):
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config.preset("tiny", dropout=0.1, attn_impl=impl)).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with watch_nans(model) as watch:
+        for _ in range(3):
+            logits = model(ids[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), ignore_index=3)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    assert watch.reports == []
+
+
+def test_intentional_minus_inf_masks_are_not_alarms(x):
+    torch.manual_seed(0)
+    model = MaskedAttention()
+    extra = torch.zeros(3, 3)
+    extra[:, 0] = -math.inf  # an additive mask input, -inf on purpose
+    extra[0, 0] = 0.0
+    with watch_nans(model) as watch:
+        for _ in range(2):
+            model(x, extra).sum().backward()
+    assert watch.reports == []
+    assert "mask" in watch._allow_inf  # learned once: its -inf are intended
+
+
+def test_gpt2_fault_is_named_by_module_path_with_named_dims(tiny_gpt2, tiny_ids):
+    with torch.no_grad():
+        tiny_gpt2.transformer.h[1].mlp.c_fc.weight[0, 0] = math.nan
+    with pytest.raises(NonFiniteError) as info, watch_nans(tiny_gpt2), explicit_attention():
+        tiny_gpt2(tiny_ids)
+    r = info.value.report
+    assert (r.phase, r.module, r.op) == ("forward", "transformer.h.1.mlp.c_fc", "linear")
+    assert r.source.endswith(f"gpt2.py:{_line_in_gpt2('h = self.c_fc(x)')}")
+    assert r.outputs[0].shape == "(B=2, T=8, 4C=128)"
+
+
+def _line_in_gpt2(code: str) -> int:
+    import torchlens_edu.models.gpt2 as gpt2
+
+    with open(gpt2.__file__) as f:
+        return next(n for n, line in enumerate(f, 1) if code in line)
+
+
+# ----------------------------------------------------------------------------- state and modes
+def _hooks(model: nn.Module) -> list:
+    state = []
+    for m in model.modules():
+        state.append((dict(m._forward_hooks), dict(m._forward_pre_hooks),
+                      dict(m._backward_hooks), dict(m._backward_pre_hooks)))
+    for p in model.parameters():
+        state.append(dict(p._post_accumulate_grad_hooks or {}))
+    return state
+
+
+def test_model_hooks_rng_buffers_and_grads_are_left_as_they_were(x):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), LogBlock()).train()
+    before = _hooks(model)
+    params = [p.detach().clone() for p in model.parameters()]
+    torch.manual_seed(1)
+    plain_stats = None
+    with torch.no_grad():
+        reference = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+        reference.load_state_dict(model[:2].state_dict())
+        reference.train()(x)
+        plain_stats = reference[1].running_mean.clone()
+    torch.manual_seed(1)
+    model(x)
+    rng_after_plain = torch.get_rng_state()
+    model[1].reset_running_stats()
+    torch.manual_seed(1)
+    with pytest.raises(NonFiniteError), watch_nans(model):
+        model(x)
+    assert torch.equal(torch.get_rng_state(), rng_after_plain)  # the replay drew nothing
+    assert torch.allclose(model[1].running_mean, plain_stats)  # updated once, not twice
+    assert _hooks(model) == before
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_dropout_is_replayed_identically():
+    class DropLog(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.log(self.drop(x))  # log(0) where dropout zeroed  # @droplog
+
+    torch.manual_seed(3)
+    r = producer(DropLog().train(), torch.rand(4, 8) + 0.5, backward=False)
+    assert (r["op"], r["kind"], r["source"]) == ("log", "-inf", line_of("droplog"))
+
+
+def test_warn_mode_reports_once_and_goes_on(x, capsys):
+    torch.manual_seed(0)
+    model = Net(LogBlock())
+    with watch_nans(model, mode="warn") as watch:
+        for _ in range(2):
+            model(x)
+    assert [r.op for r in watch.reports] == ["log", "log"]
+    assert capsys.readouterr().err.count("NaN made in forward") == 1
+
+
+def test_every_checks_every_nth_forward(x):
+    torch.manual_seed(0)
+    model = Net(LogBlock())
+    with watch_nans(model, every=2, mode="warn") as watch:
+        for _ in range(3):
+            model(x)
+    assert [r.step for r in watch.reports] == [1, 3]
+
+
+def test_check_inf_false_watches_nan_only():
+    class Div(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x / (x - x)  # x / 0: +-Inf where x != 0, NaN where x == 0
+
+    model = Div()
+    with watch_nans(model, check_inf=False, mode="warn") as watch:
+        model(torch.ones(3))  # only +Inf: not watched
+        model(torch.zeros(3))  # 0 / 0 = NaN
+    assert [(r.op, r.kind, r.step) for r in watch.reports] == [("div", "nan", 2)]
+
+
+def test_break_mode_without_a_terminal_raises_instead_of_hanging(x, capsys):
+    torch.manual_seed(0)
+    model = Net(LogBlock())
+    with pytest.raises(NonFiniteError), watch_nans(model, mode="break"):
+        model(x)
+    assert "not interactive" in capsys.readouterr().err
+
+
+def test_break_mode_opens_pdb_at_the_producing_line(x, monkeypatch):
+    import pdb
+    import sys
+
+    torch.manual_seed(0)
+    seen = {}
+    monkeypatch.setattr(sys, "stdin", type("Tty", (), {"isatty": lambda self: True})())
+    monkeypatch.setattr(pdb, "post_mortem", lambda tb: seen.setdefault("tb", tb))
+    model = Net(LogBlock())
+    with pytest.raises(NonFiniteError), watch_nans(model, mode="break"):
+        model(x)
+    tb = seen["tb"]
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    assert f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" == line_of("log")
+    assert (tb.tb_frame.f_locals["h"] < 0).any()  # the locals that made the NaN
+
+
+def test_break_mode_stops_an_attached_debugpy_client_in_the_users_frame(x, monkeypatch):
+    from torchlens_edu import nans
+
+    torch.manual_seed(0)
+    frames = []
+    monkeypatch.setattr(nans, "_debugpy_connected", lambda: True)
+    monkeypatch.setattr(nans, "_debugpy_stop",
+                        lambda frame: frames.append((frame.f_code.co_filename, frame.f_lineno)))
+    model = Net(nn.Linear(4, 4), glue="where")
+    with pytest.raises(NonFiniteError), watch_nans(model, mode="break"):
+        model(x).sum().backward()
+    assert [f"{f}:{n}" for f, n in frames] == [line_of("where")]
+
+
+def test_bad_arguments_say_what_to_do():
+    with pytest.raises(ValueError, match="mode="):
+        watch_nans(nn.Linear(1, 1), mode="loud")
+    with pytest.raises(ValueError, match="every="):
+        watch_nans(nn.Linear(1, 1), every=0)
+    with pytest.raises(TypeError, match="nn.Module"):
+        watch_nans(lambda x: x)
+
+
+def test_report_prints_with_rich_and_is_exported(x):
+    torch.manual_seed(0)
+    model = Net(LogBlock())
+    with pytest.raises(tle.NonFiniteError) as info, tle.watch_nans(model):
+        model(x)
+    report = info.value.report
+    assert isinstance(report, tle.NonFiniteReport)
+    text = str(info.value)  # what an uncaught error shows: the whole report
+    assert "hint: log/sqrt of <= 0" in text and line_of("log").rsplit("/", 1)[1] in text
+    assert "<pre" in report._repr_html_()
