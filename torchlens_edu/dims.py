@@ -96,8 +96,8 @@ class Dims(Mapping[str, int]):
     >>> d = Dims({"B": 2, "T": 16, "nh": 12, "hs": 64})
     >>> d.format((2, 12, 16, 64))
     '(B=2, nh=12, T=16, hs=64)'
-    >>> Dims({"T": 64, "hs": 64}).format((12, 64, 64))
-    '(12, 64:T|hs, hs=64)'
+    >>> Dims({"T": 64, "hs": 64, "C": 768}).format((12, 64, 768))
+    '(12, 64:T|hs, C=768)'
     """
 
     def __init__(self, sizes: Mapping[str, int] | None = None) -> None:
@@ -114,15 +114,23 @@ class Dims(Mapping[str, int]):
               overrides: Mapping[str, int] | None = None) -> Dims:
         """Names from the user's overrides, then the inputs, then the model's config.
 
+        A user's name for a size replaces the name the inputs would give it (``batch=2``
+        instead of ``B=2``); names from the config stay, as they name other roles.
+
         >>> from torchlens_edu.models import GPT2, GPT2Config
         >>> m = GPT2(GPT2Config.preset("tiny"))
         >>> Dims.infer(m, [torch.zeros(1, 8, dtype=torch.long)])["T"]
         8
+        >>> list(Dims.infer(None, [torch.zeros(2, 8, dtype=torch.long)], {"batch": 2}))
+        ['batch', 'T']
         """
         sizes: dict[str, int] = dict(overrides or {})
-        for source in (dims_from_inputs(*inputs), dims_from_config(_config_of(model))):
-            for name, size in source.items():
+        named = set(sizes.values())
+        for name, size in dims_from_inputs(*inputs).items():
+            if size not in named:
                 sizes.setdefault(name, size)
+        for name, size in dims_from_config(_config_of(model)).items():
+            sizes.setdefault(name, size)
         return cls(sizes)
 
     def merged(self, other: Mapping[str, int]) -> Dims:
@@ -146,31 +154,51 @@ class Dims(Mapping[str, int]):
         return [name for name, value in self._sizes.items() if value == size]
 
     def labels(self, shape: Sequence[int]) -> list[str]:
-        """One label per axis: ``"B=2"``, ``"64:T|hs"`` (ambiguous) or ``"7"`` (unnamed)."""
-        shape = [int(s) for s in shape]
-        return [self._label(size, axis, len(shape)) for axis, size in enumerate(shape)]
+        """One label per axis: ``"B=2"``, ``"64:T|hs"`` (ambiguous) or ``"7"`` (unnamed).
 
-    def _label(self, size: int, axis: int, ndim: int) -> str:
+        >>> Dims({"B": 2, "nh": 2, "T": 8}).labels((2, 2, 8))
+        ['B=2', 'nh=2', 'T=8']
+        """
+        shape = [int(s) for s in shape]
+        candidates = [self._candidates(shape, axis) for axis in range(len(shape))]
+        # A name the position gave to one axis is not a candidate for another axis:
+        # in (2, 2, 8) with B = nh = 2, axis 0 is B, so axis 1 is nh.
+        settled = {names[0] for names in candidates if len(names) == 1}
+        labels = []
+        for size, names in zip(shape, candidates, strict=True):
+            if len(names) > 1:
+                names = [n for n in names if n not in settled] or names
+            if size == 1 and names != ["B"]:
+                labels.append("1")  # a kept or broadcast axis; calling it T would mislead
+            elif not names:
+                labels.append(str(size))
+            elif len(names) == 1:
+                labels.append(f"{names[0]}={size}")
+            else:
+                labels.append(f"{size}:" + "|".join(names))
+        return labels
+
+    def _candidates(self, shape: list[int], axis: int) -> list[str]:
+        size = shape[axis]
         names = self.names_for(size)
-        if size == 1 and not (axis == 0 and names[:1] == ["B"]):
-            return "1"  # a kept or broadcast axis; calling it B or T would mislead
+        if size == 1:
+            return ["B"] if axis == 0 and names[:1] == ["B"] else []
         if len(names) > 1:
-            names = _settle_by_position(names, axis, ndim)
-        if not names:
-            return str(size)
-        if len(names) == 1:
-            return f"{names[0]}={size}"
-        return f"{size}:" + "|".join(names)
+            names = _settle_by_position(names, axis, shape)
+        return names
 
     def format(self, shape: Sequence[int] | torch.Size, *, brackets: str = "()") -> str:
         """``(B=2, T=16, C=768)``; with ``brackets="[]"`` for one-line summaries."""
         return brackets[0] + ", ".join(self.labels(shape)) + brackets[1]
 
 
-def _settle_by_position(names: list[str], axis: int, ndim: int) -> list[str]:
+def _settle_by_position(names: list[str], axis: int, shape: list[int]) -> list[str]:
+    """The batch axis comes first; a lone feature axis comes last. Nothing else is guessed:
+    in (B, nh, 64, 64) with T = hs = 64 the last axis may be hs (q) or T (attention scores)."""
+    ndim = len(shape)
     if axis == 0 and ndim >= 2 and "B" in names:
         return ["B"]
-    if axis == ndim - 1 and ndim >= 3:
+    if axis == ndim - 1 and ndim >= 3 and shape.count(shape[axis]) == 1:
         features = [n for n in names if n in _FEATURE_ROLES]
         if len(features) == 1:
             return features

@@ -1,0 +1,271 @@
+"""Explain a failed forward in the learner's terms: which op, which tensors, what was expected.
+
+torch's message says *what* broke (``mat1 and mat2 shapes cannot be multiplied (16x16 and
+32x64)``); the explanation adds *where* (the user's source line), *which tensors* (by their
+names on that line or their parameter names, with named dimensions) and *what would have
+worked*. It is added to the original exception (``add_note``; on Python 3.10, appended to its
+message), which is then re-raised unchanged in type.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import linecache
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from types import FrameType, TracebackType
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from torchlens_edu._frames import is_user_file
+from torchlens_edu._shape_meta import DATA_DEPENDENT
+from torchlens_edu.dims import Dims
+
+_MATMUL = frozenset({"@", "matmul", "bmm", "mm", "mv", "baddbmm", "addmm", "addmv", "einsum"})
+
+
+@dataclass
+class Failure:
+    """What the tracer saw of an error: the op (op-level and meta runs) and where it ran."""
+
+    exc: BaseException
+    op: str | None = None
+    operands: list[torch.Tensor] = field(default_factory=list)
+    module: str | None = None
+    site: tuple[str, int] | None = None  # the user's line, when the op recorder saw it
+    meta: bool = False
+    explanation: str = ""
+
+
+@dataclass
+class _Operand:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+
+def explain(failure: Failure, dims: Dims, roots: list[nn.Module]) -> str:
+    """The explanation as plain text (a few short lines), for an exception note."""
+    frame, filename, line = _user_line(failure)
+    code = linecache.getline(filename, line).strip() if filename else ""
+    named = _tensors_on_line(frame, code) if frame is not None else {}
+    operands = [_operand(t, _name_of(t, named, roots)) for t in failure.operands]
+    if not operands:  # module-level trace: the tensors the failing line names
+        operands = [_operand(t, name) for name, t in named.items()]
+    message = str(failure.exc).strip().splitlines()[0] if str(failure.exc).strip() else ""
+    expected, hint = _expectation(failure, operands, message, dims)
+
+    where = ""
+    if failure.module:
+        where = f" in {failure.module}"
+    elif failure.module == "" and roots:
+        where = f" in {type(roots[0]).__name__}.forward"
+    what = f"`{failure.op}`" if failure.op else "the forward"
+    lines = [f"torchlens_edu: {what} failed{where}"]
+    if filename:
+        lines.append(f"  at {os.path.basename(filename)}:{line}  {code}")
+    if operands:
+        lines.append("  operands:" if failure.op else "  tensors on that line:")
+        width = max(len(o.name) for o in operands)
+        for o in operands:
+            lines.append(f"    {o.name:<{width}}  {dims.format(o.shape)}  "
+                         f"{str(o.dtype).removeprefix('torch.')} {o.device}")
+    if expected:
+        lines.append(f"  expected: {expected}")
+    if hint:
+        lines.append(f"  hint: {hint}")
+    return "\n".join(lines)
+
+
+def add_context(exc: BaseException, text: str, trace: Any) -> None:
+    """Attach the explanation and the partial trace to ``exc`` without changing its type."""
+    note = f"{text}\n  the trace up to the failure: exc.shape_trace ({len(trace)} events)"
+    if hasattr(exc, "add_note"):  # Python 3.11+
+        exc.add_note(note)
+    elif exc.args and isinstance(exc.args[0], str):  # Python 3.10: extend the message itself
+        exc.args = (f"{exc.args[0]}\n\n{note}", *exc.args[1:])
+    # An exception type with __slots__ cannot carry the trace; the note still explains.
+    with contextlib.suppress(AttributeError, TypeError):
+        exc.shape_trace = trace  # type: ignore[attr-defined]
+
+
+# --- where and which tensors ------------------------------------------------------------------
+
+def _user_line(failure: Failure) -> tuple[FrameType | None, str, int]:
+    """The user frame of the failing line (from the traceback), its file and line number."""
+    entries: list[tuple[FrameType, int]] = []
+    tb: TracebackType | None = failure.exc.__traceback__
+    while tb is not None:
+        entries.append((tb.tb_frame, tb.tb_lineno))
+        tb = tb.tb_next
+    if failure.site is not None:
+        for frame, line in reversed(entries):
+            if (frame.f_code.co_filename, line) == failure.site:
+                return frame, failure.site[0], failure.site[1]
+        return None, failure.site[0], failure.site[1]
+    for frame, line in reversed(entries):
+        if is_user_file(frame.f_code.co_filename):
+            return frame, frame.f_code.co_filename, line
+    return None, "", 0
+
+
+def _tensors_on_line(frame: FrameType, code: str) -> dict[str, torch.Tensor]:
+    """``name -> tensor`` for the names (and ``self.attr`` chains) the line mentions."""
+    names: list[str] = []
+    try:
+        tree = ast.parse(code.rstrip(":").strip() or "None")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                names.append(f"{node.value.id}.{node.attr}")
+            elif isinstance(node, ast.Name):
+                names.append(node.id)
+    except SyntaxError:  # a line of a longer statement: take the identifiers it shows
+        names = re.findall(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)?", code)
+    found: dict[str, torch.Tensor] = {}
+    scope = frame.f_locals
+    for name in dict.fromkeys(sorted(names, key=code.find)):
+        base, _, attr = name.partition(".")
+        value = scope.get(base)
+        if attr:  # only a module's own attributes: reading them runs no user code
+            value = _module_attr(value, attr)
+        if isinstance(value, torch.Tensor) and all(value is not t for t in found.values()):
+            found[name] = value
+    return found
+
+
+def _module_attr(obj: Any, attr: str) -> Any:
+    if not isinstance(obj, nn.Module):
+        return None
+    for table in (obj._parameters, obj._buffers, obj.__dict__):
+        if attr in table:
+            return table[attr]
+    return None
+
+
+def _name_of(tensor: torch.Tensor, named: dict[str, torch.Tensor], roots: list[nn.Module]) -> str:
+    for name, value in named.items():
+        if value is tensor:
+            return name
+    for root in roots:
+        for name, param in [*root.named_parameters(), *root.named_buffers()]:
+            if param is tensor:
+                return name
+    return "tensor"
+
+
+def _operand(tensor: torch.Tensor, name: str) -> _Operand:
+    return _Operand(name, tuple(tensor.shape), tensor.dtype, tensor.device)
+
+
+# --- what was expected ------------------------------------------------------------------------
+
+def _expectation(failure: Failure, ops: list[_Operand], message: str, dims: Dims
+                 ) -> tuple[str, str]:
+    low = message.lower()
+    if failure.meta and (failure.op in DATA_DEPENDENT or "meta" in low
+                         or isinstance(failure.exc, NotImplementedError)):
+        if "device" in low:
+            return ("every tensor on the meta device in a shape-only run",
+                    "a tensor made inside the forward without device=... stays on the CPU: "
+                    "create it with device=x.device")
+        return (f"an op whose result shape does not depend on values; `{failure.op}` does, "
+                "and a meta (shape-only) run has no values",
+                "trace with meta=False on a small input, or keep this step out of the forward")
+    if "device" in low and ("same device" in low or "expected device" in low
+                            or "two devices" in low):
+        devices = sorted({str(o.device) for o in ops})
+        return (f"all operands on one device (found {', '.join(devices) or 'several'})",
+                "move them together: model.to(device) and x.to(device), or create new tensors "
+                "with device=x.device")
+    if "dtype" in low or "scalar type" in low or "floattensor" in low:
+        return _dtype_expectation(ops, low)
+    name = failure.op or ""
+    if "cannot be multiplied" in low or "batch2 tensor" in low or name in _MATMUL:
+        return _matmul_expectation(name, ops, dims)
+    if "must match the size of tensor" in low:
+        return _broadcast_expectation(ops, dims)
+    match = re.search(r"range of \[-?\d+, (-?\d+)\], but got (-?\d+)", message)
+    if match or "unbatched" in low or "batch axis" in low:
+        ndim = int(match.group(1)) + 1 if match else None
+        asked = int(match.group(2)) if match else None
+        missing = asked is not None and ndim is not None and asked >= ndim
+        got = f"a tensor with {ndim} axes, but the code uses axis {asked}" if match else ""
+        return (got or "a batch axis in front", "a batch axis is probably missing: add it with "
+                "x.unsqueeze(0) or x[None]" if missing or not match else "")
+    if "is invalid for input of size" in low:
+        return ("view/reshape keeps the number of elements: the new shape's product must equal "
+                "the input's numel", "compute one axis with -1, e.g. x.view(B, T, nh, -1)")
+    if "view size is not compatible" in low:
+        return ("a contiguous tensor for .view() (transpose/permute made it non-contiguous)",
+                "use .reshape(...) or .contiguous().view(...)")
+    if "normalized_shape" in low:
+        shape = re.search(r"normalized_shape=\[([\d, ]+)\]", message)
+        return (f"the input's last axes to be [{shape.group(1) if shape else '...'}]",
+                "check that the features are on the last axis")
+    return "", ""
+
+
+def _label(dims: Dims, shape: tuple[int, ...], axis: int) -> str:
+    return dims.labels(shape)[axis] if shape and -len(shape) <= axis < len(shape) else "?"
+
+
+def _matmul_expectation(name: str, ops: list[_Operand], dims: Dims) -> tuple[str, str]:
+    if len(ops) < 2:
+        return "", ""
+    a, b = ops[0], ops[1]
+    if name == "linear" or (len(b.shape) == 2 and b.name.endswith("weight")):
+        return (f"the input's last axis ({_label(dims, a.shape, -1)}) equal to the layer's "
+                f"in_features ({_label(dims, b.shape, -1)})",
+                "put the features on the last axis, or build the layer for this size")
+    if len(a.shape) < 1 or len(b.shape) < 2:
+        return "", ""
+    expected = (f"a @ b needs a's last axis ({_label(dims, a.shape, -1)}) to equal b's "
+                f"second-to-last axis ({_label(dims, b.shape, -2)})")
+    if a.shape[-1] == b.shape[-1]:
+        return expected, f"{b.name}'s last axis matches: did you mean {b.name}.transpose(-2, -1)?"
+    if len(a.shape) >= 2 and a.shape[-2] == b.shape[-2]:
+        return expected, f"did you mean {a.name}.transpose(-2, -1) @ {b.name}?"
+    return expected, ""
+
+
+def _broadcast_expectation(ops: list[_Operand], dims: Dims) -> tuple[str, str]:
+    if len(ops) < 2:
+        return "shapes that broadcast: lined up from the right, each axis equal or 1", ""
+    a, b = ops[0], ops[1]
+    clashes = []
+    for k in range(1, min(len(a.shape), len(b.shape)) + 1):
+        x, y = a.shape[-k], b.shape[-k]
+        if x != y and 1 not in (x, y):
+            clashes.append(f"axis -{k}: {_label(dims, a.shape, -k)} vs {_label(dims, b.shape, -k)}")
+    expected = ("shapes that broadcast (lined up from the right, each axis equal or 1); "
+                + "; ".join(clashes))
+    small = min(ops[:2], key=lambda o: math.prod(o.shape))
+    if small.dtype == torch.bool:
+        return expected, (f"the mask {small.name} was built for another length: build it from "
+                          "the current sizes (e.g. mask[:T, :T])")
+    return expected, ""
+
+
+def _dtype_expectation(ops: list[_Operand], low: str) -> tuple[str, str]:
+    kinds = ", ".join(f"{o.name}: {str(o.dtype).removeprefix('torch.')}" for o in ops)
+    if "indices" in low:
+        return ("integer indices (torch.long) for an embedding or index op",
+                "token ids must be integers: use ids.long()")
+    if "boolean mask" in low:
+        return "a boolean mask", "use mask.bool() (or build it with a comparison such as x > 0)"
+    floats = [o for o in ops if o.dtype.is_floating_point]
+    ints = [o for o in ops if not o.dtype.is_floating_point and o.dtype != torch.bool]
+    if floats and ints:
+        target = str(floats[0].dtype).removeprefix("torch.")
+        return (f"operands of one dtype ({kinds})",
+                f"convert the integer tensor: {ints[0].name}.to({target}) or .float()")
+    if len({o.dtype for o in ops}) > 1:
+        target = str(ops[-1].dtype).removeprefix("torch.")
+        return f"operands of one dtype ({kinds})", f"convert one of them, e.g. .to(torch.{target})"
+    return "another dtype", ""

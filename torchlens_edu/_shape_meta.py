@@ -1,0 +1,102 @@
+"""Shape-only runs: the model's parameters and the inputs become ``meta`` tensors.
+
+A meta tensor has a shape and a dtype but no storage, so GPT-2 XL "runs" in a second on a laptop
+and no weight is read, copied or allocated. The model itself is not changed: its parameters are
+swapped for meta stand-ins only while the run lasts (what ``torch.func.functional_call`` does,
+as a ``with`` block here so that any code inside it may call the model), and tied weights stay
+tied because the stand-ins are made once per tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils.flop_counter import conv_flop_count, sdpa_flop_count
+
+from torchlens_edu._tree import map_tensors
+
+# Ops whose output shape depends on the values: they cannot run on meta tensors.
+DATA_DEPENDENT = frozenset({
+    "item", "tolist", "bool", "nonzero", "argwhere", "masked_select", "unique",
+    "unique_consecutive", "[]", "[]=", "any", "all", "equal", "allclose", "repeat_interleave",
+    "bincount", "histc", "where", "multinomial", "numpy",
+})
+
+
+def to_meta(tensor: torch.Tensor) -> torch.Tensor:
+    """A meta tensor of the same shape, dtype and strides; reads no data."""
+    if tensor.is_meta:
+        return tensor
+    return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta")
+
+
+def inputs_to_meta(args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """``(args, kwargs)`` with every tensor inside replaced by its meta twin."""
+    return map_tensors(to_meta, args), map_tensors(to_meta, kwargs)
+
+
+def meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Name -> meta tensor for every parameter and buffer; one twin per tensor keeps ties."""
+    twins: dict[int, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}
+    named = [*model.named_parameters(remove_duplicate=False),
+             *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        if id(tensor) not in twins:
+            twins[id(tensor)] = to_meta(tensor)
+        state[name] = twins[id(tensor)]
+    return state
+
+
+@contextmanager
+def on_meta(model: nn.Module) -> Iterator[None]:
+    """While the block runs, ``model``'s parameters and buffers are meta twins; then restored."""
+    state = meta_state(model)
+    if all(tensor.is_meta for tensor in state.values()):
+        yield  # built under ``with torch.device("meta")``: nothing to swap
+        return
+    with _reparametrize_module(model, state, tie_weights=True):
+        yield
+
+
+def op_flops(name: str, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> int:
+    """FLOPs of one op from its shapes, with torch's formulas (``torch.utils.flop_counter``).
+
+    Counted at the level of the user's call (``linear``, ``@``, ``conv2d``, ``F.sdpa``), where
+    ``FlopCounterMode`` would push every op through Python decompositions: 2-3x slower on meta.
+    Like ``FlopCounterMode``, only matrix products, convolutions and attention count.
+
+    >>> a, b = torch.ones(2, 3, device="meta"), torch.ones(3, 4, device="meta")
+    >>> op_flops("@", [a, b], [a @ b])
+    48
+    """
+    if not outputs or len(inputs) < 2:
+        return 0
+    out = outputs[0].shape
+    if name == "linear":  # x (..., in) @ W.T (in, out)
+        return 2 * math.prod(inputs[0].shape) * inputs[1].shape[0]
+    if name in _PRODUCTS:
+        a = inputs[1] if name in ("addmm", "baddbmm", "addmv") else inputs[0]
+        return 2 * math.prod(out) * a.shape[-1]
+    if name.startswith("conv") and len(inputs[1].shape) >= 3:
+        return conv_flop_count(list(inputs[0].shape), list(inputs[1].shape), list(out),
+                               transposed="transpose" in name)
+    if name == "scaled_dot_product_attention" and len(inputs) >= 3:
+        return sdpa_flop_count(inputs[0].shape, inputs[1].shape, inputs[2].shape)
+    return 0
+
+
+_PRODUCTS = frozenset({"@", "matmul", "mm", "bmm", "mv", "addmm", "baddbmm", "addmv"})
+
+
+def output_bytes(outputs: list[torch.Tensor], inputs: list[torch.Tensor]) -> int:
+    """Bytes of new activation memory: outputs that are neither views nor one of the inputs."""
+    seen = {id(t) for t in inputs}
+    return sum(t.numel() * t.element_size() for t in outputs
+               if id(t) not in seen and not t._is_view())

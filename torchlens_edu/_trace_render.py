@@ -1,0 +1,324 @@
+"""How a ShapeTrace looks: a rich tree that folds repeated identical blocks, and trace diffs.
+
+Everything here runs when a trace is shown, never while the model runs: the tracer keeps bare
+``torch.Size`` objects and the names, text and folding are computed from them here.
+
+Ops on one source line are shown as one row, from the tensors that enter the line to the ones
+that leave it: ``gpt2.py:57 q = q.view(B, T, nh, hs).transpose(1, 2)  (B, T, C) -> (B, nh, T, hs)``.
+"""
+
+from __future__ import annotations
+
+import io
+import linecache
+import os
+import re
+import tokenize
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Union
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
+
+from torchlens_edu.dims import Dims
+
+if TYPE_CHECKING:
+    from torchlens_edu.shapes import ShapeEvent, ShapeTrace, Spec
+
+_DTYPES = {"float32": "", "int64": "i64", "int32": "i32", "bool": "bool", "float16": "f16",
+           "bfloat16": "bf16", "float64": "f64", "uint8": "u8", "int8": "i8", "int16": "i16"}
+_INDEXED = re.compile(r"^(.*?)(\d+)$")
+
+# A module event index, or the op events of one source line (Union: a runtime alias on 3.10).
+Item = Union[int, list[int]]  # noqa: UP007
+
+
+def trace_tree(trace: ShapeTrace) -> Tree:
+    """The trace as a rich Tree: modules nest, identical sibling blocks fold into one row."""
+    events, dims = trace.events, trace.dims
+    children: dict[int, list[int]] = {}
+    for index, event in enumerate(events):
+        children.setdefault(event.parent, []).append(index)
+    kinds = "modules and ops" if trace.ops else "modules"
+    mode = "; shape-only run on meta tensors" if trace.meta else ""
+    header = Text.assemble(("ShapeTrace", "bold"), f" of {', '.join(trace.roots) or 'a model'}: "
+                           f"{len(events)} events ({kinds}{mode})")
+    if len(dims):
+        header.append("\n" + "dims  " + ", ".join(f"{k}={v}" for k, v in dims.items()), "dim")
+    tree = Tree(header, guide_style="dim")
+    _add_items(tree, _items(children.get(-1, []), events), "", events, children, dims, trace)
+    if trace.error:
+        tree.add(Text(trace.error, style="red"))
+    return tree
+
+
+def _items(indices: list[int], events: list[ShapeEvent]) -> list[Item]:
+    """Module events stay single; consecutive ops of one source line become one group."""
+    items: list[Item] = []
+    for index in indices:
+        event = events[index]
+        if event.kind == "module":
+            items.append(index)
+            continue
+        last = items[-1] if items else None
+        if isinstance(last, list) and _same_line(events[last[-1]], event):
+            last.append(index)
+        else:
+            items.append([index])
+    return items
+
+
+def _same_line(a: ShapeEvent, b: ShapeEvent) -> bool:
+    return bool(a.filename) and (a.filename, a.line, a.path) == (b.filename, b.line, b.path)
+
+
+def _add_items(node: Tree, items: list[Item], base: str, events: list[ShapeEvent],
+               children: dict[int, list[int]], dims: Dims, trace: ShapeTrace) -> None:
+    for run in _runs(items, base, events, children):
+        first = run[0]
+        if isinstance(first, list):
+            node.add(_op_row(first, events, dims))
+            continue
+        event = events[first]
+        rel = _relative(event.path, base)
+        if len(run) > 1:
+            last = _relative(events[run[-1]].path, base).rsplit(".", 1)[-1]  # type: ignore[arg-type]
+            label = _module_row(event, f"{rel}..{last}", dims, trace)
+            label.append(f"  (x{len(run)}, identical shapes)", "bold magenta")
+        else:
+            label = _module_row(event, rel, dims, trace)
+        child = node.add(label)
+        sub = _items(children.get(first, []), events)
+        _add_items(child, sub, event.path, events, children, dims, trace)
+
+
+def _runs(items: list[Item], base: str, events: list[ShapeEvent],
+          children: dict[int, list[int]]) -> Iterator[list[Item]]:
+    """Consecutive siblings ``x.0, x.1, ...`` with identical shapes throughout, as one run."""
+    run: list[Item] = []
+    for item in items:
+        if run and _continues(run, item, events, children):
+            run.append(item)
+            continue
+        if run:
+            yield run
+        run = [item]
+    if run:
+        yield run
+
+
+def _continues(run: list[Item], item: Item, events: list[ShapeEvent],
+               children: dict[int, list[int]]) -> bool:
+    prev = run[-1]
+    if isinstance(prev, list) or isinstance(item, list):
+        return False
+    a, b = _INDEXED.match(events[prev].path), _INDEXED.match(events[item].path)
+    if not (a and b and a.group(1) == b.group(1) and int(b.group(2)) == int(a.group(2)) + 1):
+        return False
+    return _signature(run[0], events, children) == _signature(item, events, children)
+
+
+def _signature(index: int, events: list[ShapeEvent], children: dict[int, list[int]]) -> tuple:
+    """What must match for two blocks to fold: names, shapes, dtypes, lines; not times."""
+    event = events[index]
+    subs = []
+    for child in children.get(index, []):
+        c = events[child]
+        if c.kind == "module":
+            subs.append((_relative(c.path, event.path), _signature(child, events, children)))
+        else:
+            subs.append((c.name, c.inputs, c.outputs, c.filename, c.line, c.failed))
+    return (event.name, event.inputs, event.outputs, event.failed, tuple(subs))
+
+
+def _relative(path: str, base: str) -> str:
+    if base and path.startswith(base + "."):
+        return path[len(base) + 1:]
+    return path
+
+
+def _specs_text(specs: tuple[Spec, ...] | list[Spec], dims: Dims) -> str:
+    if not specs:
+        return "—"
+    parts = []
+    for shape, dtype in specs:
+        short = _DTYPES.get(str(dtype).removeprefix("torch."), str(dtype).removeprefix("torch."))
+        parts.append(dims.format(shape) + (f" {short}" if short else ""))
+    return ", ".join(parts)
+
+
+def _module_row(event: ShapeEvent, rel: str, dims: Dims, trace: ShapeTrace) -> Text:
+    text = Text()
+    text.append(rel or event.name, "bold")
+    if rel:
+        text.append(f" {event.name}", "cyan")
+    if event.call:
+        text.append(f" #{event.call}", "dim")
+    text.append(f"  {_specs_text(event.inputs, dims)} -> ", "")
+    if event.failed:
+        text.append("✗ failed", "bold red")
+    else:
+        text.append(_specs_text(event.outputs, dims), "green")
+    extras = []
+    if event.params:
+        extras.append(f"{_si(event.params)} params")
+    if event.seconds is not None:
+        extras.append(f"{event.seconds * 1e3:.2f} ms")
+    if event.flops:
+        extras.append(f"{_si(event.flops)} FLOPs")
+    if event.memory:
+        extras.append(_bytes(event.memory))
+    if extras:
+        text.append("  " + " · ".join(extras), "dim")
+    return text
+
+
+def _op_row(group: list[int], events: list[ShapeEvent], dims: Dims) -> Text:
+    ops = [events[i] for i in group]
+    made: set[int] = set()
+    used: set[int] = set()
+    ins: list[Spec] = []
+    for op in ops:
+        for ident, spec in zip(op.in_ids, op.inputs, strict=False):
+            if ident not in made and ident not in used:
+                ins.append(spec)
+            used.add(ident)
+        made.update(op.out_ids)
+    consumed = {i for op in ops for i in op.in_ids}
+    outs = [spec for op in ops for ident, spec in zip(op.out_ids, op.outputs, strict=False)
+            if ident not in consumed] or list(ops[-1].outputs)
+    first = ops[0]
+    text = Text()
+    if first.filename:
+        code = _without_comment(linecache.getline(first.filename, first.line).strip())
+        text.append(f"{os.path.basename(first.filename)}:{first.line} ", "blue")
+        text.append(code + "  ", "")
+    text.append(", ".join(dict.fromkeys(op.name for op in ops)), "dim italic")
+    text.append(f"  {_specs_text(ins, dims)} -> ")
+    if any(op.failed for op in ops):
+        text.append("✗ failed", "bold red")
+    else:
+        text.append(_specs_text(outs, dims), "green")
+    flops = sum(op.flops or 0 for op in ops)
+    memory = sum(op.memory or 0 for op in ops)
+    extras = [f"{_si(flops)} FLOPs" if flops else "", _bytes(memory) if memory else ""]
+    if any(extras):
+        text.append("  " + " · ".join(e for e in extras if e), "dim")
+    for op in ops:
+        if op.broadcast:
+            text.append(f"  ⚠ broadcast: {op.name} of {_specs_text(op.inputs, dims)} makes "
+                        f"{_specs_text(op.outputs, dims)}, larger than every operand",
+                        "bold yellow")
+    return text
+
+
+def _without_comment(code: str) -> str:
+    """The code of a line without its trailing ``# comment`` (a ``#`` in a string stays)."""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(code).readline))
+    except (tokenize.TokenError, SyntaxError):  # half of a longer statement
+        return code
+    for token in tokens:
+        if token.type == tokenize.COMMENT:
+            return code[:token.start[1]].rstrip()
+    return code
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:g}"
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+# --- comparing two traces ---------------------------------------------------------------------
+
+@dataclass
+class ShapeChange:
+    """One difference: an event only in one trace, or with other shapes."""
+
+    change: str  # "added" | "removed" | "changed"
+    kind: str
+    path: str
+    name: str
+    call: int
+    before: str
+    after: str
+
+
+class TraceDiff:
+    """The differences between two ShapeTraces, event by event (falsy when there are none).
+
+    >>> import torch, torchlens_edu as tle
+    >>> m = torch.nn.Linear(4, 2)
+    >>> d = tle.trace_shapes(m, torch.zeros(3, 4)).diff(tle.trace_shapes(m, torch.zeros(5, 4)))
+    >>> [(c.change, c.before, c.after) for c in d.changes]
+    [('changed', '(3, 4) -> (3, 2)', '(5, 4) -> (5, 2)')]
+    """
+
+    def __init__(self, changes: list[ShapeChange]) -> None:
+        self.changes = changes
+
+    @classmethod
+    def between(cls, a: ShapeTrace, b: ShapeTrace) -> TraceDiff:
+        before = {_key(e): e for e in a.events}
+        after = {_key(e): e for e in b.events}
+        changes = []
+        for key in [*before, *(k for k in after if k not in before)]:
+            old, new = before.get(key), after.get(key)
+            old_text = _event_shapes(old, a.dims) if old else ""
+            new_text = _event_shapes(new, b.dims) if new else ""
+            if old and new and (old.inputs, old.outputs) == (new.inputs, new.outputs):
+                continue
+            change = "removed" if new is None else "added" if old is None else "changed"
+            changes.append(ShapeChange(change, *key, old_text, new_text))
+        return cls(changes)
+
+    def __bool__(self) -> bool:
+        return bool(self.changes)
+
+    def __len__(self) -> int:
+        return len(self.changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"changes": [{"change", "kind", "path", "name", "call", ...}]}``."""
+        return {"changes": [vars(c).copy() for c in self.changes]}
+
+    def __rich__(self) -> Any:
+        if not self.changes:
+            return Text("The two traces have the same shapes everywhere.", style="green")
+        table = Table(title=f"{len(self.changes)} shape differences", title_justify="left")
+        for column in ("", "event", "before", "after"):
+            table.add_column(column)
+        marks = {"added": ("+", "green"), "removed": ("-", "red"), "changed": ("~", "yellow")}
+        for c in self.changes:
+            mark, style = marks[c.change]
+            call = f" #{c.call}" if c.call else ""
+            table.add_row(Text(mark, style), f"{c.path or '(model)'} {c.name}{call}", c.before,
+                          c.after)
+        return Group(table)
+
+    def __str__(self) -> str:
+        from torchlens_edu._console import render_text
+
+        return render_text(self)
+
+    __repr__ = __str__
+
+
+def _key(event: ShapeEvent) -> tuple[str, str, str, int]:
+    return (event.kind, event.path, event.name, event.call)
+
+
+def _event_shapes(event: ShapeEvent, dims: Dims) -> str:
+    return f"{_specs_text(event.inputs, dims)} -> {_specs_text(event.outputs, dims)}"

@@ -1,0 +1,502 @@
+"""Shape tracer: what shape is every activation, which line made it, and why did it break?
+
+Module level (the default) uses forward hooks: one event per module call with its input and
+output shapes, dtypes, parameter count and time. The hooks only record ``torch.Size`` objects;
+names, text and trees are made later, when the trace is shown, so tracing costs almost nothing.
+
+``ops=True`` adds every torch function, method and operator call (``q.view``, ``@``,
+``F.softmax``) with the module it ran in and the user's source line. ``meta=True`` runs on meta
+tensors: shapes, FLOPs and activation memory of any model size without touching the weights.
+
+When the forward raises, the events up to the failure are kept (``exc.shape_trace``) and the
+original exception is re-raised with an explanation added: the failing op, its operands' shapes
+with named dimensions, the source line and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from torchlens_edu import _shape_meta, _shape_ops
+from torchlens_edu._modules import Pattern, match_modules
+from torchlens_edu._shape_errors import Failure, add_context, explain
+from torchlens_edu._tree import iter_tensors
+from torchlens_edu.dims import Dims
+
+Spec = tuple[torch.Size, torch.dtype]  # what an event keeps of a tensor: no data, no reference
+
+# Element-wise ops with several tensor operands: where a surprising broadcast shows up.
+_ELEMENTWISE = frozenset({
+    "+", "-", "*", "/", "//", "%", "**", "add", "sub", "mul", "div", "true_divide", "rsub",
+    "pow", "maximum", "minimum", "where", "==", "!=", "<", "<=", ">", ">=", "eq", "ne", "lt",
+    "le", "gt", "ge", "&", "|", "^", "logical_and", "logical_or", "atan2", "hypot", "lerp",
+})
+
+
+@dataclass(slots=True)
+class ShapeEvent:
+    """One module call or one op call of a traced forward.
+
+    ``path`` is the module's dotted path (for an op: the module it ran in); ``call`` counts the
+    calls of the same module (or of the same op in the same module) from 0.
+    """
+
+    kind: str  # "module" | "op"
+    path: str
+    name: str  # module class name, or op name such as "view" or "@"
+    call: int
+    parent: int  # index of the enclosing module event, -1 at the top
+    inputs: tuple[Spec, ...]
+    outputs: tuple[Spec, ...] = ()
+    filename: str = ""  # the user's line: for a module, where it was called
+    line: int = 0
+    params: int | None = None  # module parameters, counted once
+    seconds: float | None = None  # module wall time (real runs only)
+    flops: int | None = None  # meta runs
+    memory: int | None = None  # bytes of new activations (meta runs)
+    failed: bool = False  # the forward raised inside this event
+    in_ids: tuple[int, ...] = ()  # op operands / results, to join ops on one source line
+    out_ids: tuple[int, ...] = ()
+
+    @property
+    def source(self) -> str:
+        """``"path/to/file.py:LINE"`` of the user's line, or ``""``."""
+        return f"{self.filename}:{self.line}" if self.filename else ""
+
+    @property
+    def input_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(shape) for shape, _ in self.inputs]
+
+    @property
+    def output_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(shape) for shape, _ in self.outputs]
+
+    @property
+    def broadcast(self) -> bool:
+        """An element-wise op whose result is larger than every operand: ``(4,) - (4, 1)``."""
+        if self.kind != "op" or self.name not in _ELEMENTWISE or len(self.inputs) < 2:
+            return False
+        biggest = max(math.prod(shape) for shape, _ in self.inputs)
+        return any(math.prod(shape) > biggest for shape, _ in self.outputs)
+
+
+@dataclass
+class ShapeTrace:
+    """The result of a trace: events in call order, the named dims, and the failure if any.
+
+    Show it (``print(tr)``, a rich tree that folds identical repeated blocks), keep it as data
+    (``tr.to_dict()``), or compare two (``tr.diff(other)``).
+
+    >>> import torchlens_edu as tle
+    >>> from torchlens_edu.models import GPT2, GPT2Config
+    >>> tr = tle.trace_shapes(GPT2(GPT2Config.preset("tiny")), torch.zeros(2, 8, dtype=torch.long))
+    >>> tr.events[0].output_shapes
+    [(2, 8, 256)]
+    """
+
+    events: list[ShapeEvent]
+    dims: Dims
+    ops: bool = False
+    meta: bool = False
+    error: str = ""  # the explanation, when the forward raised
+    roots: list[str] = field(default_factory=list)
+
+    def modules(self, pattern: str = "*") -> list[ShapeEvent]:
+        """Module events whose path matches a glob (``"transformer.h.*.attn"``)."""
+        import fnmatch
+
+        return [e for e in self.events
+                if e.kind == "module" and fnmatch.fnmatchcase(e.path, pattern)]
+
+    def ops_at(self, pattern: str = "*") -> list[ShapeEvent]:
+        """Op events that ran inside modules whose path matches a glob."""
+        import fnmatch
+
+        return [e for e in self.events if e.kind == "op" and fnmatch.fnmatchcase(e.path, pattern)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"events": [{"kind", "path", "name", "call", "inputs", "outputs",
+        "dims", "source"}]}``; ``dims`` holds the named axes of the inputs and outputs."""
+        events = []
+        for e in self.events:
+            events.append({
+                "kind": e.kind, "path": e.path, "name": e.name, "call": e.call,
+                "inputs": [list(s) for s in e.input_shapes],
+                "outputs": [list(s) for s in e.output_shapes],
+                "dims": {"inputs": [self.dims.labels(s) for s in e.input_shapes],
+                         "outputs": [self.dims.labels(s) for s in e.output_shapes]},
+                "source": e.source,
+            })
+        return {"events": events}
+
+    def diff(self, other: ShapeTrace) -> Any:
+        """What changed from this trace to ``other``: a :class:`TraceDiff` (falsy when equal)."""
+        from torchlens_edu._trace_render import TraceDiff
+
+        return TraceDiff.between(self, other)
+
+    def __rich__(self) -> Any:
+        from torchlens_edu._trace_render import trace_tree
+
+        return trace_tree(self)
+
+    def to_text(self, width: int = 100) -> str:
+        """The tree as plain text (no colours), ``width`` characters wide."""
+        from torchlens_edu._console import render_text
+
+        return render_text(self, width=width)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    __repr__ = __str__
+
+    def _repr_html_(self) -> str:
+        from torchlens_edu._console import render_html
+
+        return render_html(self)
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+
+def _specs(values: Any) -> tuple[Spec, ...]:
+    return tuple((t.shape, t.dtype) for t in values)
+
+
+def _arg_specs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Spec, ...]:
+    specs = []
+    for arg in args:  # the common case, tensors passed directly, skips the tree walk
+        if isinstance(arg, torch.Tensor):
+            specs.append((arg.shape, arg.dtype))
+        elif arg is not None and not isinstance(arg, (int, float, str)):
+            specs.extend((t.shape, t.dtype) for t in iter_tensors(arg))
+    if kwargs:
+        specs.extend((t.shape, t.dtype) for t in iter_tensors(kwargs))
+    return tuple(specs)
+
+
+def _param_counts(root: nn.Module) -> dict[str, int]:
+    """Parameters under each module path, each tensor once per module (tied weights too)."""
+    seen: dict[str, set[int]] = {}
+    counts: dict[str, int] = {}
+    for name, param in root.named_parameters(remove_duplicate=False):
+        parts = name.split(".")[:-1]
+        for depth in range(len(parts) + 1):
+            prefix = ".".join(parts[:depth])
+            ids = seen.setdefault(prefix, set())
+            if id(param) not in ids:
+                ids.add(id(param))
+                counts[prefix] = counts.get(prefix, 0) + param.numel()
+    return counts
+
+
+class ShapeTracer:
+    """Record shapes while a block runs; ``tracer.trace`` is the :class:`ShapeTrace`.
+
+    Use :func:`trace_shapes` for one forward; use this to trace any code that calls the model
+    (``generate``, a training step, several models).
+
+    >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+    >>> with ShapeTracer(m) as tracer:
+    ...     _ = m(torch.zeros(2, 4))
+    >>> [e.path for e in tracer.trace.events]
+    ['', '0', '1']
+    """
+
+    def __init__(self, models: nn.Module | Sequence[nn.Module] = (), *, ops: bool = False,
+                 meta: bool = False, depth: int | None = None, include: Pattern | None = None,
+                 dims: Mapping[str, int] | None = None, discover: bool = False) -> None:
+        roots = [models] if isinstance(models, nn.Module) else list(models)
+        for root in roots:
+            if not isinstance(root, nn.Module):
+                raise TypeError(f"trace_shapes needs an nn.Module, got {type(root).__name__}; "
+                                "pass the model first: trace_shapes(model, inputs)")
+        if depth is not None and (not isinstance(depth, int) or depth < 0):
+            raise ValueError(f"depth={depth!r}: give a module depth >= 0 (the model is depth 0)")
+        for root in roots:
+            if not meta and any(p.is_meta for p in root.parameters()):
+                raise ValueError("the model's weights are on the meta device (no values): trace "
+                                 "it with meta=True, or load real weights first")
+        if include is not None and roots and not any(
+                match_modules(root, include, required=False) for root in roots):
+            match_modules(roots[0], include)  # matches nothing: raises, with did-you-mean
+        self._roots = _outermost(roots)
+        self.ops, self.meta, self.depth, self.include = ops, meta, depth, include
+        self._overrides = dict(dims or {})
+        self._discover = discover
+        self._events: list[ShapeEvent] = []
+        self._stack: list[tuple[str, bool, int]] = []  # (path, recorded?, nearest event index)
+        self._calls: dict[str, int] = {}  # module path -> calls so far
+        self._op_calls: dict[tuple[str, str], int] = {}  # (module path, op) -> calls so far
+        self._hooked: set[int] = set()
+        self._dims: Dims | None = None
+        self._exits = ExitStack()
+        self._flops = 0  # FLOPs so far, counted per op in meta runs
+        self._failure: Failure | None = None
+        self._failing_module: tuple[BaseException, str] | None = None  # innermost, when raised
+        self._pre_hooks: dict[int, Callable[..., Any]] = {}
+        self._root_names: list[str] = []
+        self._used = False
+
+    # --- attaching -------------------------------------------------------------------------
+
+    def __enter__(self) -> ShapeTracer:
+        if self._used:
+            raise RuntimeError("a ShapeTracer records one block: make a new one for the next")
+        self._used = True
+        try:
+            for root in self._roots:
+                self._attach(root)
+            if self._discover:
+                self._exits.callback(nn.modules.module.register_module_forward_pre_hook(
+                    self._discover_root).remove)
+            if self.ops:
+                from torchlens_edu.models.gpt2 import explicit_attention
+
+                self._exits.enter_context(explicit_attention())  # q, k, v, scores become visible
+            if self.ops or self.meta:  # meta runs need it too: to name a data-dependent op
+                self._exits.enter_context(_shape_ops.OpRecorder(self))
+        except BaseException:
+            self._exits.close()
+            raise
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        try:
+            if isinstance(exc, Exception):
+                self._explain(exc)
+        finally:
+            self._exits.close()
+
+    def _attach(self, root: nn.Module) -> None:
+        if id(root) in self._hooked:
+            return
+        if self.meta:
+            self._exits.enter_context(_shape_meta.on_meta(root))
+        self._root_names.append(type(root).__name__)
+        named = list(root.named_modules())
+        selected = self._selected(root, named)
+        counts = _param_counts(root)
+        for path, module in named:
+            if id(module) in self._hooked:
+                continue
+            self._hooked.add(id(module))
+            record = path in selected
+            if not (record or self.ops or self.meta):
+                continue  # nothing to record and no op needs to know it is inside this module
+            self._hook(module, path, record, counts.get(path, 0), is_root=module is root)
+
+    def _selected(self, root: nn.Module, named: list[tuple[str, nn.Module]]) -> set[str]:
+        chosen = {path for path, _ in named}
+        if self.include is not None:
+            tops = [p for p, _ in match_modules(root, self.include, required=False)]
+            chosen = {p for p in chosen
+                      if any(not t or p == t or p.startswith(t + ".") for t in tops)}
+        if self.depth is not None:
+            depths = _call_depths(named)
+            chosen = {p for p in chosen if depths[p] <= self.depth}
+        return chosen
+
+    def _hook(self, module: nn.Module, path: str, record: bool, params: int, *,
+              is_root: bool) -> None:
+        # The two closures below run at every module call: they only read sizes and clocks.
+        name = type(module).__name__
+        events, stack, calls = self._events, self._stack, self._calls
+        meta, clock = self.meta, time.perf_counter
+        site_of, frame = _shape_ops.user_site, sys._getframe
+
+        def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if is_root and self._dims is None:
+                self._dims = Dims.infer(mod, [args, kwargs], self._overrides)
+            parent = stack[-1][2] if stack else -1
+            if record:
+                call = calls.get(path, 0)
+                calls[path] = call + 1
+                filename, line = site_of(frame(1)) or ("", 0)
+                # seconds and flops hold the start values until post() makes them differences
+                events.append(ShapeEvent(
+                    "module", path, name, call, parent, _arg_specs(args, kwargs), (), filename,
+                    line, params, clock(), self._flops))
+                parent = len(events) - 1
+            stack.append((path, record, parent))
+            if is_root and meta:
+                return _shape_meta.inputs_to_meta(args, kwargs)
+            return None
+
+        def post(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not stack:
+                return
+            _, recorded, index = stack.pop()
+            raised = sys.exc_info()[1] if output is None else None
+            if raised is not None and (self._failing_module is None
+                                       or self._failing_module[0] is not raised):
+                self._failing_module = (raised, path)  # the innermost module that raised
+            if not recorded:
+                return
+            event = events[index]
+            if raised is not None:  # always_call: the forward raised inside this module
+                event.failed = True
+                event.seconds = event.flops = None
+                return
+            if isinstance(output, torch.Tensor):
+                event.outputs = ((output.shape, output.dtype),)
+                outs = [output] if meta else ()
+            else:
+                outs = list(iter_tensors(output))
+                event.outputs = _specs(outs)
+            if meta:
+                event.seconds = None
+                event.flops = self._flops - (event.flops or 0)
+                event.memory = sum(t.numel() * t.element_size() for t in outs)
+            else:
+                event.seconds = clock() - event.seconds  # type: ignore[operator]
+
+        self._pre_hooks[id(module)] = pre
+        self._exits.callback(module.register_forward_pre_hook(pre, with_kwargs=True).remove)
+        self._exits.callback(module.register_forward_hook(post, always_call=True).remove)
+
+    def _discover_root(self, module: nn.Module, args: tuple[Any, ...]) -> Any:
+        """Global pre-hook: the first module called outside every traced model becomes a root."""
+        if self._stack or id(module) in self._hooked:
+            return None
+        self._roots.append(module)
+        self._attach(module)  # in meta mode this also swaps its parameters for meta twins
+        # This call's own pre-hooks were collected before we attached ours: run ours by hand.
+        # (A global pre-hook sees no kwargs, so this first call records positional inputs only.)
+        pre = self._pre_hooks.get(id(module))
+        result = pre(module, args, {}) if pre is not None else None
+        return result[0] if result is not None else None
+
+    # --- called by the op recorder -------------------------------------------------------
+
+    def records_ops(self) -> bool:
+        """Whether an op running now belongs in the trace."""
+        if not self.ops:
+            return False
+        return self._stack[-1][1] if self._stack else self.include is None
+
+    def op_done(self, name: str, args: Any, kwargs: dict[str, Any], result: Any,
+                frame: Any) -> None:
+        """An op returned (called by the op recorder, for every op but noise)."""
+        record = self.records_ops()
+        if not (record or self.meta):
+            return
+        ins, outs = _shape_ops.tensors_in(args, kwargs), _shape_ops.tensors_out(result)
+        flops = _shape_meta.op_flops(name, ins, outs) if self.meta else 0
+        self._flops += flops
+        if not record:
+            return
+        path, _, parent = self._stack[-1] if self._stack else ("", False, -1)
+        key = (path, name)
+        call = self._op_calls.get(key, 0)
+        self._op_calls[key] = call + 1
+        event = ShapeEvent("op", path, name, call, parent, _specs(ins), _specs(outs),
+                           *(_shape_ops.user_site(frame) or ("", 0)),
+                           in_ids=tuple(map(id, ins)), out_ids=tuple(map(id, outs)))
+        if self.meta:
+            event.flops = flops
+            event.memory = _shape_meta.output_bytes(outs, ins)
+        self._events.append(event)
+
+    def op_failed(self, name: str, args: Any, kwargs: dict[str, Any], exc: Exception,
+                  site: tuple[str, int] | None) -> None:
+        if self._failure is not None and self._failure.exc is exc:
+            return  # the same error passing up through an outer op
+        ins = _shape_ops.tensors_in(args, kwargs)
+        path, _, parent = self._stack[-1] if self._stack else ("", False, -1)
+        self._failure = Failure(exc=exc, op=name, operands=ins, module=path, site=site)
+        if self.records_ops():
+            call = self._op_calls.get((path, name), 0)
+            self._events.append(ShapeEvent("op", path, name, call, parent, _specs(ins), (),
+                                           *(site or ("", 0)), failed=True,
+                                           in_ids=tuple(map(id, ins))))
+
+    # --- the result ------------------------------------------------------------------------
+
+    @property
+    def trace(self) -> ShapeTrace:
+        """The events so far (also after a failure)."""
+        dims = self._dims or Dims.infer(self._roots[0] if self._roots else None, (),
+                                        self._overrides)
+        error = self._failure.explanation if self._failure is not None else ""
+        return ShapeTrace(list(self._events), dims, ops=self.ops, meta=self.meta, error=error,
+                          roots=list(self._root_names))
+
+    def _explain(self, exc: Exception) -> None:
+        failure = self._failure if self._failure is not None and self._failure.exc is exc else None
+        if failure is None:
+            module = self._failing_module
+            failure = Failure(exc=exc, module=module[1] if module and module[0] is exc else None)
+        failure.meta = self.meta
+        self._failure = failure
+        failure.explanation = explain(failure, self.trace.dims, self._roots)
+        failure.operands = []  # drop the tensors: the trace keeps only their shapes
+        add_context(exc, failure.explanation, self.trace)
+
+
+def _call_depths(named: list[tuple[str, nn.Module]]) -> dict[str, int]:
+    """How deep each module sits in the *calls*: containers that are never called
+    (``ModuleList``, ``ModuleDict``) do not count, so ``transformer.h.0`` is depth 1."""
+    containers = {path for path, m in named if isinstance(m, (nn.ModuleList, nn.ModuleDict))}
+    depths = {}
+    for path, _ in named:
+        parts = path.split(".") if path else []
+        prefixes = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        depths[path] = sum(1 for prefix in prefixes if prefix not in containers)
+    return depths
+
+
+def _outermost(models: list[nn.Module]) -> list[nn.Module]:
+    """Drop models that are inside another one: the outer model's hooks already cover them."""
+    inner = {id(sub) for m in models for sub in m.modules() if sub is not m}
+    seen: set[int] = set()
+    kept = []
+    for m in models:
+        if id(m) not in inner and id(m) not in seen:
+            seen.add(id(m))
+            kept.append(m)
+    return kept
+
+
+def trace_shapes(model: nn.Module, *inputs: Any, ops: bool = False, meta: bool = False,
+                 depth: int | None = None, include: Pattern | None = None,
+                 dims: Mapping[str, int] | None = None, **forward_kwargs: Any) -> ShapeTrace:
+    """Run ``model(*inputs, **forward_kwargs)`` once and return the shapes it produced.
+
+    - ``ops``: also every torch op, with its module and source line (GPT-2's attention takes
+      its explicit path, so q, k, v, scores and weights appear).
+    - ``meta``: shapes only, on meta tensors: no weight is read or copied; FLOPs and activation
+      memory per event.
+    - ``depth``: modules down to this call depth (the model is 0, GPT-2's blocks are 1;
+      ``ModuleList``/``ModuleDict`` do not count); ``include``: module-path glob.
+    - ``dims``: names for sizes, e.g. ``{"B": 2, "T": 16}`` (more come from the config).
+
+    When the forward raises, the original exception is re-raised with an explanation, and the
+    trace up to the failure is ``exc.shape_trace``.
+
+    >>> from torchlens_edu.models import GPT2, GPT2Config
+    >>> m = GPT2(GPT2Config.preset("tiny")).eval()
+    >>> tr = trace_shapes(m, torch.zeros(2, 8, dtype=torch.long), depth=2)
+    >>> tr.modules("transformer.wte")[0].output_shapes
+    [(2, 8, 32)]
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"trace_shapes needs an nn.Module first, got {type(model).__name__}: "
+                        "trace_shapes(model, *inputs)")
+    with ShapeTracer(model, ops=ops, meta=meta, depth=depth, include=include,
+                     dims=dims) as tracer:
+        model(*inputs, **forward_kwargs)
+    return tracer.trace
+
+
+__all__ = ["ShapeEvent", "ShapeTrace", "ShapeTracer", "trace_shapes"]
