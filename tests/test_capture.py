@@ -1,0 +1,234 @@
+"""capture() / ActivationCache: shapes equal the real ones on the zoo, gradients, the memory
+estimate and limit, in-place edits, and the table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from zoo import ZOO, ZOO_BY_NAME, ModelGuard, ZooEntry
+
+import torchlens_edu as tle
+import torchlens_edu.shapes
+from torchlens_edu._tree import iter_tensors
+from torchlens_edu.capture import CaptureTooLarge, capture, parse_bytes
+
+
+def _build(entry: ZooEntry) -> nn.Module:
+    if entry.needs:
+        pytest.importorskip(entry.needs)
+    return entry.build()
+
+
+def _real_outputs(model: nn.Module, entry: ZooEntry) -> dict[tuple[str, int], list[torch.Tensor]]:
+    """Every module call's output tensors (cloned), from plain torch hooks: the reference."""
+    seen: dict[tuple[str, int], list[torch.Tensor]] = {}
+    calls: dict[str, int] = {}
+
+    def record(path: str, out: object) -> None:
+        call = calls.get(path, 0)
+        calls[path] = call + 1
+        seen[(path, call)] = [t.detach().clone() for t in iter_tensors(out)]
+
+    handles = [m.register_forward_hook(lambda mod, a, out, path=path: record(path, out))
+               for path, m in model.named_modules()]
+    try:
+        with torch.no_grad():
+            entry.run(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("entry", ZOO, ids=lambda e: e.name)
+def test_captured_shapes_and_values_equal_the_real_ones(entry: ZooEntry) -> None:
+    model = _build(entry)
+    real = _real_outputs(model, entry)
+    guard = ModelGuard(model)
+    with torch.no_grad(), tle.inspect(model).capture("*", clone=True) as cache:
+        out = entry.run(model)
+    assert set(cache) == set(real)
+    for key, tensors in real.items():
+        got = list(iter_tensors(cache[key]))
+        assert [t.shape for t in got] == [t.shape for t in tensors], key
+        for a, b in zip(got, tensors, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert "ActivationCache" in repr(cache)
+    guard.check(out)
+
+
+@pytest.mark.parametrize("name", ["gpt2_ours", "hf_llama", "lstm", "mlp_twice"])
+def test_gradients_match_autograd(name: str) -> None:
+    entry = ZOO_BY_NAME[name]
+    model = _build(entry)
+    guard = ModelGuard(model)
+    with capture(model, "*", grads=True, detach=False) as cache:
+        out = entry.run(model)
+        logits = next(iter_tensors(out))
+        loss = logits.float().pow(2).mean()
+        keys = [k for k in cache if next(iter_tensors(cache[k])).requires_grad][:6]
+        wanted = [next(iter_tensors(cache[k])) for k in keys]
+        expected = torch.autograd.grad(loss, wanted, retain_graph=True, allow_unused=True)
+        loss.backward()
+    for key, ref in zip(keys, expected, strict=True):
+        got = next(iter_tensors(cache.activation(*key).grad))
+        if ref is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, ref)
+    assert "max|g|" in repr(cache)
+    guard.check(out)
+
+
+def test_cache_access_by_path_and_call() -> None:
+    entry = ZOO_BY_NAME["mlp_twice"]
+    model = entry.build()
+    with capture(model, "block", inputs=True) as cache:
+        x = entry.inputs()[0][0]
+        model(x)
+    assert cache.keys() == [("block", 0), ("block", 1)]
+    assert "block" in cache and ("block", 1) in cache and ("out", 0) not in cache
+    with pytest.raises(KeyError, match=r"ran 2 times.*cache\['block', 0\]"):
+        cache["block"]
+    assert torch.equal(cache.inputs("block", 0)[0][0], x)
+    assert torch.equal(cache.inputs("block", 1)[0][0], cache["block", 0])
+    with pytest.raises(KeyError, match="Did you mean block"):
+        cache["blok"]
+    with pytest.raises(KeyError, match=r"calls 0\.\.1"):
+        cache["block", 5]
+    assert list(cache.to_dict()) == ["block#0", "block#1"]
+    assert cache.paths() == ["block"]
+
+
+def test_the_cache_holds_the_latest_forward() -> None:
+    model = ZOO_BY_NAME["gpt2_ours"].build()
+    with capture(model, "transformer.h.0") as cache:
+        model(torch.zeros(1, 3, dtype=torch.long))
+        model(torch.zeros(2, 5, dtype=torch.long))
+    assert cache.forwards == 2 and len(cache) == 1
+    assert cache["transformer.h.0"].shape == (2, 5, 32)
+
+
+def test_named_dims_in_the_table() -> None:
+    model = ZOO_BY_NAME["gpt2_ours"].build()
+    with capture(model, "transformer.h.0.mlp.c_fc") as cache:
+        model(torch.zeros(2, 8, dtype=torch.long))
+    text = repr(cache)
+    assert "(B=2, T=8, 4C=128)" in text and "NaN/Inf" in text
+    assert "ActivationCache: 1 calls" in text
+
+
+def test_nan_and_inf_are_counted_in_the_table() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Softplus())
+    with torch.no_grad():
+        model[0].weight.fill_(float("nan"))
+    with capture(model, "0") as cache:
+        model(torch.ones(3, 2))
+    row = next(line for line in repr(cache).splitlines() if line.startswith("0 "))
+    assert row.split("│")[-1].strip() == "6"
+
+
+def test_memory_is_estimated_from_a_meta_run_and_cached() -> None:
+    model = ZOO_BY_NAME["gpt2_ours"].build()
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    with capture(model, "transformer.h.*") as cache:
+        model(ids)
+    assert cache.estimate == cache.nbytes > 0
+    calls = []
+    real = torchlens_edu.shapes.trace_shapes
+    try:
+        torchlens_edu.shapes.trace_shapes = lambda *a, **k: calls.append(1) or real(*a, **k)
+        with capture(model, "transformer.h.*") as again:
+            model(ids)
+    finally:
+        torchlens_edu.shapes.trace_shapes = real
+    assert calls == [] and again.estimate == cache.estimate  # same shapes: no second meta run
+    with capture(model, "transformer.h.*", grads=True) as with_grads:
+        model(ids).sum().backward()
+    assert with_grads.estimate == 2 * cache.estimate
+
+
+def test_a_capture_too_large_is_refused_before_the_forward_runs() -> None:
+    model = ZOO_BY_NAME["gpt2_ours"].build()
+    ran: list[bool] = []  # were wte's ids meta? the meta run may call it, the real one must not
+    spy = model.transformer.wte.register_forward_hook(lambda m, a, out: ran.append(a[0].is_meta))
+    guard = ModelGuard(model)
+    with pytest.raises(CaptureTooLarge, match=r"would hold .* above the limit of 1000 B"), \
+            capture(model, "*", max_bytes=1000):
+        model(torch.zeros(2, 8, dtype=torch.long))
+    assert all(ran)
+    guard.check()
+    spy.remove()
+
+
+class ValueDependent(nn.Module):
+    """Reads a value in its forward, which a shape-only (meta) run cannot do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(64, 64)
+        self.b = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps = int(x.abs().sum().item() > -1) + 1
+        for _ in range(steps):
+            x = self.b(self.a(x))
+        return x
+
+
+def test_without_a_meta_run_the_limit_is_kept_while_capturing() -> None:
+    model = ValueDependent()
+    guard = ModelGuard(model)
+    x = torch.ones(4, 64)  # each output: 1 KiB
+    with capture(model, "*", max_bytes="3KiB") as cache, \
+            pytest.raises(CaptureTooLarge, match=r"already reached 4 KiB"):
+        model(x)
+    assert len(cache) == 0 and "no estimate" in cache.note
+    guard.check()
+    with capture(model, "a", max_bytes="3KiB") as cache:
+        model(x)
+    assert cache.keys() == [("a", 0), ("a", 1)] and cache.estimate is None
+
+
+def test_in_place_changes_after_capture_are_flagged_and_clone_prevents_them() -> None:
+    entry = ZOO_BY_NAME["inplace_after"]
+    model = entry.build()
+    with capture(model, "fc1") as shared:
+        entry.run(model)
+    assert shared.activation("fc1").modified_in_place
+    assert "changed in place" in repr(shared)
+    with capture(model, "fc1", clone=True) as cloned:
+        entry.run(model)
+    assert not cloned.activation("fc1").modified_in_place
+    torch.testing.assert_close(shared["fc1"], 2 * cloned["fc1"])
+
+
+def test_detach_and_device_options() -> None:
+    model = ZOO_BY_NAME["gpt2_ours"].build()
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with capture(model, "lm_head") as detached:
+        model(ids)
+    assert detached["lm_head"].grad_fn is None
+    with capture(model, "lm_head", detach=False, device="cpu") as attached:
+        model(ids)
+    assert attached["lm_head"].grad_fn is not None
+    with capture(model, "lm_head", device="meta") as moved:
+        model(ids)
+    assert moved["lm_head"].is_meta
+
+
+def test_parse_bytes() -> None:
+    assert parse_bytes("1.5K") == 1536 and parse_bytes("2 MB") == 2_000_000
+    for bad in ("lots", "-1GB", 0, "3 parsecs"):
+        with pytest.raises(ValueError, match="max_bytes"):
+            parse_bytes(bad)  # type: ignore[arg-type]
+
+
+def test_empty_cache_says_how_to_fill_it() -> None:
+    model = nn.Linear(2, 2)
+    with capture(model, "") as cache:
+        pass
+    assert "run the model inside the `with` block" in repr(cache)
+    with pytest.raises(KeyError, match="nothing captured yet"):
+        cache[""]
