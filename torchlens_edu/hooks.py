@@ -175,6 +175,7 @@ class HookSet:
                     result = self._call(fn, HookCall("forward", path, mod, index, args, kwargs,
                                                      output))
                     if result is not None:
+                        _check_replacement(result, output, path)
                         output, changed = result, True
                 return output if changed else None
 
@@ -291,6 +292,16 @@ def hooks(model: nn.Module) -> HookSet:
     ('', (3, 1))
     """
     return HookSet(model)
+
+
+def _check_replacement(result: Any, output: Any, path: str) -> None:
+    """A tensor output replaced by a non-tensor is nearly always a hook that returned a value
+    by accident (``lambda c: d.setdefault(...)``): say so instead of breaking the model."""
+    if isinstance(output, torch.Tensor) and not isinstance(result, torch.Tensor):
+        raise TypeError(f"a forward hook on '{path}' returned {type(result).__name__}, which "
+                        "would replace the module's tensor output. Return None to keep the "
+                        "output (a lambda returns the value of its expression), or a tensor "
+                        "to replace it.")
 
 
 def _as_inputs(result: Any, args: tuple, kwargs: dict, path: str) -> tuple[tuple, dict]:

@@ -32,9 +32,10 @@ from rich.tree import Tree
 
 from torchlens_edu._console import render_html, render_text
 from torchlens_edu._modules import Pattern, match_modules, module_paths
+from torchlens_edu._tree import iter_tensors
 from torchlens_edu.capture import ActivationCache, capture
 from torchlens_edu.dims import Dims
-from torchlens_edu.hooks import HookSet, require_module
+from torchlens_edu.hooks import HookCall, HookSet, require_module
 
 
 @dataclass
@@ -108,8 +109,9 @@ class Inspector:
 
     def summary(self, *inputs: Any, depth: int = 3, **forward_kwargs: Any) -> ModelSummary:
         """A torchinfo table: every module to ``depth`` with its output shape (when inputs are
-        given: one forward under ``no_grad``) in named dims and its parameters, and a footer
-        that explains the parameter count (weight tying)."""
+        given: one forward in eval mode under ``no_grad``; train/eval flags are restored) in
+        named dims and its parameters, and a footer that explains the parameter count
+        (weight tying)."""
         import torchinfo.torchinfo as torchinfo
 
         modes = {m: m.training for m in self.model.modules()}
@@ -118,17 +120,28 @@ class Inspector:
         # torchinfo calls model(*list) or model(**dict): keyword-only models pass a dict
         data: Any = list(inputs) if inputs else (dict(forward_kwargs) or None)
         extra = forward_kwargs if inputs else {}
+        # torchinfo shows the *last* value of a dict output (HF's ModelOutput: often not the
+        # logits); we note every module's output tensors ourselves during its forward
+        outputs: dict[nn.Module, list[torch.Size]] = {}
+
+        def note(call: HookCall) -> None:
+            if call.module not in outputs:
+                outputs[call.module] = [t.shape for t in iter_tensors(call.output)]
+
         try:
-            stats = torchinfo.summary(
-                self.model, input_data=data, depth=depth, verbose=0, device=device,
-                mode="train" if self.model.training else "eval", **extra)
+            with HookSet(self.model) as h:
+                h.forward("*", note)
+                stats = torchinfo.summary(
+                    self.model, input_data=data, depth=depth, verbose=0, device=device,
+                    mode="eval", **extra)  # eval: BatchNorm statistics stay as they are
         finally:
             torchinfo._cached_forward_pass.clear()
             torchinfo._cached_forward_pass.update(cached)
             for module, training in modes.items():  # torchinfo resets only the root's mode
                 module.training = training
         dims = Dims.infer(self.model, [inputs, forward_kwargs], self._overrides)
-        return ModelSummary(self.model, stats.summary_list, depth, dims, self.parameters())
+        return ModelSummary(self.model, stats.summary_list, depth, dims, self.parameters(),
+                            outputs)
 
     # -- the tools, bound to this model ---------------------------------------------------
 
@@ -277,22 +290,21 @@ def _human(n: int) -> str:
 class ModelSummary:
     """What :meth:`Inspector.summary` returns: torchinfo's rows, shown with named dims.
 
-    ``rows`` are ``(path, class name, depth, output shape or None, parameters)``.
+    ``rows`` are ``(path, class name, depth, output shapes, parameters)``; ``output shapes``
+    lists the shapes of every tensor the module returned on its first call (empty without
+    inputs, or for a module that did not run).
     """
 
     def __init__(self, model: nn.Module, layers: list[Any], depth: int, dims: Dims,
-                 params: ParamCount) -> None:
+                 params: ParamCount, outputs: Mapping[nn.Module, list[torch.Size]]) -> None:
         paths = module_paths(model)
         self.dims, self.params = dims, params
-        self.rows: list[tuple[str, str, int, list[int] | None, int]] = []
-        for layer in layers:
-            if layer.depth > depth:
-                continue
-            output = list(layer.output_size) if getattr(layer, "output_size", None) else None
-            self.rows.append((paths.get(layer.module, layer.var_name), layer.class_name,
-                              layer.depth, output, _own_total(layer.module)))
+        self.rows: list[tuple[str, str, int, list[torch.Size], int]] = [
+            (paths.get(layer.module, layer.var_name), layer.class_name, layer.depth,
+             outputs.get(layer.module, []), _own_total(layer.module))
+            for layer in layers if layer.depth <= depth]
 
-    def __iter__(self) -> Iterator[tuple[str, str, int, list[int] | None, int]]:
+    def __iter__(self) -> Iterator[tuple[str, str, int, list[torch.Size], int]]:
         return iter(self.rows)
 
     def __rich__(self) -> Group:
@@ -302,8 +314,9 @@ class ModelSummary:
         table.add_column("output", no_wrap=True)
         table.add_column("params", justify="right", style="cyan")
         for path, cls, depth, output, params in self.rows:
-            shape = self.dims.format(output) if output and isinstance(output[0], int) else (
-                str(output) if output else "")
+            shape = self.dims.format(output[0]) if output else ""
+            if len(output) > 1:  # tuples, dicts, ModelOutput: the first tensor, and a count
+                shape += f" +{len(output) - 1} more"
             table.add_row("  " * depth + (path.rsplit(".", 1)[-1] or "<model>"), cls, shape,
                           f"{params:,}" if params else "-")
         return Group(table, Text(self.params.explain()))
