@@ -202,10 +202,11 @@ def test_diff_reports_changed_added_and_removed_events(tiny_gpt2):
     json.dumps(removed.to_dict())
 
 
-def test_user_dims_override_and_label_shapes(tiny_gpt2):
-    trace = trace_shapes(tiny_gpt2, torch.zeros(3, 8, dtype=torch.long), dims={"batch": 3})
-    assert trace.dims["batch"] == 3 and trace.dims["hs"] == 16 and "B" not in trace.dims
-    assert "(batch=3, T=8, C=32)" in str(trace)
+def test_user_dims_name_the_sizes(tiny_gpt2):
+    trace = trace_shapes(nn.Linear(5, 7), torch.zeros(3, 5), dims={"F": 5, "K": 7})
+    assert "(B=3, F=5) -> (B=3, K=7)" in str(trace)
+    trace = trace_shapes(tiny_gpt2, torch.zeros(3, 8, dtype=torch.long), dims={"T": 9})
+    assert trace.dims["T"] == 9 and trace.dims["hs"] == 16  # the user's word wins
 
 
 def test_shape_tracer_traces_any_block_of_code(tiny_gpt2, tiny_ids):

@@ -26,6 +26,7 @@ from torchlens_edu._frames import is_user_file
 from torchlens_edu._shape_meta import DATA_DEPENDENT
 from torchlens_edu.dims import Dims
 
+_HAS_NOTES = hasattr(BaseException, "add_note")  # Python 3.11+
 _MATMUL = frozenset({"@", "matmul", "bmm", "mm", "mv", "baddbmm", "addmm", "addmv", "einsum"})
 
 
@@ -86,7 +87,7 @@ def explain(failure: Failure, dims: Dims, roots: list[nn.Module]) -> str:
 def add_context(exc: BaseException, text: str, trace: Any) -> None:
     """Attach the explanation and the partial trace to ``exc`` without changing its type."""
     note = f"{text}\n  the trace up to the failure: exc.shape_trace ({len(trace)} events)"
-    if hasattr(exc, "add_note"):  # Python 3.11+
+    if _HAS_NOTES:
         exc.add_note(note)
     elif exc.args and isinstance(exc.args[0], str):  # Python 3.10: extend the message itself
         exc.args = (f"{exc.args[0]}\n\n{note}", *exc.args[1:])
@@ -264,7 +265,7 @@ def _dtype_expectation(ops: list[_Operand], low: str) -> tuple[str, str]:
     if floats and ints:
         target = str(floats[0].dtype).removeprefix("torch.")
         return (f"operands of one dtype ({kinds})",
-                f"convert the integer tensor: {ints[0].name}.to({target}) or .float()")
+                f"convert the integer tensor: {ints[0].name}.to(torch.{target})")
     if len({o.dtype for o in ops}) > 1:
         target = str(ops[-1].dtype).removeprefix("torch.")
         return f"operands of one dtype ({kinds})", f"convert one of them, e.g. .to(torch.{target})"

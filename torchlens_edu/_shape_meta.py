@@ -38,7 +38,8 @@ def to_meta(tensor: torch.Tensor) -> torch.Tensor:
 
 def inputs_to_meta(args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """``(args, kwargs)`` with every tensor inside replaced by its meta twin."""
-    return map_tensors(to_meta, args), map_tensors(to_meta, kwargs)
+    with torch._C.DisableTorchFunction():  # our conversion is not one of the model's ops
+        return map_tensors(to_meta, args), map_tensors(to_meta, kwargs)
 
 
 def meta_state(model: nn.Module) -> dict[str, torch.Tensor]:

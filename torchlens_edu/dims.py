@@ -114,23 +114,15 @@ class Dims(Mapping[str, int]):
               overrides: Mapping[str, int] | None = None) -> Dims:
         """Names from the user's overrides, then the inputs, then the model's config.
 
-        A user's name for a size replaces the name the inputs would give it (``batch=2``
-        instead of ``B=2``); names from the config stay, as they name other roles.
-
         >>> from torchlens_edu.models import GPT2, GPT2Config
         >>> m = GPT2(GPT2Config.preset("tiny"))
         >>> Dims.infer(m, [torch.zeros(1, 8, dtype=torch.long)])["T"]
         8
-        >>> list(Dims.infer(None, [torch.zeros(2, 8, dtype=torch.long)], {"batch": 2}))
-        ['batch', 'T']
         """
         sizes: dict[str, int] = dict(overrides or {})
-        named = set(sizes.values())
-        for name, size in dims_from_inputs(*inputs).items():
-            if size not in named:
+        for source in (dims_from_inputs(*inputs), dims_from_config(_config_of(model))):
+            for name, size in source.items():
                 sizes.setdefault(name, size)
-        for name, size in dims_from_config(_config_of(model)).items():
-            sizes.setdefault(name, size)
         return cls(sizes)
 
     def merged(self, other: Mapping[str, int]) -> Dims:

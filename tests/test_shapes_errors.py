@@ -1,0 +1,156 @@
+"""When the forward raises, the trace explains it and re-raises the original exception."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from torchlens_edu import _shape_errors
+from torchlens_edu.shapes import trace_shapes
+
+
+def _note(exc: BaseException) -> str:
+    return "\n".join(getattr(exc, "__notes__", []))
+
+
+class WrongTranspose(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(32, 96)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, _v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, 2, 16).transpose(1, 2)
+        k = k.view(B, T, 2, 16).transpose(1, 2)
+        scores = q @ k / math.sqrt(16)  # should be k.transpose(-2, -1)
+        return scores
+
+
+@pytest.mark.parametrize("ops", [False, True])
+def test_wrong_transpose_before_matmul(ops):
+    x = torch.randn(2, 8, 32)
+    with pytest.raises(RuntimeError) as info:
+        trace_shapes(WrongTranspose(), x, ops=ops, dims={"nh": 2, "hs": 16})
+    exc = info.value
+    assert "batch2 tensor" in str(exc)  # torch's own message is still there, first
+    note = _note(exc)
+    assert "scores = q @ k / math.sqrt(16)" in note
+    assert "q  (B=2, nh=2, T=8, hs=16)" in note and "k  (B=2, nh=2, T=8, hs=16)" in note
+    assert "a's last axis (hs=16) to equal b's second-to-last axis (T=8)" in note
+    assert "did you mean k.transpose(-2, -1)?" in note
+    assert ("`matmul` failed" in note) == ops
+    trace = exc.shape_trace
+    assert trace.events[0].failed and trace.modules("qkv")[0].output_shapes == [(2, 8, 96)]
+    assert "k.transpose(-2, -1)" in trace.error and "✗ failed" in str(trace)
+
+
+class TokenMixer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):  # x: (B, T, C), mixes along T
+        return self.proj(x.transpose(1, 2)).transpose(1, 2)
+
+
+def test_missing_batch_dim():
+    with pytest.raises(IndexError) as info:
+        trace_shapes(TokenMixer(), torch.randn(8, 16))
+    note = _note(info.value)
+    assert "self.proj(x.transpose(1, 2))" in note and "x  (8, 16)" in note
+    assert "a tensor with 2 axes, but the code uses axis 2" in note
+    assert "batch axis is probably missing" in note and "x.unsqueeze(0)" in note
+
+
+def test_int64_input_to_a_float_layer():
+    model = nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(RuntimeError, match="same dtype") as info:
+        trace_shapes(model, torch.ones(2, 4, dtype=torch.long), ops=True)
+    note = _note(info.value)
+    assert "`linear` failed in 0" in note
+    assert "0.weight  (3, T=4)  float32" in note and "(B=2, T=4)  int64" in note
+    assert "convert the integer tensor: tensor.to(torch.float32)" in note
+
+
+class MaskedScores(nn.Module):
+    def forward(self, scores, mask):
+        return scores.masked_fill(~mask, float("-inf"))
+
+
+def test_mask_of_wrong_length():
+    scores = torch.randn(2, 2, 8, 8)
+    mask = torch.ones(7, 7, dtype=torch.bool).tril()
+    with pytest.raises(RuntimeError, match="must match the size") as info:
+        trace_shapes(MaskedScores(), scores, mask, ops=True, dims={"B": 2, "nh": 2, "T": 8})
+    note = _note(info.value)
+    assert "`masked_fill` failed" in note
+    assert "scores  (B=2, nh=2, T=8, T=8)" in note
+    assert "axis -1: T=8 vs 7" in note and "axis -2: T=8 vs 7" in note
+    assert "was built for another length" in note
+
+
+def test_tensor_left_on_the_cpu_in_a_meta_run():
+    class MakesMask(nn.Module):
+        def forward(self, x):
+            mask = torch.ones(x.shape[1], x.shape[1])  # forgot device=x.device
+            return x + mask
+
+    with pytest.raises(RuntimeError) as info:
+        trace_shapes(MakesMask(), torch.randn(2, 4, 4), meta=True)
+    note = _note(info.value)
+    assert "return x + mask" in note and "device=x.device" in note
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpu_cuda_mix():
+    model = nn.Linear(4, 4).cuda()
+    with pytest.raises(RuntimeError, match="device") as info:
+        trace_shapes(model, torch.randn(2, 4), ops=True)
+    note = _note(info.value)
+    assert "all operands on one device" in note and "cuda:0" in note and "cpu" in note
+
+
+def test_data_dependent_op_in_a_meta_run_is_named():
+    class CountsTokens(nn.Module):
+        def forward(self, ids):
+            n = int((ids > 0).sum().item())  # needs values
+            return ids[:, :n]
+
+    with pytest.raises(RuntimeError, match="meta") as info:
+        trace_shapes(CountsTokens(), torch.ones(2, 5, dtype=torch.long), meta=True)
+    note = _note(info.value)
+    assert "`item` failed" in note and "n = int((ids > 0).sum().item())" in note
+    assert "meta (shape-only) run has no values" in note
+
+
+def test_errors_caught_inside_the_forward_keep_the_trace_consistent():
+    class Fallback(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bad, self.good = nn.Linear(3, 3), nn.Linear(4, 4)
+
+        def forward(self, x):
+            try:
+                return self.bad(x)
+            except RuntimeError:
+                return self.good(x)
+
+    trace = trace_shapes(Fallback(), torch.randn(2, 4))
+    root, bad, good = trace.events
+    assert bad.failed and not good.failed and not root.failed
+    assert good.parent == 0 and root.output_shapes == [(2, 4)]
+    assert not trace.error
+
+
+def test_python_310_fallback_extends_the_message(monkeypatch):
+    monkeypatch.setattr(_shape_errors, "_HAS_NOTES", False)
+    with pytest.raises(RuntimeError) as info:
+        trace_shapes(WrongTranspose(), torch.randn(2, 8, 32))
+    message = str(info.value)
+    assert message.startswith("Expected size") and "k.transpose(-2, -1)" in message
+    assert not getattr(info.value, "__notes__", None)

@@ -1,0 +1,116 @@
+"""Shape-only traces on meta tensors: same shapes as real runs, no weights touched."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from torchlens_edu._shape_meta import meta_state
+from torchlens_edu.models import GPT2, GPT2Config, explicit_attention
+from torchlens_edu.shapes import trace_shapes
+
+
+def _by_key(trace):
+    return {(e.kind, e.path, e.name, e.call): (e.input_shapes, e.output_shapes)
+            for e in trace.events}
+
+
+def test_meta_trace_has_the_shapes_of_a_real_run(tiny_gpt2, tiny_ids):
+    for ops in (False, True):
+        real = trace_shapes(tiny_gpt2, tiny_ids, ops=ops)
+        meta = trace_shapes(tiny_gpt2, tiny_ids, ops=ops, meta=True)
+        assert _by_key(meta) == _by_key(real)
+        assert meta.meta and all(e.seconds is None for e in meta.events)
+
+
+def test_meta_trace_touches_no_weight(tiny_gpt2, tiny_ids):
+    params = {name: (p, p.detach().clone()) for name, p in tiny_gpt2.named_parameters()}
+    trace_shapes(tiny_gpt2, tiny_ids, meta=True, ops=True)
+    for name, param in tiny_gpt2.named_parameters():
+        assert param is params[name][0] and param.device.type == "cpu"
+        assert torch.equal(param, params[name][1])
+    assert tiny_gpt2.lm_head.weight is tiny_gpt2.transformer.wte.weight
+    state = meta_state(tiny_gpt2)  # one meta twin per tensor: tied weights stay tied
+    assert state["lm_head.weight"] is state["transformer.wte.weight"]
+    assert all(t.is_meta for t in state.values())
+
+
+def test_flops_match_torch_flop_counter_and_memory_is_per_new_tensor(tiny_gpt2, tiny_ids):
+    trace = trace_shapes(tiny_gpt2, tiny_ids, meta=True, ops=True)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), explicit_attention(), counter:
+        tiny_gpt2(tiny_ids)
+    assert trace.events[0].flops == counter.get_total_flops() > 0
+    ops = trace.ops_at("transformer.h.0.attn")
+    view = next(e for e in ops if e.name == "view")
+    assert view.memory == 0  # a view allocates nothing
+    softmax = next(e for e in ops if e.name == "softmax")
+    assert softmax.memory == 2 * 2 * 8 * 8 * 4
+    assert trace.modules("lm_head")[0].flops == 2 * 2 * 8 * 32 * 256
+
+
+def test_a_model_built_on_meta_needs_meta_true():
+    with torch.device("meta"):
+        model = GPT2(GPT2Config.preset("tiny"))
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="meta=True"):
+        trace_shapes(model, ids)
+    assert trace_shapes(model, ids, meta=True).events[0].output_shapes == [(1, 4, 256)]
+
+
+def _names(labels: list[list[str]]) -> list[list[str]]:
+    return [[label.split("=")[0] for label in shape] for shape in labels]
+
+
+def test_gpt2_xl_meta_shapes_are_a_small_run_scaled_by_the_same_names():
+    small = GPT2(GPT2Config(vocab_size=300, n_positions=64, n_embd=96, n_layer=2, n_head=4))
+    with torch.device("meta"):
+        xl = GPT2(GPT2Config.preset("gpt2-xl"))
+    ids = torch.zeros(3, 5, dtype=torch.long)
+    real = trace_shapes(small.eval(), ids, ops=True).to_dict()["events"]
+    meta = trace_shapes(xl, ids, ops=True, meta=True).to_dict()["events"]
+    first_two = [e for e in meta
+                 if not re.match(r"transformer\.h\.([2-9]|\d\d)(\.|$)", e["path"])]
+
+    def named(events):
+        return [(e["kind"], e["path"], e["name"], e["call"], _names(e["dims"]["inputs"]),
+                 _names(e["dims"]["outputs"])) for e in events]
+
+    assert named(first_two) == named(real)
+    q = next(e for e in meta if e["path"] == "transformer.h.47.attn" and e["name"] == "transpose")
+    assert q["dims"]["outputs"] == [["B=3", "nh=25", "T=5", "hs=64"]]
+
+
+_XL_SCRIPT = """
+import json, resource, time, torch
+import torchlens_edu as tle
+from torchlens_edu.models import GPT2, GPT2Config
+with torch.device("meta"):
+    model = GPT2(GPT2Config.preset("gpt2-xl"))
+ids = torch.zeros(1, 1024, dtype=torch.long)
+start = time.perf_counter()
+trace = tle.trace_shapes(model, ids, meta=True)
+seconds = time.perf_counter() - start
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": seconds, "rss_mb": rss, "params": trace.events[0].params,
+                  "flops": trace.events[0].flops, "out": trace.events[0].output_shapes}))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="peak RSS via the resource module")
+def test_gpt2_xl_meta_trace_allocates_no_parameter_memory():
+    done = subprocess.run([sys.executable, "-c", _XL_SCRIPT], capture_output=True, text=True,
+                          timeout=300, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["params"] == 1_557_611_200  # 6.2 GB in float32 if it were allocated
+    assert result["out"] == [[1, 1024, 50257]]
+    assert result["rss_mb"] < 500, result
+    assert result["flops"] > 3e12
+    # The target is < 2 s on a laptop; this shared CI machine only gets a loose bound.
+    assert result["seconds"] < 60, result
