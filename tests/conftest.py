@@ -14,6 +14,9 @@ import torch
 from torchlens_edu.models import GPT2, GPT2Config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+# Tests run on tiny models, in parallel workers on small machines: one intra-op thread per
+# worker avoids oversubscription, which made a 20-token generation 100x slower on 2 cores.
+torch.set_num_threads(1)
 
 
 def _global_state() -> tuple:
