@@ -232,3 +232,10 @@ def test_empty_cache_says_how_to_fill_it() -> None:
     assert "run the model inside the `with` block" in repr(cache)
     with pytest.raises(KeyError, match="nothing captured yet"):
         cache[""]
+
+
+def test_html_repr_for_jupyter() -> None:
+    model = nn.Linear(2, 2)
+    with capture(model, "") as cache:
+        model(torch.zeros(1, 2))
+    assert "<pre" in cache._repr_html_() and "ActivationCache" in cache._repr_html_()

@@ -299,3 +299,13 @@ def test_paused_hooks_do_nothing() -> None:
             model(torch.zeros(1, 2))
         model(torch.zeros(1, 2))
     assert seen == [0]
+
+
+def test_an_accidental_non_tensor_return_is_explained() -> None:
+    model = nn.Linear(2, 2)
+    notes: dict[str, list[int]] = {}
+    with tle.hooks(model) as h:
+        h.forward("", lambda c: notes.setdefault(c.path, [1]))  # returns the list
+        with pytest.raises(TypeError, match="Return None to keep the output"):
+            model(torch.zeros(1, 2))
+    ModelGuard(model).check()
