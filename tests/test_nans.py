@@ -413,3 +413,18 @@ def test_report_prints_with_rich_and_is_exported(x):
     text = str(info.value)  # what an uncaught error shows: the whole report
     assert "hint: log/sqrt of <= 0" in text and line_of("log").rsplit("/", 1)[1] in text
     assert "<pre" in report._repr_html_()
+
+
+def test_a_failed_forward_or_backward_does_not_blind_the_next_steps(x):
+    torch.manual_seed(0)
+    model = Net(nn.Linear(4, 4), glue="where")  # its backward falls into the where trap
+    with watch_nans(model) as watch:
+        with pytest.raises(RuntimeError, match="shapes"):
+            model(torch.ones(3, 5))  # the user's own error, inside the forward
+        out = model(x)
+        out.register_hook(lambda g: (_ for _ in ()).throw(ValueError("user hook")))
+        with pytest.raises(ValueError, match="user hook"):
+            out.sum().backward()  # a backward that dies before its end
+        with pytest.raises(NonFiniteError) as info:
+            model(x).sum().backward()
+    assert (info.value.report.op, watch.reports[-1].step) == ("SqrtBackward0", 3)

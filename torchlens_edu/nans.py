@@ -161,7 +161,7 @@ class NanWatch:
         self._nested = 0
         self._pending: list[_Step] = []
         self._param_grads: list[tuple[str, torch.Tensor]] = []
-        self._queued = False
+        self._queued = -1  # the backward pass (graph task) whose check is queued
         self._warned: set[tuple[str, str, str, str]] = set()
 
     # ------------------------------------------------------------------ attach / detach
@@ -254,14 +254,18 @@ class NanWatch:
         self._queue()
 
     def _on_param_grad(self, name: str, param: torch.Tensor) -> None:
-        if not self._active or self._replaying or param.grad is None:
+        # only in the backward of a checked step (its output's gradient arrives first)
+        if not self._pending or self._replaying or param.grad is None:
             return
         self._param_grads.append((f"parameter {name}", _probe(param.grad)))
         self._queue()
 
     def _queue(self) -> None:
-        if not self._queued:  # one check when this backward pass ends
-            self._queued = True
+        # one check when this backward pass ends (a pass that failed midway drops its
+        # callback: the task id tells a new pass from the one already queued)
+        task = torch._C._current_graph_task_id()
+        if task != self._queued:
+            self._queued = task
             torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
 
     def _keep_grad(self, step: _Step, index: int, grad: torch.Tensor) -> None:
@@ -269,7 +273,7 @@ class NanWatch:
             step.replay.out_grads[index] = grad  # for a backward replay; dropped after the check
 
     def _on_backward_end(self) -> None:
-        self._queued = False
+        self._queued = -1
         steps, self._pending = self._pending, []
         params, self._param_grads = self._param_grads, []
         labels = [p for s in steps for p in s.grad_paths] + [name for name, _ in params]
@@ -314,15 +318,14 @@ class NanWatch:
     # ------------------------------------------------------------------ verdict
     def _verdict(self, step: _Step | None, phase: str, label: str | None,
                  kind: str | None) -> None:
-        """Share the verdict with the other ranks; locate and deliver when anyone is bad."""
-        code = 0 if kind is None else _PHASE_CODES[phase] * 4 + _KIND_CODES[kind]
+        """Locate what this rank saw, agree with the other ranks, deliver if anyone is bad."""
+        report = None if label is None or kind is None else self._locate(step, phase, label, kind)
+        code = 0
+        if report is not None:
+            code = _PHASE_CODES[report.phase] * 4 + _KIND_CODES.get(report.kind, 1)
         codes = _share(code)
-        if not any(codes):
-            return
-        if label is None or kind is None:
+        if report is None and any(codes):
             report = self._other_rank_report(codes)
-        else:
-            report = self._locate(step, phase, label, kind)
         if report is not None:
             self._deliver(report, step)
 
@@ -365,7 +368,8 @@ class NanWatch:
             self._replaying = False
         if producer is None:
             if phase == "forward" and label in self._replayer.allowed_modules:
-                self._allow_inf.add(label)  # it outputs -inf on purpose (a mask)
+                # its -inf is intended (a mask): no alarm, and none for these modules again
+                self._allow_inf |= self._replayer.allowed_modules
                 return None
             return self._unreproduced(phase, label, kind, step.source, step.index)
         step.producer = producer
