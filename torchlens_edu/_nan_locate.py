@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import sys
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -105,6 +106,17 @@ class _State:
 
 
 _CLEAN = _State()
+
+
+@dataclass(frozen=True)
+class _Creation:
+    """Where an autograd node came from: the forward call that made it."""
+
+    index: int = -1
+    op: str = ""
+    module: str = ""
+    source: str = ""
+    inputs: tuple[torch.Tensor, ...] = ()
 
 
 def bad_kinds(t: torch.Tensor, kinds: frozenset[str]) -> frozenset[str]:
@@ -199,7 +211,7 @@ class Replayer(TorchFunctionMode):
         self.busy = False
         self.stack: list[str] = []
         self.states: dict[int, tuple[weakref.ref, int, _State]] = {}
-        self.nodes: dict[Any, tuple[int, str, str, str, list[torch.Tensor]]] = {}
+        self.nodes: dict[Any, _Creation] = {}
 
     # ---------------------------------------------------------------- the three replays
     def forward(self, step: ReplayInputs) -> Producer | None:
@@ -367,7 +379,7 @@ class Replayer(TorchFunctionMode):
             if node is not None and node not in self.nodes:
                 source = source or frame_location(user_frame(sys._getframe(1)))
                 module = self.stack[-1] if self.stack else ""
-                self.nodes[node] = (index, _display(name), module, source, inputs)
+                self.nodes[node] = _Creation(index, _display(name), module, source, tuple(inputs))
 
     def _track(self, index: int, name: str, args: tuple, kwargs: dict,
                inputs: list[torch.Tensor], before: list[_State],
@@ -434,53 +446,48 @@ class Replayer(TorchFunctionMode):
 
     # ---------------------------------------------------------------- backward hooks
     def _hook_nodes(self, roots: list[torch.Tensor]) -> None:
-        owner: dict[Any, tuple[int, str, str, str, list[torch.Tensor]]] = {}
-        queue = [t.grad_fn for t in roots]
-        for node in queue:
-            owner.setdefault(node, self.nodes.get(node, (-1, "", "", "", [])))
-        seen = set(queue)
+        """A hook on every node of the graph; nodes made inside a call (the parts of a
+        composite op) take the creation of the node they were first reached from."""
+        queue = deque(t.grad_fn for t in roots)
+        creation = {node: self.nodes.get(node, _Creation()) for node in queue}
         while queue:
-            node = queue.pop(0)
+            node = queue.popleft()
             if type(node).__name__ != "AccumulateGrad":
-                node.register_hook(self._node_hook(node, owner[node]))
+                node.register_hook(self._node_hook(node, creation[node]))
             for nxt, _ in node.next_functions:
-                if nxt is not None and nxt not in seen:
-                    seen.add(nxt)
-                    owner[nxt] = self.nodes.get(nxt, owner[node])
+                if nxt is not None and nxt not in creation:
+                    creation[nxt] = self.nodes.get(nxt, creation[node])
                     queue.append(nxt)
 
-    def _node_hook(self, node: Any, info: tuple[int, str, str, str, list[torch.Tensor]]
-                   ) -> Callable:
+    def _node_hook(self, node: Any, made: _Creation) -> Callable:
         def hook(grad_inputs: tuple, grad_outputs: tuple) -> None:
             with self._quiet():
-                self._check_node(node, info, grad_inputs, grad_outputs)
+                self._check_node(node, made, grad_inputs, grad_outputs)
 
         return hook
 
-    def _check_node(self, node: Any, info: tuple[int, str, str, str, list[torch.Tensor]],
-                    grad_inputs: tuple, grad_outputs: tuple) -> None:
+    def _check_node(self, node: Any, made: _Creation, grad_inputs: tuple,
+                    grad_outputs: tuple) -> None:
         incoming = [g for g in grad_outputs if g is not None]
         if any(bad_kinds(g, self.kinds) for g in incoming):
             return  # downstream of the producer
         outgoing = [g for g in grad_inputs if g is not None]
         if any(bad_kinds(g, self.kinds) for g in outgoing):
-            raise _Found(self._backward_producer(node, info, incoming, outgoing))
+            raise _Found(self._backward_producer(node, made, incoming, outgoing))
 
-    def _backward_producer(self, node: Any, info: tuple[int, str, str, str, list[torch.Tensor]],
-                           incoming: list[torch.Tensor], outgoing: list[torch.Tensor]
-                           ) -> Producer:
-        index, forward_op, module, source, fwd_inputs = info
-        zero_incoming = _zero_where_bad(incoming, outgoing)
+    def _backward_producer(self, node: Any, made: _Creation, incoming: list[torch.Tensor],
+                           outgoing: list[torch.Tensor]) -> Producer:
         ins = [TensorSummary.of(f"grad of output {i}", g, self.dims)
                for i, g in enumerate(incoming)]
         ins += [TensorSummary.of(f"forward input {i}", t, self.dims)
-                for i, t in enumerate(fwd_inputs)]
+                for i, t in enumerate(made.inputs)]
         outs = [TensorSummary.of(f"grad of input {i}", g, self.dims)
                 for i, g in enumerate(outgoing)]
-        cause, detail = backward_cause(node.name(), forward_op, zero_incoming, outs)
-        return Producer("backward", index, node.name(), module, source, cause,
-                        hint_for(cause, detail), ins, outs, self._module_params(module),
-                        forward_op=forward_op)
+        cause, detail = backward_cause(node.name(), made.op, _zero_where_bad(incoming, outgoing),
+                                       outs)
+        return Producer("backward", made.index, node.name(), made.module, made.source, cause,
+                        hint_for(cause, detail), ins, outs, self._module_params(made.module),
+                        forward_op=made.op)
 
 
 def _zero_where_bad(incoming: list[torch.Tensor], outgoing: list[torch.Tensor]) -> bool:
