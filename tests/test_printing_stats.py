@@ -239,3 +239,28 @@ def test_cuda_stats_sync_once() -> None:
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) == 1, [str(w.message) for w in syncs]
     _assert_matches(s, x)
+
+
+def test_stats_are_invisible_to_active_modes() -> None:
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls: list[str] = []
+
+    class FunctionRecorder(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            calls.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class DispatchRecorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(4, 5)
+    x[0, 0] = math.nan
+    with FunctionRecorder(), DispatchRecorder():
+        line = describe(x.to(torch.bfloat16))
+        calls.clear()  # the .to() above is the user's; describe's own work must not show up
+        line = describe(x)
+    assert calls == [] and "NaN:1" in line

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-from torchlens_edu._stats import TensorStats, tensor_stats
+from torchlens_edu._stats import TensorStats, tensor_stats, unobserved
 from torchlens_edu.dims import Dims
 
 _SPARK = "▁▂▃▄▅▆▇█"
@@ -42,13 +42,14 @@ def describe(t: torch.Tensor, *, dims: Mapping[str, int] | None = None,
         raise TypeError(f"describe() takes a torch.Tensor, got {type(t).__name__}; "
                         "for a model use tle.inspect(model)")
     named = dims if isinstance(dims, Dims) else Dims(dims)
-    try:
-        head = _metadata(t, named)
-    except Exception as err:  # exotic subclasses: still say something useful, never raise
-        return f"{type(t).__name__} (metadata unavailable: {type(err).__name__}: {err})"
-    if not stats:
-        return head
-    return f"{head} {format_stats(tensor_stats(t), t.dtype)}".rstrip()
+    with unobserved():  # even reading .shape is seen by torch-function modes: hide our work
+        try:
+            head = _metadata(t, named)
+        except Exception as err:  # exotic subclasses: still say something useful, never raise
+            return f"{type(t).__name__} (metadata unavailable: {type(err).__name__}: {err})"
+        if not stats:
+            return head
+        return f"{head} {format_stats(tensor_stats(t), t.dtype)}".rstrip()
 
 
 def format_stats(s: TensorStats, dtype: torch.dtype) -> str:

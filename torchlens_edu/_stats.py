@@ -10,24 +10,30 @@ How it stays cheap:
 - float32/float64 CPU tensors are reduced in place (``aminmax``, ``sum``, ``vector_norm``,
   ``count_nonzero``: one pass each, no temporaries); we first look at ``aminmax`` (on CPU a
   read is free) and only take the masked path, with its temporaries, for real NaN/Inf;
-- everything else (other dtypes, other devices) is reduced in chunks of ~1M elements (views;
-  other dtypes are converted to float64 chunk by chunk, never as a full-size copy) and the
-  chunks' partial moments are merged on the device (Chan et al.'s parallel variance);
-- the sparkline histogram comes from a fixed-seed sample of a few thousand elements.
+- everything else (other dtypes, other devices, NaN/Inf) is copied chunk by chunk into one
+  reusable float32/float64 scratch buffer (never a full-size copy; on CPU a chunk stays in
+  cache), reduced there in place, and the chunks' partial moments are merged on the device
+  (Chan et al.'s parallel variance);
+- the sparkline histogram comes from a fixed, evenly spread sample of a few thousand elements;
+- our reductions are hidden from active torch-function/dispatch modes (tracers, NaN watchers).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 HIST_BINS = 8
 _SAMPLE = 4096  # elements drawn for the histogram
-_CHUNK = 1 << 20  # elements converted to float64 at a time
+# elements per chunk: on CPU small enough that a chunk's passes stay in the L2 cache; on
+# accelerators large enough that kernel launches do not dominate
+_CHUNK = 1 << 16
+_DEVICE_CHUNK = 1 << 22
 # partial moments: count of finite values, their mean and M2 (sum of squared deviations),
 # min, max, and counts of NaN, +Inf, -Inf and zeros
 _N, _MEAN, _M2, _MIN, _MAX, _NAN, _POS, _NEG, _ZERO = range(9)
@@ -87,20 +93,30 @@ def tensor_stats(t: torch.Tensor) -> TensorStats:
     """
     if not isinstance(t, torch.Tensor):
         return TensorStats(note=f"not a tensor ({type(t).__name__})")
-    try:
-        numel = t.numel()
-    except Exception as err:  # e.g. tensor subclasses with symbolic sizes
-        return TensorStats(note=f"size unknown: {type(err).__name__}: {err}")
-    no_data = _why_no_data(t)
-    if no_data:
-        return TensorStats(numel=numel, note=no_data)
-    if numel == 0:
-        return TensorStats(numel=0, nan=0, posinf=0, neginf=0, zeros=0, note="empty")
-    try:
-        with torch.no_grad():
+    with unobserved(), torch.no_grad():
+        try:
+            numel = t.numel()
+        except Exception as err:  # e.g. tensor subclasses with symbolic sizes
+            return TensorStats(note=f"size unknown: {type(err).__name__}: {err}")
+        no_data = _why_no_data(t)
+        if no_data:
+            return TensorStats(numel=numel, note=no_data)
+        if numel == 0:
+            return TensorStats(numel=0, nan=0, posinf=0, neginf=0, zeros=0, note="empty")
+        try:
             return _compute(t.detach(), numel)
-    except Exception as err:  # the contract is "never raises": say what failed instead
-        return TensorStats(numel=numel, note=f"stats failed: {type(err).__name__}: {err}")
+        except Exception as err:  # the contract is "never raises": say what failed instead
+            return TensorStats(numel=numel, note=f"stats failed: {type(err).__name__}: {err}")
+
+
+@contextlib.contextmanager
+def unobserved() -> Iterator[None]:
+    """Hide our reductions from active torch-function / dispatch modes (a shape tracer, a NaN
+    watcher, a FLOP counter, FakeTensorMode): describing a tensor is not part of the model."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with torch._C.DisableTorchFunction(), _disable_current_modes():
+        yield
 
 
 def _why_no_data(t: torch.Tensor) -> str:
@@ -125,8 +141,9 @@ def _compute(t: torch.Tensor, numel: int) -> TensorStats:
     exact_minmax = t.dtype in _EXACT_MINMAX
     parts = _partials(t) if t.numel() else torch.zeros(0, 9, dtype=torch.float64, device=t.device)
     if implicit_zeros:
-        zero_part = torch.tensor([[implicit_zeros, 0, 0, 0, 0, 0, 0, 0, implicit_zeros]],
-                                 dtype=torch.float64, device=t.device)
+        # built by fills, not torch.tensor([...]): a host-to-device copy would sync
+        zero_part = torch.zeros(1, 9, dtype=torch.float64, device=t.device)
+        zero_part[0, _N] = zero_part[0, _ZERO] = implicit_zeros
         parts = torch.cat([parts, zero_part])
     total = _merge(parts)
     hist = _histogram(t, total[_MIN], total[_MAX])
@@ -161,76 +178,84 @@ def _to_stats(host: list[float], numel: int, exact: bool, is_complex: bool) -> T
                        note=note, hist=hist)
 
 
-def _as_float(t: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """How to turn a chunk of ``t`` into real floats; None when ``t`` can be reduced as is."""
-    if t.dtype in (torch.float32, torch.float64):
-        return None
-    if t.dtype.is_complex:
-        return lambda c: c.abs().to(torch.float64)
-    return lambda c: c.to(torch.float64)
-
-
 def _partials(t: torch.Tensor) -> torch.Tensor:
     """Partial moments, one row per chunk, shape (k, 9), float64, on ``t``'s device."""
-    convert = _as_float(t)
-    if convert is None and t.device.type == "cpu":
-        return _partial_cpu(t)[None]
-    # elsewhere no host reads until the end: chunked, so the masked path's temporaries stay small
+    if t.dtype in (torch.float32, torch.float64) and t.device.type == "cpu":
+        row = _partial_cpu(t)
+        if row is not None:
+            return row[None]
+    # Chunk by chunk through one reusable float64 buffer: no full-size temporaries, no fresh
+    # allocation per chunk (on CPU every large allocation costs page faults), no host reads.
+    size = _CHUNK if t.device.type == "cpu" else _DEVICE_CHUNK
+    # float32 holds f16/bf16/fp8 exactly (and |z| of complex64); ints need float64 up to 2**53
+    exact32 = (t.dtype.is_floating_point and t.dtype.itemsize <= 4) or t.dtype == torch.complex64
+    buf = torch.empty(min(t.numel(), size), device=t.device,
+                      dtype=torch.float32 if exact32 else torch.float64)
     can_be_nonfinite = t.dtype.is_floating_point or t.dtype.is_complex
-    partial = _partial_masked if can_be_nonfinite else _partial_two_pass
-    chunks = _chunks(t, _CHUNK)
-    return torch.stack([partial(chunk if convert is None else convert(chunk)) for chunk in chunks])
+    rows = []
+    for chunk in _chunks(_memory_order(t), size):
+        b = buf[: chunk.numel()].view(chunk.shape)
+        b.copy_(chunk.abs() if chunk.dtype.is_complex else chunk)
+        rows.append(_partial_in_place(b, can_be_nonfinite))
+    return torch.stack(rows)
 
 
-def _partial_cpu(x: torch.Tensor) -> torch.Tensor:
-    """Moments of a float32/64 CPU tensor in single passes with no temporaries.
+def _partial_cpu(x: torch.Tensor) -> torch.Tensor | None:
+    """Moments of a float32/64 CPU tensor in single passes with no temporaries, or None.
 
     On CPU reading a number costs no device sync, so we look before we leap: ``aminmax``
-    tells whether the tensor holds NaN/Inf (then the masked path, with its temporaries);
-    otherwise ``sum`` and ``vector_norm`` give the moments (both one vectorised pass, unlike
-    ``var_mean``'s slow Welford loop), and only an ill-conditioned variance (|mean| >> std,
-    where sum-of-squares cancels) pays for ``var_mean``.
+    tells whether the tensor holds NaN/Inf; if not, ``sum`` and ``vector_norm`` give the
+    moments (one vectorised pass each, unlike ``var_mean``'s slow Welford loop). NaN/Inf, or a
+    variance that the sum of squares cannot resolve (|mean| >> std), return None: the caller
+    then takes the exact chunked path.
     """
     lo, hi = (v.item() for v in torch.aminmax(x))
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        return _partial_masked(x)
+        return None
     n = x.numel()
     mean = x.sum().item() / n
     sumsq = torch.linalg.vector_norm(x).item() ** 2
     m2 = sumsq - n * mean * mean
-    if not (math.isfinite(mean) and math.isfinite(sumsq)) or m2 <= 1e-2 * n * mean * mean:
-        var, mean_t = torch.var_mean(x, correction=0)
-        mean, m2 = mean_t.item(), var.item() * n
+    if not math.isfinite(sumsq) or m2 <= 1e-2 * n * mean * mean:
+        return None
     # a range that excludes 0 holds no zeros: skip the counting pass
     zeros = n - torch.count_nonzero(x).item() if lo <= 0 <= hi else 0
     return torch.tensor([n, mean, m2, lo, hi, 0, 0, 0, zeros], dtype=torch.float64)
 
 
-def _partial_two_pass(x: torch.Tensor) -> torch.Tensor:
-    """Moments of a float64 chunk without NaN/Inf (converted ints): exact two-pass variance."""
-    n = x.numel()
-    lo, hi = torch.aminmax(x)
-    mean = x.sum() / n
-    m2 = torch.linalg.vector_norm(x - mean).square()
-    zeros = n - torch.count_nonzero(x)
-    nil = torch.zeros((), dtype=torch.float64, device=x.device)
-    return torch.stack([nil + n, mean, m2, lo, hi, nil, nil, nil, zeros.double()])
-
-
-def _partial_masked(x: torch.Tensor) -> torch.Tensor:
-    """Moments over the finite values of a real float tensor that may hold NaN/Inf."""
-    finite = torch.isfinite(x)
-    n = finite.sum()
-    nan = torch.isnan(x).sum()
-    posinf = (x == math.inf).sum()
-    neginf = x.numel() - n - nan - posinf
-    zeros = (x == 0).sum()
-    mean = torch.where(finite, x, 0).sum(dtype=torch.float64) / n.clamp(min=1)
-    m2 = torch.where(finite, x - mean, 0).double().square().sum()
-    lo = torch.where(finite, x, math.inf).amin().double()
-    hi = torch.where(finite, x, -math.inf).amax().double()
-    return torch.stack([n.double(), mean, m2, lo, hi, nan.double(), posinf.double(),
-                        neginf.double(), zeros.double()])
+def _partial_in_place(b: torch.Tensor, can_be_nonfinite: bool) -> torch.Tensor:
+    """Moments over the finite values of ``b``, a float scratch buffer that we overwrite."""
+    total = b.numel()
+    zeros = total - torch.count_nonzero(b)  # NaN and Inf count as non-zero, rightly
+    lo = hi = None
+    if can_be_nonfinite and b.device.type == "cpu":
+        # on CPU a look costs no sync, and most chunks are finite: skip the slow mask passes
+        lo, hi = torch.aminmax(b)
+        can_be_nonfinite = not (math.isfinite(lo.item()) and math.isfinite(hi.item()))
+    if can_be_nonfinite:
+        bad = ~torch.isfinite(b)
+        n = total - bad.sum()
+        nan = torch.isnan(b).sum()
+        posinf = (b == math.inf).sum()
+        neginf = total - n - nan - posinf
+        lo = b.masked_fill_(bad, math.inf).amin()
+        hi = b.masked_fill_(bad, -math.inf).amax()
+        pivot = torch.where(n > 0, lo, 0.0)
+        b.masked_fill_(bad, pivot)  # shifted below to exactly 0: no weight in the sums
+    else:
+        n = torch.full((), total, dtype=torch.int64, device=b.device)
+        nan = posinf = neginf = torch.zeros((), dtype=torch.int64, device=b.device)
+        if lo is None or hi is None:
+            lo, hi = torch.aminmax(b)
+        pivot = lo
+    # shifting by a data value (the minimum) keeps the sum of squares from cancelling
+    s1 = b.sub_(pivot).sum()
+    s2 = torch.linalg.vector_norm(b).square()
+    s1, s2, pivot = s1.double(), s2.double(), pivot.double()
+    count = n.clamp(min=1).double()
+    m2 = (s2 - s1 * s1 / count).clamp(min=0)
+    return torch.stack([n.double(), pivot + s1 / count, m2, lo.double(), hi.double(),
+                        nan.double(), posinf.double(), neginf.double(), zeros.double()])
 
 
 def _merge(parts: torch.Tensor) -> torch.Tensor:
@@ -247,6 +272,13 @@ def _merge(parts: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.stack([n, mean, m2, lo, hi]), counts])
 
 
+def _memory_order(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with its axes permuted outermost-in-memory first (statistics ignore axis order):
+    chunks of a transposed tensor then read memory in order instead of one element per line."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    return t.permute(order)
+
+
 def _chunks(t: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
     """Views of ``t`` with at most ``size`` elements each (splitting leading axes; no copies)."""
     if t.numel() <= size or t.dim() == 0:
@@ -261,15 +293,15 @@ def _chunks(t: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
 
 
 def _histogram(t: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """``HIST_BINS`` counts of a fixed-seed sample of ``t``'s finite values in [lo, hi]."""
+    """``HIST_BINS`` counts of a fixed sample of ``t``'s finite values in [lo, hi]."""
     n = t.numel()
     if n == 0:
         return torch.zeros(HIST_BINS, dtype=torch.float64, device=t.device)
-    if n <= _SAMPLE:
-        index = torch.arange(n, device=t.device)
-    else:
-        gen = torch.Generator().manual_seed(0)
-        index = torch.randint(0, n, (_SAMPLE,), generator=gen).to(t.device)
+    index = torch.arange(min(n, _SAMPLE), device=t.device)
+    if n > _SAMPLE:
+        # a golden-ratio stride spreads the sample over the whole tensor without RNG state or a
+        # host-to-device copy, and does not alias with row lengths the way a plain stride does
+        index = (index * (int(n * 0.6180339887) | 1)) % n
     sample = _take(t, index)
     sample = sample.abs() if sample.dtype.is_complex else sample
     sample = sample.to(torch.float64)
