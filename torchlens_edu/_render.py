@@ -135,8 +135,9 @@ class TensorView(RichView):
             if self.heatmap and data.dim() >= 2:
                 yield _heat_block(block, heat, plain, caption, labels[-2:], options.max_width)
             else:
-                yield _value_table(block, heat, plain, caption, labels[-2:] if block.dim() == 2
-                                   else labels[-1:])
+                yield _value_table(block, heat, plain, caption,
+                                   labels[-2:] if block.dim() == 2 else labels[-1:],
+                                   _summarize(data))
 
 
 def show(t: torch.Tensor, *, dims: Mapping[str, int] | None = None, heatmap: bool = False,
@@ -179,6 +180,8 @@ def _edges(n: int, edgeitems: int, summarize: bool) -> list[int | None]:
 
 
 def _summarize(t: torch.Tensor) -> tuple[bool, int]:
+    """Like torch: a tensor over ``threshold`` elements shows ``edgeitems`` per end of every
+    axis (its 2-D slices included, however small each one is)."""
     opts = torch._tensor_str.PRINT_OPTS
     return t.numel() > opts.threshold, max(1, int(opts.edgeitems))
 
@@ -243,10 +246,10 @@ def _pick(block: torch.Tensor, rows: list[int | None], cols: list[int | None]) -
 
 
 def _value_table(block: torch.Tensor, heat: Heat, plain: bool, caption: str,
-                 labels: list[str]) -> Table | Text:
+                 labels: list[str], summary: tuple[bool, int]) -> Table | Text:
     if block.numel() == 0 and caption == "…":
         return Text("  …", style="dim")
-    summarize, edge = _summarize(block)
+    summarize, edge = summary
     rows = _edges(block.shape[0], edge, summarize) if block.dim() == 2 else [0]
     cols = _edges(block.shape[-1], edge, summarize)
     values = _pick(block, rows, cols).tolist()
@@ -314,7 +317,8 @@ def _heat_block(block: torch.Tensor, heat: Heat, plain: bool, caption: str,
     if (h, w) != (rows, cols):  # block-average a big slice into a thumbnail on its device
         values = torch.nn.functional.adaptive_avg_pool2d(values[None, None], (h, w))[0, 0]
     grid = values.to("cpu", torch.float64).tolist()
-    lines = [Text(caption or _axes(labels), style="dim")]
+    title = caption or _axes(labels)
+    lines = [Text(title, style="dim")] if title else []
     if (h, w) != (rows, cols):
         lines.append(Text(f"(block averages: {rows}×{cols} shown as {h}×{w})", style="dim"))
     for row in grid:
