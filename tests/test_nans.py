@@ -381,12 +381,12 @@ def test_break_mode_opens_pdb_at_the_producing_line(x, monkeypatch):
 
 
 def test_break_mode_stops_an_attached_debugpy_client_in_the_users_frame(x, monkeypatch):
-    from torchlens_edu import nans
+    from torchlens_edu import _nan_break
 
     torch.manual_seed(0)
     frames = []
-    monkeypatch.setattr(nans, "_debugpy_connected", lambda: True)
-    monkeypatch.setattr(nans, "_debugpy_stop",
+    monkeypatch.setattr(_nan_break, "debugpy_connected", lambda: True)
+    monkeypatch.setattr(_nan_break, "debugpy_stop",
                         lambda frame: frames.append((frame.f_code.co_filename, frame.f_lineno)))
     model = Net(nn.Linear(4, 4), glue="where")
     with pytest.raises(NonFiniteError), watch_nans(model, mode="break"):

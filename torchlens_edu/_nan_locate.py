@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import sys
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,16 +34,18 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from torchlens_edu._frames import frame_location, user_frame
+from torchlens_edu._nan_backward import Creation, GraphWatch
 from torchlens_edu._nan_report import (
+    Found,
+    Producer,
     TensorSummary,
-    backward_cause,
+    bad_kinds,
     forward_cause,
     hint_for,
     kind_of,
 )
 from torchlens_edu._tree import iter_tensors
 
-ALL_KINDS = frozenset({"nan", "+inf", "-inf"})
 # ops that only move or view data: they pass non-finite values along, they never make them
 _MOVES = frozenset({
     "__getitem__", "__setitem__", "view", "view_as", "reshape", "reshape_as", "transpose", "t",
@@ -58,33 +59,6 @@ _MOVES = frozenset({
 _UNINITIALISED = frozenset({"empty", "empty_like", "new_empty", "empty_strided"})
 _REVERSED = {"__rdiv__": "div", "__rtruediv__": "div", "__rsub__": "sub", "__rpow__": "pow",
              "__rmatmul__": "matmul", "__radd__": "add", "__rmul__": "mul"}
-
-
-@dataclass
-class Producer:
-    """The op (or autograd node) that made the first non-finite value, and what surrounded it."""
-
-    phase: str
-    index: int  # position of the forward call in the replay (for stopping there again)
-    op: str
-    module: str
-    source: str
-    cause: str
-    hint: str
-    inputs: list[TensorSummary] = field(default_factory=list)
-    outputs: list[TensorSummary] = field(default_factory=list)
-    params: list[TensorSummary] = field(default_factory=list)
-    forward_op: str = ""
-
-    @property
-    def kind(self) -> str:
-        return kind_of(self.outputs)
-
-
-class _Found(Exception):  # control flow, never reaches the user
-    def __init__(self, producer: Producer) -> None:
-        super().__init__(producer.op)
-        self.producer = producer
 
 
 class Stopped(Exception):  # control flow: the replay stopped at the producer
@@ -106,34 +80,6 @@ class _State:
 
 
 _CLEAN = _State()
-
-
-@dataclass(frozen=True)
-class _Creation:
-    """Where an autograd node came from: the forward call that made it."""
-
-    index: int = -1
-    op: str = ""
-    module: str = ""
-    source: str = ""
-    inputs: tuple[torch.Tensor, ...] = ()
-
-
-def bad_kinds(t: torch.Tensor, kinds: frozenset[str]) -> frozenset[str]:
-    """Which of ``kinds`` (``"nan"``, ``"+inf"``, ``"-inf"``) occur in ``t`` (host syncs)."""
-    t = t.detach()
-    if t.is_complex():
-        t = torch.view_as_real(t)
-    if t.numel() == 0 or bool(torch.isfinite(t).all()):
-        return frozenset()
-    found = set()
-    if "nan" in kinds and bool(torch.isnan(t).any()):
-        found.add("nan")
-    if "+inf" in kinds and bool((t == math.inf).any()):
-        found.add("+inf")
-    if "-inf" in kinds and bool((t == -math.inf).any()):
-        found.add("-inf")
-    return frozenset(found)
 
 
 def _floats(obj: Any) -> list[torch.Tensor]:
@@ -211,7 +157,7 @@ class Replayer(TorchFunctionMode):
         self.busy = False
         self.stack: list[str] = []
         self.states: dict[int, tuple[weakref.ref, int, _State]] = {}
-        self.nodes: dict[Any, _Creation] = {}
+        self.nodes: dict[Any, Creation] = {}
 
     # ---------------------------------------------------------------- the three replays
     def forward(self, step: ReplayInputs) -> Producer | None:
@@ -225,7 +171,7 @@ class Replayer(TorchFunctionMode):
         try:
             with self._replaying(step, grad=False):
                 self._run(step)
-        except _Found as found:
+        except Found as found:
             return found.producer
         return None
 
@@ -258,7 +204,8 @@ class Replayer(TorchFunctionMode):
                     "loss", "the gradient that reached the model's outputs was already "
                     "non-finite: the code after the model (the loss) made it"),
                     outputs=summaries)
-            self._hook_nodes(roots)
+            GraphWatch(self.nodes, self.kinds, self.dims, self._module_params,
+                       self._quiet).hook_graph(roots)
             leaves = [p for p in self.target.parameters() if p.requires_grad]
             leaves += [t for t in iter_tensors((step.args, step.kwargs)) if t.requires_grad]
             if not leaves:
@@ -266,7 +213,7 @@ class Replayer(TorchFunctionMode):
             try:
                 # autograd.grad: gradients are returned, never accumulated into .grad
                 torch.autograd.grad(roots, leaves, grads, allow_unused=True)
-            except _Found as found:
+            except Found as found:
                 return found.producer
         return None
 
@@ -321,9 +268,9 @@ class Replayer(TorchFunctionMode):
         for t in _floats(output):
             state = self._state(t)
             if state.origin is not None:
-                raise _Found(state.origin)
+                raise Found(state.origin)
             if state.label and not state.allowed:  # e.g. a module that returns its parameter
-                raise _Found(self._forward_producer(
+                raise Found(self._forward_producer(
                     self.count, "", [], [t], [(t, state)], path=path))
             if state.kinds:
                 self.allowed_modules.add(path)
@@ -379,7 +326,7 @@ class Replayer(TorchFunctionMode):
             if node is not None and node not in self.nodes:
                 source = source or frame_location(user_frame(sys._getframe(1)))
                 module = self.stack[-1] if self.stack else ""
-                self.nodes[node] = _Creation(index, _display(name), module, source, tuple(inputs))
+                self.nodes[node] = Creation(index, _display(name), module, source, tuple(inputs))
 
     def _track(self, index: int, name: str, args: tuple, kwargs: dict,
                inputs: list[torch.Tensor], before: list[_State],
@@ -445,65 +392,6 @@ class Replayer(TorchFunctionMode):
                 for n, p in module.named_parameters(recurse=False)]
 
     # ---------------------------------------------------------------- backward hooks
-    def _hook_nodes(self, roots: list[torch.Tensor]) -> None:
-        """A hook on every node of the graph; nodes made inside a call (the parts of a
-        composite op) take the creation of the node they were first reached from."""
-        queue = deque(t.grad_fn for t in roots)
-        creation = {node: self.nodes.get(node, _Creation()) for node in queue}
-        while queue:
-            node = queue.popleft()
-            if type(node).__name__ != "AccumulateGrad":
-                node.register_hook(self._node_hook(node, creation[node]))
-            for nxt, _ in node.next_functions:
-                if nxt is not None and nxt not in creation:
-                    creation[nxt] = self.nodes.get(nxt, creation[node])
-                    queue.append(nxt)
-
-    def _node_hook(self, node: Any, made: _Creation) -> Callable:
-        def hook(grad_inputs: tuple, grad_outputs: tuple) -> None:
-            with self._quiet():
-                self._check_node(node, made, grad_inputs, grad_outputs)
-
-        return hook
-
-    def _check_node(self, node: Any, made: _Creation, grad_inputs: tuple,
-                    grad_outputs: tuple) -> None:
-        incoming = [g for g in grad_outputs if g is not None]
-        if any(bad_kinds(g, self.kinds) for g in incoming):
-            return  # downstream of the producer
-        outgoing = [g for g in grad_inputs if g is not None]
-        if any(bad_kinds(g, self.kinds) for g in outgoing):
-            raise _Found(self._backward_producer(node, made, incoming, outgoing))
-
-    def _backward_producer(self, node: Any, made: _Creation, incoming: list[torch.Tensor],
-                           outgoing: list[torch.Tensor]) -> Producer:
-        ins = [TensorSummary.of(f"grad of output {i}", g, self.dims)
-               for i, g in enumerate(incoming)]
-        ins += [TensorSummary.of(f"forward input {i}", t, self.dims)
-                for i, t in enumerate(made.inputs)]
-        outs = [TensorSummary.of(f"grad of input {i}", g, self.dims)
-                for i, g in enumerate(outgoing)]
-        cause, detail = backward_cause(node.name(), made.op, _zero_where_bad(incoming, outgoing),
-                                       outs)
-        return Producer("backward", made.index, node.name(), made.module, made.source, cause,
-                        hint_for(cause, detail), ins, outs, self._module_params(made.module),
-                        forward_op=made.op)
-
-
-def _zero_where_bad(incoming: list[torch.Tensor], outgoing: list[torch.Tensor]) -> bool:
-    """True when the incoming gradient is exactly 0 wherever the outgoing one is non-finite."""
-    if not incoming:
-        return False
-    g_in = incoming[0]
-    for g_out in outgoing:
-        if g_out.shape != g_in.shape:
-            continue
-        bad = ~torch.isfinite(g_out)
-        if bool(bad.any()):
-            return bool((g_in[bad] == 0).all())
-    return False
-
-
 def _display(name: str) -> str:
     """``__rdiv__`` -> ``div``, ``__iadd__`` -> ``add_``; plain names stay as they are."""
     if name in _REVERSED:

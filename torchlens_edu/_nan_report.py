@@ -9,6 +9,7 @@ picks the most likely cause from what those numbers say.
 from __future__ import annotations
 
 import linecache
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from rich.text import Text
 from torchlens_edu._console import render_html, render_text
 from torchlens_edu.dims import format_shape
 
-FP16_MAX = 65504.0
+ALL_KINDS = frozenset({"nan", "+inf", "-inf"})
 
 # cause id -> the hint's opening words (the categories a learner meets most)
 HINTS: dict[str, str] = {
@@ -261,3 +262,53 @@ def backward_cause(node: str, forward_op: str, zero_incoming: bool,
                                  "or bfloat16")
     return "exploding", ("finite gradients overflowed here; lower the learning rate, clip "
                          "gradients (torch.nn.utils.clip_grad_norm_) or scale the loss down")
+
+
+def bad_kinds(t: torch.Tensor, kinds: frozenset[str] = ALL_KINDS) -> frozenset[str]:
+    """Which of ``kinds`` (``"nan"``, ``"+inf"``, ``"-inf"``) occur in ``t`` (host syncs).
+
+    >>> sorted(bad_kinds(torch.tensor([1.0, float("-inf"), float("nan")])))
+    ['-inf', 'nan']
+    """
+    t = t.detach()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    if t.numel() == 0 or bool(torch.isfinite(t).all()):
+        return frozenset()
+    found = set()
+    if "nan" in kinds and bool(torch.isnan(t).any()):
+        found.add("nan")
+    if "+inf" in kinds and bool((t == math.inf).any()):
+        found.add("+inf")
+    if "-inf" in kinds and bool((t == -math.inf).any()):
+        found.add("-inf")
+    return frozenset(found)
+
+
+@dataclass
+class Producer:
+    """The op (or autograd node) that made the first non-finite value, and what surrounded it."""
+
+    phase: str
+    index: int  # position of the forward call in the replay (for stopping there again)
+    op: str
+    module: str
+    source: str
+    cause: str
+    hint: str
+    inputs: list[TensorSummary] = field(default_factory=list)
+    outputs: list[TensorSummary] = field(default_factory=list)
+    params: list[TensorSummary] = field(default_factory=list)
+    forward_op: str = ""
+
+    @property
+    def kind(self) -> str:
+        return kind_of(self.outputs)
+
+
+class Found(Exception):
+    """Raised inside a replay at the producer, to stop it there."""
+
+    def __init__(self, producer: Producer) -> None:
+        super().__init__(producer.op)
+        self.producer = producer

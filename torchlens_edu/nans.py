@@ -18,13 +18,11 @@ Two tiers:
 from __future__ import annotations
 
 import math
-import pdb
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
 from functools import partial
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import Any, Literal
 
 import torch
@@ -32,19 +30,23 @@ import torch.nn as nn
 
 from torchlens_edu._console import get_console
 from torchlens_edu._frames import user_source
-from torchlens_edu._nan_locate import ALL_KINDS, Producer, Replayer, ReplayInputs, save_rng
-from torchlens_edu._nan_report import NonFiniteReport, TensorSummary, hint_for, kind_of
+from torchlens_edu._nan_break import stop_at_producer
+from torchlens_edu._nan_locate import Replayer, ReplayInputs, Stopped, save_rng
+from torchlens_edu._nan_ranks import decode, encode, rank, share
+from torchlens_edu._nan_report import (
+    ALL_KINDS,
+    NonFiniteReport,
+    Producer,
+    TensorSummary,
+    hint_for,
+    kind_of,
+)
 from torchlens_edu._tree import iter_tensors
 from torchlens_edu.dims import Dims
 
 __all__ = ["NanWatch", "NonFiniteError", "NonFiniteReport", "watch_nans"]
 
 Mode = Literal["raise", "warn", "break"]
-_KIND_CODES = {"nan": 1, "+inf": 2, "-inf": 3}
-_PHASE_CODES = {"input": 1, "forward": 2, "backward": 3}
-DIST_TIMEOUT = timedelta(minutes=5)  # how long a rank waits for the others' verdict
-
-
 class NonFiniteError(RuntimeError):
     """A NaN or Inf was made; ``.report`` (a :class:`NonFiniteReport`) says where and why.
 
@@ -96,31 +98,6 @@ def _read(probes: list[torch.Tensor]) -> list[float]:
 
 def _is_float(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
-
-
-def _rank() -> int | None:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else None
-
-
-def _share(code: int) -> list[int]:
-    """Every rank's verdict code (0: clean), so that no rank waits for one that stopped."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return [code]
-    device = torch.device("cpu")
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    codes = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=device)
-    codes[dist.get_rank()] = code
-    try:
-        dist.all_reduce(codes, async_op=True).wait(timeout=DIST_TIMEOUT)
-    except RuntimeError as err:
-        raise RuntimeError(
-            f"watch_nans: rank {dist.get_rank()} waited {DIST_TIMEOUT} for the other ranks' "
-            "NaN check and gave up; every rank must run the same watched forward/backward "
-            "steps (same `every`)") from err
-    return codes.tolist()
 
 
 class NanWatch:
@@ -320,23 +297,17 @@ class NanWatch:
                  kind: str | None) -> None:
         """Locate what this rank saw, agree with the other ranks, deliver if anyone is bad."""
         report = None if label is None or kind is None else self._locate(step, phase, label, kind)
-        code = 0
-        if report is not None:
-            code = _PHASE_CODES[report.phase] * 4 + _KIND_CODES.get(report.kind, 1)
-        codes = _share(code)
+        codes = share(0 if report is None else encode(report.phase, report.kind))
         if report is None and any(codes):
             report = self._other_rank_report(codes)
         if report is not None:
             self._deliver(report, step)
 
     def _other_rank_report(self, codes: list[int]) -> NonFiniteReport:
-        phases = {v: k for k, v in _PHASE_CODES.items()}
-        kinds = {v: k for k, v in _KIND_CODES.items()}
-        first = next(c for c in codes if c)
+        phase, kind = decode(next(c for c in codes if c))
         ranks = [r for r, c in enumerate(codes) if c]
-        phase, kind = phases[first // 4], kinds[first % 4]
         return NonFiniteReport(
-            phase, "", "", kind, user_source(), _rank(), hint_for(
+            phase, "", "", kind, user_source(), rank(), hint_for(
                 "other_rank", f"rank {', '.join(map(str, ranks))} found {kind} in the {phase}; "
                 "this rank stops too so that it does not wait for it forever: read that "
                 "rank's report"), cause="other_rank")
@@ -354,7 +325,7 @@ class NanWatch:
                 step.labels.index(label)]
             summary = TensorSummary.of(label, t, dims)
             return NonFiniteReport(
-                "input", "", "", kind_of([summary]), step.source, _rank(), hint_for(
+                "input", "", "", kind_of([summary]), step.source, rank(), hint_for(
                     "input", "the values were non-finite before the model ran; check the data "
                     "pipeline (or what fed this input), the model is not at fault"),
                 cause="input", step=step.index, inputs=[summary])
@@ -379,7 +350,7 @@ class NanWatch:
                       ) -> NonFiniteReport:
         module = label.removeprefix("parameter ")
         return NonFiniteReport(
-            phase, module, "", kind, source, _rank(), hint_for(
+            phase, module, "", kind, source, rank(), hint_for(
                 "not_reproduced", f"{label or 'the root module'!r} saw {kind} in the {phase}, "
                 "but replaying the step did not make it again (a non-deterministic op, state "
                 "that changed since, or a gradient from outside the watched forward); rerun "
@@ -395,35 +366,20 @@ class NanWatch:
                 get_console(stderr=True).print(report)
             return
         if self.mode == "break" and step is not None and report.cause != "other_rank":
-            self._break(step, report)
+            producer = step.producer
+            stop_at_producer(report, producer.index if producer else None,
+                             partial(self._replay_to, step))
         raise NonFiniteError(report)
 
-    # ------------------------------------------------------------------ mode="break"
-    def _break(self, step: _Step, report: NonFiniteReport) -> None:
-        producer = step.producer
-        console = get_console(stderr=True)
-        if report.cause in ("input", "loss", "not_reproduced") or producer is None:
-            console.print(f"[yellow]watch_nans(mode='break'):[/] no line of the model to stop "
-                          f"at ({report.cause}); raising NonFiniteError")
-            return
-        debugger = _debugpy_connected()
-        if not debugger and not (sys.stdin is not None and sys.stdin.isatty()):
-            console.print("[yellow]watch_nans(mode='break'):[/] stdin is not interactive, so "
-                          "no debugger can open here; raising NonFiniteError instead")
-            return
-        console.print(report)
-        console.print(f"[bold]Stopping at {report.source}[/] in a replay of the failing step: "
-                      "the locals are the values that made the non-finite result. Continue "
-                      "(c) to raise NonFiniteError.")
-        self._replayer.on_stop = _debugpy_stop if debugger else None
+    def _replay_to(self, step: _Step, index: int,
+                   on_stop: Callable[[FrameType | None], None] | None) -> Stopped | None:
+        self._replayer.on_stop = on_stop
         self._replaying = True
         try:
-            stopped = self._replayer.stop_at_call(step.replay, producer.index)
+            return self._replayer.stop_at_call(step.replay, index)
         finally:
             self._replaying = False
             self._replayer.on_stop = None
-        if stopped is not None and not debugger:
-            pdb.post_mortem(_trim(stopped.__traceback__, stopped.frame))
 
 
 def model_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -433,35 +389,9 @@ def model_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 def _to_report(producer: Producer, step: _Step) -> NonFiniteReport:
     return NonFiniteReport(
-        producer.phase, producer.module, producer.op, producer.kind, producer.source, _rank(),
+        producer.phase, producer.module, producer.op, producer.kind, producer.source, rank(),
         producer.hint, cause=producer.cause, step=step.index, forward_op=producer.forward_op,
         inputs=producer.inputs, outputs=producer.outputs, params=producer.params)
-
-
-def _debugpy_connected() -> bool:
-    debugpy = sys.modules.get("debugpy")  # never imported just to ask
-    return bool(debugpy is not None and debugpy.is_client_connected())
-
-
-def _debugpy_stop(frame: FrameType | None) -> None:
-    """Pause the attached debugpy client in ``frame`` (the user's line), live."""
-    from debugpy.server import api
-
-    # debugpy.breakpoint() stops in its caller's frame; this is the same call with the
-    # user's frame as the place to stop
-    api._settrace(suspend=True, trace_only_current_thread=True, patch_multiprocessing=False,
-                  stop_at_frame=frame)
-
-
-def _trim(tb: TracebackType | None, frame: FrameType | None) -> TracebackType | None:
-    """Cut the traceback after ``frame`` so that pdb opens in the user's line, not in ours."""
-    node = tb
-    while node is not None:
-        if node.tb_frame is frame:
-            node.tb_next = None
-            break
-        node = node.tb_next
-    return tb
 
 
 def watch_nans(model: nn.Module, *, mode: Mode = "raise", check_inf: bool = True,
