@@ -149,7 +149,7 @@ class NanWatch:
             for module in self._paths:
                 self._handles.append(module.register_forward_hook(self._on_module))
             self._handles.append(root.register_forward_hook(self._on_end, always_call=True))
-            for name, param in model_params(root):
+            for name, param in params_to_probe(root):
                 self._handles.append(param.register_post_accumulate_grad_hook(
                     partial(self._on_param_grad, name)))
         except BaseException:
@@ -382,9 +382,34 @@ class NanWatch:
             self._replayer.on_stop = None
 
 
-def model_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """Parameters that get gradients (tied ones once)."""
-    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+def params_to_probe(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Parameters whose gradient can go bad while every module's output gradient stays finite.
+
+    A parameter of a built-in ``torch.nn`` layer (Linear, Embedding, LayerNorm, ...) in float32
+    or float64 gets its gradient from the layer's finite input and finite output gradient: only
+    an overflow past ~1e38 could break it, and the next step's forward would show that. Those
+    are skipped, which makes the check free for GPT-2. Parameters used by the user's own code
+    (``torch.sqrt(self.gain)``) and half-precision ones are read at the end of the backward.
+
+    >>> class Scaled(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc, self.gain = nn.Linear(2, 2), nn.Parameter(torch.ones(2))
+    >>> [name for name, _ in params_to_probe(Scaled())]
+    ['gain']
+    """
+    found: list[tuple[str, nn.Parameter]] = []
+    seen: set[int] = set()
+    for path, module in model.named_modules():
+        builtin = type(module).__module__.startswith("torch.nn.")
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            if builtin and p.dtype in (torch.float32, torch.float64):
+                continue
+            found.append((f"{path}.{name}" if path else name, p))
+    return found
 
 
 def _to_report(producer: Producer, step: _Step) -> NonFiniteReport:
