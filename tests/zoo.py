@@ -250,7 +250,8 @@ _GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks",
 class ModelGuard:
     """Snapshot of a model's state and hooks; :meth:`check` asserts nothing changed.
 
-    Compares the state dict bit for bit, every module's hook dictionaries and training flag,
+    Compares the state dict bit for bit, the parameter and buffer objects, every module's hook
+    dictionaries and training flag,
     torch's global module hooks, and (given tensors) that no tensor hook is left on them.
 
     >>> guard = ModelGuard(nn.Linear(2, 2))
@@ -260,8 +261,15 @@ class ModelGuard:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.state = {k: _bits(v) for k, v in model.state_dict(keep_vars=True).items()}
+        self.tensors = self._tensors()
         self.hooks = self._hooks()
         self.training = [m.training for m in model.modules()]
+
+    def _tensors(self) -> list[tuple[str, str, int]]:
+        """Identity of every parameter and buffer object, read from the modules' own dicts
+        (models may override ``named_parameters``/``state_dict``)."""
+        return [(path, name, id(t)) for path, m in self.model.named_modules()
+                for name, t in (*m._parameters.items(), *m._buffers.items())]
 
     def _hooks(self) -> list[tuple[str, str, tuple]]:
         import torch.nn.modules.module as module_mod
@@ -273,6 +281,7 @@ class ModelGuard:
         return found
 
     def check(self, *tensors: Any) -> None:
+        assert self._tensors() == self.tensors, "a parameter or buffer object was replaced"
         state = {k: _bits(v) for k, v in self.model.state_dict(keep_vars=True).items()}
         assert state.keys() == self.state.keys(), "the state dict's keys changed"
         for key, bits in state.items():
