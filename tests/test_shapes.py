@@ -203,7 +203,7 @@ def test_diff_reports_changed_added_and_removed_events(tiny_gpt2):
 
 
 def test_user_dims_name_the_sizes(tiny_gpt2):
-    trace = trace_shapes(nn.Linear(5, 7), torch.zeros(3, 5), dims={"F": 5, "K": 7})
+    trace = trace_shapes(nn.Linear(5, 7), torch.zeros(3, 5), dims={"B": 3, "F": 5, "K": 7})
     assert "(B=3, F=5) -> (B=3, K=7)" in str(trace)
     trace = trace_shapes(tiny_gpt2, torch.zeros(3, 8, dtype=torch.long), dims={"T": 9})
     assert trace.dims["T"] == 9 and trace.dims["hs"] == 16  # the user's word wins

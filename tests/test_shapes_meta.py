@@ -31,7 +31,14 @@ def test_meta_trace_has_the_shapes_of_a_real_run(tiny_gpt2, tiny_ids):
 
 def test_meta_trace_touches_no_weight(tiny_gpt2, tiny_ids):
     params = {name: (p, p.detach().clone()) for name, p in tiny_gpt2.named_parameters()}
-    trace_shapes(tiny_gpt2, tiny_ids, meta=True, ops=True)
+    seen = []
+    handle = tiny_gpt2.transformer.h[0].attn.c_attn.register_forward_hook(
+        lambda mod, args, out: seen.append((mod.weight.device.type, out.device.type)))
+    try:
+        trace_shapes(tiny_gpt2, tiny_ids, meta=True, ops=True)
+    finally:
+        handle.remove()
+    assert seen == [("meta", "meta")]  # the run itself was shape-only
     for name, param in tiny_gpt2.named_parameters():
         assert param is params[name][0] and param.device.type == "cpu"
         assert torch.equal(param, params[name][1])

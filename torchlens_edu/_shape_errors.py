@@ -48,35 +48,40 @@ class _Operand:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    device: torch.device
+    device: torch.device | None  # None: known from the trace's shapes only
 
 
-def explain(failure: Failure, dims: Dims, roots: list[nn.Module]) -> str:
+def explain(failure: Failure, trace: Any, roots: list[nn.Module]) -> str:
     """The explanation as plain text (a few short lines), for an exception note."""
+    dims: Dims = trace.dims
     frame, filename, line = _user_line(failure)
     code = linecache.getline(filename, line).strip() if filename else ""
     named = _tensors_on_line(frame, code) if frame is not None else {}
     operands = [_operand(t, _name_of(t, named, roots)) for t in failure.operands]
-    if not operands:  # module-level trace: the tensors the failing line names
+    if not operands:  # a module-level trace: a failing layer's inputs, or the line's tensors
+        operands = _leaf_operands(failure.module, trace, roots)
+    on_line = not operands
+    if on_line:
         operands = [_operand(t, name) for name, t in named.items()]
     message = str(failure.exc).strip().splitlines()[0] if str(failure.exc).strip() else ""
     expected, hint = _expectation(failure, operands, message, dims)
 
     where = ""
-    if failure.module:
-        where = f" in {failure.module}"
-    elif failure.module == "" and roots:
-        where = f" in {type(roots[0]).__name__}.forward"
+    if failure.module is not None and roots:
+        module = dict(roots[0].named_modules()).get(failure.module)
+        kind = type(module).__name__ if module is not None else "?"
+        where = f" in {failure.module} ({kind})" if failure.module else f" in {kind}.forward"
     what = f"`{failure.op}`" if failure.op else "the forward"
     lines = [f"torchlens_edu: {what} failed{where}"]
     if filename:
         lines.append(f"  at {os.path.basename(filename)}:{line}  {code}")
     if operands:
-        lines.append("  operands:" if failure.op else "  tensors on that line:")
+        lines.append("  tensors on that line:" if on_line else "  operands:")
         width = max(len(o.name) for o in operands)
         for o in operands:
+            device = f" {o.device}" if o.device is not None else ""
             lines.append(f"    {o.name:<{width}}  {dims.format(o.shape)}  "
-                         f"{str(o.dtype).removeprefix('torch.')} {o.device}")
+                         f"{str(o.dtype).removeprefix('torch.')}{device}")
     if expected:
         lines.append(f"  expected: {expected}")
     if hint:
@@ -160,6 +165,27 @@ def _name_of(tensor: torch.Tensor, named: dict[str, torch.Tensor], roots: list[n
     return "tensor"
 
 
+def _leaf_operands(path: str | None, trace: Any, roots: list[nn.Module]) -> list[_Operand]:
+    """A failing layer without submodules (Linear, Embedding, ...): its inputs, as the trace
+    recorded them, and its own parameters: the operands of the op that failed inside it."""
+    if path is None:
+        return []
+    for root in roots:
+        module = dict(root.named_modules()).get(path)
+        if module is None or next(module.children(), None) is not None:
+            continue
+        event = next((e for e in reversed(trace.events) if e.kind == "module" and e.path == path),
+                     None)
+        inputs = [_Operand("input", tuple(shape), dtype, None)
+                  for shape, dtype in (event.inputs if event is not None else ())]
+        prefix = f"{path}." if path else ""
+        params = [_operand(t, prefix + name) for name, t in
+                  [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+                  if t is not None]
+        return inputs + params
+    return []
+
+
 def _operand(tensor: torch.Tensor, name: str) -> _Operand:
     return _Operand(name, tuple(tensor.shape), tensor.dtype, tensor.device)
 
@@ -180,7 +206,7 @@ def _expectation(failure: Failure, ops: list[_Operand], message: str, dims: Dims
                 "trace with meta=False on a small input, or keep this step out of the forward")
     if "device" in low and ("same device" in low or "expected device" in low
                             or "two devices" in low):
-        devices = sorted({str(o.device) for o in ops})
+        devices = sorted({str(o.device) for o in ops if o.device is not None})
         return (f"all operands on one device (found {', '.join(devices) or 'several'})",
                 "move them together: model.to(device) and x.to(device), or create new tensors "
                 "with device=x.device")

@@ -9,6 +9,7 @@ tied because the stand-ins are made once per tensor.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,11 +59,10 @@ def meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
 @contextmanager
 def on_meta(model: nn.Module) -> Iterator[None]:
     """While the block runs, ``model``'s parameters and buffers are meta twins; then restored."""
-    state = meta_state(model)
-    if all(tensor.is_meta for tensor in state.values()):
+    if all(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
         yield  # built under ``with torch.device("meta")``: nothing to swap
         return
-    with _reparametrize_module(model, state, tie_weights=True):
+    with _reparametrize_module(model, meta_state(model), tie_weights=True):
         yield
 
 

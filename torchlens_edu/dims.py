@@ -75,18 +75,25 @@ def dims_from_config(config: Any) -> dict[str, int]:
 
 
 def dims_from_inputs(*inputs: Any) -> dict[str, int]:
-    """``B`` and ``T`` read off the first token-id tensor ``(B, T)`` or activation ``(B, T, C)``.
+    """``B`` and ``T`` read off the first token-id tensor ``(B, T)`` or activation ``(B, T, C)``;
+    only ``B`` from images ``(B, ch, H, W)``. A 2-D float input gives nothing: it may be
+    ``(B, F)`` or an unbatched ``(T, C)``, and a wrong ``B`` would mislead.
 
     >>> dims_from_inputs(torch.zeros(2, 16, dtype=torch.long))
     {'B': 2, 'T': 16}
+    >>> dims_from_inputs(torch.zeros(8, 3, 32, 32))
+    {'B': 8}
     """
     from torchlens_edu._tree import iter_tensors
 
     for tensor in iter_tensors(list(inputs)):
-        if tensor.dim() == 2 and not tensor.is_floating_point():
+        floating = tensor.is_floating_point()
+        if tensor.dim() == 2 and not floating:
             return {"B": tensor.shape[0], "T": tensor.shape[1]}
-        if tensor.dim() == 3 and tensor.is_floating_point():
+        if tensor.dim() == 3 and floating:
             return {"B": tensor.shape[0], "T": tensor.shape[1]}
+        if tensor.dim() == 4 and floating:
+            return {"B": tensor.shape[0]}
     return {}
 
 

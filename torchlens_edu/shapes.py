@@ -439,7 +439,7 @@ class ShapeTracer:
             failure = Failure(exc=exc, module=module[1] if module and module[0] is exc else None)
         failure.meta = self.meta
         self._failure = failure
-        failure.explanation = explain(failure, self.trace.dims, self._roots)
+        failure.explanation = explain(failure, self.trace, self._roots)
         failure.operands = []  # drop the tensors: the trace keeps only their shapes
         add_context(exc, failure.explanation, self.trace)
 
