@@ -171,3 +171,24 @@ def test_show_on_cuda() -> None:
     x = torch.randn(64, 64, device="cuda")
     assert "cuda:0" in _render(TensorView(x, heatmap=True), color=True)
     assert "1.00" in _render(AttentionView(_causal(1, 1, 4).cuda()), color=False)
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+@pytest.mark.parametrize("dtype", [
+    torch.bool, torch.uint8, torch.int8, torch.int64, torch.uint16, torch.uint32, torch.uint64,
+    torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2, torch.complex64,
+    torch.complex32])
+def test_show_every_dtype(dtype: torch.dtype) -> None:
+    x = (torch.arange(60.0).reshape(3, 4, 5) % 7).to(dtype).transpose(0, 2)
+    with tle.printoptions(threshold=10, edgeitems=1):
+        for heatmap in (False, True):
+            text = _render(TensorView(x, heatmap=heatmap), color=True)
+            assert "Tensor[5, 4, 3]" in text
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_show_nested_tensor_says_what_to_do() -> None:
+    nested = torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(4, 3)])
+    text = _render(TensorView(nested), color=False)
+    assert text.startswith("NestedTensor[2 tensors: [2, 3], [4, 3]] f32 cpu")
+    assert "show(t.unbind()[0])" in text

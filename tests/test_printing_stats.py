@@ -264,3 +264,14 @@ def test_stats_are_invisible_to_active_modes() -> None:
         calls.clear()  # the .to() above is the user's; describe's own work must not show up
         line = describe(x)
     assert calls == [] and "NaN:1" in line
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_nested_tensors_summarise_their_components() -> None:
+    parts = [torch.randn(2, 3), torch.randn(4, 3)]
+    flat = torch.cat([p.reshape(-1) for p in parts])
+    for layout in (torch.strided, torch.jagged):
+        nested = torch.nested.nested_tensor(parts, layout=layout)
+        s = tensor_stats(nested)
+        assert s.mean == pytest.approx(flat.mean().item(), abs=1e-6)
+        assert describe(nested).startswith("NestedTensor[2 tensors: [2, 3], [4, 3]] f32 cpu μ=")

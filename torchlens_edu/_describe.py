@@ -134,6 +134,10 @@ def format_bytes(n: int) -> str:
 def _metadata(t: torch.Tensor, dims: Dims) -> str:
     kind = "Tensor" if type(t) in (torch.Tensor, torch._subclasses.fake_tensor.FakeTensor) \
         else type(t).__name__
+    if t.is_nested:  # no single shape: list the components'
+        shapes = [dims.format(tuple(c.shape), brackets="[]") for c in t.unbind()]
+        shown = ", ".join(shapes[:3]) + (", …" if len(shapes) > 3 else "")
+        return f"NestedTensor[{len(shapes)} tensors: {shown}] {short_dtype(t.dtype)} {t.device}"
     parts = [kind + dims.format(tuple(t.shape), brackets="[]"), short_dtype(t.dtype),
              _device(t)]
     if t.layout != torch.strided:

@@ -23,7 +23,7 @@ from rich.text import Text
 
 from torchlens_edu._console import get_console, render_html, render_text
 from torchlens_edu._describe import _metadata, format_stats
-from torchlens_edu._stats import TensorStats, tensor_stats
+from torchlens_edu._stats import TensorStats, take, tensor_stats
 from torchlens_edu.dims import Dims
 
 SHADES = " ░▒▓█"  # heat without colour
@@ -160,6 +160,8 @@ def _displayable(t: torch.Tensor) -> tuple[torch.Tensor | None, str]:
     """A strided tensor to take the displayed values from, or None and why not."""
     if t.is_meta or isinstance(t, torch._subclasses.fake_tensor.FakeTensor):
         return None, ""
+    if t.is_nested:
+        return None, "(a nested tensor: show its components, e.g. show(t.unbind()[0]))"
     if t.numel() == 0:
         return None, ""
     t = t.detach()
@@ -236,13 +238,15 @@ def _host(block: torch.Tensor) -> torch.Tensor:
 
 
 def _pick(block: torch.Tensor, rows: list[int | None], cols: list[int | None]) -> torch.Tensor:
+    """The shown rows x columns of a 1-D/2-D block, gathered on its device, as a 2-D array."""
     def ids(lst: list[int | None]) -> torch.Tensor:
         return torch.tensor([i for i in lst if i is not None], device=block.device,
                             dtype=torch.long)
 
     if block.dim() == 1:
-        return _host(block.index_select(0, ids(cols)))[None]
-    return _host(block.index_select(0, ids(rows)).index_select(1, ids(cols)))
+        return _host(take(block, ids(cols)))[None]
+    flat = ids(rows)[:, None] * block.shape[1] + ids(cols)[None, :]  # row-major positions
+    return _host(take(block, flat))
 
 
 def _value_table(block: torch.Tensor, heat: Heat, plain: bool, caption: str,

@@ -124,6 +124,8 @@ def _why_no_data(t: torch.Tensor) -> str:
         return "meta tensor: no data"
     if isinstance(t, torch._subclasses.fake_tensor.FakeTensor):
         return "fake tensor: no data"
+    if t.is_nested:
+        return ""
     if t.layout not in (torch.strided, torch.sparse_coo, torch.sparse_csr, torch.sparse_csc,
                         torch.sparse_bsr, torch.sparse_bsc):
         return f"layout {t.layout}: no statistics"
@@ -131,6 +133,8 @@ def _why_no_data(t: torch.Tensor) -> str:
 
 
 def _compute(t: torch.Tensor, numel: int) -> TensorStats:
+    if t.is_nested:  # rare and small: the components' values, concatenated
+        t = torch.cat([c.reshape(-1) for c in t.unbind()])
     if t.is_quantized:
         t = t.dequantize()
     implicit_zeros = 0
@@ -302,7 +306,7 @@ def _histogram(t: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Ten
         # a golden-ratio stride spreads the sample over the whole tensor without RNG state or a
         # host-to-device copy, and does not alias with row lengths the way a plain stride does
         index = (index * (int(n * 0.6180339887) | 1)) % n
-    sample = _take(t, index)
+    sample = take(t, index)
     sample = sample.abs() if sample.dtype.is_complex else sample
     sample = sample.to(torch.float64)
     span = hi - lo
@@ -314,8 +318,13 @@ def _histogram(t: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Ten
     return (bins[:, None] == edges).sum(0).double()
 
 
-def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``torch.take`` for every dtype: dtypes it lacks (uint16..64, fp8) go through their bits."""
+def take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``torch.take`` (row-major element indices, any strides) for every dtype: the dtypes it
+    lacks (uint16..64, fp8, complex32) go through an int dtype of the same size.
+
+    >>> take(torch.arange(6).to(torch.uint16).reshape(2, 3).t(), torch.tensor([1, 2]))
+    tensor([3, 1], dtype=torch.uint16)
+    """
     if t.dtype in _TAKE_BY_BITS:
         bits = _INT_BITS[t.dtype.itemsize]
         return torch.take(t.view(bits), index).view(t.dtype)
