@@ -24,7 +24,8 @@ if TYPE_CHECKING:  # torch is imported lazily: `torchlens-edu --help` stays fast
     from torchlens_edu.models import GPT2
     from torchlens_edu.models.tokenizer import Tokenizer
 
-DEFAULT_PROMPT = "Mr. Darcy looked at Elizabeth, and Elizabeth looked at"
+DEFAULT_PROMPT = "Mr. Darcy looked at Elizabeth"
+HEATMAP_TOKENS = 32  # at most this many tokens on each axis: two columns each fit 80 columns
 
 
 def register(subparsers: Any) -> None:
@@ -89,11 +90,15 @@ def run(args: argparse.Namespace) -> int:
     console.print(insp.trace(idx, depth=3))
 
     console.print(Rule("3. attention: rows are queries, columns the keys they look at"))
-    att = attention_weights(model, idx)[:, 0]  # (L, nh, T, T)
-    layer, head, score = _previous_token_head(att)
+    shown = idx[:, -HEATMAP_TOKENS:]  # (B=1, T'), T' <= HEATMAP_TOKENS
+    if shown.shape[1] < idx.shape[1]:
+        console.print(f"(the last {HEATMAP_TOKENS} tokens of the prompt)")
+    att = attention_weights(model, shown)[:, 0]  # (L, nh, T', T')
+    layer, head, score = previous_token_head(att)
     console.print(f"layer {layer}, head {head} puts {score:.0%} of its weight on the previous "
                   "token: a 'previous-token head', a building block of induction (copying)")
-    tle.show_attention(att[layer, head], pieces, layer=layer, head=head, console=console)
+    tle.show_attention(att[layer, head], pieces[-shown.shape[1]:], layer=layer, head=head,
+                       console=console)
 
     console.print(Rule("4. the residual stream, layer by layer (tle.describe)"))
     with insp.capture(_is_block) as cache, torch.no_grad():
@@ -168,10 +173,14 @@ def attention_weights(model: GPT2, idx: torch.Tensor) -> torch.Tensor:
     return torch.stack(layers)  # (L, B, nh, T, T)
 
 
-def _previous_token_head(att: torch.Tensor) -> tuple[int, int, float]:
+def previous_token_head(att: torch.Tensor) -> tuple[int, int, float]:
     """``(layer, head, score)`` of the head that looks most at the previous token.
 
     ``att``: ``(L, nh, T, T)``; the score is the mean weight on key ``t - 1`` from query ``t``.
+
+    >>> import torch
+    >>> previous_token_head(torch.diag(torch.ones(3), -1).expand(2, 3, 4, 4))  # (L, nh, T, T)
+    (0, 0, 1.0)
     """
     import torch
 
