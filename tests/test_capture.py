@@ -239,3 +239,15 @@ def test_html_repr_for_jupyter() -> None:
     with capture(model, "") as cache:
         model(torch.zeros(1, 2))
     assert "<pre" in cache._repr_html_() and "ActivationCache" in cache._repr_html_()
+
+
+def test_capture_under_inference_mode_and_sparse_outputs() -> None:
+    class ToSparse(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.to_sparse()
+
+    model = nn.Sequential(nn.Linear(4, 4), ToSparse())
+    with torch.inference_mode(), capture(model, "*") as cache:
+        model(torch.ones(2, 4))
+    assert cache["1"].is_sparse and not cache.activation("0").modified_in_place
+    assert "(2, 4)" in repr(cache)

@@ -295,11 +295,8 @@ def capture(model: nn.Module, pattern: Pattern = "*", *, grads: bool = False,
 
     def keep(tensor: torch.Tensor) -> torch.Tensor:
         kept = tensor.detach() if detach else tensor
-        if device is not None:
-            kept = kept.to(device)
-        if clone and kept.data_ptr() == tensor.data_ptr():
-            kept = kept.clone()
-        return kept
+        moved = kept.to(device) if device is not None else kept  # .to returns kept: no copy
+        return moved.clone() if clone and moved is kept else moved
 
     with HookSet(model) as hookset:
         def start(call: HookCall) -> None:  # the model's forward begins
@@ -321,7 +318,7 @@ def capture(model: nn.Module, pattern: Pattern = "*", *, grads: bool = False,
                 entry.args, entry.kwargs = map_tensors(keep, (call.args, call.kwargs))
             # Kept tensors that alias the model's: remember their version to spot later edits.
             entry.versions = tuple(
-                t._version if t.data_ptr() == src.data_ptr() else None
+                _version_if_alias(t, src)
                 for t, src in zip(iter_tensors(output), iter_tensors(call.output), strict=True))
             entry.grads = [None] * len(entry.tensors)
             held = entry.tensors + list(iter_tensors((entry.args, entry.kwargs)))
@@ -404,6 +401,15 @@ def _short(stats: str) -> str:
 
 
 _BARS = set("▁▂▃▄▅▆▇█")
+
+
+def _version_if_alias(kept: torch.Tensor, source: torch.Tensor) -> int | None:
+    """``kept``'s version counter when it shares memory with ``source`` (then a later in-place
+    op on ``source`` shows up as a new version), else None. Inference-mode and non-strided
+    tensors have no version or pointer to compare: None."""
+    if kept.layout != torch.strided or kept.is_inference() or kept.device != source.device:
+        return None
+    return kept._version if kept.data_ptr() == source.data_ptr() else None
 
 
 def _specs(obj: Any) -> tuple:
