@@ -200,6 +200,13 @@ def test_stats_are_exact_for_big_ints_and_ill_conditioned_floats() -> None:
     assert tensor_stats(x).std == pytest.approx(x.double().std().item(), rel=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_huge_values_do_not_overflow_the_variance(dtype: torch.dtype) -> None:
+    x = torch.tensor([3e37, -3e37, 1e37, math.nan], dtype=dtype)  # squares overflow float32
+    ref = x[:3].double()
+    assert tensor_stats(x).std == pytest.approx(ref.std().item(), rel=1e-3)
+
+
 def test_big_tensor_uses_chunks_without_float64_copies() -> None:
     x = torch.randint(-5, 5, (1100, 1000), dtype=torch.int32)  # > one 1M chunk
     s = tensor_stats(x[:, ::3])  # non-contiguous too

@@ -6,10 +6,10 @@ fp16/bf16/fp8, complex), 0-d, empty, non-contiguous, sparse, quantized, meta and
 
 How it stays cheap:
 - every reduction runs where the tensor lives; the results are packed into one small float64
-  vector that crosses to the host with a single ``.tolist()`` (one device sync);
-- float32/float64 CPU tensors are reduced in place (``aminmax``, ``sum``, ``vector_norm``,
-  ``count_nonzero``: one pass each, no temporaries); we first look at ``aminmax`` (on CPU a
-  read is free) and only take the masked path, with its temporaries, for real NaN/Inf;
+  vector that crosses to the host with a single ``.tolist()`` (on an accelerator: one sync;
+  on CPU, where reading a number is free, we also peek to choose the cheapest path);
+- float32/float64 CPU tensors without NaN/Inf are reduced in place (``aminmax``, ``sum``,
+  ``vector_norm``, ``count_nonzero``: one vectorised pass each, no temporaries);
 - everything else (other dtypes, other devices, NaN/Inf) is copied chunk by chunk into one
   reusable float32/float64 scratch buffer (never a full-size copy; on CPU a chunk stays in
   cache), reduced there in place, and the chunks' partial moments are merged on the device
@@ -42,6 +42,9 @@ _INT_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # uint16..64 lack aminmax and go through float64 like the rest
 _EXACT_MINMAX = frozenset({torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32,
                            torch.int64})
+# float dtypes whose values and squared sums fit float32 comfortably
+_SMALL_RANGE = frozenset({torch.float16, torch.float8_e4m3fn, torch.float8_e5m2,
+                          torch.float8_e4m3fnuz, torch.float8_e5m2fnuz})
 # dtypes torch.take does not support: we sample their bits through an int dtype of equal size
 _TAKE_BY_BITS = frozenset({torch.uint16, torch.uint32, torch.uint64, torch.complex32,
                            *(d for d in vars(torch).values()
@@ -188,13 +191,14 @@ def _partials(t: torch.Tensor) -> torch.Tensor:
         row = _partial_cpu(t)
         if row is not None:
             return row[None]
-    # Chunk by chunk through one reusable float64 buffer: no full-size temporaries, no fresh
-    # allocation per chunk (on CPU every large allocation costs page faults), no host reads.
+    # Chunk by chunk through one reusable scratch buffer: no full-size temporaries, and no
+    # fresh allocation per chunk (on CPU every large allocation costs page faults).
     size = _CHUNK if t.device.type == "cpu" else _DEVICE_CHUNK
-    # float32 holds f16/bf16/fp8 exactly (and |z| of complex64); ints need float64 up to 2**53
-    exact32 = (t.dtype.is_floating_point and t.dtype.itemsize <= 4) or t.dtype == torch.complex64
+    # float32 is exact and cannot overflow the sum of squares for f16/fp8; everything else
+    # (ints up to 2**53, bf16/f32 up to 3e38, whose squares overflow float32) takes float64
+    small = t.dtype in _SMALL_RANGE
     buf = torch.empty(min(t.numel(), size), device=t.device,
-                      dtype=torch.float32 if exact32 else torch.float64)
+                      dtype=torch.float32 if small else torch.float64)
     can_be_nonfinite = t.dtype.is_floating_point or t.dtype.is_complex
     rows = []
     for chunk in _chunks(_memory_order(t), size):
@@ -254,8 +258,8 @@ def _partial_in_place(b: torch.Tensor, can_be_nonfinite: bool) -> torch.Tensor:
         pivot = lo
     # shifting by a data value (the minimum) keeps the sum of squares from cancelling
     s1 = b.sub_(pivot).sum()
-    s2 = torch.linalg.vector_norm(b).square()
-    s1, s2, pivot = s1.double(), s2.double(), pivot.double()
+    s2 = torch.linalg.vector_norm(b).double().square()
+    s1, pivot = s1.double(), pivot.double()
     count = n.clamp(min=1).double()
     m2 = (s2 - s1 * s1 / count).clamp(min=0)
     return torch.stack([n.double(), pivot + s1 / count, m2, lo.double(), hi.double(),
