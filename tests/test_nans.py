@@ -428,3 +428,25 @@ def test_a_failed_forward_or_backward_does_not_blind_the_next_steps(x):
         with pytest.raises(NonFiniteError) as info:
             model(x).sum().backward()
     assert (info.value.report.op, watch.reports[-1].step) == ("SqrtBackward0", 3)
+
+
+def test_replay_does_not_advance_the_users_state(x):
+    class Calls:  # e.g. a KV cache that each forward appends to
+        n = 0
+
+    class Stateful(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor, calls: Calls) -> torch.Tensor:
+            calls.n += 1
+            return torch.log(self.fc(x))
+
+    torch.manual_seed(0)
+    calls = Calls()
+    model = Stateful()
+    with watch_nans(model, mode="warn") as watch:
+        model(x, calls)
+    assert watch.reports[0].op == "log"
+    assert calls.n == 1  # the replay ran on a copy

@@ -20,6 +20,7 @@ accumulated (``torch.autograd.grad``), buffers are restored, and the random stat
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import weakref
@@ -243,7 +244,8 @@ class Replayer(TorchFunctionMode):
             handles.append(module.register_forward_hook(self._after_module, always_call=True))
         try:
             with self:
-                return self.target(*step.args, **step.kwargs)
+                args, kwargs = _private_copy(step.args, step.kwargs)
+                return self.target(*args, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
@@ -392,6 +394,18 @@ class Replayer(TorchFunctionMode):
                 for n, p in module.named_parameters(recurse=False)]
 
     # ---------------------------------------------------------------- backward hooks
+def _private_copy(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The step's arguments for a replay: its tensors as they are, but stateful objects (a KV
+    cache the forward appends to) copied, so that replaying does not advance the user's."""
+    tensors = {id(t): t for t in iter_tensors((args, kwargs))}
+    try:
+        return copy.deepcopy((args, kwargs), memo=dict(tensors))
+    except (TypeError, RuntimeError, copy.Error):
+        # an object that cannot be copied (a lock, a graph tensor deep inside): replay with
+        # the originals, as the step itself ran
+        return args, kwargs
+
+
 def _display(name: str) -> str:
     """``__rdiv__`` -> ``div``, ``__iadd__`` -> ``add_``; plain names stay as they are."""
     if name in _REVERSED:
