@@ -183,7 +183,7 @@ class Dims(Mapping[str, int]):
         if size == 1:
             return ["B"] if axis == 0 and names[:1] == ["B"] else []
         if len(names) > 1:
-            names = _settle_by_position(names, axis, shape)
+            names = _settle_by_position(names, axis, shape, "B" in self.names_for(shape[0]))
         return names
 
     def format(self, shape: Sequence[int] | torch.Size, *, brackets: str = "()") -> str:
@@ -191,13 +191,16 @@ class Dims(Mapping[str, int]):
         return brackets[0] + ", ".join(self.labels(shape)) + brackets[1]
 
 
-def _settle_by_position(names: list[str], axis: int, shape: list[int]) -> list[str]:
+def _settle_by_position(names: list[str], axis: int, shape: list[int],
+                        batch_first: bool) -> list[str]:
     """The batch axis comes first; a lone feature axis comes last. Nothing else is guessed:
     in (B, nh, 64, 64) with T = hs = 64 the last axis may be hs (q) or T (attention scores)."""
     ndim = len(shape)
     if axis == 0 and ndim >= 2 and "B" in names:
         return ["B"]
-    if axis == ndim - 1 and ndim >= 3 and shape.count(shape[axis]) == 1:
+    # 2-D: (T, C) has its features last, (B, T) token ids do not.
+    features_last = ndim >= 3 or (ndim == 2 and not batch_first)
+    if axis == ndim - 1 and features_last and shape.count(shape[axis]) == 1:
         features = [n for n in names if n in _FEATURE_ROLES]
         if len(features) == 1:
             return features

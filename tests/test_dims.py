@@ -1,0 +1,82 @@
+"""Named dimensions: where names come from, and when a size is ambiguous."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torchlens_edu.dims import Dims, dims_from_config, dims_from_inputs, format_shape
+from torchlens_edu.models import GPT2, GPT2Config
+
+
+def test_gpt2_config_roles():
+    dims = dims_from_config(GPT2Config.preset("gpt2"))
+    assert dims == {"C": 768, "nh": 12, "V": 50257, "ctx": 1024, "hs": 64, "3C": 2304,
+                    "4C": 3072}
+
+
+def test_hugging_face_config_roles():
+    transformers = pytest.importorskip("transformers")
+    llama = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                     intermediate_size=172, vocab_size=300,
+                                     max_position_embeddings=128)
+    dims = dims_from_config(llama)
+    assert dims["C"] == 64 and dims["nh"] == 4 and dims["hs"] == 16 and dims["nkv"] == 2
+    assert dims["ff"] == 172 and dims["V"] == 300 and dims["ctx"] == 128
+    bert = dims_from_config(transformers.BertConfig(hidden_size=48, num_attention_heads=3,
+                                                    intermediate_size=192))
+    assert bert["4C"] == 192 and bert["hs"] == 16
+
+
+def test_inputs_give_batch_and_tokens():
+    assert dims_from_inputs(torch.zeros(2, 16, dtype=torch.long)) == {"B": 2, "T": 16}
+    assert dims_from_inputs({"input_ids": torch.zeros(3, 5, dtype=torch.long)}) == {"B": 3, "T": 5}
+    assert dims_from_inputs(torch.zeros(2, 7, 32)) == {"B": 2, "T": 7}
+    assert dims_from_inputs(torch.zeros(8, 3, 32, 32)) == {"B": 8}
+    assert dims_from_inputs(torch.zeros(8, 16)) == {}  # (B, F) or unbatched (T, C)?
+
+
+def test_infer_prefers_the_users_words():
+    model = GPT2(GPT2Config.preset("tiny"))
+    dims = Dims.infer(model, [torch.zeros(2, 8, dtype=torch.long)], {"T": 9})
+    assert dims["T"] == 9 and dims["B"] == 2 and dims["C"] == 32
+    assert Dims.infer(None, [], None) == {}
+
+
+def test_shapes_print_with_names():
+    dims = Dims({"B": 2, "T": 16, "nh": 12, "hs": 64})
+    assert dims.format((2, 12, 16, 64)) == "(B=2, nh=12, T=16, hs=64)"
+    assert format_shape((2, 16, 768), {"B": 2, "T": 16, "C": 768}, brackets="[]") == \
+        "[B=2, T=16, C=768]"
+    assert format_shape((3, 4)) == "(3, 4)"
+
+
+def test_shared_sizes_are_shown_not_guessed():
+    dims = Dims({"B": 1, "T": 64, "nh": 12, "hs": 64, "C": 768})
+    # q (B, nh, T, hs) and scores (B, nh, T, T) look the same: say both.
+    assert dims.format((1, 12, 64, 64)) == "(B=1, nh=12, 64:T|hs, 64:T|hs)"
+    assert dims.format((1, 64, 12, 64)) == "(B=1, 64:T|hs, nh=12, 64:T|hs)"
+    # a lone last axis of an activation is a feature axis: hs, not T
+    assert dims.format((12, 7, 64)) == "(nh=12, 7, hs=64)"
+    # token ids (B, T) are not features
+    assert dims.format((1, 64)) == "(B=1, 64:T|hs)"
+    assert dims.format((64, 768)) == "(64:T|hs, C=768)"
+
+
+def test_position_settles_the_batch_axis_and_then_the_others():
+    dims = Dims({"B": 2, "nh": 2, "T": 8, "hs": 16})
+    assert dims.format((2, 2, 8, 16)) == "(B=2, nh=2, T=8, hs=16)"
+    assert dims.labels((2, 8)) == ["B=2", "T=8"]
+    assert dims.format((4, 2)) == "(4, 2:B|nh)"  # no position rule applies
+
+
+def test_size_one_axes_are_not_named_except_a_batch_of_one():
+    dims = Dims({"B": 1, "T": 1})
+    assert dims.format((1, 1, 5)) == "(B=1, 1, 5)"
+
+
+def test_bad_names_and_sizes_are_refused():
+    with pytest.raises(ValueError, match="short word"):
+        Dims({"a b": 2})
+    with pytest.raises(ValueError, match="non-negative int"):
+        Dims({"B": -1})
