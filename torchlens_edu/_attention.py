@@ -18,6 +18,7 @@ from rich.text import Text
 
 from torchlens_edu._console import get_console
 from torchlens_edu._render import Heat, RichView, is_plain
+from torchlens_edu._stats import unobserved
 
 _NUMBERS_UP_TO = 16  # keys; beyond this, blocks instead of numbers
 _MAX_KEYS = 64  # beyond this, key columns are block-averaged
@@ -104,7 +105,17 @@ class AttentionView(RichView):
 
     def __init__(self, weights: Any, tokens: Sequence[Any] | None = None, *,
                  layer: int | None = None, head: int | None = None, batch: int = 0) -> None:
-        matrix, self.title = select_attention(weights, layer=layer, head=head, batch=batch)
+        with unobserved():  # selecting and copying the weights is not the model's work
+            matrix, self.title = select_attention(weights, layer=layer, head=head, batch=batch)
+            self._check(matrix, tokens)
+            self.matrix = matrix.to("cpu", torch.float64)
+        tq, tk = self.matrix.shape
+        labels = [token_label(t) for t in tokens] if tokens is not None else \
+            [str(i) for i in range(tk)]
+        self.keys, self.queries = labels, labels[tk - tq:]  # queries are the last T_q tokens
+
+    @staticmethod
+    def _check(matrix: torch.Tensor, tokens: Sequence[Any] | None) -> None:
         if not matrix.is_floating_point():
             raise TypeError(f"attention weights must be floating point, got {matrix.dtype}")
         if matrix.is_meta:
@@ -116,27 +127,30 @@ class AttentionView(RichView):
         if tokens is not None and len(tokens) != tk:
             raise ValueError(f"{len(tokens)} tokens for {tk} key positions: pass one token "
                              f"per position (the last axis of the weights has size {tk})")
-        labels = [token_label(t) for t in tokens] if tokens is not None else \
-            [str(i) for i in range(tk)]
-        self.keys, self.queries = labels, labels[tk - tq:]  # queries are the last T_q tokens
-        self.matrix = matrix.to("cpu", torch.float64)
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         tq, tk = self.matrix.shape
         yield Text(f"{self.title}  ({tq} queries × {tk} keys; rows: queries, columns: keys)",
                    style="bold")
+        with unobserved():  # drawing is not the model's work: keep it out of traces
+            parts = list(self._body(is_plain(console), options.max_width))
+        yield from parts
+
+    def _body(self, plain: bool, width: int) -> RenderResult:
+        tq, tk = self.matrix.shape
         # masked cells: exact zeros above the (shifted) diagonal, as a causal mask leaves them
         shift = tk - tq
         masked = torch.ones(tq, tk, dtype=torch.bool).triu(shift + 1) & (self.matrix == 0)
         # scale to the 98th percentile of the visible weights: the first query's lone 1.0
         # would otherwise leave every other cell of a long sequence at the bottom of the ramp
         visible = self.matrix[~masked & ~self.matrix.isnan()]
+        visible = visible[:: max(1, visible.numel() // 100_000)]  # quantile's input is bounded
         top = float(visible.quantile(0.98)) if visible.numel() else 1.0
         heat = Heat(0.0, top or 1.0)
-        if tk <= _NUMBERS_UP_TO:
-            yield self._numbers(masked, heat, is_plain(console))
-        else:
-            yield from self._blocks(masked, heat, is_plain(console))
+        if tk <= _NUMBERS_UP_TO and (_LABEL + 1) + 6 * tk <= width:
+            yield self._numbers(masked, heat, plain)
+        else:  # two characters per key, never wider than the console
+            yield from self._blocks(masked, heat, plain, max(2, (width - _LABEL - 1) // 2))
 
     def _numbers(self, masked: torch.Tensor, heat: Heat, plain: bool) -> Table:
         table = Table(box=None, show_edge=False, pad_edge=False, padding=(0, 1))
@@ -150,14 +164,16 @@ class AttentionView(RichView):
             table.add_row(label, *cells)
         return table
 
-    def _blocks(self, masked: torch.Tensor, heat: Heat, plain: bool) -> RenderResult:
+    def _blocks(self, masked: torch.Tensor, heat: Heat, plain: bool,
+                fit: int) -> RenderResult:
         matrix, keys, tk = self.matrix, self.keys, self.matrix.shape[1]
-        if tk > _MAX_KEYS:  # average groups of keys so that a row fits a terminal
-            matrix = torch.nn.functional.adaptive_avg_pool1d(matrix[None], _MAX_KEYS)[0]
+        cols = min(_MAX_KEYS, fit)
+        if tk > cols:  # average groups of keys so that a row fits the terminal
+            matrix = torch.nn.functional.adaptive_avg_pool1d(matrix[None], cols)[0]
             masked = torch.nn.functional.adaptive_max_pool1d(
-                (~masked).double()[None], _MAX_KEYS)[0] == 0
-            keys = [keys[round(i * (tk - 1) / (_MAX_KEYS - 1))] for i in range(_MAX_KEYS)]
-            yield Text(f"(keys block-averaged: {tk} shown as {_MAX_KEYS} columns)", style="dim")
+                (~masked).double()[None], cols)[0] == 0
+            keys = [keys[round(i * (tk - 1) / (cols - 1))] for i in range(cols)]
+            yield Text(f"(keys block-averaged: {tk} shown as {cols} columns)", style="dim")
         pad = " " * (_LABEL + 1)
         for line in range(max(map(len, keys))):  # key tokens written downwards, a column each
             yield Text(pad + "".join((k[line] if line < len(k) else " ") + " " for k in keys),

@@ -22,8 +22,8 @@ from rich.table import Table
 from rich.text import Text
 
 from torchlens_edu._console import get_console, render_html, render_text
-from torchlens_edu._describe import _metadata, format_stats
-from torchlens_edu._stats import TensorStats, take, tensor_stats
+from torchlens_edu._describe import describe, format_stats
+from torchlens_edu._stats import TensorStats, take, tensor_stats, unobserved
 from torchlens_edu.dims import Dims
 
 SHADES = " ░▒▓█"  # heat without colour
@@ -114,10 +114,16 @@ class TensorView(RichView):
 
     def title(self) -> str:
         """The ``describe`` line, from the statistics computed once for this view."""
-        return f"{_metadata(self.tensor, self.dims)} {format_stats(self.stats, self.tensor.dtype)}"
+        head = describe(self.tensor, dims=self.dims, stats=False)
+        return f"{head} {format_stats(self.stats, self.tensor.dtype)}"
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         yield Text(self.title(), style="bold")
+        with unobserved():  # gathering the shown values is not the model's work
+            parts = list(self._body(console, options))
+        yield from parts
+
+    def _body(self, console: Console, options: ConsoleOptions) -> RenderResult:
         data, why = _displayable(self.tensor)
         if data is None:
             if why:
