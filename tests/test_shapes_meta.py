@@ -95,7 +95,7 @@ def test_gpt2_xl_meta_shapes_are_a_small_run_scaled_by_the_same_names():
 
 
 _XL_SCRIPT = """
-import json, resource, time, torch
+import json, resource, sys, time, torch
 import torchlens_edu as tle
 from torchlens_edu.models import GPT2, GPT2Config
 with torch.device("meta"):
@@ -104,7 +104,14 @@ ids = torch.zeros(1, 1024, dtype=torch.long)
 start = time.perf_counter()
 trace = tle.trace_shapes(model, ids, meta=True)
 seconds = time.perf_counter() - start
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# ru_maxrss survives exec (it would include pytest's own memory): read this process's
+# peak from /proc where there is one.
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux, bytes on macOS
+if sys.platform == "darwin":
+    rss /= 1024
+if sys.platform == "linux":
+    with open("/proc/self/status") as status:
+        rss = next(int(l.split()[1]) for l in status if l.startswith("VmHWM")) / 1024
 print(json.dumps({"seconds": seconds, "rss_mb": rss, "params": trace.events[0].params,
                   "flops": trace.events[0].flops, "out": trace.events[0].output_shapes}))
 """
