@@ -52,13 +52,16 @@ _EXPORTS: dict[str, str] = {
     # debugging
     "stop_at": "debug",
     "clear_stops": "debug",
+    "stop_at_module": "debug",
 }
+_SUBMODULES = ("debug",)  # tle.debug.listen(...) works without importing it first
 
 __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
+    from torchlens_edu import debug
     from torchlens_edu.capture import ActivationCache, CaptureTooLarge
-    from torchlens_edu.debug import clear_stops, stop_at
+    from torchlens_edu.debug import clear_stops, stop_at, stop_at_module
     from torchlens_edu.dims import Dims, ShapeError, assert_shape, format_shape, shape_scope
     from torchlens_edu.hooks import HookCall, HookSet, hooks
     from torchlens_edu.inspector import Inspector, inspect
@@ -85,6 +88,8 @@ if os.environ.get("TORCHLENS_EDU_PRINT"):  # e.g. from a VS Code launch config: 
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"torchlens_edu.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'torchlens_edu' has no attribute {name!r}")

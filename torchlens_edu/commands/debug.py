@@ -47,18 +47,25 @@ def run(args: argparse.Namespace) -> int:
 
     from torchlens_edu import debug
     from torchlens_edu._console import get_console
-    from torchlens_edu.printing import printoptions
+    from torchlens_edu.printing import PRESETS, printoptions
 
     err_console = get_console(stderr=True)
     preset = args.print_preset or os.environ.get("TORCHLENS_EDU_PRINT", "").strip() or "edu"
     try:  # what the user can fix (device, flags, paths, names) is one clear line, no traceback
         debug.parse_stops(os.environ.get(debug.ENV_VAR, ""))
+        if preset not in PRESETS:
+            raise ValueError(f"unknown print preset {preset!r}; choose one of {', '.join(PRESETS)}")
         if args.file and not os.path.isfile(args.file):
             raise FileNotFoundError(f"{args.file} is not a file; give the Python script to run")
-        model = None if args.file else _load(args)
-        with printoptions(preset):
-            stops = debug.apply_arguments(args)
+        stops = debug.apply_arguments(args)
     except (ValueError, RuntimeError, OSError) as err:
+        err_console.print(Text.assemble(("error: ", "bold red"), str(err)))
+        return 2
+    try:
+        model = None if args.file else _load(args)
+    except (ValueError, RuntimeError, OSError) as err:
+        for stop in stops:
+            stop.remove()
         err_console.print(Text.assemble(("error: ", "bold red"), str(err)))
         return 2
     try:
