@@ -200,6 +200,14 @@ def test_stats_are_exact_for_big_ints_and_ill_conditioned_floats() -> None:
     assert tensor_stats(x).std == pytest.approx(x.double().std().item(), rel=1e-4)
 
 
+def test_large_float32_std_is_accurate() -> None:
+    # float32 reductions over millions of values drift; the fast path must not
+    x = torch.randn(4_000_000, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    s, ref = tensor_stats(x), x.double()
+    assert s.std == pytest.approx(ref.std().item(), rel=1e-5)
+    assert s.mean == pytest.approx(ref.mean().item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_huge_values_do_not_overflow_the_variance(dtype: torch.dtype) -> None:
     x = torch.tensor([3e37, -3e37, 1e37, math.nan], dtype=dtype)  # squares overflow float32
