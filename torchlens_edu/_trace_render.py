@@ -26,7 +26,7 @@ from rich.tree import Tree
 from torchlens_edu.dims import Dims
 
 if TYPE_CHECKING:
-    from torchlens_edu.shapes import ShapeEvent, ShapeTrace, Spec
+    from torchlens_edu._shape_trace import ShapeEvent, ShapeTrace, Spec
 
 _DTYPES = {"float32": "", "int64": "i64", "int32": "i32", "bool": "bool", "float16": "f16",
            "bfloat16": "bf16", "float64": "f64", "uint8": "u8", "int8": "i8", "int16": "i16"}
