@@ -290,3 +290,15 @@ def test_nested_tensors_summarise_their_components() -> None:
         s = tensor_stats(nested)
         assert s.mean == pytest.approx(flat.mean().item(), abs=1e-6)
         assert describe(nested).startswith("NestedTensor[2 tensors: [2, 3], [4, 3]] f32 cpu μ=")
+
+
+@fast
+@given(tensors())
+def test_float32_accumulation_as_on_mps(t: torch.Tensor) -> None:
+    # Apple's MPS has no float64: the same code accumulates in float32 there (checked on CPU)
+    with mock.patch.object(_stats, "_wide", lambda device: torch.float32):
+        s = tensor_stats(t)
+    ref = _reference(t)
+    assert (s.numel, s.nan, s.posinf, s.neginf) == (ref["numel"], ref["nan"], ref["posinf"],
+                                                    ref["neginf"])
+    assert (s.mean is None) == (ref["mean"] is None), s.note

@@ -11,7 +11,7 @@ How it stays cheap:
 - float32/float64 CPU tensors without NaN/Inf are reduced in place (``aminmax``, ``sum``,
   ``vector_norm``, ``count_nonzero``: one vectorised pass each, no temporaries);
 - everything else (other dtypes, other devices, NaN/Inf) is copied chunk by chunk into one
-  reusable float32/float64 scratch buffer (never a full-size copy; on CPU a chunk stays in
+  reusable float64 scratch buffer (never a full-size copy; on CPU a chunk stays in
   cache), reduced there in place, and the chunks' partial moments are merged on the device
   (Chan et al.'s parallel variance);
 - the sparkline histogram comes from a fixed, evenly spread sample of a few thousand elements;
@@ -143,11 +143,12 @@ def _compute(t: torch.Tensor, numel: int) -> TensorStats:
         values = t.coalesce().values() if t.layout == torch.sparse_coo else t.values()
         implicit_zeros = numel - values.numel()
         t = values
-    exact_minmax = t.dtype in _EXACT_MINMAX
-    parts = _partials(t) if t.numel() else torch.zeros(0, 9, dtype=torch.float64, device=t.device)
+    wide = _wide(t.device)
+    exact_minmax = t.dtype in _EXACT_MINMAX and wide == torch.float64
+    parts = _partials(t) if t.numel() else torch.zeros(0, 9, dtype=wide, device=t.device)
     if implicit_zeros:
         # built by fills, not torch.tensor([...]): a host-to-device copy would sync
-        zero_part = torch.zeros(1, 9, dtype=torch.float64, device=t.device)
+        zero_part = torch.zeros(1, 9, dtype=wide, device=t.device)
         zero_part[0, _N] = zero_part[0, _ZERO] = implicit_zeros
         parts = torch.cat([parts, zero_part])
     total = _merge(parts)
@@ -183,8 +184,14 @@ def _to_stats(host: list[float], numel: int, exact: bool, is_complex: bool) -> T
                        note=note, hist=hist)
 
 
+def _wide(device: torch.device) -> torch.dtype:
+    """The accumulation dtype: float64, except on Apple's MPS, which has none."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _partials(t: torch.Tensor) -> torch.Tensor:
-    """Partial moments, one row per chunk, shape (k, 9), float64, on ``t``'s device."""
+    """Partial moments, one row per chunk, shape (k, 9), float64 (MPS: float32), on ``t``'s
+    device."""
     if t.dtype in (torch.float32, torch.float64) and t.device.type == "cpu":
         row = _partial_cpu(t)
         if row is not None:
@@ -193,7 +200,7 @@ def _partials(t: torch.Tensor) -> torch.Tensor:
     # fresh allocation per chunk (on CPU every large allocation costs page faults).
     size = _CHUNK if t.device.type == "cpu" else _DEVICE_CHUNK
     # float64: exact for ints up to 2**53, no overflow of squares, accurate long sums
-    buf = torch.empty(min(t.numel(), size), device=t.device, dtype=torch.float64)
+    buf = torch.empty(min(t.numel(), size), device=t.device, dtype=_wide(t.device))
     can_be_nonfinite = t.dtype.is_floating_point or t.dtype.is_complex
     rows = []
     for chunk in _chunks(_memory_order(t), size):
@@ -261,12 +268,11 @@ def _partial_in_place(b: torch.Tensor, can_be_nonfinite: bool) -> torch.Tensor:
         pivot = lo
     # shifting by a data value (the minimum) keeps the sum of squares from cancelling
     s1 = b.sub_(pivot).sum()
-    s2 = torch.linalg.vector_norm(b).double().square()
-    s1, pivot = s1.double(), pivot.double()
-    count = n.clamp(min=1).double()
+    s2 = torch.linalg.vector_norm(b).square()
+    count = n.clamp(min=1).to(b.dtype)
     m2 = (s2 - s1 * s1 / count).clamp(min=0)
-    return torch.stack([n.double(), pivot + s1 / count, m2, lo.double(), hi.double(),
-                        nan.double(), posinf.double(), neginf.double(), zeros.double()])
+    row = [n, pivot + s1 / count, m2, lo, hi, nan, posinf, neginf, zeros]
+    return torch.stack([v.to(b.dtype) for v in row])
 
 
 def _merge(parts: torch.Tensor) -> torch.Tensor:
@@ -307,7 +313,7 @@ def _histogram(t: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Ten
     """``HIST_BINS`` counts of a fixed sample of ``t``'s finite values in [lo, hi]."""
     n = t.numel()
     if n == 0:
-        return torch.zeros(HIST_BINS, dtype=torch.float64, device=t.device)
+        return torch.zeros(HIST_BINS, dtype=lo.dtype, device=t.device)
     index = torch.arange(min(n, _SAMPLE), device=t.device)
     if n > _SAMPLE:
         # a golden-ratio stride spreads the sample over the whole tensor without RNG state or a
@@ -315,14 +321,14 @@ def _histogram(t: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Ten
         index = (index * (int(n * 0.6180339887) | 1)) % n
     sample = take(t, index)
     sample = sample.abs() if sample.dtype.is_complex else sample
-    sample = sample.to(torch.float64)
+    sample = sample.to(lo.dtype)
     span = hi - lo
     scaled = torch.where(span > 0, (sample - lo) / span, 0.5) * HIST_BINS
     bins = scaled.nan_to_num(nan=-1.0).floor().clamp(max=HIST_BINS - 1)
     bins = torch.where(torch.isfinite(sample), bins, -1)  # drop NaN/±Inf samples
     # compare-and-sum instead of bincount: deterministic on CUDA too
-    edges = torch.arange(HIST_BINS, device=t.device, dtype=torch.float64)
-    return (bins[:, None] == edges).sum(0).double()
+    edges = torch.arange(HIST_BINS, device=t.device, dtype=lo.dtype)
+    return (bins[:, None] == edges).sum(0).to(lo.dtype)
 
 
 def take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
