@@ -42,6 +42,7 @@ _EXPORTS: dict[str, str] = {
     # shapes
     "trace_shapes": "shapes",
     "ShapeTrace": "shapes",
+    "ShapeTracer": "shapes",
     # NaN / Inf
     "watch_nans": "nans",
     "NonFiniteError": "nans",
@@ -78,7 +79,7 @@ if TYPE_CHECKING:
         tensor_stats,
         uninstall,
     )
-    from torchlens_edu.shapes import ShapeTrace, trace_shapes
+    from torchlens_edu.shapes import ShapeTrace, ShapeTracer, trace_shapes
 
 
 if os.environ.get("TORCHLENS_EDU_PRINT"):  # e.g. from a VS Code launch config: apply the preset
