@@ -27,7 +27,7 @@ DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 LAYOUTS = ["contiguous", "transposed", "strided", "sparse_coo", "sparse_csr", "quantized",
            "requires_grad"]
 
-fast = settings(max_examples=60, deadline=None, derandomize=True,
+fast = settings(max_examples=40, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])
 
 
