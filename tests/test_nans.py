@@ -309,18 +309,24 @@ def test_model_hooks_rng_buffers_and_grads_are_left_as_they_were(x):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_dropout_is_replayed_identically():
-    class DropLog(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.drop = nn.Dropout(0.5)
+class DropLog(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.log(self.drop(x))  # log(0) where dropout zeroed  # @droplog
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(self.drop(x))  # log(0) where dropout zeroed  # @droplog
 
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_dropout_is_replayed_identically(device):
     torch.manual_seed(3)
-    r = producer(DropLog().train(), torch.rand(4, 8) + 0.5, backward=False)
+    x = torch.rand(4, 8, device=device) + 0.5
+    r = producer(DropLog().train().to(device), x, backward=False)
     assert (r["op"], r["kind"], r["source"]) == ("log", "-inf", line_of("droplog"))
+    assert r["outputs"][0]["neginf"] == (r["inputs"][0]["zeros"] or 0) > 0
 
 
 def test_warn_mode_reports_once_and_goes_on(x, capsys):
@@ -413,6 +419,10 @@ def test_report_prints_with_rich_and_is_exported(x):
     text = str(info.value)  # what an uncaught error shows: the whole report
     assert "hint: log/sqrt of <= 0" in text and line_of("log").rsplit("/", 1)[1] in text
     assert "<pre" in report._repr_html_()
+    assert repr(report) == str(report)
+    import pickle
+
+    assert pickle.loads(pickle.dumps(info.value)).report.to_dict() == report.to_dict()
 
 
 def test_a_failed_forward_or_backward_does_not_blind_the_next_steps(x):

@@ -89,7 +89,7 @@ class TensorSummary:
         return dict(vars(self))
 
 
-@dataclass
+@dataclass(repr=False)
 class NonFiniteReport:
     """Where the first NaN/Inf was made, and the likely cause.
 
@@ -156,6 +156,8 @@ class NonFiniteReport:
 
     def __str__(self) -> str:
         return render_text(self)
+
+    __repr__ = __str__
 
     def _repr_html_(self) -> str:
         return render_html(self)

@@ -56,7 +56,7 @@ class NonFiniteError(RuntimeError):
     """
 
     def __init__(self, report: NonFiniteReport) -> None:
-        super().__init__(report.summary())
+        super().__init__(report)  # the report as the only argument: the error pickles
         self.report = report
 
     def __str__(self) -> str:
