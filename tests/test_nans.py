@@ -460,3 +460,12 @@ def test_replay_does_not_advance_the_users_state(x):
         model(x, calls)
     assert watch.reports[0].op == "log"
     assert calls.n == 1  # the replay ran on a copy
+
+
+def test_the_inspector_facade_watches_too(tiny_gpt2, tiny_ids):
+    with torch.no_grad():
+        tiny_gpt2.transformer.ln_f.weight[0] = math.inf
+    insp = tle.inspect(tiny_gpt2, dims={"B": 2})
+    with pytest.raises(tle.NonFiniteError) as info, insp.watch_nans():
+        tiny_gpt2(tiny_ids)
+    assert (info.value.report.module, info.value.report.op) == ("transformer.ln_f", "layer_norm")

@@ -47,6 +47,8 @@ from torchlens_edu.dims import Dims
 __all__ = ["NanWatch", "NonFiniteError", "NonFiniteReport", "watch_nans"]
 
 Mode = Literal["raise", "warn", "break"]
+
+
 class NonFiniteError(RuntimeError):
     """A NaN or Inf was made; ``.report`` (a :class:`NonFiniteReport`) says where and why.
 
