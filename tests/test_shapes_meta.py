@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from zoo import ZOO
 
 from torchlens_edu._shape_meta import meta_state
 from torchlens_edu.models import GPT2, GPT2Config, explicit_attention
@@ -128,3 +130,20 @@ def test_gpt2_xl_meta_trace_allocates_no_parameter_memory():
     assert result["flops"] > 3e12
     # The target is < 2 s on a laptop; this shared CI machine only gets a loose bound.
     assert result["seconds"] < 60, result
+
+
+@pytest.mark.parametrize("entry", ZOO, ids=[e.name for e in ZOO])
+def test_meta_matches_real_shapes_across_the_zoo(entry):
+    if entry.needs and importlib.util.find_spec(entry.needs) is None:
+        pytest.skip(f"needs {entry.needs}")
+    model = entry.build()
+    args, kwargs = entry.inputs()
+    with torch.no_grad():
+        real = trace_shapes(model, *args, **kwargs)
+        if entry.name == "hf_bert":  # its mask code reads a value: named, not a crash
+            with pytest.raises(RuntimeError) as info:
+                trace_shapes(model, *args, meta=True, **kwargs)
+            assert "meta (shape-only) run has no values" in "\n".join(info.value.__notes__)
+            return
+        meta = trace_shapes(model, *args, meta=True, **kwargs)
+    assert _by_key(meta) == _by_key(real)
