@@ -107,8 +107,9 @@ Edit = tuple[int, int, str]
 
 
 def apply(text: str, edits: list[Edit]) -> str:
-    """Apply non-overlapping edits to ``text``."""
-    for start, end, replacement in sorted(edits, reverse=True):
+    """Apply non-overlapping edits to ``text``; insertions at one place keep their order."""
+    ordered = sorted(enumerate(edits), key=lambda e: (e[1][0], e[0]), reverse=True)
+    for _, (start, end, replacement) in ordered:
         text = text[:start] + replacement + text[end:]
     return text
 

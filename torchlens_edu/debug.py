@@ -216,7 +216,7 @@ def _stdin_interactive() -> bool:
 
 
 def _say(markup: str) -> None:
-    get_console(stderr=True).print(markup)
+    get_console(stderr=True).print(markup, soft_wrap=True)  # one line per message, unbroken
 
 
 # --- any module of any model ----------------------------------------------------------------

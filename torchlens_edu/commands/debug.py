@@ -59,14 +59,14 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{args.file} is not a file; give the Python script to run")
         stops = debug.apply_arguments(args)
     except (ValueError, RuntimeError, OSError) as err:
-        err_console.print(Text.assemble(("error: ", "bold red"), str(err)))
+        err_console.print(Text.assemble(("error: ", "bold red"), str(err)), soft_wrap=True)
         return 2
     try:
         model = None if args.file else _load(args)
     except (ValueError, RuntimeError, OSError) as err:
         for stop in stops:
             stop.remove()
-        err_console.print(Text.assemble(("error: ", "bold red"), str(err)))
+        err_console.print(Text.assemble(("error: ", "bold red"), str(err)), soft_wrap=True)
         return 2
     try:
         with printoptions(preset):
@@ -106,23 +106,23 @@ def _run_script(path: str, script_args: list[str]) -> int:
 def _run_gpt2(args: argparse.Namespace, model: Any, tok: Any) -> int:
     import torch
     from rich.table import Table
+    from rich.text import Text
 
     from torchlens_edu import debug
     from torchlens_edu._console import get_console
 
     console = get_console()
     idx = torch.tensor([tok.encode(args.prompt)], device=model.device)  # (B=1, T)
-    if not (debug.stop_requested("attention") or any(
-            debug.stop_requested("attention", layer=i) for i in range(model.config.n_layer))):
+    if not any(debug.stop_requested("attention", layer=i) for i in range(model.config.n_layer)):
         console.print("[dim]no stop point asked for: add --stop attention:layer=0 (or set "
-                      "TORCHLENS_EDU_STOP) to pause inside attention[/]")
+                      f"{debug.ENV_VAR}) to pause inside attention[/]", soft_wrap=True)
     with torch.no_grad():
         logits = model(idx)  # (1, T, V): the stop points pause in here
     probs = logits[0, -1].float().softmax(-1)  # (V,)
     top = probs.topk(5)
-    table = Table(title=f"{args.prompt!r} → next token", title_justify="left")
-    table.add_column("token")
-    table.add_column("p", justify="right")
+    console.print(Text.assemble("most likely next token after ", (repr(args.prompt), "bold")),
+                  soft_wrap=True)
+    table = Table("token", "p")
     for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
         table.add_row(repr(tok.decode([i])), f"{p:.3f}")
     console.print(table)

@@ -210,7 +210,8 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(err, PermissionError) or getattr(err, "errno", None) in (13, 30):
             message = (f"cannot write to {err.filename or args.dir} ({err.strerror}): choose a "
                        "workspace folder you can write to, or fix its permissions")
-        get_console(stderr=True).print(Text.assemble(("error: ", "bold red"), message))
+        error = Text.assemble(("error: ", "bold red"), message)
+        get_console(stderr=True).print(error, soft_wrap=True)
         return 1
     verb = "would write" if args.dry_run else "wrote"
     for plan in plans:

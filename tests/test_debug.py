@@ -1,0 +1,174 @@
+"""Stop points without a real debugger: where they pause, what the frame holds, when they are
+skipped, and how they are switched on and off. (tests/test_vscode_dap.py drives real debugpy.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import torchlens_edu as tle
+from torchlens_edu import debug
+from torchlens_edu._modules import PatternError
+from torchlens_edu.cli import main
+from torchlens_edu.printing import describe
+
+GPT2_PY = Path(debug.__file__).parent / "models" / "gpt2.py"
+PLUGIN = Path(__file__).parents[1] / "pydevd_plugins" / "extensions" / \
+    "pydevd_plugin_torchlens_edu.py"
+
+
+@pytest.fixture(autouse=True)
+def _no_stops(monkeypatch):
+    monkeypatch.delenv(debug.ENV_VAR, raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    debug._warned.clear()
+    yield
+    debug.clear_stops()
+
+
+@pytest.fixture
+def paused(monkeypatch):
+    """Stand-in for a debugger: records the frame each ``breakpoint()`` would pause in."""
+    frames = []
+
+    def hook(*args, **kwargs):
+        frames.append(sys._getframe(1))  # the caller of breakpoint(): where a debugger stops
+
+    monkeypatch.setattr(sys, "breakpointhook", hook)
+    return frames
+
+
+def test_parse_stops_and_clear_errors():
+    assert debug.parse_stops("attention:layer=3,head=1; attention") == [
+        debug.StopRequest("attention", 3, 1), debug.StopRequest("attention")]
+    with pytest.raises(ValueError, match="did you mean 'attention'"):
+        debug.parse_stops("atention")
+    with pytest.raises(ValueError, match="attention:layer=3,head=1"):
+        debug.parse_stops("attention:layer=x")
+    with pytest.raises(ValueError, match=">= 0"):
+        tle.stop_at("attention", layer=-1)
+
+
+def test_stop_at_is_a_removable_context_manager(monkeypatch):
+    with tle.stop_at("attention", layer=1) as stop:
+        assert debug.stop_requested("attention", layer=1)
+        assert not debug.stop_requested("attention", layer=0)
+    assert not debug.stop_requested("attention", layer=1)
+    stop.remove()  # twice is fine
+    monkeypatch.setenv(debug.ENV_VAR, "attention:layer=0")
+    assert debug.stop_requested("attention", layer=0)
+
+
+def test_attention_stop_pauses_in_the_attention_frame(tiny_gpt2, tiny_ids, paused, capsys):
+    with tle.stop_at("attention", layer=1, head=1), torch.no_grad():
+        tiny_gpt2(tiny_ids)
+    assert len(paused) == 1
+    frame = paused[0]
+    assert Path(frame.f_code.co_filename) == GPT2_PY and frame.f_code.co_name == "forward"
+    assert {"q", "k", "v", "scores", "att"} <= set(frame.f_locals)
+    assert frame.f_locals["att"].shape == (2, 2, 8, 8)  # (B, nh, T, Tk)
+    assert frame.f_locals["self"].layer_idx == 1
+    err = capsys.readouterr().err
+    assert "stop point 'attention' (layer 1)" in err and "att[:, 1]" in err
+
+
+def test_without_debugger_or_terminal_the_stop_is_skipped_once(tiny_gpt2, tiny_ids, capsys,
+                                                             monkeypatch):
+    monkeypatch.setattr(sys, "breakpointhook", sys.__breakpointhook__)  # plain pdb
+    monkeypatch.setenv(debug.ENV_VAR, "attention")
+    with torch.no_grad():
+        out = tiny_gpt2(tiny_ids)
+        tiny_gpt2(tiny_ids)
+    assert out.shape == (2, 8, 256)
+    err = capsys.readouterr().err
+    assert err.count("skipped the stop point 'attention' (layer 0)") == 1
+    assert "stdin is not a terminal" in err
+
+
+def test_terminal_without_debugger_opens_pdb_there(monkeypatch):
+    monkeypatch.setattr(sys, "breakpointhook", sys.__breakpointhook__)
+    monkeypatch.setattr(debug, "_stdin_interactive", lambda: True)
+    assert debug._pause_blocker() is None
+    monkeypatch.setenv("CI", "true")  # CI never waits on pdb, even with a terminal
+    assert debug._pause_blocker() is not None
+
+
+def test_stop_at_module_forward_locals_and_condition(paused):
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    x = torch.randn(5, 4)
+    with debug.stop_at_module(model, "2") as stop:
+        model(x)
+    assert stop.paths == ["2"] and len(paused) == 1
+    local = paused[0].f_locals
+    assert local["module"] is model[2] and local["inputs"][0].shape == (5, 3)
+    assert local["output"].shape == (5, 2)
+    assert not model[2]._forward_hooks  # removed on exit
+    with tle.stop_at_module(model, "*", condition=lambda m, i, o: isinstance(m, nn.ReLU)):
+        model(x)
+    assert len(paused) == 2 and isinstance(paused[1].f_locals["module"], nn.ReLU)
+
+
+def test_stop_at_module_backward_has_the_gradients(tiny_gpt2, tiny_ids, paused):
+    with debug.stop_at_module(tiny_gpt2, "transformer.h.1.mlp", when="backward"):
+        tiny_gpt2(tiny_ids).sum().backward()
+    assert len(paused) == 1
+    local = paused[0].f_locals
+    assert local["grad_output"][0].shape == (2, 8, 32)
+    assert {"module", "grad_input"} <= set(local)
+
+
+def test_stop_at_module_bad_input():
+    model = nn.Sequential(nn.Linear(2, 2))
+    with pytest.raises(PatternError, match="matches no module"):
+        debug.stop_at_module(model, "transformer.h.0")
+    with pytest.raises(ValueError, match="'forward'"):
+        debug.stop_at_module(model, "0", when="backwards")
+    with pytest.raises(TypeError, match="condition"):
+        debug.stop_at_module(model, "0", condition=True)
+
+
+def test_cli_flags(tmp_path, capsys):
+    assert main(["debug", "--stop", "atention", "--device", "cpu"]) == 2
+    assert "did you mean 'attention'" in capsys.readouterr().err
+    assert main(["debug", "--wait-for-client", "--device", "cpu"]) == 2
+    assert "needs --listen" in capsys.readouterr().err
+    assert main(["debug", str(tmp_path / "missing.py")]) == 2
+    assert "is not a file" in capsys.readouterr().err
+
+
+def test_debug_command_runs_a_script_with_print_options(tmp_path, capsys):
+    script = tmp_path / "lesson.py"
+    script.write_text("import sys, torch\nprint(torch._tensor_str.PRINT_OPTS.threshold, "
+                      "sys.argv[1:])\nsys.exit(3)\n")
+    assert main(["debug", "--print", "edu", str(script), "a", "--b"]) == 3
+    assert "30 ['a', '--b']" in capsys.readouterr().out  # edu preset inside, restored after
+
+
+def test_debug_command_runs_gpt2_to_the_end(capsys):
+    assert main(["debug", "--device", "cpu", "--prompt", "Hello"]) == 0
+    assert "most likely next token after 'Hello'" in capsys.readouterr().out
+
+
+def test_pydevd_plugin_shows_the_metadata_summary():
+    from debugpy._vendored import vendored
+
+    with vendored("pydevd"):  # its extension API, without starting a debugger
+        spec = importlib.util.spec_from_file_location("tle_pydevd_plugin", PLUGIN)
+        plugin = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(plugin)
+    summary, children = plugin.TensorSummary(), plugin.TensorChildren()
+    t = torch.zeros(2, 3, requires_grad=True)
+    assert summary.can_provide(torch.Tensor, "Tensor")
+    assert summary.can_provide(nn.Parameter, "Parameter") and not summary.can_provide(int, "int")
+    assert summary.get_str(t) == describe(t, stats=False)
+    shown = children.get_dictionary(t)
+    assert shown["shape"] == (2, 3) and shown["requires_grad"] is True and shown["grad"] is None
+    assert shown["stats"].numel == 6 and children.resolve(t, "dtype") == torch.float32
+    meta = torch.empty(4, device="meta")  # no data: nothing may be read
+    assert "stats" not in children.get_dictionary(meta)
+    assert "meta" in summary.get_str(meta)
