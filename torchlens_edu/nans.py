@@ -350,7 +350,9 @@ class NanWatch:
 
     def _unreproduced(self, phase: str, label: str, kind: str, source: str, index: int
                       ) -> NonFiniteReport:
-        module = label.removeprefix("parameter ")
+        # a parameter's gradient: name the module that owns it
+        module = label.removeprefix("parameter ").rpartition(".")[0] if label.startswith(
+            "parameter ") else label
         return NonFiniteReport(
             phase, module, "", kind, source, rank(), hint_for(
                 "not_reproduced", f"{label or 'the root module'!r} saw {kind} in the {phase}, "
