@@ -81,6 +81,11 @@ def test_errors_are_explained_reraised_and_the_partial_trace_kept(shell, capsys)
     assert "✗ failed" in capsys.readouterr().out
 
 
+def test_errors_outside_the_model_get_no_shape_note(shell, capsys):
+    error = _run(shell, "%trace_shapes model(x) + undefined_name").error_in_exec
+    assert isinstance(error, NameError) and not getattr(error, "__notes__", None)
+
+
 def test_bad_usage_is_reported(shell, capsys):
     assert "nothing to trace" in str(_run(shell, "%trace_shapes --ops").error_in_exec)
     assert "B=2,T=16" in str(_run(shell, "%trace_shapes --dims B2 model(x)").error_in_exec)

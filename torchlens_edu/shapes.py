@@ -299,7 +299,9 @@ class ShapeTracer:
         failure = self._failure if self._failure is not None and self._failure.exc is exc else None
         if failure is None:
             module = self._failing_module
-            failure = Failure(exc=exc, module=module[1] if module and module[0] is exc else None)
+            if module is None or module[0] is not exc:
+                return  # raised outside the model (a typo in the cell, say): not ours to explain
+            failure = Failure(exc=exc, module=module[1])
         failure.meta = self.meta
         self._failure = failure
         failure.explanation = explain(failure, self.trace, self._roots)
