@@ -67,7 +67,9 @@ class ShapeTracer:
     """Record shapes while a block runs; ``tracer.trace`` is the :class:`ShapeTrace`.
 
     Use :func:`trace_shapes` for one forward; use this to trace any code that calls the model
-    (``generate``, a training step, several models).
+    (``generate``, a training step, several models). With ``discover=True`` a module called
+    outside the given ones becomes a traced model too (how ``%trace_shapes`` finds models); a
+    temporary global pre-hook spots it and is removed on exit.
 
     >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
     >>> with ShapeTracer(m) as tracer:
