@@ -17,6 +17,9 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _MODELS_DIR = os.path.join(_PACKAGE_DIR, "models") + os.sep
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 _STDLIB_DIR = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
+# site-packages can live inside the stdlib folder: libraries there (transformers...) are user code
+_SITE_DIRS = tuple({os.path.abspath(sysconfig.get_paths()[k]) + os.sep
+                    for k in ("purelib", "platlib")})
 _SKIP_PREFIXES = ("<frozen ",)
 
 
@@ -28,7 +31,9 @@ def is_user_file(filename: str) -> bool:
     path = os.path.abspath(filename)
     if path.startswith(_MODELS_DIR):
         return True
-    return not path.startswith((_PACKAGE_DIR + os.sep, _TORCH_DIR, _STDLIB_DIR))
+    if path.startswith((_PACKAGE_DIR + os.sep, _TORCH_DIR)):
+        return False
+    return path.startswith(_SITE_DIRS) or not path.startswith(_STDLIB_DIR)
 
 
 def user_frame(start: FrameType | None = None) -> FrameType | None:
