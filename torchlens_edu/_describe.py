@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-from torchlens_edu._stats import TensorStats, tensor_stats, unobserved
+from torchlens_edu._stats import TensorStats, is_fake, tensor_stats, unobserved
 from torchlens_edu.dims import Dims
 
 _SPARK = "▁▂▃▄▅▆▇█"
@@ -132,8 +132,7 @@ def format_bytes(n: int) -> str:
 
 
 def _metadata(t: torch.Tensor, dims: Dims) -> str:
-    kind = "Tensor" if type(t) in (torch.Tensor, torch._subclasses.fake_tensor.FakeTensor) \
-        else type(t).__name__
+    kind = "Tensor" if type(t) is torch.Tensor or is_fake(t) else type(t).__name__
     if t.is_nested:  # no single shape: list the components'
         shapes = [dims.format(tuple(c.shape), brackets="[]") for c in t.unbind()]
         shown = ", ".join(shapes[:3]) + (", …" if len(shapes) > 3 else "")
@@ -156,7 +155,7 @@ def _metadata(t: torch.Tensor, dims: Dims) -> str:
 
 
 def _device(t: torch.Tensor) -> str:
-    if isinstance(t, torch._subclasses.fake_tensor.FakeTensor):
+    if is_fake(t):
         return f"fake:{t.device}"
     return str(t.device)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import struct
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -120,10 +121,17 @@ def unobserved() -> Iterator[None]:
         yield
 
 
+def is_fake(t: torch.Tensor) -> bool:
+    """True for a FakeTensor. Fake tensors exist only once their module is imported, and
+    importing it ourselves would pull in sympy (seconds) on the first ``describe``."""
+    fake_tensor = sys.modules.get("torch._subclasses.fake_tensor")
+    return fake_tensor is not None and isinstance(t, fake_tensor.FakeTensor)
+
+
 def _why_no_data(t: torch.Tensor) -> str:
     if t.is_meta:
         return "meta tensor: no data"
-    if isinstance(t, torch._subclasses.fake_tensor.FakeTensor):
+    if is_fake(t):
         return "fake tensor: no data"
     if t.is_nested:
         return ""
