@@ -166,6 +166,8 @@ def test_pydevd_plugin_shows_the_metadata_summary():
     assert summary.can_provide(torch.Tensor, "Tensor")
     assert summary.can_provide(nn.Parameter, "Parameter") and not summary.can_provide(int, "int")
     assert summary.get_str(t) == describe(t, stats=False)
+    assert summary.get_str_in_context(t, "hover") == describe(t, stats=False)
+    assert summary.get_str_in_context(t, "repl") == repr(t)  # the Debug Console shows values
     shown = children.get_dictionary(t)
     assert shown["shape"] == (2, 3) and shown["requires_grad"] is True and shown["grad"] is None
     assert shown["stats"].numel == 6 and children.resolve(t, "dtype") == torch.float32

@@ -71,6 +71,7 @@ def _attention_stop_checks(dap: DAPClient, shape: tuple[int, int, int, int]) -> 
     assert {"q", "k", "v", "scores", "att", "self"} <= set(local)
     assert dap.evaluate("q.shape", frame["id"]) == f"torch.Size({list(shape)})"
     assert local["q"]["value"] == describe(torch.empty(shape), stats=False)  # our summary line
+    assert dap.evaluate("att[0, 0, 0]", frame["id"]).startswith("tensor([1., 0., 0.")  # values
     children = dap.children(local["att"]["variablesReference"])
     assert {"shape", "dtype", "device", "requires_grad", "grad"} <= set(children)
     assert children["dtype"]["value"] == "torch.float32"

@@ -9,6 +9,7 @@ the data (no CUDA sync, nothing slow on a big tensor):
 
 and expands it into ``shape``, ``dtype``, ``device``, ``requires_grad``, ``grad``,
 ``grad_fn``, ``is_leaf`` (plus ``stats`` for CPU tensors: the numbers, read on demand).
+The Debug Console prints the values themselves, with the current print options.
 """
 
 from __future__ import annotations
@@ -30,10 +31,16 @@ def _is_tensor_type(type_object: type) -> bool:
 
 
 class TensorSummary(StrPresentationProvider):
-    """The value column: ``describe(t, stats=False)``."""
+    """The value column (and hovers, watches): ``describe(t, stats=False)``. The Debug Console
+    and "Copy Value" get torch's own printout: there the learner asked for the numbers."""
 
     def can_provide(self, type_object: type, type_name: str) -> bool:
         return _is_tensor_type(type_object)
+
+    def get_str_in_context(self, val: Any, context: str) -> str:
+        if context in ("repl", "clipboard"):
+            return repr(val)
+        return self.get_str(val)
 
     def get_str(self, val: Any) -> str:
         from torchlens_edu.printing import describe
