@@ -86,7 +86,7 @@ def test_without_debugger_or_terminal_the_stop_is_skipped_once(tiny_gpt2, tiny_i
         tiny_gpt2(tiny_ids)
     assert out.shape == (2, 8, 256)
     err = capsys.readouterr().err
-    assert err.count("skipped the stop point 'attention' (layer 0)") == 1
+    assert err.count("skipped the stop point 'attention'") == 1  # not once per layer or call
     assert "stdin is not a terminal" in err
 
 
@@ -174,3 +174,23 @@ def test_pydevd_plugin_shows_the_metadata_summary():
     meta = torch.empty(4, device="meta")  # no data: nothing may be read
     assert "stats" not in children.get_dictionary(meta)
     assert "meta" in summary.get_str(meta)
+
+
+def test_listening_without_a_client_skips_the_stop(tmp_path):
+    """After listen() (no wait) and before VS Code attaches, a stop says so and goes on."""
+    import subprocess
+
+    script = tmp_path / "lesson.py"
+    script.write_text("import torch, torchlens_edu as tle\n"
+                      "from torchlens_edu.models import GPT2, GPT2Config\n"
+                      "tle.debug.listen(0)\n"
+                      "assert tle.debug.listen(0) == tle.debug._listening  # served once\n"
+                      "tle.stop_at('attention')\n"
+                      "with torch.no_grad():\n"
+                      "    GPT2(GPT2Config.preset('tiny'))(torch.zeros(1, 3, dtype=torch.long))\n")
+    done = subprocess.run([sys.executable, "-Xfrozen_modules=off", str(script)],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "listening on 127.0.0.1:" in done.stderr
+    assert done.stderr.count("skipped the stop point 'attention'") == 1
+    assert "no debugger is attached yet" in done.stderr and "⏸" not in done.stderr

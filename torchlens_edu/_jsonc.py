@@ -107,7 +107,11 @@ Edit = tuple[int, int, str]
 
 
 def apply(text: str, edits: list[Edit]) -> str:
-    """Apply non-overlapping edits to ``text``; insertions at one place keep their order."""
+    """Apply non-overlapping edits to ``text``; insertions at one place keep their order.
+
+    >>> apply("[1]", [(2, 2, ", 2"), (2, 2, ", 3")])
+    '[1, 2, 3]'
+    """
     ordered = sorted(enumerate(edits), key=lambda e: (e[1][0], e[0]), reverse=True)
     for _, (start, end, replacement) in ordered:
         text = text[:start] + replacement + text[end:]
@@ -115,17 +119,29 @@ def apply(text: str, edits: list[Edit]) -> str:
 
 
 def replace(node: Node, value: Any, text: str) -> Edit:
-    """Edit that puts ``value`` where ``node`` is, indented like its line."""
+    r"""Edit that puts ``value`` where ``node`` is, indented like its line.
+
+    >>> text = '{"a": 1}'; apply(text, [replace(parse(text).members["a"], [2], text)])
+    '{"a": [\n  2\n]}'
+    """
     return node.start, node.end, dump(value, _indent_of(text, node.start))
 
 
 def add_items(text: str, array: Node, values: list[Any]) -> list[Edit]:
-    """Edits that append ``values`` to a JSON array, after its last item."""
+    r"""Edits that append ``values`` to a JSON array, after its last item.
+
+    >>> text = '[1, // one\n]'; apply(text, add_items(text, parse(text), [2]))
+    '[1, // one\n2\n]'
+    """
     return _append(text, array, [dump(v, "") for v in values], array.items)
 
 
 def add_members(text: str, obj: Node, members: dict[str, Any]) -> list[Edit]:
-    """Edits that add ``"key": value`` members at the end of a JSON object."""
+    r"""Edits that add ``"key": value`` members at the end of a JSON object.
+
+    >>> text = '{\n  "a": 1\n}'; apply(text, add_members(text, parse(text), {"b": 2}))
+    '{\n  "a": 1,\n  "b": 2\n}'
+    """
     entries = [f"{json.dumps(k)}: {dump(v, '')}" for k, v in members.items()]
     return _append(text, obj, entries, list(obj.members.values()))
 
@@ -151,7 +167,11 @@ def _append(text: str, container: Node, entries: list[str], children: list[Node]
 
 
 def dump(value: Any, indent: str) -> str:
-    """``value`` as 2-space-indented JSON whose continuation lines start with ``indent``."""
+    r"""``value`` as 2-space-indented JSON whose continuation lines start with ``indent``.
+
+    >>> dump({"a": 1}, "  ")
+    '{\n    "a": 1\n  }'
+    """
     return _reindent(json.dumps(value, indent=2, ensure_ascii=False), indent)[len(indent):]
 
 

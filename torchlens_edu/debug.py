@@ -39,7 +39,11 @@ STOP_POINTS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class StopRequest:
-    """Where to stop: a stop-point name and optional layer / head filters."""
+    """Where to stop: a stop-point name and optional layer / head filters.
+
+    >>> str(StopRequest("attention", layer=3, head=1))
+    'attention:layer=3,head=1'
+    """
 
     point: str
     layer: int | None = None
@@ -159,10 +163,10 @@ def should_stop(point: str, *, layer: int | None = None) -> bool:
     matching = _matching(point, layer)
     if not matching:
         return False
+    if not _can_pause(f"stop point {point!r}"):  # said once per point, not once per layer
+        return False
     where = f"stop point {point!r}" + (f" (layer {layer})" if layer is not None else "")
     heads = sorted({r.head for r in matching if r.head is not None})
-    if not _can_pause(where):
-        return False
     hint = "".join(f"; head {h}: att[:, {h}]" for h in heads)
     _say(f"[bold]⏸ {where}[/]: {STOP_POINTS[point]}{hint}")
     return True
@@ -187,24 +191,27 @@ def _can_pause(where: str) -> bool:
         return True
     if where not in _warned:
         _warned.add(where)
-        _say(f"[yellow]torchlens_edu: skipped the {where}[/]: {reason}. Start it from VS Code "
-             "(a 'GPT-2: stop inside attention' launch configuration) or in a terminal for pdb.")
+        _say(f"[yellow]torchlens_edu: skipped the {where}[/]: {reason}")
     return False
 
 
 def _pause_blocker() -> str | None:
     """Why ``breakpoint()`` would not pause usefully here; None when it would."""
-    hook_module = getattr(sys.breakpointhook, "__module__", "")
-    if hook_module == "pydevd" and "debugpy" in sys.modules:  # debugpy owns breakpoint()
+    hook_module = getattr(sys.breakpointhook, "__module__", None) or ""
+    if hook_module.startswith(("debugpy", "pydevd")):  # debugpy owns breakpoint()
         if debugger_attached():
             return None
-        return "debugpy is listening but no debugger is attached yet"
+        return ("debugpy is listening but no debugger is attached yet; attach with VS Code's "
+                "'Attach to a process on 127.0.0.1:5678', or listen with wait_for_client=True "
+                "(--wait-for-client)")
     if sys.breakpointhook is not sys.__breakpointhook__:
         return None  # another debugger (PyCharm, IPython, ...) owns breakpoint()
     if os.environ.get("PYTHONBREAKPOINT") == "0":
         return None  # breakpoint() is a no-op by the user's choice: harmless
     if os.environ.get("CI") or not _stdin_interactive():
-        return "no debugger is attached and stdin is not a terminal, so pdb could not be used"
+        return ("no debugger is attached and stdin is not a terminal, so pdb could not be used; "
+                "start it from VS Code (a 'GPT-2: stop inside attention' launch configuration) "
+                "or in a terminal for pdb")
     return None
 
 
@@ -314,6 +321,7 @@ def stop_at_module(model: nn.Module, pattern: Pattern, *, when: When = "forward"
 # --- a debugger server -----------------------------------------------------------------------
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_listening: tuple[str, int] | None = None  # where this process's debugpy server listens
 
 
 def listen(port: int = 5678, *, wait_for_client: bool = False,
@@ -329,9 +337,13 @@ def listen(port: int = 5678, *, wait_for_client: bool = False,
     """
     import debugpy
 
+    global _listening
     if debugger_attached():
         _say("torchlens_edu: a debugger is already attached; not starting another server")
         return host, port
+    if _listening is not None:  # debugpy serves once per process
+        _say(f"torchlens_edu: already listening on {_listening[0]}:{_listening[1]}")
+        return _listening
     if host not in _LOOPBACK:
         _say(f"[yellow]warning[/]: listening on {host}: anyone who can reach port {port} there "
              "can run code in this process")
@@ -340,6 +352,7 @@ def listen(port: int = 5678, *, wait_for_client: bool = False,
     except (RuntimeError, OSError) as err:
         raise RuntimeError(f"cannot start the debugger server on {host}:{port} ({err}); "
                            "choose another port, e.g. --listen 5679") from err
+    _listening = (bound_host, bound_port)
     _say(f"torchlens_edu: debugpy listening on {bound_host}:{bound_port}; attach with VS Code's "
          f"'Attach to a process on 127.0.0.1:5678' (port {bound_port})")
     if wait_for_client:
@@ -369,7 +382,12 @@ def add_arguments(parser: Any) -> None:
 
 def apply_arguments(args: Any) -> list[StopHandle]:
     """Act on the flags of :func:`add_arguments`; returns the stops it requested (remove them
-    when done)."""
+    when done).
+
+    >>> import argparse; p = argparse.ArgumentParser(); add_arguments(p)
+    >>> [s.remove() for s in apply_arguments(p.parse_args(["--stop", "attention:layer=0"]))]
+    [None]
+    """
     requests = [r for spec in args.stop for r in parse_stops(spec)]  # all checked before any is set
     if args.listen is not None:
         listen(args.listen, wait_for_client=args.wait_for_client)
