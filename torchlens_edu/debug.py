@@ -210,7 +210,7 @@ def _pause_blocker() -> str | None:
         return None  # breakpoint() is a no-op by the user's choice: harmless
     if os.environ.get("CI") or not _stdin_interactive():
         return ("no debugger is attached and stdin is not a terminal, so pdb could not be used; "
-                "start it from VS Code (a 'GPT-2: stop inside attention' launch configuration) "
+                "run it under VS Code's debugger (`torchlens-edu vscode init` sets that up) "
                 "or in a terminal for pdb")
     return None
 
