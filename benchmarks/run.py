@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch intra-op threads in the benchmark processes (default: "
                              "torch's choice); 1 gives steadier numbers on a busy machine")
     parser.add_argument("--out", type=Path, default=HERE, help="folder for the results files")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other groups' rows of the existing results file")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up runs (default 2)")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="timed repetitions per contender (default 7, the median is kept)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one group
     args = parser.parse_args(argv)
     if args.worker:
@@ -60,33 +65,52 @@ def main(argv: list[str] | None = None) -> int:
     if not devices:
         parser.error("--device cuda: CUDA is not available here")
     base = Setting(**QUICK) if args.quick else Setting()
+    if args.warmup is not None:
+        base = dataclasses.replace(base, warmup=args.warmup)
+    if args.reps is not None:
+        base = dataclasses.replace(base, reps=args.reps)
     jobs = [(n, d) for d in devices for n in names if not (n == "meta" and d != "cpu")]
 
     machine = _machine(torch)
     machine["threads"] = args.threads or torch.get_num_threads()
+    stem = args.out / ("results-quick" if args.quick else "results")
+    kept: list[dict] = []
+    if args.update and stem.with_suffix(".json").exists():
+        kept = [r for r in json.loads(stem.with_suffix(".json").read_text())["rows"]
+                if r["group"] not in names and r["group"] != "leaks"]
     started = time.time()
     rows: list[dict] = []
+    result: dict = {}
     with Progress(transient=True) as progress:
         task = progress.add_task("benchmarks", total=len(jobs))
         for name, device in jobs:
             progress.update(task, description=f"{name} ({device})")
             rows += _run_group(name, dataclasses.replace(base, device=device), args.threads)
             progress.advance(task)
-    machine["load_average_after"] = _load()
-    leaks = [leak for r in rows for leak in r.pop("leaks", [])]
-    rows.append({"group": "leaks", "name": "hooks left behind after all of it", "input": "",
-                 "device": ",".join(devices), "times_ms": {}, "spread": {},
-                 "metric": "hooks left", "value": len(leaks), "target": "== 0",
-                 "ok": not leaks, "note": "; ".join(leaks)})
-    result = {"machine": machine, "quick": args.quick,
-              "setting": dataclasses.asdict(base) | {"device": devices},
-              "seconds": round(time.time() - started, 1), "rows": rows}
-    stem = "results-quick" if args.quick else "results"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(result))
+            machine["load_average_after"] = _load()
+            result = {"machine": machine, "quick": args.quick,
+                      "setting": dataclasses.asdict(base) | {"device": devices},
+                      "seconds": round(time.time() - started, 1),
+                      "rows": _with_leaks(kept + rows, devices)}
+            _write(stem, result)  # after every group: a cut-short run keeps what it measured
     print(markdown(result))
     return 0
+
+
+def _with_leaks(rows: list[dict], devices: list[str]) -> list[dict]:
+    """The rows, then one row that adds up the hooks every group left behind."""
+    leaks = [leak for r in rows for leak in r.get("leaks", [])]
+    total = {"group": "leaks", "name": "hooks left behind after all of it", "input": "",
+             "device": ",".join(devices), "times_ms": {}, "spread": {},
+             "metric": "hooks left", "value": len(leaks), "target": "== 0", "ok": not leaks,
+             "note": "; ".join(leaks)}
+    return [*rows, total]
+
+
+def _write(stem: Path, result: dict) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(result))
 
 
 def _run_group(name: str, setting: object, threads: int | None) -> list[dict]:
