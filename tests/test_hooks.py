@@ -10,7 +10,7 @@ from zoo import ZOO, ZOO_BY_NAME, InplaceAfter, ModelGuard, ZooEntry
 import torchlens_edu as tle
 from torchlens_edu._modules import PatternError
 from torchlens_edu._tree import iter_tensors
-from torchlens_edu.hooks import HookCall, require_module
+from torchlens_edu.hookset import HookCall, require_module
 
 
 def _build(entry: ZooEntry) -> nn.Module:

@@ -9,7 +9,7 @@ from zoo import ZOO, ZOO_BY_NAME, ModelGuard, ZooEntry
 
 import torchlens_edu as tle
 from torchlens_edu._modules import PatternError
-from torchlens_edu.hooks import HookSet
+from torchlens_edu.hookset import HookSet
 from torchlens_edu.inspector import count_parameters
 from torchlens_edu.models import GPT2, GPT2Config
 

@@ -34,9 +34,9 @@ _EXPORTS: dict[str, str] = {
     "shape_scope": "dims",
     "ShapeError": "dims",
     # hooks and capture
-    "hooks": "hooks",
-    "HookSet": "hooks",
-    "HookCall": "hooks",
+    "hooks": "hookset",
+    "HookSet": "hookset",
+    "HookCall": "hookset",
     "ActivationCache": "capture",
     "CaptureTooLarge": "capture",
     # shapes
@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from torchlens_edu.capture import ActivationCache, CaptureTooLarge
     from torchlens_edu.debug import clear_stops, stop_at, stop_at_module
     from torchlens_edu.dims import Dims, ShapeError, assert_shape, format_shape, shape_scope
-    from torchlens_edu.hooks import HookCall, HookSet, hooks
+    from torchlens_edu.hookset import HookCall, HookSet, hooks
     from torchlens_edu.inspector import Inspector, inspect
     from torchlens_edu.nans import NonFiniteError, NonFiniteReport, watch_nans
     from torchlens_edu.printing import (

@@ -41,7 +41,7 @@ from torchlens_edu._console import render_html, render_text
 from torchlens_edu._modules import Pattern, match_modules
 from torchlens_edu._tree import iter_tensors, map_tensors
 from torchlens_edu.dims import Dims
-from torchlens_edu.hooks import HookCall, HookSet, require_module
+from torchlens_edu.hookset import HookCall, HookSet, require_module
 
 DEFAULT_MAX_BYTES = 2 * 2**30  # 2 GiB: more than a learner means to keep by accident
 _MAX_ROWS = 80  # table rows shown before "... N more"

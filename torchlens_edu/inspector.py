@@ -35,7 +35,7 @@ from torchlens_edu._modules import Pattern, match_modules, module_paths
 from torchlens_edu._tree import iter_tensors
 from torchlens_edu.capture import ActivationCache, capture
 from torchlens_edu.dims import Dims
-from torchlens_edu.hooks import HookCall, HookSet, require_module
+from torchlens_edu.hookset import HookCall, HookSet, require_module
 
 
 @dataclass
@@ -146,7 +146,7 @@ class Inspector:
     # -- the tools, bound to this model ---------------------------------------------------
 
     def hooks(self) -> HookSet:
-        """A :class:`~torchlens_edu.hooks.HookSet` on the model (use it in a ``with`` block)."""
+        """A :class:`~torchlens_edu.hookset.HookSet` on the model (use it in a ``with`` block)."""
         return HookSet(self.model)
 
     def capture(self, pattern: Pattern = "*", **options: Any

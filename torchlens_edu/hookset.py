@@ -25,7 +25,6 @@ Why it is built this way:
 from __future__ import annotations
 
 import sys
-import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -373,14 +372,3 @@ def require_module(obj: Any, who: str) -> nn.Module:
         hint = "pass the torch.nn.Module you want to look inside"
     raise TypeError(f"{who} needs a torch.nn.Module, got {kind}: {hint}")
 
-
-class _CallableModule(types.ModuleType):
-    """Importing ``torchlens_edu.hooks`` makes the package attribute ``tle.hooks`` this module
-    (the import system sets it), hiding the function of the same name. Calling the module
-    calls the function, so ``tle.hooks(model)`` works whatever was imported first."""
-
-    def __call__(self, model: nn.Module) -> HookSet:
-        return hooks(model)
-
-
-sys.modules[__name__].__class__ = _CallableModule
