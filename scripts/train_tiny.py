@@ -111,54 +111,78 @@ def write_words(text: str, out: Path, min_count: int = 2) -> int:
 
 
 # ---------------------------------------------------------------------------- training
-def train(text: str, args: argparse.Namespace) -> tuple[GPT2, list[str]]:
+def build(text: str, args: argparse.Namespace
+          ) -> tuple[GPT2, list[str], torch.Tensor, torch.Tensor]:
+    """The seeded, untrained model, its vocabulary, and the corpus as train / val token ids."""
     torch.manual_seed(args.seed)
     vocab = sorted(set(text))
     stoi = {ch: i for i, ch in enumerate(vocab)}
     data = torch.tensor([stoi[ch] for ch in text], dtype=torch.long)
     n_val = len(data) // 20
-    train_data, val_data = data[:-n_val], data[-n_val:]
     config = GPT2Config(vocab_size=len(vocab), n_positions=args.ctx, n_embd=args.n_embd,
                         n_layer=args.n_layer, n_head=args.n_head, attn_impl="sdpa")
     model = GPT2(config)
     print(f"corpus {len(text):,} chars, vocab {len(vocab)}, model {model.num_params():,} params")
+    return model, vocab, data[:-n_val], data[-n_val:]
+
+
+def fit(model: GPT2, train_data: torch.Tensor, val_data: torch.Tensor, args: argparse.Namespace,
+        *, steps: int, lr: float, seed: int, repeats: float = 0.0) -> None:
+    """AdamW with warm-up and cosine decay, ``steps`` batches of ``args.batch`` x ``args.ctx``.
+
+    ``repeats``: the fraction of each batch made of a random string of lower-case letters and
+    spaces (8..64 characters) repeated to fill the context. Prose rarely repeats within 128
+    characters, so a short run on it learns no copying; in a random string nothing but copying
+    predicts the second copy, which rewards an induction head directly (the copy phase).
+    """
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                              {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.99))
-    gen = torch.Generator().manual_seed(args.seed)
+                            lr=lr, betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(seed)
+    ctx = args.ctx
+    letters = torch.tensor(args.letter_ids)  # token ids of "a".."z" and " "
 
-    def batch(split: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ix = torch.randint(len(split) - args.ctx - 1, (args.batch,), generator=gen)
-        x = torch.stack([split[i:i + args.ctx] for i in ix.tolist()])  # (B, T)
-        y = torch.stack([split[i + 1:i + 1 + args.ctx] for i in ix.tolist()])  # (B, T)
-        return x, y
+    def batch(split: torch.Tensor, n_repeated: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        ix = torch.randint(len(split) - ctx - 1, (args.batch,), generator=gen)
+        rows = [split[i:i + ctx + 1] for i in ix.tolist()]
+        for r in range(n_repeated):
+            n = int(torch.randint(8, 65, (1,), generator=gen))
+            snippet = letters[torch.randint(len(letters), (n,), generator=gen)]
+            rows[r] = snippet.repeat(ctx // n + 2)[:ctx + 1]  # snippet, snippet, ...
+        seq = torch.stack(rows)  # (B, T + 1)
+        return seq[:, :-1], seq[:, 1:]  # inputs (B, T), next-token targets (B, T)
 
+    n_repeated = round(repeats * args.batch)
     t0 = time.time()
-    for step in range(args.steps + 1):
+    for step in range(steps + 1):
         # linear warm-up, then cosine decay to a tenth of the peak
         warm = min(1.0, (step + 1) / args.warmup)
-        lr = args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        lr_now = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for group in opt.param_groups:
-            group["lr"] = lr
-        if step % args.eval_every == 0 or step == args.steps:
+            group["lr"] = lr_now
+        if step % args.eval_every == 0 or step == steps:
             model.eval()
             with torch.no_grad():
                 xv, yv = batch(val_data)
                 val = F.cross_entropy(model(xv).flatten(0, 1), yv.flatten()).item()
+                line = f"step {step:5d}  val loss {val:.3f}"
+                if repeats:
+                    xr, yr = batch(val_data, args.batch)
+                    rep = F.cross_entropy(model(xr)[:, 64:].flatten(0, 1), yr[:, 64:].flatten())
+                    line += f"  repeated-snippet loss {rep.item():.3f}"
             model.train()
-            print(f"step {step:5d}  val loss {val:.3f}  lr {lr:.2e}  {time.time() - t0:6.0f}s",
-                  flush=True)
-        if step == args.steps:
+            print(f"{line}  lr {lr_now:.2e}  {time.time() - t0:6.0f}s", flush=True)
+        if step == steps:
             break
-        x, y = batch(train_data)
+        x, y = batch(train_data, n_repeated)
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    return model.eval(), vocab
+    model.eval()
 
 
 # ---------------------------------------------------------------------------- saving
@@ -214,6 +238,8 @@ def main() -> None:
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--copy-steps", type=int, default=0, help="steps of phase 2 (0: none)")
+    p.add_argument("--copy-lr", type=float, default=1e-3)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (1 is steadiest on a shared machine, and reproducible)")
@@ -223,7 +249,14 @@ def main() -> None:
         deb = args.deb or fetch_deb(Path(tmp))
         text = "".join(to_text(novel) for novel in read_novels(deb))
     print(f"{write_words(text, args.out):,} distinct words written to {args.out / 'words.txt'}")
-    model, vocab = train(text, args)
+    model, vocab, train_data, val_data = build(text, args)
+    args.letter_ids = [vocab.index(c) for c in " abcdefghijklmnopqrstuvwxyz"]
+    print("phase 1: prose")
+    fit(model, train_data, val_data, args, steps=args.steps, lr=args.lr, seed=args.seed)
+    if args.copy_steps:
+        print("phase 2: prose and repeated snippets (copying)")
+        fit(model, train_data, val_data, args, steps=args.copy_steps, lr=args.copy_lr,
+            seed=args.seed + 1, repeats=0.5)
     save_hf(model, vocab, args.out)
 
 

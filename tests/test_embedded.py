@@ -1,0 +1,78 @@
+"""The embedded model: shipped in Hugging Face layout, loaded through the real GPT-2 code path,
+and trained enough that its attention has structure worth looking at."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from torchlens_edu.commands.demo import attention_weights, previous_token_head
+from torchlens_edu.models import GPT2, get_tokenizer
+from torchlens_edu.models.tokenizer import EMBEDDED_DIR
+
+SENTENCE = ("It is a truth universally acknowledged, that a single man in possession of a good "
+            "fortune, must be in want of a wife.")
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT2:
+    return GPT2.from_pretrained("embedded", progress=False)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return get_tokenizer("embedded")
+
+
+def test_files_are_hugging_face_layout_and_small() -> None:
+    from safetensors import safe_open
+
+    config = json.loads((EMBEDDED_DIR / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["activation_function"] == "gelu_new"
+    total = sum(f.stat().st_size for f in EMBEDDED_DIR.iterdir())
+    assert total <= 10 * 2**20, f"embedded model is {total / 2**20:.1f} MiB, limit 10 MiB"
+    with safe_open(str(EMBEDDED_DIR / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        c_attn = f.get_slice("transformer.h.0.attn.c_attn.weight").get_shape()
+    assert "lm_head.weight" not in keys  # tied, as Hugging Face saves GPT-2
+    assert c_attn == [config["n_embd"], 3 * config["n_embd"]]  # Conv1D layout: (in, out)
+
+
+def test_loads_with_its_tokenizer(model: GPT2, tok) -> None:
+    assert model.config.vocab_size == tok.vocab_size
+    assert tok.decode(tok.encode(SENTENCE)) == SENTENCE
+    assert not model.training
+
+
+def test_agrees_with_hugging_face(model: GPT2, tok) -> None:
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(EMBEDDED_DIR, attn_implementation="eager").eval()
+    idx = torch.tensor([tok.encode(SENTENCE)])
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)).abs().max() < 1e-4
+
+
+def test_has_a_previous_token_head(model: GPT2, tok) -> None:
+    att = attention_weights(model, torch.tensor([tok.encode(SENTENCE)]))[:, 0]  # (L, nh, T, T)
+    layer, head, score = previous_token_head(att)  # mean weight of query t on key t - 1
+    assert score > 0.5, f"best previous-token head h.{layer} head {head}: {score:.2f}"
+
+
+@pytest.fixture(scope="module")
+def words() -> list[str]:
+    return (EMBEDDED_DIR / "words.txt").read_text().split()
+
+
+def test_generates_real_words(model: GPT2, tok, words: list[str]) -> None:
+    vocabulary = set(words)
+    for temperature, seed in ((0, None), (0.8, 0)):
+        out = model.generate(torch.tensor([tok.encode("Elizabeth")]), 119,  # fills the context
+                             temperature=temperature, seed=seed)
+        text = tok.decode(out[0].tolist())
+        generated = re.findall(r"[a-z]+", text.lower())
+        known = sum(w in vocabulary for w in generated) / len(generated)
+        assert len(generated) > 15 and known > 0.8, f"{known:.0%} real words in {text!r}"
