@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from zoo import ZOO, ZOO_BY_NAME, ModelGuard, ZooEntry
+from zoo import ZOO, ZOO_BY_NAME, ModelGuard, ZooEntry, reference_outputs
 
 import torchlens_edu as tle
 import torchlens_edu.shapes
@@ -14,37 +14,10 @@ from torchlens_edu._tree import iter_tensors
 from torchlens_edu.capture import CaptureTooLarge, capture, parse_bytes
 
 
-def _build(entry: ZooEntry) -> nn.Module:
-    if entry.needs:
-        pytest.importorskip(entry.needs)
-    return entry.build()
-
-
-def _real_outputs(model: nn.Module, entry: ZooEntry) -> dict[tuple[str, int], list[torch.Tensor]]:
-    """Every module call's output tensors (cloned), from plain torch hooks: the reference."""
-    seen: dict[tuple[str, int], list[torch.Tensor]] = {}
-    calls: dict[str, int] = {}
-
-    def record(path: str, out: object) -> None:
-        call = calls.get(path, 0)
-        calls[path] = call + 1
-        seen[(path, call)] = [t.detach().clone() for t in iter_tensors(out)]
-
-    handles = [m.register_forward_hook(lambda mod, a, out, path=path: record(path, out))
-               for path, m in model.named_modules()]
-    try:
-        with torch.no_grad():
-            entry.run(model)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
-
-
 @pytest.mark.parametrize("entry", ZOO, ids=lambda e: e.name)
 def test_captured_shapes_and_values_equal_the_real_ones(entry: ZooEntry) -> None:
-    model = _build(entry)
-    real = _real_outputs(model, entry)
+    model = entry.build_or_skip()
+    real = {(path, call): outs for path, call, outs in reference_outputs(model, entry)}
     guard = ModelGuard(model)
     with torch.no_grad(), tle.inspect(model).capture("*", clone=True) as cache:
         out = entry.run(model)
@@ -61,7 +34,7 @@ def test_captured_shapes_and_values_equal_the_real_ones(entry: ZooEntry) -> None
 @pytest.mark.parametrize("name", ["gpt2_ours", "hf_llama", "lstm", "mlp_twice"])
 def test_gradients_match_autograd(name: str) -> None:
     entry = ZOO_BY_NAME[name]
-    model = _build(entry)
+    model = entry.build_or_skip()
     guard = ModelGuard(model)
     with capture(model, "*", grads=True, detach=False) as cache:
         out = entry.run(model)

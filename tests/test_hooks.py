@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from zoo import ZOO, ZOO_BY_NAME, InplaceAfter, ModelGuard, ZooEntry
+from zoo import ZOO, ZOO_BY_NAME, InplaceAfter, ModelGuard, ZooEntry, reference_outputs
 
 import torchlens_edu as tle
 from torchlens_edu._modules import PatternError
@@ -13,32 +13,11 @@ from torchlens_edu._tree import iter_tensors
 from torchlens_edu.hookset import HookCall, require_module
 
 
-def _build(entry: ZooEntry) -> nn.Module:
-    if entry.needs:
-        pytest.importorskip(entry.needs)
-    return entry.build()
-
-
-def _plain_shapes(model: nn.Module, entry: ZooEntry) -> list[tuple[str, list[tuple[int, ...]]]]:
-    """Output shapes of every module call, recorded with plain torch hooks (the reference)."""
-    seen: list[tuple[str, list[tuple[int, ...]]]] = []
-    handles = [m.register_forward_hook(
-        lambda mod, args, out, path=path: seen.append(
-            (path, [tuple(t.shape) for t in iter_tensors(out)])))
-        for path, m in model.named_modules()]
-    try:
-        with torch.no_grad():
-            entry.run(model)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
-
-
 @pytest.mark.parametrize("entry", ZOO, ids=lambda e: e.name)
 def test_forward_hooks_on_every_module_of_the_zoo(entry: ZooEntry) -> None:
-    model = _build(entry)
-    expected = _plain_shapes(model, entry)
+    model = entry.build_or_skip()
+    expected = [(path, [tuple(t.shape) for t in outs])
+                for path, _, outs in reference_outputs(model, entry)]
     guard = ModelGuard(model)
     seen: list[tuple[str, list[tuple[int, ...]]]] = []
     pre: list[HookCall] = []
@@ -56,7 +35,7 @@ def test_forward_hooks_on_every_module_of_the_zoo(entry: ZooEntry) -> None:
 
 @pytest.mark.parametrize("entry", ZOO, ids=lambda e: e.name)
 def test_backward_hooks_on_every_module_of_the_zoo(entry: ZooEntry) -> None:
-    model = _build(entry)
+    model = entry.build_or_skip()
     guard = ModelGuard(model)
     grads: dict[tuple[str, int, int], torch.Tensor] = {}
     with tle.hooks(model) as h:

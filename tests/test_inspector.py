@@ -14,17 +14,11 @@ from torchlens_edu.inspector import count_parameters
 from torchlens_edu.models import GPT2, GPT2Config
 
 
-def _build(entry: ZooEntry) -> nn.Module:
-    if entry.needs:
-        pytest.importorskip(entry.needs)
-    return entry.build()
-
-
 @pytest.mark.parametrize("entry", ZOO, ids=lambda e: e.name)
 def test_inspect_and_summary_on_the_zoo(entry: ZooEntry) -> None:
     import torchinfo.torchinfo
 
-    model = _build(entry)
+    model = entry.build_or_skip()
     args, kwargs = entry.inputs()
     guard = ModelGuard(model)
     insp = tle.inspect(model)

@@ -3,55 +3,31 @@ and the result renders, serialises and diffs."""
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 
 import pytest
 import torch
 import torch.nn as nn
-from zoo import ZOO
+from zoo import ZOO, reference_outputs
 
 import torchlens_edu as tle
 from torchlens_edu._modules import PatternError
-from torchlens_edu._tree import iter_tensors
 from torchlens_edu.models import gpt2 as gpt2_module
 from torchlens_edu.shapes import ShapeTracer, trace_shapes
 
 
-def _plain_hook_shapes(model: nn.Module, args, kwargs) -> list[tuple[str, list]]:
-    """(path, output shapes) per module call, recorded by hooks that share nothing with ours."""
-    seen: list[tuple[str, list]] = []
-    handles = []
-    for path, module in model.named_modules():
-        def hook(mod, inputs, output, path=path):
-            seen.append((path, [tuple(t.shape) for t in iter_tensors(output)]))
-        handles.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
-
-
 @pytest.mark.parametrize("entry", ZOO, ids=[e.name for e in ZOO])
 def test_module_events_match_plain_hooks_on_the_zoo(entry):
-    if entry.needs and importlib.util.find_spec(entry.needs) is None:
-        pytest.skip(f"needs {entry.needs}")
-    model = entry.build()
+    model = entry.build_or_skip()
     args, kwargs = entry.inputs()
-    expected = _plain_hook_shapes(model, args, kwargs)
+    expected = reference_outputs(model, entry)
     with torch.no_grad():
         trace = trace_shapes(model, *args, **kwargs)
     # Hooks fire post-order, events are in call order: compare per (path, call).
     got = {(e.path, e.call): e.output_shapes for e in trace.events}
-    calls: dict[str, int] = {}
-    for path, shapes in expected:
-        call = calls.get(path, 0)
-        calls[path] = call + 1
-        assert got[(path, call)] == shapes, (entry.name, path, call)
+    for path, call, outs in expected:
+        assert got[(path, call)] == [tuple(t.shape) for t in outs], (entry.name, path, call)
     assert len(trace.events) == len(expected)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()
                    if entry.name != "hooked_transformer")

@@ -40,6 +40,39 @@ class ZooEntry:
         args, kwargs = self.inputs()
         return model(*args, **kwargs)
 
+    def build_or_skip(self) -> nn.Module:
+        """``build()``, skipping the test when the family's package is not installed."""
+        if self.needs:
+            import pytest
+
+            pytest.importorskip(self.needs)
+        return self.build()
+
+
+def reference_outputs(model: nn.Module, entry: ZooEntry
+                      ) -> list[tuple[str, int, list[torch.Tensor]]]:
+    """``(path, call, output tensors)`` of every module call, in the order the calls finish,
+    recorded by plain torch forward hooks that share nothing with torchlens_edu: the reference
+    every observer is compared against. Tensors are detached clones."""
+    seen: list[tuple[str, int, list[torch.Tensor]]] = []
+    calls: dict[str, int] = {}
+
+    def record(path: str, out: object) -> None:
+        from torchlens_edu._tree import iter_tensors
+
+        calls[path] = calls.get(path, -1) + 1
+        seen.append((path, calls[path], [t.detach().clone() for t in iter_tensors(out)]))
+
+    handles = [m.register_forward_hook(lambda mod, a, out, path=path: record(path, out))
+               for path, m in model.named_modules()]
+    try:
+        with torch.no_grad():
+            entry.run(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
