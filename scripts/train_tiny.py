@@ -6,7 +6,16 @@ transcriptions) as packaged by the MIT-licensed R package *janeaustenr* in Debia
 stores each novel as an R character vector (one entry per printed line) in a lazy-load database.
 
 The model is character-level (the vocabulary is the characters the novels use), 4 layers,
-n_embd 128, 4 heads, context 128: about 0.8M parameters, 3 MB of fp32, a few CPU minutes.
+n_embd 128, 4 heads, context 128: about 0.8M parameters, 3 MB of fp32. Training has two phases
+(about 20 minutes on one uncontended CPU core):
+
+1. prose: 1500 steps of 32 x 128 characters. A previous-token head forms, the text becomes
+   recognisable (validation loss ~1.2 nats/char), but 6M characters teach no copying.
+2. copy: 2000 more steps, half of each batch prose, half random letter strings repeated to fill
+   the context. Nothing but copying predicts a random string's second occurrence; after a few
+   hundred steps an induction head forms (the loss on repeats falls from log 27 to ~0.05).
+
+Seeded and single-threaded by default, so a rerun on the same torch gives the same weights.
 It goes through our readable :class:`~torchlens_edu.models.GPT2` for training and is saved by
 Hugging Face's own ``GPT2LMHeadModel.save_pretrained`` (Conv1D layout), so loading it exercises
 exactly the code path of the real GPT-2 weights.
@@ -238,8 +247,8 @@ def main() -> None:
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--copy-steps", type=int, default=0, help="steps of phase 2 (0: none)")
-    p.add_argument("--copy-lr", type=float, default=1e-3)
+    p.add_argument("--copy-steps", type=int, default=2000, help="steps of phase 2 (0: none)")
+    p.add_argument("--copy-lr", type=float, default=2e-3)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (1 is steadiest on a shared machine, and reproducible)")

@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from torchlens_edu.commands.demo import attention_weights, previous_token_head
 from torchlens_edu.models import GPT2, get_tokenizer
@@ -65,6 +66,33 @@ def test_has_a_previous_token_head(model: GPT2, tok) -> None:
 @pytest.fixture(scope="module")
 def words() -> list[str]:
     return (EMBEDDED_DIR / "words.txt").read_text().split()
+
+
+def _repeated_random_letters(tok, seed: int, n: int = 40) -> torch.Tensor:
+    """A random string of letters and spaces (unpredictable), then the same string again."""
+    letters = torch.tensor(tok.encode(" abcdefghijklmnopqrstuvwxyz"))
+    s = letters[torch.randint(len(letters), (n,), generator=torch.Generator().manual_seed(seed))]
+    return torch.cat([s, s])[None]  # (1, 2n)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_induction_second_copy_is_predicted(model: GPT2, tok, seed: int) -> None:
+    idx = _repeated_random_letters(tok, seed)
+    n = idx.shape[1] // 2
+    with torch.no_grad():
+        loss = F.cross_entropy(model(idx)[0, :-1], idx[0, 1:], reduction="none")  # (2n-1,)
+    first, second = loss[: n - 1].mean(), loss[n:].mean()
+    # the first copy costs about log(27) = 3.3 nats a letter; the second can be copied
+    assert second < 0.25 * first, f"loss first copy {first:.2f}, second copy {second:.2f}"
+
+
+def test_has_an_induction_head(model: GPT2, tok) -> None:
+    idx = _repeated_random_letters(tok, 0)
+    n = idx.shape[1] // 2
+    att = attention_weights(model, idx)[:, 0]  # (L, nh, 2n, 2n)
+    # an induction head at position n + i looks at i + 1: the token after the earlier copy
+    score = att[..., torch.arange(n, 2 * n - 1), torch.arange(1, n)].mean(-1)  # (L, nh)
+    assert score.max() > 0.5, f"best induction head puts {score.max():.2f} on the next token"
 
 
 def test_generates_real_words(model: GPT2, tok, words: list[str]) -> None:
