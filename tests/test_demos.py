@@ -98,7 +98,7 @@ def test_demo_command_offline(tmp_path: Path) -> None:
                     "5. generation", "6. a NaN caught"):
         assert section in out
     assert "(x4, identical shapes)" in out  # the folded blocks of the shape trace
-    assert "previous token" in out and "after h.3" in out
+    assert "previous-token head" in out and "an induction head" in out and "after h.3" in out
     assert "+Inf made in forward" in out and "transformer.h.1.mlp.c_fc" in out
 
 

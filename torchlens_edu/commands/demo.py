@@ -96,9 +96,14 @@ def run(args: argparse.Namespace) -> int:
     att = attention_weights(model, shown)[:, 0]  # (L, nh, T', T')
     layer, head, score = previous_token_head(att)
     console.print(f"layer {layer}, head {head} puts {score:.0%} of its weight on the previous "
-                  "token: a 'previous-token head', a building block of induction (copying)")
+                  "token" + (": a 'previous-token head', a building block of induction (copying)"
+                             if score > 0.5 else " (the most of any head)"))
     tle.show_attention(att[layer, head], pieces[-shown.shape[1]:], layer=layer, head=head,
                        console=console)
+    layer, head, score = induction_head(model, tok)
+    console.print(f"In a random string seen twice, layer {layer}, head {head} puts {score:.0%} "
+                  "of its weight on the token that followed the earlier occurrence"
+                  + (": an induction head, it copies" if score > 0.3 else " (no head copies)"))
 
     console.print(Rule("4. the residual stream, layer by layer (tle.describe)"))
     with insp.capture(_is_block) as cache, torch.no_grad():
@@ -189,6 +194,27 @@ def previous_token_head(att: torch.Tensor) -> tuple[int, int, float]:
     best = int(prev.argmax())
     layer, head = divmod(best, att.shape[1])
     return layer, head, float(prev[layer, head])
+
+
+def induction_head(model: GPT2, tok: Tokenizer, n: int = 40) -> tuple[int, int, float]:
+    """``(layer, head, score)`` of the head that best copies: on a random string of ``n``
+    letters repeated once, the mean weight of query ``n + i`` on key ``i + 1``.
+
+    >>> from torchlens_edu.models import GPT2, get_tokenizer
+    >>> m, tok = GPT2.from_pretrained("embedded", progress=False), get_tokenizer("embedded")
+    >>> induction_head(m, tok)  # doctest: +ELLIPSIS
+    (2, 0, 0.9...)
+    """
+    import torch
+
+    # one token per letter, also for GPT-2's BPE (which would merge "abc")
+    letters = torch.tensor([tok.encode(c)[0] for c in " abcdefghijklmnopqrstuvwxyz"])
+    pick = torch.randint(len(letters), (n,), generator=torch.Generator().manual_seed(0))
+    idx = torch.cat([letters[pick], letters[pick]])[None].to(model.device)  # (1, 2n)
+    att = attention_weights(model, idx)[:, 0]  # (L, nh, 2n, 2n)
+    score = att[..., torch.arange(n, 2 * n - 1), torch.arange(1, n)].mean(-1)  # (L, nh)
+    layer, head = divmod(int(score.argmax()), score.shape[1])
+    return layer, head, float(score[layer, head])
 
 
 def _generate(console: Console, model: GPT2, tok: Tokenizer, idx: torch.Tensor,
