@@ -133,7 +133,8 @@ def _watch_every_model(**options: Any) -> Iterator[None]:
             __tracebackhide__ = True
             if self not in watched:
                 watched.update(self.modules())
-                stack.enter_context(watch_nans(self, **options))
+                if not any(p.is_meta for p in self.parameters()):  # meta: no values to watch
+                    stack.enter_context(watch_nans(self, **options))
             return original(self, *args, **kwargs)
 
         module_class.__call__ = call
