@@ -140,3 +140,10 @@ def test_training_step_reaches_every_parameter(tiny_ids):
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tiny_ids[:, 1:].reshape(-1))
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_last_only_logits_equal_the_last_position_of_the_full_logits(tiny_gpt2, tiny_ids):
+    full = tiny_gpt2(tiny_ids)  # (B, T, V)
+    last = tiny_gpt2(tiny_ids, last_only=True)  # (B, 1, V)
+    assert last.shape == (tiny_ids.shape[0], 1, full.shape[-1])
+    torch.testing.assert_close(last[:, 0], full[:, -1])

@@ -253,7 +253,11 @@ class GPT2(nn.Module):
     def device(self) -> torch.device:
         return self.transformer.wte.weight.device
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits ``(B, T, V)`` for token ids ``(B, T)``; with ``last_only``, ``(B, 1, V)`` for
+        the last position only (all that generation needs: the (T, C) x (C, V) matmul for
+        every position is the biggest cost of a prompt's first step)."""
         _check_ids(idx, self.config)
         T = idx.shape[1]  # idx: (B, T)
         past = cache.length if cache is not None else 0
@@ -270,7 +274,9 @@ class GPT2(nn.Module):
         x = self.transformer.ln_f(x)  # (B, T, C)
         if cache is not None:
             cache.length += T
-        return self.lm_head(x)  # (B, T, V)
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, C)
+        return self.lm_head(x)  # (B, T, V), or (B, 1, V) with last_only
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
@@ -315,7 +321,7 @@ class GPT2(nn.Module):
                  if use_cache else None)
         seq, feed = idx, idx
         for _ in range(steps):
-            logits = self(feed, cache)[:, -1, :].float()  # (B, V): only the last position
+            logits = self(feed, cache, last_only=True)[:, -1, :].float()  # (B, V)
             next_id = _sample(logits, temperature, top_k, generator)  # (B, 1)
             yield next_id
             seq = torch.cat([seq, next_id], dim=1)  # (B, T + 1)
