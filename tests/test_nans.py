@@ -265,6 +265,47 @@ def test_gpt2_fault_is_named_by_module_path_with_named_dims(tiny_gpt2, tiny_ids)
     assert r.outputs[0].shape == "(B=2, T=8, 4C=128)"
 
 
+class ShiftLog(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(self.proj(x) - 100)  # @shiftlog
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_an_output_at_the_address_of_a_freed_one_is_still_checked(x, grad):
+    # proj's output is freed by the subtraction, and the log's output (the block's, the last
+    # one: nothing downstream to catch it) can get its id: the watch must not take it for the
+    # tensor it already probed
+    torch.manual_seed(0)
+    with torch.set_grad_enabled(grad):
+        r = producer(nn.Sequential(ShiftLog()), x, backward=False)
+    assert (r["phase"], r["module"], r["op"], r["kind"]) == ("forward", "0", "log", "nan")
+    assert r["source"] == line_of("shiftlog")
+
+
+def test_meta_and_fake_tensors_are_skipped(tiny_gpt2, tiny_ids):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from torchlens_edu.shapes import trace_shapes
+
+    with watch_nans(tiny_gpt2) as watch:
+        trace = trace_shapes(tiny_gpt2, tiny_ids, meta=True)  # no values: nothing to read
+        assert trace.modules("transformer.wte")[0].output_shapes == [(2, 8, 32)]
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # as a memory estimate runs
+            assert tiny_gpt2(mode.from_tensor(tiny_ids)).shape == (2, 8, 256)
+        assert watch.reports == []
+        with torch.no_grad():
+            tiny_gpt2.transformer.h[0].mlp.c_proj.weight[0, 0] = math.nan
+        with pytest.raises(NonFiniteError) as info:
+            tiny_gpt2(tiny_ids)  # a real forward after it is still watched
+    assert (info.value.report.module, info.value.report.op) == ("transformer.h.0.mlp.c_proj",
+                                                                "linear")
+    assert len(watch.reports) == 1
+
+
 def _line_in_gpt2(code: str) -> int:
     import torchlens_edu.models.gpt2 as gpt2
 

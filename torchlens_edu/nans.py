@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -41,6 +42,7 @@ from torchlens_edu._nan_report import (
     hint_for,
     kind_of,
 )
+from torchlens_edu._stats import is_fake
 from torchlens_edu._tree import iter_tensors
 from torchlens_edu.dims import Dims
 
@@ -75,7 +77,9 @@ class _Step:
     labels: list[str] = field(default_factory=list)  # "input 0" or a module path
     probes: list[torch.Tensor] = field(default_factory=list)
     n_inputs: int = 0
-    seen: set[int] = field(default_factory=set)
+    # id -> weakref of each output probed: a tensor passed through (eval dropout) counts once;
+    # a freed output's id can come back on a new tensor, which the dead weakref tells apart
+    seen: dict[int, weakref.ref[torch.Tensor]] = field(default_factory=dict)
     grad_paths: list[str] = field(default_factory=list)
     grad_probes: list[torch.Tensor] = field(default_factory=list)
     producer: Producer | None = None  # what the precise tier found
@@ -100,6 +104,11 @@ def _read(probes: list[torch.Tensor]) -> list[float]:
 
 def _is_float(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
+
+
+def _has_data(t: torch.Tensor) -> bool:
+    """False for meta and fake tensors (a meta shape trace, a memory estimate): no values."""
+    return not t.is_meta and not is_fake(t)
 
 
 class NanWatch:
@@ -185,8 +194,9 @@ class NanWatch:
         cpu, cuda = save_rng()
         step = _Step(self._calls, ReplayInputs(args, kwargs, cpu, cuda), user_source())
         for i, t in enumerate(t for t in iter_tensors((args, kwargs)) if _is_float(t)):
-            step.labels.append(f"input {i}")
-            step.probes.append(_probe(t))
+            if _has_data(t):
+                step.labels.append(f"input {i}")
+                step.probes.append(_probe(t))
         step.n_inputs = len(step.probes)
         self._step = step
 
@@ -195,10 +205,14 @@ class NanWatch:
         if step is None or self._replaying:
             return
         path = self._paths.get(module, "")
+        seen = step.seen
         for t in iter_tensors(output):
-            if not _is_float(t) or id(t) in step.seen:
+            if not _is_float(t) or not _has_data(t):
                 continue
-            step.seen.add(id(t))  # a tensor passed through (eval dropout) counts once
+            ref = seen.get(id(t))
+            if ref is not None and ref() is t:
+                continue  # already probed: passed through unchanged
+            seen[id(t)] = weakref.ref(t)
             step.labels.append(path)
             step.probes.append(_probe(t))
             if t.requires_grad:
@@ -224,7 +238,7 @@ class NanWatch:
 
     # ------------------------------------------------------------------ cheap tier: backward
     def _on_grad(self, step: _Step, path: str, grad: torch.Tensor) -> None:
-        if not self._active or self._replaying:
+        if not self._active or self._replaying or not _has_data(grad):
             return
         step.grad_paths.append(path)
         step.grad_probes.append(_probe(grad))
@@ -234,7 +248,7 @@ class NanWatch:
 
     def _on_param_grad(self, name: str, param: torch.Tensor) -> None:
         # only in the backward of a checked step (its output's gradient arrives first)
-        if not self._pending or self._replaying or param.grad is None:
+        if not self._pending or self._replaying or param.grad is None or not _has_data(param.grad):
             return
         self._param_grads.append((f"parameter {name}", _probe(param.grad)))
         self._queue()
@@ -324,7 +338,7 @@ class NanWatch:
         self._replayer.dims = dims
         if phase == "input":
             t = [t for t in iter_tensors((replay.args, replay.kwargs)) if _is_float(t)][
-                step.labels.index(label)]
+                int(label.removeprefix("input "))]
             summary = TensorSummary.of(label, t, dims)
             return NonFiniteReport(
                 "input", "", "", kind_of([summary]), step.source, rank(), hint_for(
