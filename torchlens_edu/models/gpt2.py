@@ -174,6 +174,8 @@ class CausalSelfAttention(nn.Module):
             p = self.attn_dropout.p if self.training else 0.0
             if past == 0:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=T > 1)
+            elif T == 1:  # one new query may look at every cached key: no mask to build
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
             else:  # new queries see the whole cache and the causal part of themselves
                 mask = _causal_mask(T, past, x.device)  # (T, Tk)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
