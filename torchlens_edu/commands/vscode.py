@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -62,16 +63,39 @@ def template(name: str) -> str:
 
 def plan_launch(path: Path, old: str | None, *, force: bool) -> Plan:
     """Merge the shipped launch configurations (by ``name``) and inputs (by ``id``) into ``old``."""
+    return _plan(path, old, "launch.json", force, _merge_launch)
+
+
+def plan_settings(path: Path, old: str | None, *, force: bool) -> Plan:
+    """Merge the shipped settings (by key) into ``old``; keys you set keep your value."""
+    return _plan(path, old, "settings.json", force, _merge_settings)
+
+
+Merge = Callable[[Any, dict[str, Any], str, bool], tuple[list[Any], list[str]]]
+
+
+def _plan(path: Path, old: str | None, name: str, force: bool, merge: Merge) -> Plan:
+    """Write ours where there is no file; else merge ours into the user's text, in place."""
     from torchlens_edu import _jsonc
 
-    ours_text = template("launch.json")
+    ours_text = template(name)
     if old is None:
         return Plan(path, None, ours_text, ["written"])
     root = _read_root(path, old, force)
     if root is None:
         return Plan(path, old, ours_text, [f"could not be read: started afresh "
                                            f"(yours saved as {path.name}.bak)"])
-    ours = _jsonc.parse(ours_text).plain()
+    try:
+        edits, notes = merge(root, _jsonc.parse(ours_text).plain(), old, force)
+    except ValueError as err:  # say which file
+        raise ValueError(f"{path}: {err}") from None
+    return Plan(path, old, _jsonc.apply(old, edits), notes or ["already up to date"])
+
+
+def _merge_launch(root: Any, ours: dict[str, Any], old: str, force: bool
+                  ) -> tuple[list[Any], list[str]]:
+    from torchlens_edu import _jsonc
+
     edits: list[_jsonc.Edit] = []
     notes: list[str] = []
     missing: dict[str, Any] = {}
@@ -84,7 +108,7 @@ def plan_launch(path: Path, old: str | None, *, force: bool) -> Plan:
             notes += [f"added {key[:-1]} {item[ident]!r}" for item in ours[key]]
             continue
         if array.kind != "array":
-            raise ValueError(f"{path}: \"{key}\" should be a list [...]; fix it or use --force")
+            raise ValueError(f"\"{key}\" should be a list [...]; fix it or use --force")
         theirs = {item.plain().get(ident): item for item in array.items
                   if item.kind == "object"}
         new_items = []
@@ -102,21 +126,13 @@ def plan_launch(path: Path, old: str | None, *, force: bool) -> Plan:
                                  "--force replaces it)")
         edits += _jsonc.add_items(old, array, new_items)
     edits += _jsonc.add_members(old, root, missing)
-    return Plan(path, old, _jsonc.apply(old, edits), notes or ["already up to date"])
+    return edits, notes
 
 
-def plan_settings(path: Path, old: str | None, *, force: bool) -> Plan:
-    """Merge the shipped settings (by key) into ``old``; keys you set keep your value."""
+def _merge_settings(root: Any, ours: dict[str, Any], old: str, force: bool
+                    ) -> tuple[list[Any], list[str]]:
     from torchlens_edu import _jsonc
 
-    ours_text = template("settings.json")
-    if old is None:
-        return Plan(path, None, ours_text, ["written"])
-    root = _read_root(path, old, force)
-    if root is None:
-        return Plan(path, old, ours_text, [f"could not be read: started afresh "
-                                           f"(yours saved as {path.name}.bak)"])
-    ours = _jsonc.parse(ours_text).plain()
     edits: list[_jsonc.Edit] = []
     notes: list[str] = []
     for key, value in ours.items():
@@ -130,7 +146,7 @@ def plan_settings(path: Path, old: str | None, *, force: bool) -> Plan:
     missing = {k: v for k, v in ours.items() if k not in root.members}
     notes += [f"added setting {k!r}" for k in missing]
     edits += _jsonc.add_members(old, root, missing)
-    return Plan(path, old, _jsonc.apply(old, edits), notes or ["already up to date"])
+    return edits, notes
 
 
 def _read_root(path: Path, text: str, force: bool) -> Any:
