@@ -199,3 +199,11 @@ def test_wheel_ships_vscode_files_and_the_debugger_plugin(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"torchlens_edu/data/vscode/launch.json", "torchlens_edu/data/vscode/settings.json",
             "pydevd_plugins/extensions/pydevd_plugin_torchlens_edu.py"} <= names
+
+
+def test_a_configurations_member_that_is_not_a_list_is_a_clear_error(tmp_path):
+    from torchlens_edu.commands.vscode import plan_launch
+
+    target = tmp_path / "launch.json"
+    with pytest.raises(ValueError, match=r"launch\.json: \"configurations\" should be a list"):
+        plan_launch(target, '{"version": "0.2.0", "configurations": {}}', force=False)
