@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import _pytest.pytester as _pytester
 import pytest
 import torch
 import torch.testing
@@ -31,6 +32,21 @@ def test_one():
 def test_two():
     assert [1, 2] == [1, 3]
 """
+
+
+class _KeepTorchModules(_pytester.SysModulesSnapshot):
+    def __init__(self, preserve=None) -> None:
+        super().__init__(preserve=lambda name: name.split(".")[0] == "torch"
+                         or (preserve is not None and preserve(name)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_modules_stay_imported():
+    """pytester forgets the modules a test imported. A torch module imported afresh registers
+    its operators twice and breaks every later test in this process, so torch's modules stay."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_pytester, "SysModulesSnapshot", _KeepTorchModules)
+        yield
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import linecache
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,7 +128,7 @@ class NonFiniteReport:
     def summary(self) -> str:
         """One line: what was made where, e.g. ``NaN in forward: log at model.py:12 (h.0.attn)``."""
         what = {"nan": "NaN", "+inf": "+Inf", "-inf": "-Inf"}.get(self.kind, self.kind)
-        where = f" at {self.source}" if self.source else ""
+        where = f" at {_short(self.source)}" if self.source else ""
         module = f" (module {self.module!r})" if self.module else " (root module)"
         op = f": {self.op}" if self.op else ""
         rank = f"[rank {self.rank}] " if self.rank is not None else ""
@@ -136,11 +137,12 @@ class NonFiniteReport:
     def __rich__(self) -> Panel:
         head = Table.grid(padding=(0, 2))
         head.add_column(style="bold")
-        head.add_column()
+        head.add_column(overflow="fold")  # a long path must wrap, never lose its ":LINE"
         rows = [("phase", self.phase), ("module", repr(self.module) + (" (root)" if not
                                                                        self.module else "")),
                 ("op", self.op + (f"  (created by {self.forward_op})" if self.forward_op else "")),
-                ("kind", self.kind), ("source", self.source), ("code", _code_line(self.source)),
+                ("kind", self.kind), ("source", _short(self.source)),
+                ("code", _code_line(self.source)),
                 ("rank", "" if self.rank is None else str(self.rank)),
                 ("step", str(self.step))]
         for key, value in rows:
@@ -161,6 +163,16 @@ class NonFiniteReport:
 
     def _repr_html_(self) -> str:
         return render_html(self)
+
+
+def _short(source: str) -> str:
+    """``file.py:LINE`` relative to the working directory when it lies below it: the line the
+    user reads first, and short enough for a terminal. ``to_dict`` keeps the full path."""
+    path, sep, line = source.rpartition(":")
+    if not sep or not os.path.isabs(path):
+        return source
+    relative = os.path.relpath(path)
+    return source if relative.startswith("..") else f"{relative}:{line}"
 
 
 def _code_line(source: str) -> str:
