@@ -7,7 +7,7 @@ stores each novel as an R character vector (one entry per printed line) in a laz
 
 The model is character-level (the vocabulary is the characters the novels use), 4 layers,
 n_embd 128, 4 heads, context 128: about 0.8M parameters, 3 MB of fp32. Training has two phases
-(about 20 minutes on one uncontended CPU core):
+(about 16 minutes on 2 idle cores with ``--threads 2``, about 20 on one core):
 
 1. prose: 1500 steps of 32 x 128 characters. A previous-token head forms, the text becomes
    recognisable (validation loss ~1.2 nats/char), but 6M characters teach no copying.
@@ -15,7 +15,8 @@ n_embd 128, 4 heads, context 128: about 0.8M parameters, 3 MB of fp32. Training 
    the context. Nothing but copying predicts a random string's second occurrence; after a few
    hundred steps an induction head forms (the loss on repeats falls from log 27 to ~0.05).
 
-Seeded and single-threaded by default, so a rerun on the same torch gives the same weights.
+Seeded, so a rerun with the same thread count on the same torch gives the same weights; the
+shipped ``model.safetensors`` is the output of ``python scripts/train_tiny.py --threads 2``.
 It goes through our readable :class:`~torchlens_edu.models.GPT2` for training and is saved by
 Hugging Face's own ``GPT2LMHeadModel.save_pretrained`` (Conv1D layout), so loading it exercises
 exactly the code path of the real GPT-2 weights.
