@@ -17,6 +17,7 @@ stdin is a terminal; otherwise (CI, pipes) the stop is skipped with one message:
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import sys
 import threading
@@ -135,11 +136,17 @@ def clear_stops() -> None:
     _requests.clear()
 
 
+@functools.lru_cache(maxsize=8)
+def _env_stops(value: str) -> tuple[StopRequest, ...]:
+    # the stop check runs in every attention forward: parse the variable once per value
+    return tuple(parse_stops(value))
+
+
 def _matching(point: str, layer: int | None) -> list[StopRequest]:
     env = os.environ.get(ENV_VAR, "").strip()
     if not _requests and not env:
         return []
-    requests = _requests + (parse_stops(env) if env else [])
+    requests = [*_requests, *(_env_stops(env) if env else ())]
     return [r for r in requests if r.point == point and (r.layer is None or r.layer == layer)]
 
 
