@@ -30,8 +30,10 @@ EXPECTED = {
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHLENS_EDU_")}
+    # this checkout first, then whatever the caller's PYTHONPATH holds (packages installed there)
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty-hub-cache"),
-               COLUMNS="100", PYTHONPATH=str(REPO), **extra)
+               COLUMNS="100", PYTHONPATH=path, **extra)
     return env  # an empty hub cache: every lesson takes the embedded model, as in CI
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.nn.utils.stateless import _reparametrize_module
-from torch.utils.flop_counter import conv_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import conv_flop_count
 
 from torchlens_edu._tree import map_tensors
 
@@ -89,7 +89,10 @@ def op_flops(name: str, inputs: list[torch.Tensor], outputs: list[torch.Tensor])
         return conv_flop_count(list(inputs[0].shape), list(inputs[1].shape), list(out),
                                transposed="transpose" in name)
     if name == "scaled_dot_product_attention" and len(inputs) >= 3:
-        return sdpa_flop_count(inputs[0].shape, inputs[1].shape, inputs[2].shape)
+        # torch's formula, q @ k^T then att @ v, written out: torch < 2.13's sdpa_flop_count
+        # refuses grouped-query attention (fewer k/v heads, broadcast) and 3-D inputs
+        q, k, v = (t.shape for t in inputs[:3])
+        return 2 * math.prod(q[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
     return 0
 
 

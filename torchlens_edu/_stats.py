@@ -267,15 +267,18 @@ def _partial_in_place(b: torch.Tensor, can_be_nonfinite: bool) -> torch.Tensor:
         lo = b.masked_fill_(bad, math.inf).amin()
         hi = b.masked_fill_(bad, -math.inf).amax()
         pivot = torch.where(n > 0, lo, 0.0)
-        b.masked_fill_(bad, pivot)  # shifted below to exactly 0: no weight in the sums
+        # NaN/Inf slots become exactly 0 after the shift: no weight in the sums. (A scalar
+        # fill: masked_fill_ with a tensor value reads it on the host, a sync on CUDA.)
+        b.sub_(pivot).masked_fill_(bad, 0.0)
     else:
         n = torch.full((), total, dtype=torch.int64, device=b.device)
         nan = posinf = neginf = torch.zeros((), dtype=torch.int64, device=b.device)
         if lo is None or hi is None:
             lo, hi = torch.aminmax(b)
         pivot = lo
+        b.sub_(pivot)
     # shifting by a data value (the minimum) keeps the sum of squares from cancelling
-    s1 = b.sub_(pivot).sum()
+    s1 = b.sum()
     s2 = torch.linalg.vector_norm(b).square()
     count = n.clamp(min=1).to(b.dtype)
     m2 = (s2 - s1 * s1 / count).clamp(min=0)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
 
 from torchlens_edu import _shape_meta, _shape_ops
 from torchlens_edu._modules import Pattern, match_modules
@@ -50,16 +51,17 @@ def _arg_specs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Spec, ...
 
 def _param_counts(root: nn.Module) -> dict[str, int]:
     """Parameters under each module path, each tensor once per module (tied weights too)."""
-    seen: dict[str, set[int]] = {}
     counts: dict[str, int] = {}
-    for name, param in root.named_parameters(remove_duplicate=False):
-        parts = name.split(".")[:-1]
-        for depth in range(len(parts) + 1):
-            prefix = ".".join(parts[:depth])
-            ids = seen.setdefault(prefix, set())
-            if id(param) not in ids:
-                ids.add(id(param))
-                counts[prefix] = counts.get(prefix, 0) + param.numel()
+
+    def visit(module: nn.Module, path: str) -> dict[int, int]:  # id -> numel, whole subtree
+        tensors = {id(p): p.numel() for p in module._parameters.values() if p is not None}
+        for name, child in module._modules.items():
+            if child is not None:
+                tensors.update(visit(child, f"{path}.{name}" if path else name))
+        counts[path] = sum(tensors.values())
+        return tensors
+
+    visit(root, "")
     return counts
 
 
@@ -106,6 +108,7 @@ class ShapeTracer:
         self._hooked: set[int] = set()
         self._dims: Dims | None = None
         self._exits = ExitStack()
+        self._handles: list[RemovableHandle] = []  # module hooks: one list, removed last
         self._flops = 0  # FLOPs so far, counted per op in meta runs
         self._failure: Failure | None = None
         self._failing_module: tuple[BaseException, str] | None = None  # innermost, when raised
@@ -119,6 +122,7 @@ class ShapeTracer:
         if self._used:
             raise RuntimeError("a ShapeTracer records one block: make a new one for the next")
         self._used = True
+        self._exits.callback(self._remove_hooks)
         try:
             for root in self._roots:
                 self._attach(root)
@@ -142,6 +146,11 @@ class ShapeTracer:
                 self._explain(exc)
         finally:
             self._exits.close()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
     def _attach(self, root: nn.Module) -> None:
         if id(root) in self._hooked:
@@ -227,8 +236,8 @@ class ShapeTracer:
                 event.seconds = clock() - event.seconds  # type: ignore[operator]
 
         self._pre_hooks[id(module)] = pre
-        self._exits.callback(module.register_forward_pre_hook(pre, with_kwargs=True).remove)
-        self._exits.callback(module.register_forward_hook(post, always_call=True).remove)
+        self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        self._handles.append(module.register_forward_hook(post, always_call=True))
 
     def _discover_root(self, module: nn.Module, args: tuple[Any, ...]) -> Any:
         """Global pre-hook: the first module called outside every traced model becomes a root."""
