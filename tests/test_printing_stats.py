@@ -32,10 +32,11 @@ fast = settings(max_examples=40, deadline=None, derandomize=True,
 
 
 @st.composite
-def tensors(draw: st.DrawFn) -> torch.Tensor:
-    dtype = draw(st.sampled_from(FLOATS + INTS + COMPLEX))
+def tensors(draw: st.DrawFn, dtypes: list[torch.dtype] = FLOATS + INTS + COMPLEX,
+            layouts: list[str] = LAYOUTS) -> torch.Tensor:
+    dtype = draw(st.sampled_from(dtypes))
     shape = tuple(draw(st.lists(st.integers(0, 6), min_size=0, max_size=3)))
-    layout = draw(st.sampled_from(LAYOUTS))
+    layout = draw(st.sampled_from(layouts))
     device = draw(st.sampled_from(DEVICES))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     if dtype.is_floating_point or dtype.is_complex:
@@ -132,6 +133,27 @@ def test_stats_equal_torch_reductions_when_chunked(t: torch.Tensor) -> None:
     # tiny chunks: the merge of partial moments (used for every non-f32/f64 tensor) is exercised
     with mock.patch.object(_stats, "_CHUNK", 5):
         _assert_matches(tensor_stats(t), t)
+
+
+@fast
+@given(tensors([torch.float32, torch.float64], ["contiguous", "transposed", "strided"]))
+def test_accelerator_float_path_equals_the_chunked_path(t: torch.Tensor) -> None:
+    # float32/64 on CUDA/MPS are read in place (_partial_direct); run it here on tiny chunks
+    x = _stats._memory_order(t.detach().cpu())
+    if not x.numel():
+        return  # tensor_stats answers "empty" before any partials
+    direct = _stats._merge(torch.stack([_stats._partial_direct(c) for c in _stats._chunks(x, 5)]))
+    chunked = _stats._merge(torch.stack([_stats._partial_in_place(c.double().clone(), True)
+                                         for c in _stats._chunks(x, 5)]))
+    counts = [_stats._N, _stats._MIN, _stats._MAX, _stats._NAN, _stats._POS, _stats._NEG,
+              _stats._ZERO]
+    assert direct[counts].tolist() == chunked[counts].tolist()
+    scale = max(float(chunked[_stats._MAX].abs().nan_to_num(0, 0, 0)),
+                float(chunked[_stats._MIN].abs().nan_to_num(0, 0, 0)), 1.0)
+    assert float(direct[_stats._MEAN]) == pytest.approx(float(chunked[_stats._MEAN]),
+                                                       rel=1e-5, abs=1e-6 * scale)
+    assert float(direct[_stats._M2]) == pytest.approx(float(chunked[_stats._M2]),
+                                                     rel=1e-3, abs=1e-6 * scale**2 * t.numel())
 
 
 @fast

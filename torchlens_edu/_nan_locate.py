@@ -21,6 +21,7 @@ accumulated (``torch.autograd.grad``), buffers are restored, and the random stat
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import sys
 import weakref
@@ -35,6 +36,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from torchlens_edu._frames import frame_location, user_frame
+from torchlens_edu._modules import module_paths
 from torchlens_edu._nan_backward import Creation, GraphWatch
 from torchlens_edu._nan_report import (
     Found,
@@ -140,17 +142,21 @@ class Replayer(TorchFunctionMode):
                  dims: Mapping[str, int] | None) -> None:
         super().__init__()
         self.watched, self.target, self.kinds, self.dims = watched, target, kinds, dims
-        self.paths: dict[nn.Module, str] = {}
-        for path, module in watched.named_modules():
-            self.paths.setdefault(module, path)
-        self.labels: dict[int, str] = {}
-        for name, p in watched.named_parameters():
-            self.labels[id(p)] = f"parameter {name}"
-        for name, b in watched.named_buffers():
-            self.labels[id(b)] = f"buffer {name}"
         self.allowed_modules: set[str] = set()
         self.on_stop: Callable[[FrameType | None], None] | None = None
         self._reset(track=False, record=False, stop_at=None)
+
+    # Names are needed only when a replay runs (something went bad): built then, not on every
+    # ``watch_nans`` entry, which stays cheap enough to wrap each training step.
+    @functools.cached_property
+    def paths(self) -> dict[nn.Module, str]:
+        return module_paths(self.watched)
+
+    @functools.cached_property
+    def labels(self) -> dict[int, str]:
+        labels = {id(p): f"parameter {name}" for name, p in self.watched.named_parameters()}
+        labels.update((id(b), f"buffer {name}") for name, b in self.watched.named_buffers())
+        return labels
 
     def _reset(self, *, track: bool, record: bool, stop_at: int | None) -> None:
         self.track, self.record, self.stop_at = track, record, stop_at

@@ -10,6 +10,8 @@ How it stays cheap:
   on CPU, where reading a number is free, we also peek to choose the cheapest path);
 - float32/float64 CPU tensors without NaN/Inf are reduced in place (``aminmax``, ``sum``,
   ``vector_norm``, ``count_nonzero``: one vectorised pass each, no temporaries);
+- float32/float64 tensors on an accelerator are read in place, chunk by chunk, by fused
+  elementwise-and-reduce kernels that accumulate in float64 (no float64 copy);
 - everything else (other dtypes, other devices, NaN/Inf) is copied chunk by chunk into one
   reusable float64 scratch buffer (never a full-size copy; on CPU a chunk stays in
   cache), reduced there in place, and the chunks' partial moments are merged on the device
@@ -200,7 +202,10 @@ def _wide(device: torch.device) -> torch.dtype:
 def _partials(t: torch.Tensor) -> torch.Tensor:
     """Partial moments, one row per chunk, shape (k, 9), float64 (MPS: float32), on ``t``'s
     device."""
-    if t.dtype in (torch.float32, torch.float64) and t.device.type == "cpu":
+    if t.dtype in (torch.float32, torch.float64):
+        if t.device.type != "cpu":
+            return torch.stack([_partial_direct(c) for c in _chunks(_memory_order(t),
+                                                                    _DEVICE_CHUNK)])
         row = _partial_cpu(t)
         if row is not None:
             return row[None]
@@ -247,6 +252,31 @@ def _partial_cpu(x: torch.Tensor) -> torch.Tensor | None:
     # a range that excludes 0 holds no zeros: skip the counting pass
     zeros = n - torch.count_nonzero(x).item() if lo <= 0 <= hi else 0
     return torch.tensor([n, mean, m2, lo, hi, 0, 0, 0, zeros], dtype=torch.float64)
+
+
+def _partial_direct(c: torch.Tensor) -> torch.Tensor:
+    """Moments of a float32/64 chunk on an accelerator, read where it lies: no wide copy, and
+    each pass one elementwise kernel plus one reduction that accumulates in the wide dtype."""
+    wide = _wide(c.device)
+    total = c.numel()
+    zeros = total - torch.count_nonzero(c)  # NaN and Inf count as non-zero, rightly
+    finite = torch.isfinite(c)
+    n = finite.sum()
+    nan = torch.isnan(c).sum()
+    posinf = (c == math.inf).sum()
+    neginf = total - n - nan - posinf
+    lo = torch.where(finite, c, math.inf).amin()
+    hi = torch.where(finite, c, -math.inf).amax()
+    pivot = torch.where(n > 0, lo, 0.0)
+    # shifting by a data value (the minimum) keeps the sum of squares from cancelling;
+    # NaN/Inf become exactly 0 after the shift: no weight in the sums
+    d = torch.where(finite, c - pivot, 0.0)
+    s1 = d.sum(dtype=wide)
+    s2 = d.square().sum(dtype=wide)
+    count = n.clamp(min=1).to(wide)
+    m2 = (s2 - s1 * s1 / count).clamp(min=0)
+    row = [n, pivot.to(wide) + s1 / count, m2, lo, hi, nan, posinf, neginf, zeros]
+    return torch.stack([v.to(wide) for v in row])
 
 
 def _partial_in_place(b: torch.Tensor, can_be_nonfinite: bool) -> torch.Tensor:

