@@ -156,6 +156,16 @@ def test_accelerator_float_path_equals_the_chunked_path(t: torch.Tensor) -> None
                                                      rel=1e-3, abs=1e-6 * scale**2 * t.numel())
 
 
+@pytest.mark.parametrize(("card_gib", "chunk"), [(4, 2**22), (24, 2**24), (80, 2**26),
+                                                 (141, 2**26)])
+def test_accelerator_chunks_grow_with_the_card(card_gib: int, chunk: int) -> None:
+    # scratch near 1% of the card: few chunks, so few kernel launches, on a large GPU
+    card = mock.Mock(total_memory=card_gib * 2**30)
+    with mock.patch.object(torch.cuda, "get_device_properties", return_value=card):
+        assert _stats._device_chunk(torch.device("cuda", 0)) == chunk
+    assert _stats._device_chunk(torch.device("mps")) == _stats._DEVICE_CHUNK
+
+
 @fast
 @given(st.sampled_from([torch.float32, torch.float64]), st.integers(1, 3000),
        st.sampled_from([0.0, 0.3]), st.sampled_from([-3.0, 0.0, 500.0]), st.integers(0, 99))
