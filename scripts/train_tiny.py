@@ -6,14 +6,18 @@ transcriptions) as packaged by the MIT-licensed R package *janeaustenr* in Debia
 stores each novel as an R character vector (one entry per printed line) in a lazy-load database.
 
 The model is character-level (the vocabulary is the characters the novels use), 4 layers,
-n_embd 128, 4 heads, context 128: about 0.8M parameters, 3 MB of fp32. Training has two phases
-(about 16 minutes on 2 idle cores with ``--threads 2``, about 20 on one core):
+n_embd 128, 4 heads, context 128: about 0.8M parameters, 3 MB of fp32. One run of 1,500 steps of
+32 x 128 characters (AdamW, warm-up, cosine decay) takes about 7 minutes on 2 idle cores
+with ``--threads 2``:
 
-1. prose: 1500 steps of 32 x 128 characters. A previous-token head forms, the text becomes
-   recognisable (validation loss ~1.2 nats/char), but 6M characters teach no copying.
-2. copy: 2000 more steps, half of each batch prose, half random letter strings repeated to fill
-   the context. Nothing but copying predicts a random string's second occurrence; after a few
-   hundred steps an induction head forms (the loss on repeats falls from log 27 to ~0.05).
+- steps 0-649: half of each batch is prose, half *copy rows* (a random string of letters
+  repeated to fill the context). Nothing but copying predicts a random string's second
+  occurrence, so an induction head forms while the learning rate is high: from step 500 the
+  loss on repeats falls from log 27 = 3.3 nats a letter (guessing) to under 0.5 by step 700
+  and ~0.1 at the end. A previous-token head forms on the way, as the induction head needs one.
+- steps 650-1499: seven rows in eight are prose, which makes the text recognisable (validation
+  loss ~1.4 nats a character) and keeps the model from looping, as a model that ends on half
+  copy rows does; the eighth row keeps the induction head.
 
 Seeded, so a rerun with the same thread count on the same torch gives the same weights; the
 shipped ``model.safetensors`` is the output of ``python scripts/train_tiny.py --threads 2``.
@@ -136,22 +140,25 @@ def build(text: str, args: argparse.Namespace
     return model, vocab, data[:-n_val], data[-n_val:]
 
 
-def fit(model: GPT2, train_data: torch.Tensor, val_data: torch.Tensor, args: argparse.Namespace,
-        *, steps: int, lr: float, seed: int, repeats: float = 0.0) -> None:
-    """AdamW with warm-up and cosine decay, ``steps`` batches of ``args.batch`` x ``args.ctx``.
+def fit(model: GPT2, train_data: torch.Tensor, val_data: torch.Tensor,
+        args: argparse.Namespace) -> None:
+    """AdamW with warm-up and cosine decay: ``args.steps`` batches of ``args.batch`` x ``args.ctx``.
 
-    ``repeats``: the fraction of each batch made of a random string of lower-case letters and
-    spaces (8..64 characters) repeated to fill the context. Prose rarely repeats within 128
-    characters, so a short run on it learns no copying; in a random string nothing but copying
-    predicts the second copy, which rewards an induction head directly (the copy phase).
+    Some rows of each batch are *copy rows*: a random string of lower-case letters and spaces
+    (8..64 characters) repeated to fill the context. Prose rarely repeats within 128 characters,
+    so a short run on prose alone learns no copying; in a random string nothing but copying
+    predicts the second copy, which rewards an induction head directly. For the first
+    ``args.copy_until`` steps half of each batch is copy rows, so the head forms while the
+    learning rate is high; after that one row in eight keeps it, and prose has the last word
+    (a model that ends on half copy rows loops: "evive evive evive").
     """
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                              {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.99))
-    gen = torch.Generator().manual_seed(seed)
-    ctx = args.ctx
+                            lr=args.lr, betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(args.seed)
+    ctx, steps = args.ctx, args.steps
     letters = torch.tensor(args.letter_ids)  # token ids of "a".."z" and " "
 
     def batch(split: torch.Tensor, n_repeated: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,12 +171,11 @@ def fit(model: GPT2, train_data: torch.Tensor, val_data: torch.Tensor, args: arg
         seq = torch.stack(rows)  # (B, T + 1)
         return seq[:, :-1], seq[:, 1:]  # inputs (B, T), next-token targets (B, T)
 
-    n_repeated = round(repeats * args.batch)
     t0 = time.time()
     for step in range(steps + 1):
         # linear warm-up, then cosine decay to a tenth of the peak
         warm = min(1.0, (step + 1) / args.warmup)
-        lr_now = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        lr_now = args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for group in opt.param_groups:
             group["lr"] = lr_now
         if step % args.eval_every == 0 or step == steps:
@@ -177,16 +183,15 @@ def fit(model: GPT2, train_data: torch.Tensor, val_data: torch.Tensor, args: arg
             with torch.no_grad():
                 xv, yv = batch(val_data)
                 val = F.cross_entropy(model(xv).flatten(0, 1), yv.flatten()).item()
-                line = f"step {step:5d}  val loss {val:.3f}"
-                if repeats:
-                    xr, yr = batch(val_data, args.batch)
-                    rep = F.cross_entropy(model(xr)[:, 64:].flatten(0, 1), yr[:, 64:].flatten())
-                    line += f"  repeated-snippet loss {rep.item():.3f}"
+                xr, yr = batch(val_data, args.batch)  # all copy rows: loss after the first copy
+                rep = F.cross_entropy(model(xr)[:, 64:].flatten(0, 1), yr[:, 64:].flatten())
             model.train()
-            print(f"{line}  lr {lr_now:.2e}  {time.time() - t0:6.0f}s", flush=True)
+            print(f"step {step:5d}  val loss {val:.3f}  repeated-snippet loss {rep.item():.3f}  "
+                  f"lr {lr_now:.2e}  {time.time() - t0:6.0f}s", flush=True)
         if step == steps:
             break
-        x, y = batch(train_data, n_repeated)
+        share = args.repeats if step < args.copy_until else args.repeats_after
+        x, y = batch(train_data, round(share * args.batch))
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -248,25 +253,24 @@ def main() -> None:
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--copy-steps", type=int, default=2000, help="steps of phase 2 (0: none)")
-    p.add_argument("--copy-lr", type=float, default=2e-3)
+    p.add_argument("--copy-until", type=int, default=650,
+                   help="steps with --repeats copy rows; then --repeats-after")
+    p.add_argument("--repeats", type=float, default=0.5, help="share of copy rows at first")
+    p.add_argument("--repeats-after", type=float, default=0.125, help="share of copy rows later")
     p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads (1 is steadiest on a shared machine, and reproducible)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's choice, all cores); the same seed and "
+                        "thread count give the same weights")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)  # this script's own process only
+    if args.threads:
+        torch.set_num_threads(args.threads)  # this script's own process only
     with tempfile.TemporaryDirectory() as tmp:
         deb = args.deb or fetch_deb(Path(tmp))
         text = "".join(to_text(novel) for novel in read_novels(deb))
     print(f"{write_words(text, args.out):,} distinct words written to {args.out / 'words.txt'}")
     model, vocab, train_data, val_data = build(text, args)
     args.letter_ids = [vocab.index(c) for c in " abcdefghijklmnopqrstuvwxyz"]
-    print("phase 1: prose")
-    fit(model, train_data, val_data, args, steps=args.steps, lr=args.lr, seed=args.seed)
-    if args.copy_steps:
-        print("phase 2: prose and repeated snippets (copying)")
-        fit(model, train_data, val_data, args, steps=args.copy_steps, lr=args.copy_lr,
-            seed=args.seed + 1, repeats=0.5)
+    fit(model, train_data, val_data, args)
     save_hf(model, vocab, args.out)
 
 

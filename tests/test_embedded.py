@@ -94,10 +94,16 @@ def test_has_an_induction_head(model: GPT2, tok) -> None:
 
 def test_generates_real_words(model: GPT2, tok, words: list[str]) -> None:
     vocabulary = set(words)
-    for temperature, seed in ((0, None), (0.8, 0)):
+
+    def known_share(temperature: float, seed: int | None) -> float:
         out = model.generate(torch.tensor([tok.encode("Elizabeth")]), 119,  # fills the context
                              temperature=temperature, seed=seed)
         text = tok.decode(out[0].tolist())
         generated = re.findall(r"[a-z]+", text.lower())
-        known = sum(w in vocabulary for w in generated) / len(generated)
-        assert len(generated) > 15 and known > 0.8, f"{known:.0%} real words in {text!r}"
+        assert len(generated) > 15, text
+        return sum(w in vocabulary for w in generated) / len(generated)
+
+    assert known_share(0, None) > 0.8  # greedy
+    # sampled as the demo does: a share over four seeds, so one unlucky draw does not decide
+    sampled = [known_share(0.8, seed) for seed in range(4)]
+    assert sum(sampled) / len(sampled) > 0.8, sampled
