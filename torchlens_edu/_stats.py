@@ -270,13 +270,8 @@ def _partial_direct(c: torch.Tensor) -> torch.Tensor:
     # shifting by a data value (the minimum) keeps the sum of squares from cancelling;
     # NaN/Inf become exactly 0 after the shift: no weight in the sums
     d = torch.where(finite, c - pivot, 0.0)
-    s1 = d.sum(dtype=wide)
-    s2 = d.square().sum(dtype=wide)
-    count = n.clamp(min=1)
-    m2 = (s2 - s1 * s1 / count).clamp(min=0)
-    neginf = c.numel() - n - nan - posinf
-    return torch.stack([n, pivot.to(wide) + s1 / count, m2, lo.to(wide), hi.to(wide), nan,
-                        posinf, neginf, zeros])
+    s1, s2 = d.sum(dtype=wide), d.square().sum(dtype=wide)
+    return _row(wide, n, pivot, s1, s2, lo, hi, nan, posinf, c.numel() - n - nan - posinf, zeros)
 
 
 def _device_chunk(device: torch.device) -> int:
@@ -319,12 +314,21 @@ def _partial_in_place(b: torch.Tensor, can_be_nonfinite: bool) -> torch.Tensor:
         pivot = lo
         b.sub_(pivot)
     # shifting by a data value (the minimum) keeps the sum of squares from cancelling
-    s1 = b.sum()
-    s2 = torch.linalg.vector_norm(b).square()
-    count = n.clamp(min=1).to(b.dtype)
+    s1, s2 = b.sum(), torch.linalg.vector_norm(b).square()
+    return _row(b.dtype, n, pivot, s1, s2, lo, hi, nan, posinf, neginf, zeros)
+
+
+def _row(wide: torch.dtype, n: torch.Tensor, pivot: torch.Tensor, s1: torch.Tensor,
+         s2: torch.Tensor, *extremes_and_counts: torch.Tensor) -> torch.Tensor:
+    """One row of partial moments (``_N`` .. ``_ZERO``) from the sums of the values shifted
+    by ``pivot``: ``s1`` of ``x - pivot``, ``s2`` of its squares. ``extremes_and_counts``:
+    min, max, and the NaN, +Inf, -Inf and zero counts. (``.to`` of a tensor already in
+    ``wide`` is free: no kernel.)"""
+    n = n.to(wide)
+    count = n.clamp(min=1)
     m2 = (s2 - s1 * s1 / count).clamp(min=0)
-    row = [n, pivot + s1 / count, m2, lo, hi, nan, posinf, neginf, zeros]
-    return torch.stack([v.to(b.dtype) for v in row])
+    return torch.stack([n, pivot.to(wide) + s1 / count, m2,
+                        *(v.to(wide) for v in extremes_and_counts)])
 
 
 def _merge(parts: torch.Tensor) -> torch.Tensor:
