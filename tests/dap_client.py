@@ -290,7 +290,7 @@ class _SocketWriter:
 
 def shipped_configuration(name_part: str) -> dict[str, Any]:
     """The configuration of the shipped ``launch.json`` whose name contains ``name_part``."""
-    from torchlens_edu._jsonc import parse
+    from torchlens_edu._core.jsonc import parse
     from torchlens_edu.commands.vscode import template
 
     configs = parse(template("launch.json")).plain()["configurations"]

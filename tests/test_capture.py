@@ -10,7 +10,7 @@ from zoo import ZOO, ZOO_BY_NAME, ModelGuard, ZooEntry, reference_outputs
 
 import torchlens_edu as tle
 import torchlens_edu.shapes
-from torchlens_edu._tree import iter_tensors
+from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.capture import CaptureTooLarge, capture, parse_bytes
 
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 import torchlens_edu as tle
 from torchlens_edu import debug
-from torchlens_edu._modules import PatternError
+from torchlens_edu._core.modules import PatternError
 from torchlens_edu.cli import main
 from torchlens_edu.printing import describe
 

@@ -8,7 +8,8 @@ import torch.nn as nn
 from zoo import ZOO, ZOO_BY_NAME, ModelGuard, ZooEntry
 
 import torchlens_edu as tle
-from torchlens_edu._modules import PatternError
+from torchlens_edu._core.modules import PatternError
+from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.hookset import HookSet
 from torchlens_edu.inspector import count_parameters
 from torchlens_edu.models import GPT2, GPT2Config
@@ -29,7 +30,7 @@ def test_inspect_and_summary_on_the_zoo(entry: ZooEntry) -> None:
     assert root[0] == "" and root[1] == type(model).__name__
     with torch.no_grad():
         out = entry.run(model)
-    first = next(iter(tle._tree.iter_tensors(out)))
+    first = next(iter(iter_tensors(out)))
     assert root[3][0] == first.shape  # the real output shape (the first tensor of it)
     assert root[4] == count_parameters(model).unique
     assert "<model>" in repr(summary)

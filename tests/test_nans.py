@@ -428,7 +428,7 @@ def test_break_mode_opens_pdb_at_the_producing_line(x, monkeypatch):
 
 
 def test_break_mode_stops_an_attached_debugpy_client_in_the_users_frame(x, monkeypatch):
-    from torchlens_edu import _nan_break
+    from torchlens_edu.nans import breakpoint as _nan_break
 
     torch.manual_seed(0)
     frames = []

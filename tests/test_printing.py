@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import torchlens_edu as tle
-from torchlens_edu import printing
+from torchlens_edu.printing import options as printing
 
 
 def _opts() -> dict:
@@ -134,7 +134,8 @@ def test_uninstall_refuses_to_clobber_a_later_patch() -> None:
     assert torch.Tensor.__repr__ is original
 
 
-@pytest.mark.parametrize("module", ["_stats", "_describe", "printing", "_render", "_attention"])
+@pytest.mark.parametrize("module", ["printing.stats", "printing.summary_line", "printing.options",
+                                    "printing.table", "printing.attention"])
 def test_docstring_examples_run(module: str) -> None:
     mod = __import__(f"torchlens_edu.{module}", fromlist=["_"])
     result = doctest.testmod(mod, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)

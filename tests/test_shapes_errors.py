@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from torchlens_edu import _shape_errors
+from torchlens_edu.shapes import explain as _shape_errors
 from torchlens_edu.shapes import trace_shapes
 
 

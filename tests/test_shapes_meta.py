@@ -13,7 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from zoo import ZOO
 
-from torchlens_edu._shape_meta import meta_state, op_flops
+from torchlens_edu.shapes.meta import meta_state, op_flops
 from torchlens_edu.models import GPT2, GPT2Config, explicit_attention
 from torchlens_edu.shapes import trace_shapes
 

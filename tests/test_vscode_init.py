@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from torchlens_edu import _jsonc
+from torchlens_edu._core import jsonc as _jsonc
 from torchlens_edu.cli import main
 from torchlens_edu.commands.vscode import init, template
 

@@ -58,7 +58,7 @@ def reference_outputs(model: nn.Module, entry: ZooEntry
     calls: dict[str, int] = {}
 
     def record(path: str, out: object) -> None:
-        from torchlens_edu._tree import iter_tensors
+        from torchlens_edu._core.tree import iter_tensors
 
         calls[path] = calls.get(path, -1) + 1
         seen.append((path, calls[path], [t.detach().clone() for t in iter_tensors(out)]))
@@ -322,7 +322,7 @@ class ModelGuard:
                 f"{key} changed"
         assert self._hooks() == self.hooks, "a module hook was left behind"
         assert [m.training for m in self.model.modules()] == self.training, "train/eval changed"
-        from torchlens_edu._tree import iter_tensors
+        from torchlens_edu._core.tree import iter_tensors
 
         for tensor in iter_tensors(list(tensors)):
             assert not tensor._backward_hooks, "a tensor hook was left on an output"

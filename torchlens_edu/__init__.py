@@ -66,8 +66,8 @@ if TYPE_CHECKING:
     from torchlens_edu.dims import Dims, ShapeError, assert_shape, format_shape, shape_scope
     from torchlens_edu.hookset import HookCall, HookSet, hooks
     from torchlens_edu.inspector import Inspector, inspect
-    from torchlens_edu.nans import NonFiniteError, NonFiniteReport, watch_nans
-    from torchlens_edu.printing import (
+    from torchlens_edu.nans.watch import NonFiniteError, NonFiniteReport, watch_nans
+    from torchlens_edu.printing.options import (
         TensorStats,
         describe,
         install,
@@ -79,11 +79,11 @@ if TYPE_CHECKING:
         tensor_stats,
         uninstall,
     )
-    from torchlens_edu.shapes import ShapeTrace, ShapeTracer, trace_shapes
+    from torchlens_edu.shapes.tracer import ShapeTrace, ShapeTracer, trace_shapes
 
 
 if os.environ.get("TORCHLENS_EDU_PRINT"):  # e.g. from a VS Code launch config: apply the preset
-    from torchlens_edu.printing import apply_env_preset
+    from torchlens_edu.printing.options import apply_env_preset
 
     apply_env_preset()
 
@@ -105,13 +105,13 @@ def __dir__() -> list[str]:
 
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext torchlens_edu``: registers ``%trace_shapes``."""
-    from torchlens_edu.ipython import load_ipython_extension as load
+    from torchlens_edu.integrations.ipython import load_ipython_extension as load
 
     load(ipython)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
     """``%unload_ext torchlens_edu``: removes what ``%load_ext`` added."""
-    from torchlens_edu.ipython import unload_ipython_extension as unload
+    from torchlens_edu.integrations.ipython import unload_ipython_extension as unload
 
     unload(ipython)

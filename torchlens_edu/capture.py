@@ -37,9 +37,9 @@ import torch.nn as nn
 from rich.table import Table
 from rich.text import Text
 
-from torchlens_edu._console import render_html, render_text
-from torchlens_edu._modules import Pattern, match_modules
-from torchlens_edu._tree import iter_tensors, map_tensors
+from torchlens_edu._core.console import render_html, render_text
+from torchlens_edu._core.modules import Pattern, match_modules
+from torchlens_edu._core.tree import iter_tensors, map_tensors
 from torchlens_edu.dims import Dims
 from torchlens_edu.hookset import HookCall, HookSet, require_module
 
@@ -199,7 +199,7 @@ class ActivationCache:
     # -- showing ----------------------------------------------------------------------------
 
     def __rich__(self) -> Table:
-        from torchlens_edu._describe import format_bytes
+        from torchlens_edu.printing.summary_line import format_bytes
 
         estimate = f", estimated {format_bytes(self.estimate)}" if self.estimate else ""
         table = Table(title=f"ActivationCache: {len(self)} calls, {format_bytes(self.nbytes)}"
@@ -236,8 +236,8 @@ class ActivationCache:
         return table
 
     def _rows(self) -> list[list[Any]]:
-        from torchlens_edu._describe import format_stats, short_dtype
-        from torchlens_edu.printing import tensor_stats
+        from torchlens_edu.printing.summary_line import format_stats, short_dtype
+        from torchlens_edu.printing.options import tensor_stats
 
         counts: dict[str, int] = {}
         for path, _ in self._entries:
@@ -347,7 +347,7 @@ def _estimate(model: nn.Module, pattern: Pattern, paths: set[str], args: tuple, 
     if key in known:
         nbytes = known[key]
         return nbytes, "" if nbytes is not None else _NO_ESTIMATE
-    from torchlens_edu.shapes import trace_shapes
+    from torchlens_edu.shapes.tracer import trace_shapes
 
     try:
         with _tensors_kept(model):
@@ -432,7 +432,7 @@ def _guard(cache: ActivationCache, tensors: list[torch.Tensor], limit: int, patt
 
 def _too_large(nbytes: int, limit: int, pattern: Pattern, modules: int,
                partial: bool = False) -> str:
-    from torchlens_edu._describe import format_bytes
+    from torchlens_edu.printing.summary_line import format_bytes
 
     what = "already reached" if partial else "would hold"
     return (f"capturing {pattern!r} ({modules} modules) {what} {format_bytes(nbytes)} in one "

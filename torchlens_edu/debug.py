@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 import torch.nn as nn
 
-from torchlens_edu._console import get_console
-from torchlens_edu._modules import Pattern, match_modules
+from torchlens_edu._core.console import get_console
+from torchlens_edu._core.modules import Pattern, match_modules
 
 ENV_VAR = "TORCHLENS_EDU_STOP"
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from torchlens_edu._frames import user_source
+from torchlens_edu._core.frames import user_source
 
 # role -> config attribute names that carry it (ours, Hugging Face, TransformerLens, others)
 _CONFIG_FIELDS: dict[str, tuple[str, ...]] = {
@@ -84,7 +84,7 @@ def dims_from_inputs(*inputs: Any) -> dict[str, int]:
     >>> dims_from_inputs(torch.zeros(8, 3, 32, 32))
     {'B': 8}
     """
-    from torchlens_edu._tree import iter_tensors
+    from torchlens_edu._core.tree import iter_tensors
 
     for tensor in iter_tensors(list(inputs)):
         floating = tensor.is_floating_point()

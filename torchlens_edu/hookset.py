@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
-from torchlens_edu._modules import Pattern, match_modules, module_paths
-from torchlens_edu._tree import iter_tensors
+from torchlens_edu._core.modules import Pattern, match_modules, module_paths
+from torchlens_edu._core.tree import iter_tensors
 
 Kind = Literal["forward", "forward_pre", "backward"]
 HookFn = Callable[["HookCall"], Any]

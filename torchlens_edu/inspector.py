@@ -30,9 +30,9 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from torchlens_edu._console import render_html, render_text
-from torchlens_edu._modules import Pattern, match_modules, module_paths
-from torchlens_edu._tree import iter_tensors
+from torchlens_edu._core.console import render_html, render_text
+from torchlens_edu._core.modules import Pattern, match_modules, module_paths
+from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.capture import ActivationCache, capture
 from torchlens_edu.dims import Dims
 from torchlens_edu.hookset import HookCall, HookSet, require_module
@@ -158,14 +158,14 @@ class Inspector:
 
     def trace(self, *inputs: Any, **options: Any) -> Any:
         """Shapes of one forward: :func:`torchlens_edu.shapes.trace_shapes`."""
-        from torchlens_edu.shapes import trace_shapes
+        from torchlens_edu.shapes.tracer import trace_shapes
 
         options.setdefault("dims", self._overrides)
         return trace_shapes(self.model, *inputs, **options)
 
     def watch_nans(self, **options: Any) -> Any:
         """Stop at the first NaN/Inf: :func:`torchlens_edu.nans.watch_nans`."""
-        from torchlens_edu.nans import watch_nans
+        from torchlens_edu.nans.watch import watch_nans
 
         options.setdefault("dims", self._overrides)
         return watch_nans(self.model, **options)

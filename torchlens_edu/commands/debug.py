@@ -46,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.text import Text
 
     from torchlens_edu import debug
-    from torchlens_edu._console import get_console
-    from torchlens_edu.printing import PRESETS, printoptions
+    from torchlens_edu._core.console import get_console
+    from torchlens_edu.printing.options import PRESETS, printoptions
 
     err_console = get_console(stderr=True)
     preset = args.print_preset or os.environ.get("TORCHLENS_EDU_PRINT", "").strip() or "edu"
@@ -109,7 +109,7 @@ def _run_gpt2(args: argparse.Namespace, model: Any, tok: Any) -> int:
     from rich.text import Text
 
     from torchlens_edu import debug
-    from torchlens_edu._console import get_console
+    from torchlens_edu._core.console import get_console
 
     console = get_console()
     idx = torch.tensor([tok.encode(args.prompt)], device=model.device)  # (B=1, T)

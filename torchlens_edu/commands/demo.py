@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.rule import Rule
 
     import torchlens_edu as tle
-    from torchlens_edu._console import get_console
+    from torchlens_edu._core.console import get_console
     from torchlens_edu.models.devices import DeviceUnavailableError
     from torchlens_edu.models.loading import CheckpointError, WeightsNotFoundError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from torchlens_edu._console import get_console
+from torchlens_edu._core.console import get_console
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

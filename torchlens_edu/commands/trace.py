@@ -37,9 +37,9 @@ def run(args: argparse.Namespace) -> int:
     """Load the model (or only its config with ``--meta``), tokenize, trace, print."""
     import torch
 
-    from torchlens_edu._console import get_console
+    from torchlens_edu._core.console import get_console
     from torchlens_edu.models import GPT2, GPT2Config, get_tokenizer
-    from torchlens_edu.shapes import trace_shapes
+    from torchlens_edu.shapes.tracer import trace_shapes
 
     console = get_console()
     tokenizer = get_tokenizer("embedded" if args.model == "embedded" else "gpt2")

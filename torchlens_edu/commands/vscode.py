@@ -76,7 +76,7 @@ Merge = Callable[[Any, dict[str, Any], str, bool], tuple[list[Any], list[str]]]
 
 def _plan(path: Path, old: str | None, name: str, force: bool, merge: Merge) -> Plan:
     """Write ours where there is no file; else merge ours into the user's text, in place."""
-    from torchlens_edu import _jsonc
+    from torchlens_edu._core import jsonc as _jsonc
 
     ours_text = template(name)
     if old is None:
@@ -94,7 +94,7 @@ def _plan(path: Path, old: str | None, name: str, force: bool, merge: Merge) -> 
 
 def _merge_launch(root: Any, ours: dict[str, Any], old: str, force: bool
                   ) -> tuple[list[Any], list[str]]:
-    from torchlens_edu import _jsonc
+    from torchlens_edu._core import jsonc as _jsonc
 
     edits: list[_jsonc.Edit] = []
     notes: list[str] = []
@@ -131,7 +131,7 @@ def _merge_launch(root: Any, ours: dict[str, Any], old: str, force: bool
 
 def _merge_settings(root: Any, ours: dict[str, Any], old: str, force: bool
                     ) -> tuple[list[Any], list[str]]:
-    from torchlens_edu import _jsonc
+    from torchlens_edu._core import jsonc as _jsonc
 
     edits: list[_jsonc.Edit] = []
     notes: list[str] = []
@@ -151,7 +151,7 @@ def _merge_settings(root: Any, ours: dict[str, Any], old: str, force: bool
 
 def _read_root(path: Path, text: str, force: bool) -> Any:
     """The parsed top-level object, or None when unreadable and ``force`` says start afresh."""
-    from torchlens_edu import _jsonc
+    from torchlens_edu._core import jsonc as _jsonc
 
     try:
         root = _jsonc.parse(text) if text.strip() else _jsonc.parse("{}")
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     """``torchlens-edu vscode init``; returns the exit code."""
     from rich.text import Text
 
-    from torchlens_edu._console import get_console
+    from torchlens_edu._core.console import get_console
 
     console = get_console()
     try:

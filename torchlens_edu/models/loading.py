@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from torchlens_edu._console import get_console
+from torchlens_edu._core.console import get_console
 from torchlens_edu.models import tokenizer as _tokenizer
 from torchlens_edu.models.devices import resolve_device
 from torchlens_edu.models.gpt2 import GPT2Config

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from torchlens_edu._frames import is_user_file
+from torchlens_edu._core.frames import is_user_file
 
 if TYPE_CHECKING:
-    from torchlens_edu.shapes import ShapeTracer
+    from torchlens_edu.shapes.tracer import ShapeTracer
 
 # Calls that ask about a tensor instead of computing one: left out of the trace.
 _NOISE = frozenset({
@@ -94,7 +94,7 @@ def tensors_out(result: Any) -> list[torch.Tensor]:
 class OpRecorder(TorchFunctionMode):
     """Reports every non-noise torch call to the tracer; reports failures of every call.
 
-    >>> from torchlens_edu.shapes import trace_shapes
+    >>> from torchlens_edu.shapes.tracer import trace_shapes
     >>> tr = trace_shapes(torch.nn.Linear(4, 2), torch.zeros(3, 4), ops=True)
     >>> [e.name for e in tr.events if e.kind == "op"]
     ['linear']

@@ -25,11 +25,11 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
-from torchlens_edu import _shape_meta, _shape_ops
-from torchlens_edu._modules import Pattern, match_modules
-from torchlens_edu._shape_errors import Failure, add_context, explain
-from torchlens_edu._shape_trace import ShapeEvent, ShapeTrace, Spec
-from torchlens_edu._tree import iter_tensors
+from torchlens_edu.shapes import meta as _shape_meta, ops as _shape_ops
+from torchlens_edu._core.modules import Pattern, match_modules
+from torchlens_edu.shapes.explain import Failure, add_context, explain
+from torchlens_edu.shapes.trace import ShapeEvent, ShapeTrace, Spec
+from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.dims import Dims
 
 

@@ -13,8 +13,8 @@ import sys
 from collections.abc import Callable
 from types import FrameType, TracebackType
 
-from torchlens_edu._console import get_console
-from torchlens_edu._nan_report import NonFiniteReport
+from torchlens_edu._core.console import get_console
+from torchlens_edu.nans.report import NonFiniteReport
 
 # (index of the call to stop at, what to run in the user's frame there) -> the stop, if reached
 ReplayTo = Callable[[int, Callable[[FrameType | None], None] | None], BaseException | None]

@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.flop_counter import conv_flop_count
 
-from torchlens_edu._tree import map_tensors
+from torchlens_edu._core.tree import map_tensors
 
 # Ops whose output shape depends on the values: they cannot run on meta tensors.
 DATA_DEPENDENT = frozenset({

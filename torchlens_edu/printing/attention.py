@@ -16,9 +16,9 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
-from torchlens_edu._console import get_console
-from torchlens_edu._render import Heat, RichView, is_plain
-from torchlens_edu._stats import unobserved
+from torchlens_edu._core.console import get_console
+from torchlens_edu.printing.table import Heat, RichView, is_plain
+from torchlens_edu.printing.stats import unobserved
 
 _NUMBERS_UP_TO = 16  # keys; beyond this, blocks instead of numbers
 _MAX_KEYS = 64  # beyond this, key columns are block-averaged

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from torchlens_edu._nan_report import (
+from torchlens_edu.nans.report import (
     Found,
     Producer,
     TensorSummary,

@@ -35,10 +35,10 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from torchlens_edu._frames import frame_location, user_frame
-from torchlens_edu._modules import module_paths
-from torchlens_edu._nan_backward import Creation, GraphWatch
-from torchlens_edu._nan_report import (
+from torchlens_edu._core.frames import frame_location, user_frame
+from torchlens_edu._core.modules import module_paths
+from torchlens_edu.nans.backward import Creation, GraphWatch
+from torchlens_edu.nans.report import (
     Found,
     Producer,
     TensorSummary,
@@ -47,7 +47,7 @@ from torchlens_edu._nan_report import (
     hint_for,
     kind_of,
 )
-from torchlens_edu._tree import iter_tensors
+from torchlens_edu._core.tree import iter_tensors
 
 # ops that only move or view data: they pass non-finite values along, they never make them
 _MOVES = frozenset({

@@ -21,9 +21,9 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
-from torchlens_edu._console import get_console, render_html, render_text
-from torchlens_edu._describe import describe, format_stats
-from torchlens_edu._stats import TensorStats, take, tensor_stats, unobserved
+from torchlens_edu._core.console import get_console, render_html, render_text
+from torchlens_edu.printing.summary_line import describe, format_stats
+from torchlens_edu.printing.stats import TensorStats, take, tensor_stats, unobserved
 from torchlens_edu.dims import Dims
 
 SHADES = " ░▒▓█"  # heat without colour

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from torchlens_edu._frames import is_user_file
-from torchlens_edu._shape_meta import DATA_DEPENDENT
+from torchlens_edu._core.frames import is_user_file
+from torchlens_edu.shapes.meta import DATA_DEPENDENT
 from torchlens_edu.dims import Dims
 
 _HAS_NOTES = hasattr(BaseException, "add_note")  # Python 3.11+

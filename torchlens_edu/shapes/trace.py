@@ -1,6 +1,6 @@
 """What a shape trace holds: one :class:`ShapeEvent` per module or op call, and the
 :class:`ShapeTrace` that shows them (rich tree, plain text, HTML), stores them (``to_dict``)
-and compares them (``diff``). Recording lives in ``shapes.py``; drawing in ``_trace_render.py``.
+and compares them (``diff``). Recording lives in ``tracer.py``; drawing in ``render.py``.
 """
 
 from __future__ import annotations
@@ -123,18 +123,18 @@ class ShapeTrace:
 
     def diff(self, other: ShapeTrace) -> Any:
         """What changed from this trace to ``other``: a :class:`TraceDiff` (falsy when equal)."""
-        from torchlens_edu._trace_render import TraceDiff
+        from torchlens_edu.shapes.render import TraceDiff
 
         return TraceDiff.between(self, other)
 
     def __rich__(self) -> Any:
-        from torchlens_edu._trace_render import trace_tree
+        from torchlens_edu.shapes.render import trace_tree
 
         return trace_tree(self)
 
     def to_text(self, width: int = 100) -> str:
         """The tree as plain text (no colours), ``width`` characters wide."""
-        from torchlens_edu._console import render_text
+        from torchlens_edu._core.console import render_text
 
         return render_text(self, width=width)
 
@@ -144,7 +144,7 @@ class ShapeTrace:
     __repr__ = __str__
 
     def _repr_html_(self) -> str:
-        from torchlens_edu._console import render_html
+        from torchlens_edu._core.console import render_html
 
         return render_html(self)
 

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from torchlens_edu._attention import AttentionView, show_attention
-from torchlens_edu._describe import describe, format_stats, sparkline
-from torchlens_edu._render import TensorView, show
-from torchlens_edu._stats import TensorStats, tensor_stats
+from torchlens_edu.printing.attention import AttentionView, show_attention
+from torchlens_edu.printing.summary_line import describe, format_stats, sparkline
+from torchlens_edu.printing.table import TensorView, show
+from torchlens_edu.printing.stats import TensorStats, tensor_stats
 
 __all__ = [
     "PRESETS",

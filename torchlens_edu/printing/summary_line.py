@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-from torchlens_edu._stats import TensorStats, is_fake, tensor_stats, unobserved
+from torchlens_edu.printing.stats import TensorStats, is_fake, tensor_stats, unobserved
 from torchlens_edu.dims import Dims
 
 _SPARK = "▁▂▃▄▅▆▇█"

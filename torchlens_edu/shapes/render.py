@@ -26,7 +26,7 @@ from rich.tree import Tree
 from torchlens_edu.dims import Dims
 
 if TYPE_CHECKING:
-    from torchlens_edu._shape_trace import ShapeEvent, ShapeTrace, Spec
+    from torchlens_edu.shapes.trace import ShapeEvent, ShapeTrace, Spec
 
 _DTYPES = {"float32": "", "int64": "i64", "int32": "i32", "bool": "bool", "float16": "f16",
            "bfloat16": "bf16", "float64": "f64", "uint8": "u8", "int8": "i8", "int16": "i16"}
@@ -309,7 +309,7 @@ class TraceDiff:
         return Group(table)
 
     def __str__(self) -> str:
-        from torchlens_edu._console import render_text
+        from torchlens_edu._core.console import render_text
 
         return render_text(self)
 
