@@ -23,7 +23,7 @@ from rich.rule import Rule
 
 import torchlens_edu as tle
 from torchlens_edu.models.gpt2 import Block
-from torchlens_edu.models.loading import load_best_available
+from torchlens_edu.models.offline import load_best_available
 
 console = Console(highlight=False, soft_wrap=True)
 model, tok, notice = load_best_available(device="cpu")

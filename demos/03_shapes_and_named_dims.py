@@ -21,7 +21,7 @@ from rich.rule import Rule
 
 import torchlens_edu as tle
 from torchlens_edu.models import GPT2, GPT2Config
-from torchlens_edu.models.loading import load_best_available
+from torchlens_edu.models.offline import load_best_available
 
 console = Console(highlight=False)
 model, tok, notice = load_best_available(device="cpu")

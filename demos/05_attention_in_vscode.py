@@ -32,7 +32,7 @@ import torchlens_edu as tle
 from torchlens_edu import debug
 from torchlens_edu.commands.vscode import template
 from torchlens_edu.models import explicit_attention
-from torchlens_edu.models.loading import load_best_available
+from torchlens_edu.models.offline import load_best_available
 
 console = Console(highlight=False)
 model, tok, notice = load_best_available(device="cpu")

@@ -20,7 +20,7 @@ from rich.table import Table
 
 import torchlens_edu as tle
 from torchlens_edu.models import KVCache
-from torchlens_edu.models.loading import load_best_available
+from torchlens_edu.models.offline import load_best_available
 
 console = Console(highlight=False, soft_wrap=True)
 model, tok, notice = load_best_available(device="cpu")

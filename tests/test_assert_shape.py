@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import torchlens_edu as tle
-from torchlens_edu.dims import ShapeError, ShapeScope, assert_shape, shape_scope
+from torchlens_edu.asserts import ShapeError, ShapeScope, assert_shape, shape_scope
 
 X = torch.zeros(2, 8, 32)
 

@@ -15,9 +15,9 @@ from torchlens_edu.models.loading import (
     CheckpointError,
     WeightsNotFoundError,
     config_from_hf,
-    load_best_available,
     load_pretrained,
 )
+from torchlens_edu.models.offline import load_best_available
 
 pytest.importorskip("transformers")
 
@@ -194,7 +194,7 @@ def test_best_available_prefers_cached_gpt2(hf_models, hub_cache):
 
 def test_best_available_falls_back_to_embedded_then_random(hf_models, hub_cache, tmp_path,
                                                            monkeypatch):
-    from torchlens_edu.models import loading, tokenizer
+    from torchlens_edu.models import offline, tokenizer
 
     embedded = hfc.save_safetensors(hf_models["2L-32C-2h"], tmp_path / "embedded")
     (embedded / "tokenizer.json").write_text('{"type": "chars", "vocab": ["a", "b", " "]}')
@@ -203,7 +203,7 @@ def test_best_available_falls_back_to_embedded_then_random(hf_models, hub_cache,
     assert "embedded" in notice and tok.name == "embedded" and model.config.vocab_size == 100
 
     monkeypatch.setattr(tokenizer, "EMBEDDED_DIR", tmp_path / "nothing")
-    monkeypatch.setattr(loading, "RANDOM_FALLBACK", GPT2Config(n_layer=1, n_head=2, n_embd=16))
+    monkeypatch.setattr(offline, "RANDOM_FALLBACK", GPT2Config(n_layer=1, n_head=2, n_embd=16))
     state = torch.random.get_rng_state()
     model, tok, notice = load_best_available(device="cpu", progress=False)
     assert torch.equal(state, torch.random.get_rng_state())  # the user's RNG is untouched

@@ -15,8 +15,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from torchlens_edu.printing import stats as _stats
 from torchlens_edu.printing import TensorStats, describe, tensor_stats
+from torchlens_edu.printing import stats as _stats
 
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.float8_e4m3fn,
           torch.float8_e5m2]

@@ -13,9 +13,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from zoo import ZOO
 
-from torchlens_edu.shapes.meta import meta_state, op_flops
 from torchlens_edu.models import GPT2, GPT2Config, explicit_attention
 from torchlens_edu.shapes import trace_shapes
+from torchlens_edu.shapes.meta import meta_state, op_flops
 
 
 def _by_key(trace):

@@ -30,9 +30,9 @@ _EXPORTS: dict[str, str] = {
     # named dimensions and shape assertions
     "Dims": "dims",
     "format_shape": "dims",
-    "assert_shape": "dims",
-    "shape_scope": "dims",
-    "ShapeError": "dims",
+    "assert_shape": "asserts",
+    "shape_scope": "asserts",
+    "ShapeError": "asserts",
     # hooks and capture
     "hooks": "hookset",
     "HookSet": "hookset",
@@ -61,13 +61,14 @@ __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
     from torchlens_edu import debug
+    from torchlens_edu.asserts import ShapeError, assert_shape, shape_scope
     from torchlens_edu.capture import ActivationCache, CaptureTooLarge
     from torchlens_edu.debug import clear_stops, stop_at, stop_at_module
-    from torchlens_edu.dims import Dims, ShapeError, assert_shape, format_shape, shape_scope
+    from torchlens_edu.dims import Dims, format_shape
     from torchlens_edu.hookset import HookCall, HookSet, hooks
     from torchlens_edu.inspector import Inspector, inspect
     from torchlens_edu.nans.watch import NonFiniteError, NonFiniteReport, watch_nans
-    from torchlens_edu.printing.options import (
+    from torchlens_edu.printing import (
         TensorStats,
         describe,
         install,
@@ -79,7 +80,7 @@ if TYPE_CHECKING:
         tensor_stats,
         uninstall,
     )
-    from torchlens_edu.shapes.tracer import ShapeTrace, ShapeTracer, trace_shapes
+    from torchlens_edu.shapes import ShapeTrace, ShapeTracer, trace_shapes
 
 
 if os.environ.get("TORCHLENS_EDU_PRINT"):  # e.g. from a VS Code launch config: apply the preset

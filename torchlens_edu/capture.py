@@ -236,8 +236,8 @@ class ActivationCache:
         return table
 
     def _rows(self) -> list[list[Any]]:
-        from torchlens_edu.printing.summary_line import format_stats, short_dtype
-        from torchlens_edu.printing.options import tensor_stats
+        from torchlens_edu.printing import format_stats, tensor_stats
+        from torchlens_edu.printing.summary_line import short_dtype
 
         counts: dict[str, int] = {}
         for path, _ in self._entries:

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     from torchlens_edu import debug
     from torchlens_edu._core.console import get_console
-    from torchlens_edu.printing.options import PRESETS, printoptions
+    from torchlens_edu.printing import PRESETS, printoptions
 
     err_console = get_console(stderr=True)
     preset = args.print_preset or os.environ.get("TORCHLENS_EDU_PRINT", "").strip() or "edu"

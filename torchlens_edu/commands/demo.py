@@ -141,7 +141,7 @@ def _is_block(path: str, module: Any) -> bool:
 def _load(name: str | None, device: str) -> tuple[GPT2, Tokenizer, str | None]:
     """The model and its tokenizer; with no name, the best available offline (and a notice)."""
     from torchlens_edu.models import GPT2, get_tokenizer
-    from torchlens_edu.models.loading import load_best_available
+    from torchlens_edu.models.offline import load_best_available
 
     if name is None:
         return load_best_available(device=device)

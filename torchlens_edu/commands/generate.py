@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
 
     from torchlens_edu.models.devices import DeviceUnavailableError, resolve_device
     from torchlens_edu.models.gpt2 import GPT2
-    from torchlens_edu.models.loading import load_best_available, load_pretrained
+    from torchlens_edu.models.loading import load_pretrained
+    from torchlens_edu.models.offline import load_best_available
     from torchlens_edu.models.tokenizer import get_tokenizer
 
     console = get_console()

@@ -55,7 +55,7 @@ def pytest_configure(config: pytest.Config) -> None:
                    "test runs (as torchlens_edu.printoptions)")
     preset = config.getoption("--tle-print")
     if preset is not None:  # asked for, so importing torch is fine: fail now, not in every test
-        from torchlens_edu.printing.options import PRESETS
+        from torchlens_edu.printing import PRESETS
 
         if preset not in PRESETS:
             raise pytest.UsageError(f"--tle-print={preset}: unknown preset; choose one of "
@@ -97,7 +97,7 @@ def _test_context(item: pytest.Item) -> Iterator[None]:
         return
     with ExitStack() as stack:
         if print_marker is not None or preset is not None:
-            from torchlens_edu.printing.options import printoptions
+            from torchlens_edu.printing import printoptions
 
             args, kwargs = (print_marker.args, print_marker.kwargs) if print_marker else ((), {})
             if print_marker is None or (not args and "preset" not in kwargs and preset):
@@ -252,7 +252,7 @@ def _short(x: Any) -> str:
 
 
 def _summary(x: Any) -> str:
-    from torchlens_edu.printing.options import describe
+    from torchlens_edu.printing import describe
 
     torch = sys.modules["torch"]
     return describe(x) if isinstance(x, torch.Tensor) else repr(x)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from torchlens_edu.models.gpt2 import GPT2, GPT2Config, KVCache, explicit_attention
+from torchlens_edu.models.config import GPT2Config
+from torchlens_edu.models.gpt2 import GPT2, KVCache, explicit_attention
 
 if TYPE_CHECKING:
     from torchlens_edu.models.tokenizer import get_tokenizer

@@ -20,81 +20,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from torchlens_edu import debug
-
-AttnImpl = Literal["auto", "explicit", "sdpa"]
-
-# Exact OpenAI values of the four released GPT-2 sizes.
-_PRESETS: dict[str, dict[str, int]] = {
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M parameters
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-    # Small custom sizes for tests, lessons and laptops.
-    "tiny": dict(n_layer=2, n_head=2, n_embd=32, vocab_size=256, n_positions=64),
-    "small-test": dict(n_layer=4, n_head=4, n_embd=64, vocab_size=512, n_positions=128),
-}
-
-
-@dataclass
-class GPT2Config:
-    """Hyper-parameters of a GPT-2. Field names follow Hugging Face's ``GPT2Config``.
-
-    >>> GPT2Config.preset("gpt2-xl").n_embd
-    1600
-    """
-
-    vocab_size: int = 50257
-    n_positions: int = 1024  # context length: the most tokens the model can see
-    n_embd: int = 768
-    n_layer: int = 12
-    n_head: int = 12
-    n_inner: int | None = None  # MLP width; None means 4 * n_embd
-    layer_norm_epsilon: float = 1e-5
-    dropout: float = 0.0
-    attn_impl: AttnImpl = "auto"
-
-    def __post_init__(self) -> None:
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} "
-                             "so that every head gets the same size hs = n_embd // n_head")
-        if self.attn_impl not in ("auto", "explicit", "sdpa"):
-            raise ValueError(f"attn_impl={self.attn_impl!r}: choose 'auto', 'explicit' or 'sdpa'")
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> GPT2Config:
-        """A named size: ``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``, ``tiny``, ...
-
-        >>> GPT2Config.preset("gpt2", dropout=0.1).dropout
-        0.1
-        """
-        if name not in _PRESETS:
-            raise ValueError(f"unknown GPT-2 preset {name!r}; choose one of {sorted(_PRESETS)}")
-        return cls(**{**_PRESETS[name], **overrides})
-
-    @classmethod
-    def presets(cls) -> list[str]:
-        """The names :meth:`preset` accepts."""
-        return list(_PRESETS)
-
-    @property
-    def head_size(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def mlp_width(self) -> int:
-        return self.n_inner or 4 * self.n_embd
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (the Hugging Face ``config.json`` subset we use)."""
-        return asdict(self)
+from torchlens_edu.models.config import AttnImpl, GPT2Config
 
 
 class KVCache:

@@ -26,28 +26,22 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
+import torch.nn as nn
 
-from torchlens_edu._core.console import get_console
 from torchlens_edu.models import tokenizer as _tokenizer
+from torchlens_edu.models.config import GPT2Config
 from torchlens_edu.models.devices import resolve_device
-from torchlens_edu.models.gpt2 import GPT2Config
-from torchlens_edu.models.hub import WeightsNotFoundError, cached_snapshot, hub_snapshot
-from torchlens_edu.models.tokenizer import get_tokenizer
+from torchlens_edu.models.hub import WeightsNotFoundError, hub_snapshot
 
-if TYPE_CHECKING:
-    from torchlens_edu.models.gpt2 import GPT2
-    from torchlens_edu.models.tokenizer import CharTokenizer, GPT2Tokenizer
-
-M = TypeVar("M", bound="GPT2")
+M = TypeVar("M", bound=nn.Module)  # the model class to build: GPT2 (this file never imports it)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight",
                   "mlp.c_fc.weight", "mlp.c_proj.weight")
 _SKIPPED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")  # HF's causal-mask buffers
-RANDOM_FALLBACK = GPT2Config.preset("gpt2")  # real GPT-2 shapes when no weights exist at all
 
 
 class CheckpointError(ValueError):
@@ -73,33 +67,6 @@ def load_pretrained(cls: type[M], name_or_path: str | os.PathLike[str], *,
         state = _read_state_dict(weights, advance)
         model = _build(cls, config, state, device=target, dtype=dtype)
     return model.eval()
-
-
-def load_best_available(*, device: str | torch.device | None = "auto", progress: bool = True
-                        ) -> tuple[GPT2, GPT2Tokenizer | CharTokenizer, str | None]:
-    """The best GPT-2 available offline: real ``gpt2`` weights if cached, else the embedded
-    model, else seeded random weights. Returns ``(model, tokenizer, notice)``; ``notice`` is a
-    one-line explanation when the fallback was taken, else None. Never touches the network.
-
-    >>> model, tok, notice = load_best_available(device="cpu")  # doctest: +SKIP
-    """
-    from torchlens_edu.models.gpt2 import GPT2
-
-    target = resolve_device(device)
-    if cached_snapshot("gpt2", WEIGHT_FILES) is not None:
-        return (load_pretrained(GPT2, "gpt2", device=target, progress=progress),
-                get_tokenizer("gpt2"), None)
-    if (_tokenizer.EMBEDDED_DIR / "config.json").is_file():
-        return (load_pretrained(GPT2, "embedded", device=target, progress=progress),
-                get_tokenizer("embedded"),
-                "GPT-2 weights are not cached (`huggingface-cli download gpt2` gets them); "
-                "using the small embedded model")
-    with torch.random.fork_rng(devices=[]):  # the user's random state stays untouched
-        torch.manual_seed(0)
-        model = GPT2(RANDOM_FALLBACK)
-    return (model.to(target).eval(), get_tokenizer("gpt2"),
-            "no GPT-2 weights are cached and the embedded model is missing; using seeded random "
-            "weights, so the text will be gibberish (`huggingface-cli download gpt2` fixes that)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +299,8 @@ def _build(cls: type[M], config: GPT2Config, state: Iterator[tuple[str, torch.Te
                               " GPT-2 ties them, so these weights are not GPT-2's")
     loaded["lm_head.weight"] = wte
     model.load_state_dict(loaded, strict=True, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced wte: tie again
+    tied = model.get_submodule("transformer.wte").weight
+    model.get_submodule("lm_head").weight = tied  # assign=True replaced wte: tie again
     return model
 
 
@@ -349,10 +317,13 @@ def _short(config: GPT2Config) -> str:
 @contextmanager
 def _progress(enabled: bool, description: str) -> Iterator[Callable[..., None]]:
     """A transient rich progress bar on stderr, as ``advance()``; ``advance(total=n)`` sizes it."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    # models/ depends on torch (and rich) only, so not on the toolkit's console helper
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   console=get_console(stderr=True), transient=True, disable=not enabled)
+                   console=Console(stderr=True, highlight=False), transient=True,
+                   disable=not enabled)
     task = bar.add_task(description, total=None)
 
     def advance(total: int | None = None) -> None:

@@ -37,6 +37,7 @@ from torch.overrides import TorchFunctionMode
 
 from torchlens_edu._core.frames import frame_location, user_frame
 from torchlens_edu._core.modules import module_paths
+from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.nans.backward import Creation, GraphWatch
 from torchlens_edu.nans.report import (
     Found,
@@ -47,7 +48,6 @@ from torchlens_edu.nans.report import (
     hint_for,
     kind_of,
 )
-from torchlens_edu._core.tree import iter_tensors
 
 # ops that only move or view data: they pass non-finite values along, they never make them
 _MOVES = frozenset({

@@ -76,7 +76,7 @@ class TensorSummary:
         >>> TensorSummary.of("x", torch.tensor([1.0, float("nan")])).nan
         1
         """
-        from torchlens_edu.printing.options import tensor_stats
+        from torchlens_edu.printing import tensor_stats
 
         s = tensor_stats(t)
         return cls(name, format_shape(tuple(t.shape), dims), str(t.dtype).replace("torch.", ""),

@@ -32,9 +32,11 @@ import torch.nn as nn
 from torchlens_edu._core.console import get_console
 from torchlens_edu._core.frames import user_source
 from torchlens_edu._core.modules import module_paths
+from torchlens_edu._core.tree import iter_tensors
+from torchlens_edu.dims import Dims
 from torchlens_edu.nans.breakpoint import stop_at_producer
-from torchlens_edu.nans.replay import Replayer, ReplayInputs, Stopped, save_rng
 from torchlens_edu.nans.ranks import decode, encode, rank, share
+from torchlens_edu.nans.replay import Replayer, ReplayInputs, Stopped, save_rng
 from torchlens_edu.nans.report import (
     ALL_KINDS,
     NonFiniteReport,
@@ -44,8 +46,6 @@ from torchlens_edu.nans.report import (
     kind_of,
 )
 from torchlens_edu.printing.stats import is_fake
-from torchlens_edu._core.tree import iter_tensors
-from torchlens_edu.dims import Dims
 
 __all__ = ["NanWatch", "NonFiniteError", "NonFiniteReport", "watch_nans"]
 

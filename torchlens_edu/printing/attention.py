@@ -17,8 +17,8 @@ from rich.table import Table
 from rich.text import Text
 
 from torchlens_edu._core.console import get_console
-from torchlens_edu.printing.table import Heat, RichView, is_plain
 from torchlens_edu.printing.stats import unobserved
+from torchlens_edu.printing.table import Heat, RichView, is_plain
 
 _NUMBERS_UP_TO = 16  # keys; beyond this, blocks instead of numbers
 _MAX_KEYS = 64  # beyond this, key columns are block-averaged

@@ -22,27 +22,16 @@ from typing import Any
 
 import torch
 
-from torchlens_edu.printing.attention import AttentionView, show_attention
-from torchlens_edu.printing.summary_line import describe, format_stats, sparkline
-from torchlens_edu.printing.table import TensorView, show
-from torchlens_edu.printing.stats import TensorStats, tensor_stats
+from torchlens_edu.printing.summary_line import describe
 
 __all__ = [
     "PRESETS",
-    "AttentionView",
-    "TensorStats",
-    "TensorView",
-    "describe",
-    "format_stats",
+    "apply_env_preset",
     "get_printoptions",
     "install",
     "installed",
     "printoptions",
     "set_printoptions",
-    "show",
-    "show_attention",
-    "sparkline",
-    "tensor_stats",
     "uninstall",
 ]
 

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 
 import torch
 
-from torchlens_edu.printing.stats import TensorStats, is_fake, tensor_stats, unobserved
 from torchlens_edu.dims import Dims
+from torchlens_edu.printing.stats import TensorStats, is_fake, tensor_stats, unobserved
 
 _SPARK = "▁▂▃▄▅▆▇█"
 _SHORT_DTYPES = {

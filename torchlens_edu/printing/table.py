@@ -22,9 +22,9 @@ from rich.table import Table
 from rich.text import Text
 
 from torchlens_edu._core.console import get_console, render_html, render_text
-from torchlens_edu.printing.summary_line import describe, format_stats
-from torchlens_edu.printing.stats import TensorStats, take, tensor_stats, unobserved
 from torchlens_edu.dims import Dims
+from torchlens_edu.printing.stats import TensorStats, take, tensor_stats, unobserved
+from torchlens_edu.printing.summary_line import describe, format_stats
 
 SHADES = " ░▒▓█"  # heat without colour
 # colour ramps as RGB anchors: sequential (dark blue -> yellow, viridis-like) and diverging

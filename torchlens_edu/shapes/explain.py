@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 
 from torchlens_edu._core.frames import is_user_file
-from torchlens_edu.shapes.meta import DATA_DEPENDENT
 from torchlens_edu.dims import Dims
+from torchlens_edu.shapes.meta import DATA_DEPENDENT
 
 _HAS_NOTES = hasattr(BaseException, "add_note")  # Python 3.11+
 _MATMUL = frozenset({"@", "matmul", "bmm", "mm", "mv", "baddbmm", "addmm", "addmv", "einsum"})

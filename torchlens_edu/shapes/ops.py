@@ -13,15 +13,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 from torchlens_edu._core.frames import is_user_file
-
-if TYPE_CHECKING:
-    from torchlens_edu.shapes.tracer import ShapeTracer
 
 # Calls that ask about a tensor instead of computing one: left out of the trace.
 _NOISE = frozenset({
@@ -91,6 +88,16 @@ def tensors_out(result: Any) -> list[torch.Tensor]:
     return []
 
 
+class OpListener(Protocol):
+    """Who hears about ops: the shape tracer (this module does not import it)."""
+
+    def op_done(self, name: str, args: Any, kwargs: dict[str, Any], result: Any,
+                frame: Any) -> None: ...
+
+    def op_failed(self, name: str, args: Any, kwargs: dict[str, Any], exc: Exception,
+                  site: tuple[str, int] | None) -> None: ...
+
+
 class OpRecorder(TorchFunctionMode):
     """Reports every non-noise torch call to the tracer; reports failures of every call.
 
@@ -100,7 +107,7 @@ class OpRecorder(TorchFunctionMode):
     ['linear']
     """
 
-    def __init__(self, tracer: ShapeTracer) -> None:
+    def __init__(self, tracer: OpListener) -> None:
         super().__init__()
         self._tracer = tracer
         self._names: dict[Any, str | None] = {}

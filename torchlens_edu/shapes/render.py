@@ -14,19 +14,18 @@ import linecache
 import os
 import re
 import tokenize
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
+from torchlens_edu._core.console import render_text
 from torchlens_edu.dims import Dims
-
-if TYPE_CHECKING:
-    from torchlens_edu.shapes.trace import ShapeEvent, ShapeTrace, Spec
+from torchlens_edu.shapes.events import ShapeEvent, Spec
 
 _DTYPES = {"float32": "", "int64": "i64", "int32": "i32", "bool": "bool", "float16": "f16",
            "bfloat16": "bf16", "float64": "f64", "uint8": "u8", "int8": "i8", "int16": "i16"}
@@ -36,22 +35,23 @@ _INDEXED = re.compile(r"^(.*?)(\d+)$")
 Item = Union[int, list[int]]  # noqa: UP007
 
 
-def trace_tree(trace: ShapeTrace) -> Tree:
-    """The trace as a rich Tree: modules nest, identical sibling blocks fold into one row."""
-    events, dims = trace.events, trace.dims
+def trace_tree(events: list[ShapeEvent], dims: Dims, *, roots: Sequence[str] = (),
+               ops: bool = False, meta: bool = False, error: str = "") -> Tree:
+    """A trace's events as a rich Tree: modules nest, identical sibling blocks fold into one
+    row. ``roots`` names the traced models; ``ops``/``meta`` say how it was recorded."""
     children: dict[int, list[int]] = {}
     for index, event in enumerate(events):
         children.setdefault(event.parent, []).append(index)
-    kinds = "modules and ops" if trace.ops else "modules"
-    mode = "; shape-only run on meta tensors" if trace.meta else ""
-    header = Text.assemble(("ShapeTrace", "bold"), f" of {', '.join(trace.roots) or 'a model'}: "
+    kinds = "modules and ops" if ops else "modules"
+    mode = "; shape-only run on meta tensors" if meta else ""
+    header = Text.assemble(("ShapeTrace", "bold"), f" of {', '.join(roots) or 'a model'}: "
                            f"{len(events)} events ({kinds}{mode})")
     if len(dims):
         header.append("\n" + "dims  " + ", ".join(f"{k}={v}" for k, v in dims.items()), "dim")
     tree = Tree(header, guide_style="dim")
-    _add_items(tree, _items(children.get(-1, []), events), "", events, children, dims, trace)
-    if trace.error:
-        tree.add(Text(trace.error, style="red"))
+    _add_items(tree, _items(children.get(-1, []), events), "", events, children, dims)
+    if error:
+        tree.add(Text(error, style="red"))
     return tree
 
 
@@ -76,7 +76,7 @@ def _same_line(a: ShapeEvent, b: ShapeEvent) -> bool:
 
 
 def _add_items(node: Tree, items: list[Item], base: str, events: list[ShapeEvent],
-               children: dict[int, list[int]], dims: Dims, trace: ShapeTrace) -> None:
+               children: dict[int, list[int]], dims: Dims) -> None:
     for run in _runs(items, base, events, children):
         first = run[0]
         if isinstance(first, list):
@@ -86,13 +86,13 @@ def _add_items(node: Tree, items: list[Item], base: str, events: list[ShapeEvent
         rel = _relative(event.path, base)
         if len(run) > 1:
             last = _relative(events[run[-1]].path, base).rsplit(".", 1)[-1]  # type: ignore[arg-type]
-            label = _module_row(event, f"{rel}..{last}", dims, trace)
+            label = _module_row(event, f"{rel}..{last}", dims)
             label.append(f"  (x{len(run)}, identical shapes)", "bold magenta")
         else:
-            label = _module_row(event, rel, dims, trace)
+            label = _module_row(event, rel, dims)
         child = node.add(label)
         sub = _items(children.get(first, []), events)
-        _add_items(child, sub, event.path, events, children, dims, trace)
+        _add_items(child, sub, event.path, events, children, dims)
 
 
 def _runs(items: list[Item], base: str, events: list[ShapeEvent],
@@ -150,7 +150,7 @@ def _specs_text(specs: tuple[Spec, ...] | list[Spec], dims: Dims) -> str:
     return ", ".join(parts)
 
 
-def _module_row(event: ShapeEvent, rel: str, dims: Dims, trace: ShapeTrace) -> Text:
+def _module_row(event: ShapeEvent, rel: str, dims: Dims) -> Text:
     text = Text()
     text.append(rel or event.name, "bold")
     if rel:
@@ -270,14 +270,16 @@ class TraceDiff:
         self.changes = changes
 
     @classmethod
-    def between(cls, a: ShapeTrace, b: ShapeTrace) -> TraceDiff:
-        before = {_key(e): e for e in a.events}
-        after = {_key(e): e for e in b.events}
+    def between(cls, old_events: Sequence[ShapeEvent], old_dims: Dims,
+                new_events: Sequence[ShapeEvent], new_dims: Dims) -> TraceDiff:
+        """Compare two traces' events (``ShapeTrace.diff`` calls this), each with its dims."""
+        before = {_key(e): e for e in old_events}
+        after = {_key(e): e for e in new_events}
         changes = []
         for key in [*before, *(k for k in after if k not in before)]:
             old, new = before.get(key), after.get(key)
-            old_text = _event_shapes(old, a.dims) if old else ""
-            new_text = _event_shapes(new, b.dims) if new else ""
+            old_text = _event_shapes(old, old_dims) if old else ""
+            new_text = _event_shapes(new, new_dims) if new else ""
             if old and new and (old.inputs, old.outputs) == (new.inputs, new.outputs):
                 continue
             change = "removed" if new is None else "added" if old is None else "changed"
@@ -309,8 +311,6 @@ class TraceDiff:
         return Group(table)
 
     def __str__(self) -> str:
-        from torchlens_edu._core.console import render_text
-
         return render_text(self)
 
     __repr__ = __str__

@@ -25,12 +25,14 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
-from torchlens_edu.shapes import meta as _shape_meta, ops as _shape_ops
 from torchlens_edu._core.modules import Pattern, match_modules
-from torchlens_edu.shapes.explain import Failure, add_context, explain
-from torchlens_edu.shapes.trace import ShapeEvent, ShapeTrace, Spec
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.dims import Dims
+from torchlens_edu.shapes import meta as _shape_meta
+from torchlens_edu.shapes import ops as _shape_ops
+from torchlens_edu.shapes.events import ShapeEvent, Spec
+from torchlens_edu.shapes.explain import Failure, add_context, explain
+from torchlens_edu.shapes.trace import ShapeTrace
 
 
 def _specs(values: Any) -> tuple[Spec, ...]:
@@ -375,4 +377,4 @@ def trace_shapes(model: nn.Module, *inputs: Any, ops: bool = False, meta: bool =
     return tracer.trace
 
 
-__all__ = ["ShapeEvent", "ShapeTrace", "ShapeTracer", "trace_shapes"]
+__all__ = ["ShapeTracer", "trace_shapes"]

@@ -1,0 +1,73 @@
+"""What a shape trace records: one :class:`ShapeEvent` per module or op call, as plain data.
+
+Events keep ``torch.Size`` and dtype pairs, never a tensor: a trace holds no activation alive.
+The tracer (``tracer.py``) makes them, ``trace.py`` holds them, ``render.py`` draws them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+Spec = tuple[torch.Size, torch.dtype]  # what an event keeps of a tensor: no data, no reference
+
+# Element-wise ops with several tensor operands: where a surprising broadcast shows up.
+_ELEMENTWISE = frozenset({
+    "+", "-", "*", "/", "//", "%", "**", "add", "sub", "mul", "div", "true_divide", "rsub",
+    "pow", "maximum", "minimum", "where", "==", "!=", "<", "<=", ">", ">=", "eq", "ne", "lt",
+    "le", "gt", "ge", "&", "|", "^", "logical_and", "logical_or", "atan2", "hypot", "lerp",
+})
+
+
+@dataclass(slots=True)
+class ShapeEvent:
+    """One module call or one op call of a traced forward.
+
+    ``path`` is the module's dotted path (for an op: the module it ran in); ``call`` counts the
+    calls of the same module (or of the same op in the same module) from 0.
+
+    >>> import torchlens_edu as tle
+    >>> event = tle.trace_shapes(torch.nn.Linear(4, 2), torch.zeros(3, 4)).events[0]
+    >>> event.kind, event.name, event.input_shapes, event.output_shapes
+    ('module', 'Linear', [(3, 4)], [(3, 2)])
+    """
+
+    kind: str  # "module" | "op"
+    path: str
+    name: str  # module class name, or op name such as "view" or "@"
+    call: int
+    parent: int  # index of the enclosing module event, -1 at the top
+    inputs: tuple[Spec, ...]
+    outputs: tuple[Spec, ...] = ()
+    filename: str = ""  # the user's line: for a module, where it was called
+    line: int = 0
+    params: int | None = None  # module parameters, counted once
+    seconds: float | None = None  # module wall time (real runs only)
+    flops: int | None = None  # meta runs
+    memory: int | None = None  # bytes of new activations (meta runs)
+    failed: bool = False  # the forward raised inside this event
+    in_ids: tuple[int, ...] = ()  # op operands / results, to join ops on one source line
+    out_ids: tuple[int, ...] = ()
+
+    @property
+    def source(self) -> str:
+        """``"path/to/file.py:LINE"`` of the user's line, or ``""``."""
+        return f"{self.filename}:{self.line}" if self.filename else ""
+
+    @property
+    def input_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(shape) for shape, _ in self.inputs]
+
+    @property
+    def output_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(shape) for shape, _ in self.outputs]
+
+    @property
+    def broadcast(self) -> bool:
+        """An element-wise op whose result is larger than every operand: ``(4,) - (4, 1)``."""
+        if self.kind != "op" or self.name not in _ELEMENTWISE or len(self.inputs) < 2:
+            return False
+        biggest = max(math.prod(shape) for shape, _ in self.inputs)
+        return any(math.prod(shape) > biggest for shape, _ in self.outputs)
