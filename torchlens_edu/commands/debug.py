@@ -18,6 +18,11 @@ import sys
 from typing import Any
 
 DEFAULT_PROMPT = "The old man looked at the sea and said"
+DESCRIPTION = ("What the VS Code launch configurations run. Without a file: GPT-2 (the embedded "
+               "model by default) reads a prompt once, so that a stop point (--stop "
+               "attention:layer=0 or $TORCHLENS_EDU_STOP) pauses inside its attention, then "
+               "prints the most likely next tokens. With a file: runs it as __main__ under the "
+               "same print options, stop points and debugger server.")
 
 
 def register(subparsers: Any) -> None:
@@ -26,7 +31,7 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("debug", help="run GPT-2 (or a script) with stop points for a "
                                             "debugger",
-                              description=__doc__.split("\n\n>>>")[0])
+                              description=DESCRIPTION)
     p.add_argument("file", nargs="?", help="a Python script to run (its own arguments follow)")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.add_argument("--device", default="auto",

@@ -20,6 +20,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+DESCRIPTION = ("Put torchlens_edu's launch configurations into a workspace: writes "
+               "DIR/.vscode/launch.json and settings.json from the copies shipped inside the "
+               "package. An existing file (comments and trailing commas welcome) is edited, not "
+               "replaced: your configurations, inputs, settings and comments stay; ours are added "
+               "next to them. A configuration of ours that you changed is kept as you wrote it "
+               "unless --force (then yours is saved first as launch.json.bak). Running it twice "
+               "changes nothing.")
+
 
 def register(subparsers: Any) -> None:
     """Add the ``vscode`` subcommand to the ``torchlens-edu`` parser."""
@@ -28,7 +36,7 @@ def register(subparsers: Any) -> None:
                                           "torchlens_edu.")
     actions = p.add_subparsers(dest="vscode_command", metavar="ACTION", required=True)
     init = actions.add_parser("init", help="write or merge .vscode/launch.json and settings.json",
-                              description=__doc__.split("\n\n>>>")[0])
+                              description=DESCRIPTION)
     init.add_argument("dir", nargs="?", default=".", metavar="DIR",
                       help="the workspace folder (default: the current folder)")
     init.add_argument("--force", action="store_true",
