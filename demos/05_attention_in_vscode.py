@@ -30,7 +30,7 @@ from rich.syntax import Syntax
 
 import torchlens_edu as tle
 from torchlens_edu import debug
-from torchlens_edu.commands.vscode import template
+from torchlens_edu.commands.vscode import printable
 from torchlens_edu.models import explicit_attention
 from torchlens_edu.models.offline import load_best_available
 
@@ -41,7 +41,9 @@ if notice:
 ids = torch.tensor([tok.encode("Fanny sat by the fire")])  # (B=1, T)
 
 console.print(Rule("1. the launch configurations (torchlens-edu vscode init)"))
-console.print(Syntax(template("launch.json"), "json", theme="ansi_dark", word_wrap=True))
+# wrapped by us, not by the terminal: every comment line keeps its //, so a copy still parses
+console.print(Syntax(printable("launch.json", console.width), "json", theme="ansi_dark"),
+              soft_wrap=True)
 
 console.print(Rule("2. the stop point"))
 stop_from_env = os.environ.get("TORCHLENS_EDU_STOP")

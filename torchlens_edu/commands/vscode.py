@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from torchlens_edu._core import jsonc as _jsonc
+from torchlens_edu.commands import _files
+from torchlens_edu.commands._files import TextFile
 
 DESCRIPTION = ("Put torchlens_edu's launch configurations into a workspace: writes "
                "DIR/.vscode/launch.json and settings.json from the copies shipped inside the "
@@ -46,18 +49,20 @@ def register(subparsers: Any) -> None:
     init.set_defaults(func=run)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Plan:
-    """What ``init`` does to one file: its new text and one line per decision."""
+    """What ``init`` does to one file: its new text, the backup it makes first, and one line
+    per decision. ``old`` is None where there is no file yet."""
 
     path: Path
-    old: str | None
+    old: TextFile | None
     new: str
     notes: list[str] = field(default_factory=list)
+    backup: Path | None = None  # where the old bytes are saved before writing (NAME.bak.N)
 
     @property
     def changed(self) -> bool:
-        return self.old != self.new
+        return self.old is None or self.old.text != self.new or not self.old.utf8
 
 
 def template(name: str) -> str:
@@ -69,115 +74,156 @@ def template(name: str) -> str:
     return resources.files("torchlens_edu").joinpath("data", "vscode", name).read_text("utf-8")
 
 
-def plan_launch(path: Path, old: str | None, *, force: bool) -> Plan:
+def printable(name: str, width: int) -> str:
+    """The shipped file wrapped to ``width`` columns and still valid JSONC (every comment line
+    starts with ``//``, no string is cut), so that what a terminal shows can be copied.
+
+    >>> all(len(line) <= 60 for line in printable("launch.json", 60).splitlines())
+    True
+    """
+    return _jsonc.wrap(template(name), width)
+
+
+def plan_launch(path: Path, old: TextFile | None, *, force: bool) -> Plan:
     """Merge the shipped launch configurations (by ``name``) and inputs (by ``id``) into ``old``."""
     return _plan(path, old, "launch.json", force, _merge_launch)
 
 
-def plan_settings(path: Path, old: str | None, *, force: bool) -> Plan:
+def plan_settings(path: Path, old: TextFile | None, *, force: bool) -> Plan:
     """Merge the shipped settings (by key) into ``old``; keys you set keep your value."""
     return _plan(path, old, "settings.json", force, _merge_settings)
 
 
-Merge = Callable[[Any, dict[str, Any], str, bool], tuple[list[Any], list[str]]]
+@dataclass(kw_only=True)
+class _Merge:
+    """One merge in progress: the user's text and ours, and what it has decided so far."""
+
+    old: str
+    root: _jsonc.Node
+    ours_text: str
+    ours: _jsonc.Node
+    force: bool
+    backup_name: str
+    edits: list[_jsonc.Edit] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    replaced: bool = False  # something of the user's is replaced: back the file up first
+
+    def __post_init__(self) -> None:
+        self.unit = _jsonc.indent_unit(self.old, self.root)  # the user's indentation style
+        self.ours_unit = _jsonc.indent_unit(self.ours_text, self.ours)
+
+    def snippet(self, node: _jsonc.Node) -> _jsonc.Snippet:
+        """One of our values with its comments, in the user's indentation style."""
+        return _jsonc.snippet(self.ours_text, node, unit=self.unit, source_unit=self.ours_unit)
+
+    def replace(self, mine: _jsonc.Node, ours: _jsonc.Node, what: str) -> None:
+        self.edits.append(_jsonc.replace(mine, self.snippet(ours), self.old))
+        self.notes.append(f"replaced {what} (--force; yours is saved in {self.backup_name})")
+        self.replaced = True
 
 
-def _plan(path: Path, old: str | None, name: str, force: bool, merge: Merge) -> Plan:
+Merge = Callable[[_Merge], None]
+
+
+def _plan(path: Path, old: TextFile | None, name: str, force: bool, merge: Merge) -> Plan:
     """Write ours where there is no file; else merge ours into the user's text, in place."""
-    from torchlens_edu._core import jsonc as _jsonc
-
     ours_text = template(name)
     if old is None:
-        return Plan(path, None, ours_text, ["written"])
+        return Plan(path=path, old=None, new=ours_text, notes=["written"])
+    if not old.text.strip() and old.utf8:
+        return Plan(path=path, old=old, new=ours_text, notes=["was empty: written"])
+    backup = _files.free_backup_name(path)
     root = _read_root(path, old, force)
     if root is None:
-        return Plan(path, old, ours_text, [f"could not be read: started afresh "
-                                           f"(yours saved as {path.name}.bak)"])
+        return Plan(path=path, old=old, new=ours_text, backup=backup, notes=[
+            f"could not be read: started afresh (yours is saved in {backup.name})"])
+    state = _Merge(old=old.text, root=root, ours_text=ours_text, ours=_jsonc.parse(ours_text),
+                   force=force, backup_name=backup.name)
     try:
-        edits, notes = merge(root, _jsonc.parse(ours_text).plain(), old, force)
+        merge(state)
     except ValueError as err:  # say which file
         raise ValueError(f"{path}: {err}") from None
-    return Plan(path, old, _jsonc.apply(old, edits), notes or ["already up to date"])
+    return Plan(path=path, old=old, new=_jsonc.apply(old.text, state.edits),
+                notes=state.notes or ["already up to date"],
+                backup=backup if state.replaced else None)
 
 
-def _merge_launch(root: Any, ours: dict[str, Any], old: str, force: bool
-                  ) -> tuple[list[Any], list[str]]:
-    from torchlens_edu._core import jsonc as _jsonc
-
-    edits: list[_jsonc.Edit] = []
-    notes: list[str] = []
-    missing: dict[str, Any] = {}
-    if "version" not in root.members:
-        missing["version"] = ours["version"]
+def _merge_launch(m: _Merge) -> None:
+    missing: dict[str, _jsonc.Snippet] = {}
+    if "version" not in m.root.members:
+        missing["version"] = m.snippet(m.ours.members["version"])
     for key, ident in (("configurations", "name"), ("inputs", "id")):
-        array = root.members.get(key)
+        ours = m.ours.members[key]
+        array = m.root.members.get(key)
         if array is None:
-            missing[key] = ours[key]
-            notes += [f"added {key[:-1]} {item[ident]!r}" for item in ours[key]]
+            missing[key] = m.snippet(ours)
+            m.notes += [f"added {key[:-1]} {item.plain()[ident]!r}" for item in ours.items]
             continue
         if array.kind != "array":
-            raise ValueError(f"\"{key}\" should be a list [...]; fix it or use --force")
-        theirs = {item.plain().get(ident): item for item in array.items
-                  if item.kind == "object"}
+            if not m.force:
+                raise ValueError(f'"{key}" should be a list [...]; fix it, or use --force to '
+                                 f"replace it with ours (yours is saved in {m.backup_name})")
+            m.replace(array, ours, f'"{key}" (it was not a list)')
+            continue
+        theirs = {item.plain().get(ident): item for item in array.items if item.kind == "object"}
         new_items = []
-        for item in ours[key]:
-            mine = theirs.get(item[ident])
+        for item in ours.items:
+            label = f"{key[:-1]} {item.plain()[ident]!r}"
+            mine = theirs.get(item.plain()[ident])
             if mine is None:
-                new_items.append(item)
-                notes.append(f"added {key[:-1]} {item[ident]!r}")
-            elif mine.plain() != item:
-                if force:
-                    edits.append(_jsonc.replace(mine, item, old))
-                    notes.append(f"replaced {key[:-1]} {item[ident]!r} (--force)")
+                new_items.append(m.snippet(item))
+                m.notes.append(f"added {label}")
+            elif mine.plain() != item.plain():
+                if m.force:
+                    m.replace(mine, item, f"your {label}")
                 else:
-                    notes.append(f"kept your {key[:-1]} {item[ident]!r} (it differs from ours; "
-                                 "--force replaces it)")
-        edits += _jsonc.add_items(old, array, new_items)
-    edits += _jsonc.add_members(old, root, missing)
-    return edits, notes
+                    m.notes.append(f"kept your {label} (it differs from ours; --force replaces "
+                                   "it, saving yours first)")
+        m.edits += _jsonc.add_items(m.old, array, new_items, unit=m.unit)
+    m.edits += _jsonc.add_members(m.old, m.root, missing, unit=m.unit)
 
 
-def _merge_settings(root: Any, ours: dict[str, Any], old: str, force: bool
-                    ) -> tuple[list[Any], list[str]]:
-    from torchlens_edu._core import jsonc as _jsonc
-
-    edits: list[_jsonc.Edit] = []
-    notes: list[str] = []
-    for key, value in ours.items():
-        mine = root.members.get(key)
-        if mine is not None and mine.plain() != value:
-            if force:
-                edits.append(_jsonc.replace(mine, value, old))
-                notes.append(f"replaced setting {key!r} (--force)")
+def _merge_settings(m: _Merge) -> None:
+    missing: dict[str, _jsonc.Snippet] = {}
+    for key, ours in m.ours.members.items():
+        mine = m.root.members.get(key)
+        if mine is None:
+            missing[key] = m.snippet(ours)
+            m.notes.append(f"added setting {key!r}")
+        elif mine.plain() != ours.plain():
+            if m.force:
+                m.replace(mine, ours, f"your setting {key!r}")
             else:
-                notes.append(f"kept your setting {key!r} = {mine.plain()!r}")
-    missing = {k: v for k, v in ours.items() if k not in root.members}
-    notes += [f"added setting {k!r}" for k in missing]
-    edits += _jsonc.add_members(old, root, missing)
-    return edits, notes
+                m.notes.append(f"kept your setting {key!r} = {mine.plain()!r}")
+    m.edits += _jsonc.add_members(m.old, m.root, missing, unit=m.unit)
 
 
-def _read_root(path: Path, text: str, force: bool) -> Any:
+def _read_root(path: Path, old: TextFile, force: bool) -> _jsonc.Node | None:
     """The parsed top-level object, or None when unreadable and ``force`` says start afresh."""
-    from torchlens_edu._core import jsonc as _jsonc
-
+    afresh = "use --force to start afresh from ours (yours is saved as a .bak file first)"
     try:
-        root = _jsonc.parse(text) if text.strip() else _jsonc.parse("{}")
+        if not old.utf8:
+            raise _jsonc.JSONCError("it is not UTF-8 text")
+        root = _jsonc.parse(old.text)
     except _jsonc.JSONCError as err:
         if force:
             return None
-        raise ValueError(f"{path} is not valid JSON with comments ({err}); fix it, or use "
-                         "--force to start afresh (your file is kept as .bak)") from err
+        raise ValueError(f"{path} is not valid JSON with comments ({err}); fix it, or "
+                         f"{afresh}") from None
     if root.kind != "object":
         if force:
             return None
-        raise ValueError(f"{path} should hold one object {{...}}; fix it or use --force")
+        raise ValueError(f"{path} should hold one object {{...}}; fix it, or {afresh}")
     return root
 
 
 def init(workspace: str | os.PathLike, *, force: bool = False, dry_run: bool = False
          ) -> list[Plan]:
     """Write (or merge) ``.vscode/launch.json`` and ``settings.json`` under ``workspace``.
+
+    Nothing is destroyed: a file is edited in place (through a symlink, keeping its mode, BOM
+    and line ends), written atomically, and whatever of the user's is replaced (``force``) is
+    first saved, byte for byte, as ``NAME.bak`` (``NAME.bak.1``, ... if that exists).
 
     >>> plans = init("my_project", dry_run=True)  # doctest: +SKIP
     """
@@ -194,10 +240,10 @@ def init(workspace: str | os.PathLike, *, force: bool = False, dry_run: bool = F
     plans = []
     for name, planner in (("launch.json", plan_launch), ("settings.json", plan_settings)):
         path = target / name
-        old = path.read_text("utf-8") if path.exists() else None
-        if old is not None and old.startswith("\ufeff"):
-            old = old[1:]  # a byte-order mark some editors write
-        plans.append(planner(path, old, force=force))
+        plans.append(planner(path, _files.read(path), force=force))
+    for plan in plans:  # refuse before writing anything
+        if plan.changed and plan.old is not None:
+            _files.check_writable(plan.old)
     if not dry_run:
         for plan in plans:
             if plan.changed:
@@ -206,18 +252,14 @@ def init(workspace: str | os.PathLike, *, force: bool = False, dry_run: bool = F
 
 
 def _write(plan: Plan) -> None:
-    plan.path.parent.mkdir(exist_ok=True)
-    if plan.old is not None and any("started afresh" in note for note in plan.notes):
-        plan.path.with_name(plan.path.name + ".bak").write_text(plan.old, "utf-8")
-    # write next to the target, then rename: an interrupted write never leaves half a file
-    fd, tmp = tempfile.mkstemp(dir=plan.path.parent, prefix=plan.path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(plan.new)
-        os.replace(tmp, plan.path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    if plan.old is None:
+        _files.write(_files.target_of(plan.path), plan.new.encode("utf-8"))
+        return
+    if plan.backup is not None:
+        saved = _files.save_backup(plan.path, plan.old.raw)
+        if saved != plan.backup:  # another backup appeared since planning: name the real one
+            plan.notes = [n.replace(plan.backup.name, saved.name) for n in plan.notes]
+    _files.write(plan.old.target, plan.old.encode(plan.new), like=plan.old)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -240,9 +282,9 @@ def run(args: argparse.Namespace) -> int:
     verb = "would write" if args.dry_run else "wrote"
     for plan in plans:
         state = f"{verb} {plan.path}" if plan.changed else f"{plan.path} unchanged"
-        console.print(Text(state, style="bold"))
+        console.print(Text(state, style="bold"), soft_wrap=True)  # paths copy-paste whole
         for note in plan.notes:
-            console.print(Text("  • " + note))
+            console.print(Text("  • " + note), soft_wrap=True)
     if not args.dry_run:
         console.print(Text("In VS Code: Run and Debug (Ctrl+Shift+D), pick "
                            "'GPT-2: stop inside attention (CPU)', press F5."))
