@@ -202,15 +202,15 @@ class ActivationCache:
         from torchlens_edu.printing.summary_line import format_bytes
 
         estimate = f", estimated {format_bytes(self.estimate)}" if self.estimate else ""
-        table = Table(title=f"ActivationCache: {len(self)} calls, {format_bytes(self.nbytes)}"
-                            f"{estimate}", title_justify="left", show_edge=False, pad_edge=False)
+        title = f"ActivationCache: {len(self)} calls, {format_bytes(self.nbytes)}{estimate}"
         rows = self._rows()
         has_grads = any(g is not None for a in self._entries.values() for g in a.grads)
         names = ["module", "shape", "dtype", "values", "NaN/Inf", "grad"]
         dtypes = {row[2] for row in rows}
         if len(dtypes) == 1:  # one dtype for all: say it once, in the title
-            table.title += f", all {dtypes.pop()}"
+            title += f", all {dtypes.pop()}"
             names.remove("dtype")
+        table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
         if not has_grads:
             names.remove("grad")
         picked = [["module", "shape", "dtype", "values", "NaN/Inf", "grad"].index(n) for n in names]

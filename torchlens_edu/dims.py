@@ -10,7 +10,7 @@ When two names share a size (``T == hs == 64``) we never guess silently: the siz
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -133,7 +133,7 @@ class Dims(Mapping[str, int]):
     def __getitem__(self, name: str) -> int:
         return self._sizes[name]
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[str]:
         return iter(self._sizes)
 
     def __len__(self) -> int:

@@ -6,6 +6,7 @@ terminal, Jupyter, ``NO_COLOR`` and non-TTY state (rich reads those when a Conso
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 from rich.console import Console
@@ -30,17 +31,9 @@ _HTML_FORMAT = '<pre style="font-family:monospace;line-height:1.2">{code}</pre>'
 
 def render_html(renderable: Any, *, width: int = 100) -> str:
     """Render a rich object to an HTML fragment, for ``_repr_html_`` in Jupyter."""
+    # only the record is wanted: what the console writes goes to a throwaway buffer
     console = Console(record=True, width=width, force_terminal=True, force_jupyter=False,
-                      color_system="truecolor", highlight=False, file=_Discard())
+                      color_system="truecolor", highlight=False, file=io.StringIO())
     console.print(renderable)
     return console.export_html(inline_styles=True, code_format=_HTML_FORMAT)
 
-
-class _Discard:
-    """A file that swallows what a recording Console writes while we only want its record."""
-
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        return None

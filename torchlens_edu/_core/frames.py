@@ -39,7 +39,7 @@ def is_user_file(filename: str) -> bool:
 
 def user_frame(start: FrameType | None = None) -> FrameType | None:
     """The innermost frame that belongs to the user's code, or None."""
-    frame = start if start is not None else sys._getframe(1)
+    frame: FrameType | None = start if start is not None else sys._getframe(1)
     while frame is not None:
         if is_user_file(frame.f_code.co_filename):
             return frame

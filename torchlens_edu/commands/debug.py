@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         err_console.print(Text.assemble(("error: ", "bold red"), str(err)), soft_wrap=True)
         return 2
     try:
-        model = None if args.file else _load(args)
+        loaded = None if args.file else _load(args)
     except (ValueError, RuntimeError, OSError) as err:
         for stop in stops:
             stop.remove()
@@ -75,9 +75,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         with printoptions(preset):
-            if args.file:
+            if loaded is None:
                 return _run_script(args.file, args.script_args)
-            return _run_gpt2(args, *model)
+            return _run_gpt2(args, *loaded)
     finally:
         for stop in stops:
             stop.remove()

@@ -12,6 +12,7 @@ that you changed is kept as you wrote it unless ``--force``. Running it twice ch
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,7 +72,8 @@ def template(name: str) -> str:
     >>> '"GPT-2: stop inside attention (CPU)"' in template("launch.json")
     True
     """
-    return resources.files("torchlens_edu").joinpath("data", "vscode", name).read_text("utf-8")
+    folder = resources.files("torchlens_edu").joinpath("data").joinpath("vscode")
+    return folder.joinpath(name).read_text("utf-8")
 
 
 def printable(name: str, width: int) -> str:
@@ -273,7 +275,8 @@ def run(args: argparse.Namespace) -> int:
         plans = init(args.dir, force=args.force, dry_run=args.dry_run)
     except (OSError, ValueError) as err:
         message = str(err)
-        if isinstance(err, PermissionError) or getattr(err, "errno", None) in (13, 30):
+        if isinstance(err, OSError) and (isinstance(err, PermissionError)
+                                         or err.errno in (errno.EACCES, errno.EROFS)):
             message = (f"cannot write to {err.filename or args.dir} ({err.strerror}): choose a "
                        "workspace folder you can write to, or fix its permissions")
         error = Text.assemble(("error: ", "bold red"), message)

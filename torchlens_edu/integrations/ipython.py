@@ -95,11 +95,15 @@ class ShapeMagics(Magics):
         if not source.strip():
             raise UsageError("nothing to trace: write %trace_shapes model(x), or put the code "
                              "in a %%trace_shapes cell")
-        namespace = self.shell.user_ns
+        shell = self.shell
+        if shell is None:  # a Magics made by hand, outside IPython
+            raise UsageError("%trace_shapes runs inside IPython or Jupyter: load it there with "
+                             "%load_ext torchlens_edu")
+        namespace = shell.user_ns
         tracer = ShapeTracer(_named_models(source, namespace), ops=args.ops, meta=args.meta,
                              depth=args.depth, include=args.include,
                              dims=_parse_dims(args.dims), discover=True)
-        filename = self.shell.compile.cache(source)  # in linecache: source lines show up
+        filename = shell.compile.cache(source)  # in linecache: source lines show up
         try:
             with tracer:
                 _run(source, filename, namespace, expression=cell is None)

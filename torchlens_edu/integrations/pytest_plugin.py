@@ -137,11 +137,11 @@ def _watch_every_model(**options: Any) -> Iterator[None]:
                     stack.enter_context(watch_nans(self, **options))
             return original(self, *args, **kwargs)
 
-        module_class.__call__ = call
+        module_class.__call__ = call  # type: ignore[method-assign]
         try:
             yield
         finally:
-            module_class.__call__ = original
+            module_class.__call__ = original  # type: ignore[method-assign]
 
 
 # --- fixtures ----------------------------------------------------------------------------------

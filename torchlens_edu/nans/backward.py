@@ -55,7 +55,7 @@ class GraphWatch:
     def hook_graph(self, roots: list[torch.Tensor]) -> None:
         """A hook on every node reachable from ``roots``; nodes made inside a call (the parts
         of a composite op) take the creation of the node they were first reached from."""
-        queue = deque(t.grad_fn for t in roots)
+        queue = deque(t.grad_fn for t in roots if t.grad_fn is not None)
         creation = {node: self.created.get(node, Creation()) for node in queue}
         while queue:
             node = queue.popleft()

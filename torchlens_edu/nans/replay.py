@@ -213,7 +213,7 @@ class Replayer(TorchFunctionMode):
                     outputs=summaries)
             GraphWatch(self.nodes, self.kinds, self.dims, self._module_params,
                        self._quiet).hook_graph(roots)
-            leaves = [p for p in self.target.parameters() if p.requires_grad]
+            leaves: list[torch.Tensor] = [p for p in self.target.parameters() if p.requires_grad]
             leaves += [t for t in iter_tensors((step.args, step.kwargs)) if t.requires_grad]
             if not leaves:
                 return None

@@ -140,7 +140,7 @@ def apply_env_preset() -> None:
 _original_repr: Any = None  # torch.Tensor.__repr__ as found by install(); None when not installed
 
 
-def _summary_repr(self: torch.Tensor, *, tensor_contents: Any = None) -> str:
+def _summary_repr(self: torch.Tensor, /, *, tensor_contents: Any = None) -> str:
     return describe(self) + "\n" + _original_repr(self, tensor_contents=tensor_contents)
 
 
@@ -158,7 +158,8 @@ def install() -> None:
     if _original_repr is not None:
         return
     _original_repr = torch.Tensor.__dict__["__repr__"]
-    torch.Tensor.__repr__ = _summary_repr  # type: ignore[method-assign]
+    # a patch by design (undone by uninstall); torch leaves its __repr__ unannotated
+    torch.Tensor.__repr__ = _summary_repr  # type: ignore[method-assign, assignment]
 
 
 def uninstall() -> None:

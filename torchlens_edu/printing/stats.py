@@ -348,7 +348,7 @@ def _merge(parts: torch.Tensor) -> torch.Tensor:
 def _memory_order(t: torch.Tensor) -> torch.Tensor:
     """``t`` with its axes permuted outermost-in-memory first (statistics ignore axis order):
     chunks of a transposed tensor then read memory in order instead of one element per line."""
-    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    order = sorted(range(t.dim()), key=lambda d: -t.stride()[d])
     return t.permute(order)
 
 

@@ -74,7 +74,8 @@ def _ramp(anchors: Sequence[tuple[int, int, int]], p: float) -> tuple[int, int, 
     i = min(int(x), len(anchors) - 2)
     f = x - i
     a, b = anchors[i], anchors[i + 1]
-    return tuple(round(a[k] + (b[k] - a[k]) * f) for k in range(3))  # type: ignore[return-value]
+    red, green, blue = (round(a[k] + (b[k] - a[k]) * f) for k in range(3))
+    return red, green, blue
 
 
 def is_plain(console: Console) -> bool:
@@ -260,7 +261,7 @@ def _value_table(block: torch.Tensor, heat: Heat, plain: bool, caption: str,
     if block.numel() == 0 and caption == "…":
         return Text("  …", style="dim")
     summarize, edge = summary
-    rows = _edges(block.shape[0], edge, summarize) if block.dim() == 2 else [0]
+    rows: list[int | None] = _edges(block.shape[0], edge, summarize) if block.dim() == 2 else [0]
     cols = _edges(block.shape[-1], edge, summarize)
     values = _pick(block, rows, cols).tolist()
     scale = max((abs(v) for row in values for v in row if _finite(v)), default=0.0)

@@ -15,6 +15,7 @@ import linecache
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from types import FrameType, TracebackType
 from typing import Any
@@ -26,7 +27,6 @@ from torchlens_edu._core.frames import is_user_file
 from torchlens_edu.dims import Dims
 from torchlens_edu.shapes.meta import DATA_DEPENDENT
 
-_HAS_NOTES = hasattr(BaseException, "add_note")  # Python 3.11+
 _MATMUL = frozenset({"@", "matmul", "bmm", "mm", "mv", "baddbmm", "addmm", "addmv", "einsum"})
 
 
@@ -92,7 +92,7 @@ def explain(failure: Failure, trace: Any, roots: list[nn.Module]) -> str:
 def add_context(exc: BaseException, text: str, trace: Any) -> None:
     """Attach the explanation and the partial trace to ``exc`` without changing its type."""
     note = f"{text}\n  the trace up to the failure: exc.shape_trace ({len(trace)} events)"
-    if _HAS_NOTES:
+    if sys.version_info >= (3, 11):
         exc.add_note(note)
     elif exc.args and isinstance(exc.args[0], str):  # Python 3.10: extend the message itself
         exc.args = (f"{exc.args[0]}\n\n{note}", *exc.args[1:])

@@ -123,7 +123,7 @@ class OpRecorder(TorchFunctionMode):
         try:
             result = func(*args, **kwargs)
         except Exception as exc:
-            self._tracer.op_failed(name or getattr(func, "__name__", repr(func)), args, kwargs,
+            self._tracer.op_failed(name or str(getattr(func, "__name__", repr(func))), args, kwargs,
                                    exc, user_site(sys._getframe(1)))
             raise
         if name is not None:

@@ -82,12 +82,13 @@ def _add_items(node: Tree, items: list[Item], base: str, events: list[ShapeEvent
         if isinstance(first, list):
             node.add(_op_row(first, events, dims))
             continue
+        blocks = [i for i in run if isinstance(i, int)]  # a run of modules holds modules only
         event = events[first]
         rel = _relative(event.path, base)
-        if len(run) > 1:
-            last = _relative(events[run[-1]].path, base).rsplit(".", 1)[-1]  # type: ignore[arg-type]
+        if len(blocks) > 1:
+            last = _relative(events[blocks[-1]].path, base).rsplit(".", 1)[-1]
             label = _module_row(event, f"{rel}..{last}", dims)
-            label.append(f"  (x{len(run)}, identical shapes)", "bold magenta")
+            label.append(f"  (x{len(blocks)}, identical shapes)", "bold magenta")
         else:
             label = _module_row(event, rel, dims)
         child = node.add(label)
@@ -112,19 +113,20 @@ def _runs(items: list[Item], base: str, events: list[ShapeEvent],
 
 def _continues(run: list[Item], item: Item, events: list[ShapeEvent],
                children: dict[int, list[int]]) -> bool:
-    prev = run[-1]
-    if isinstance(prev, list) or isinstance(item, list):
+    first, prev = run[0], run[-1]
+    if isinstance(first, list) or isinstance(prev, list) or isinstance(item, list):
         return False
     a, b = _INDEXED.match(events[prev].path), _INDEXED.match(events[item].path)
     if not (a and b and a.group(1) == b.group(1) and int(b.group(2)) == int(a.group(2)) + 1):
         return False
-    return _signature(run[0], events, children) == _signature(item, events, children)
+    return _signature(first, events, children) == _signature(item, events, children)
 
 
-def _signature(index: int, events: list[ShapeEvent], children: dict[int, list[int]]) -> tuple:
+def _signature(index: int, events: list[ShapeEvent],
+               children: dict[int, list[int]]) -> tuple[Any, ...]:
     """What must match for two blocks to fold: names, shapes, dtypes, lines; not times."""
     event = events[index]
-    subs = []
+    subs: list[tuple[Any, ...]] = []
     for child in children.get(index, []):
         c = events[child]
         if c.kind == "module":
