@@ -14,7 +14,13 @@ from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.capture import CaptureTooLarge, capture, parse_bytes
 
 
-@pytest.mark.parametrize("entry", ZOO, ids=lambda e: e.name)
+# every module's values, cloned and compared: several seconds on the three largest models
+_SLOW_TO_CAPTURE = {"hf_gpt2", "gpt2_ours", "hooked_transformer"}
+
+
+@pytest.mark.parametrize("entry", [
+    pytest.param(e, id=e.name, marks=[pytest.mark.slow] if e.name in _SLOW_TO_CAPTURE else [])
+    for e in ZOO])
 def test_captured_shapes_and_values_equal_the_real_ones(entry: ZooEntry) -> None:
     model = entry.build_or_skip()
     real = {(path, call): outs for path, call, outs in reference_outputs(model, entry)}

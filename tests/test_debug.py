@@ -176,6 +176,7 @@ def test_pydevd_plugin_shows_the_metadata_summary():
     assert "meta" in summary.get_str(meta)
 
 
+@pytest.mark.slow
 def test_listening_without_a_client_skips_the_stop(tmp_path):
     """After listen() (no wait) and before VS Code attaches, a stop says so and goes on."""
     import subprocess

@@ -48,6 +48,7 @@ def test_every_numbered_lesson_is_tested() -> None:
     assert [p.name[:2] for p in LESSONS] == sorted(EXPECTED)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lesson", LESSONS, ids=lambda p: p.stem)
 def test_lesson_runs(lesson: Path, tmp_path: Path) -> None:
     assert (lesson.read_text().split('"""')[1]).count("What to look at") == 1
@@ -57,6 +58,7 @@ def test_lesson_runs(lesson: Path, tmp_path: Path) -> None:
         assert text in result.stdout, f"{text!r} missing from {lesson.name}'s output"
 
 
+@pytest.mark.slow
 def test_lesson_05_with_a_stop_requested_never_hangs(tmp_path: Path) -> None:
     # no debugger attached and no terminal: the stop is skipped with a message
     result = _run([str(DEMOS / "05_attention_in_vscode.py")], tmp_path,
@@ -75,6 +77,7 @@ def _kernel_spec(tmp_path: Path) -> str:
     return "tle-test"
 
 
+@pytest.mark.slow
 def test_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
@@ -91,6 +94,7 @@ def test_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert "ShapeTrace" in html and "attention" in html  # rich output rendered as HTML
 
 
+@pytest.mark.slow
 def test_demo_command_offline(tmp_path: Path) -> None:
     result = _run(["-m", "torchlens_edu.cli", "demo", "--device", "cpu"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -104,6 +108,7 @@ def test_demo_command_offline(tmp_path: Path) -> None:
     assert "+Inf made in forward" in out and "transformer.h.1.mlp.c_fc" in out
 
 
+@pytest.mark.slow
 def test_demo_bad_input_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     from torchlens_edu.cli import main
 

@@ -48,6 +48,7 @@ def test_loads_with_its_tokenizer(model: GPT2, tok) -> None:
     assert not model.training
 
 
+@pytest.mark.slow
 def test_agrees_with_hugging_face(model: GPT2, tok) -> None:
     from transformers import GPT2LMHeadModel
 
@@ -92,6 +93,7 @@ def test_has_an_induction_head(model: GPT2, tok) -> None:
     assert score > 0.5, f"best induction head h.{layer} head {head}: {score:.2f}"
 
 
+@pytest.mark.slow
 def test_generates_real_words(model: GPT2, tok, words: list[str]) -> None:
     vocabulary = set(words)
 

@@ -117,6 +117,7 @@ def test_unload_removes_the_magic():
     assert ip.find_line_magic("trace_shapes") is not None
 
 
+@pytest.mark.slow
 def test_magic_in_a_real_ipython_process():
     code = ("import torch\n"
             "from torchlens_edu.models import GPT2, GPT2Config\n"

@@ -76,6 +76,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_nan_on_one_rank_is_reported_with_its_rank_and_nobody_hangs(tmp_path):

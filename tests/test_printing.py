@@ -80,6 +80,7 @@ def test_bad_options_say_what_to_do() -> None:
     assert _opts() == before
 
 
+@pytest.mark.slow
 def test_env_switch_applies_preset_on_import() -> None:
     code = ("import torch, torchlens_edu; o = torch._tensor_str.PRINT_OPTS; "
             "print(o.precision, o.edgeitems, o.threshold)")

@@ -77,6 +77,7 @@ def _names(labels: list[list[str]]) -> list[list[str]]:
     return [[label.split("=")[0] for label in shape] for shape in labels]
 
 
+@pytest.mark.slow
 def test_gpt2_xl_meta_shapes_are_a_small_run_scaled_by_the_same_names():
     small = GPT2(GPT2Config(vocab_size=300, n_positions=64, n_embd=96, n_layer=2, n_head=4))
     with torch.device("meta"):
@@ -134,6 +135,7 @@ print(json.dumps({"seconds": seconds, "rss_mb": rss_mb("VmHWM") - before,
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="peak RSS via /proc or the resource module")
 def test_gpt2_xl_meta_trace_allocates_no_parameter_memory():
     done = subprocess.run([sys.executable, "-c", _XL_SCRIPT], capture_output=True, text=True,
