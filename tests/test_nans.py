@@ -432,7 +432,7 @@ def test_break_mode_stops_an_attached_debugpy_client_in_the_users_frame(x, monke
 
     torch.manual_seed(0)
     frames = []
-    monkeypatch.setattr(_nan_break, "debugpy_connected", lambda: True)
+    monkeypatch.setattr(_nan_break, "debugger_attached", lambda: True)
     monkeypatch.setattr(_nan_break, "debugpy_stop",
                         lambda frame: frames.append((frame.f_code.co_filename, frame.f_lineno)))
     model = Net(nn.Linear(4, 4), glue="where")

@@ -7,13 +7,13 @@ same T everywhere" holds across calls; a mismatch is a :class:`ShapeError` (an
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar, Token
 from typing import Any
 
+from torchlens_edu._core.formatting import did_you_mean
 from torchlens_edu._core.frames import user_source
 from torchlens_edu.dims import Dims
 
@@ -177,9 +177,8 @@ def assert_shape(t: Any, spec: str | Sequence[str | int | None], **sizes: int) -
     given = dict(Dims(sizes))
     names = {v for k, v in tokens if k == "name"} | {v[1] for k, v in tokens if k == "mul"}
     if unknown := sorted(set(given) - names):
-        close = [n for n in names if n.lower() == unknown[0].lower()]
-        close = close or difflib.get_close_matches(unknown[0], sorted(names), n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
+        hint = did_you_mean(unknown[0], names, quote=False)
+        hint = f"{hint} " if hint else ""
         raise ValueError(f"assert_shape: {', '.join(unknown)} not in the spec {spec!r}; {hint}"
                          f"to fix sizes for several checks, use `with shape_scope(...)`")
     expected = "(" + ", ".join(_token_text(k, v) for k, v in tokens) + ")"

@@ -23,7 +23,6 @@ stops as soon as they would pass the limit.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 import weakref
@@ -38,6 +37,7 @@ from rich.table import Table
 from rich.text import Text
 
 from torchlens_edu._core.console import render_html, render_text
+from torchlens_edu._core.formatting import did_you_mean, format_bytes, short_dtype
 from torchlens_edu._core.modules import Pattern, match_modules
 from torchlens_edu._core.tree import iter_tensors, map_tensors
 from torchlens_edu.dims import Dims
@@ -148,11 +148,11 @@ class ActivationCache:
 
     def _missing(self, path: str) -> str:
         paths = sorted({p for p, _ in self._entries})
-        close = difflib.get_close_matches(path, paths, n=3, cutoff=0.5)
         if not paths:
             return (f"nothing captured yet for '{path}': run the model inside the `with` block "
                     "(the cache fills during the forward)")
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        hint = did_you_mean(path, paths, n=3, cutoff=0.5, quote=False, start=True)
+        hint = f" {hint}" if hint else ""
         return (f"'{path}' was not captured.{hint} Captured: {', '.join(paths[:8])}"
                 f"{' ...' if len(paths) > 8 else ''}")
 
@@ -199,8 +199,6 @@ class ActivationCache:
     # -- showing ----------------------------------------------------------------------------
 
     def __rich__(self) -> Table:
-        from torchlens_edu.printing.summary_line import format_bytes
-
         estimate = f", estimated {format_bytes(self.estimate)}" if self.estimate else ""
         title = f"ActivationCache: {len(self)} calls, {format_bytes(self.nbytes)}{estimate}"
         rows = self._rows()
@@ -237,7 +235,6 @@ class ActivationCache:
 
     def _rows(self) -> list[list[Any]]:
         from torchlens_edu.printing import format_stats, tensor_stats
-        from torchlens_edu.printing.summary_line import short_dtype
 
         counts: dict[str, int] = {}
         for path, _ in self._entries:
@@ -432,8 +429,6 @@ def _guard(cache: ActivationCache, tensors: list[torch.Tensor], limit: int, patt
 
 def _too_large(nbytes: int, limit: int, pattern: Pattern, modules: int,
                partial: bool = False) -> str:
-    from torchlens_edu.printing.summary_line import format_bytes
-
     what = "already reached" if partial else "would hold"
     return (f"capturing {pattern!r} ({modules} modules) {what} {format_bytes(nbytes)} in one "
             f"forward, above the limit of {format_bytes(limit)}. Narrow the pattern (e.g. "

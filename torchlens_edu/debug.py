@@ -16,7 +16,6 @@ stdin is a terminal; otherwise (CI, pipes) the stop is skipped with one message:
 
 from __future__ import annotations
 
-import difflib
 import functools
 import os
 import sys
@@ -28,6 +27,8 @@ from typing import Any, Literal
 import torch.nn as nn
 
 from torchlens_edu._core.console import get_console
+from torchlens_edu._core.debugger import debugger_attached
+from torchlens_edu._core.formatting import did_you_mean
 from torchlens_edu._core.modules import Pattern, match_modules
 
 ENV_VAR = "TORCHLENS_EDU_STOP"
@@ -52,8 +53,8 @@ class StopRequest:
 
     def __post_init__(self) -> None:
         if self.point not in STOP_POINTS:
-            close = difflib.get_close_matches(self.point, list(STOP_POINTS), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(self.point, STOP_POINTS)
+            hint = f" ({hint})" if hint else ""
             raise ValueError(f"unknown stop point {self.point!r}{hint}; the stop points are: "
                              f"{', '.join(STOP_POINTS)}")
         for name in ("layer", "head"):
@@ -177,16 +178,6 @@ def should_stop(point: str, *, layer: int | None = None) -> bool:
     hint = "".join(f"; head {h}: att[:, {h}]" for h in heads)
     _say(f"[bold]⏸ {where}[/]: {STOP_POINTS[point]}{hint}")
     return True
-
-
-def debugger_attached() -> bool:
-    """True when an IDE debugger (debugpy / VS Code) is connected to this process.
-
-    >>> debugger_attached()
-    False
-    """
-    debugpy = sys.modules.get("debugpy")
-    return bool(debugpy is not None and "pydevd" in sys.modules and debugpy.is_client_connected())
 
 
 def _can_pause(where: str) -> bool:

@@ -31,6 +31,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from torchlens_edu._core.console import render_html, render_text
+from torchlens_edu._core.formatting import format_count
 from torchlens_edu._core.modules import Pattern, match_modules, module_paths
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.capture import ActivationCache, capture
@@ -58,14 +59,14 @@ class ParamCount:
 
     def explain(self) -> str:
         """One or two sentences a learner can read."""
-        text = f"{self.unique:,} parameters ({_human(self.unique)})"
+        text = f"{self.unique:,} parameters ({format_count(self.unique)})"
         if self.trainable != self.unique:
             text += f", {self.trainable:,} trainable"
         if not self.tied:
             return text + "."
         shared = "; ".join(f"{' = '.join(names)} ({numel:,})" for names, numel in self.tied)
         return (f"{text}. Tied weights, one tensor under several names: {shared}. A per-layer sum "
-                f"counts them again and gives {self.naive:,} ({_human(self.naive)}).")
+                f"counts them again and gives {self.naive:,} ({format_count(self.naive)}).")
 
 
 def count_parameters(model: nn.Module) -> ParamCount:
@@ -233,7 +234,7 @@ def _grow(node: Tree, module: nn.Module, path: str, dims: Dims, seen: dict[int, 
         full = f"{path}.{name}" if path else name
         repeats = _repeats(children, shown)
         label = Text.assemble((name, "bold"), " ", (type(child).__name__, "magenta"), "  ",
-                              (_human(_own_total(child)), "cyan"))
+                              (format_count(_own_total(child)), "cyan"))
         if id(child) in seen:  # the same module object again: its calls are hooked once
             node.add(label.append(f"  same module as {seen[id(child)]}", "yellow"))
             shown += 1
@@ -243,9 +244,9 @@ def _grow(node: Tree, module: nn.Module, path: str, dims: Dims, seen: dict[int, 
         _grow(branch, child, full, dims, seen)
         if repeats:
             last = children[shown + repeats][0]
+            each = format_count(_own_total(child))
             node.add(Text(f"{children[shown + 1][0]} … {last}: {repeats} more "
-                          f"{type(child).__name__} like {name} ({_human(_own_total(child))} each)",
-                          "dim"))
+                          f"{type(child).__name__} like {name} ({each} each)", "dim"))
             for _, twin in children[shown + 1: shown + repeats + 1]:
                 for p in twin.parameters():
                     seen.setdefault(id(p), full)
@@ -275,14 +276,6 @@ def _signature(module: nn.Module) -> tuple:
 
 def _own_total(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def _human(n: int) -> str:
-    """``124.4M``, ``33.9K``, ``8``."""
-    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(n)
 
 
 # -- summary --------------------------------------------------------------------------------

@@ -8,11 +8,12 @@ worst outcome for someone who typed ``transformer.h.*.atn``.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from collections.abc import Callable
 
 import torch.nn as nn
+
+from torchlens_edu._core.formatting import did_you_mean
 
 Pattern = str | Callable[[str, nn.Module], bool]
 
@@ -48,11 +49,13 @@ def match_modules(model: nn.Module, pattern: Pattern, *, required: bool = True
 def _no_match_message(pattern: Pattern, paths: list[str]) -> str:
     if callable(pattern):
         return "the module predicate matched no module of the model"
-    close = difflib.get_close_matches(pattern, [p for p in paths if p], n=5, cutoff=0.5)
-    if not close:  # globs rarely look like paths letter for letter: compare their last parts
-        tail = pattern.rsplit(".", 1)[-1]
-        close = sorted({p for p in paths if p and tail and tail.strip("*") in p})[:5]
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    named = [p for p in paths if p]
+    hint = did_you_mean(pattern, named, n=5, cutoff=0.5, quote=False, start=True)
+    if not hint:  # globs rarely look like paths letter for letter: compare their last parts
+        tail = pattern.rsplit(".", 1)[-1].strip("*")
+        close = sorted({p for p in named if tail and tail in p})[:5]
+        hint = f"Did you mean {', '.join(close)}?" if close else ""
+    hint = f" {hint}" if hint else ""
     sample = ", ".join(p for p in paths[1:8] if p)
     return (f"pattern {pattern!r} matches no module of the model.{hint} "
             f"Module paths look like: {sample}{' ...' if len(paths) > 8 else ''}")

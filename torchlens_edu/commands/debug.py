@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     from torchlens_edu import debug
     from torchlens_edu._core.console import get_console
+    from torchlens_edu._core.formatting import did_you_mean
     from torchlens_edu.printing import PRESETS, printoptions
 
     err_console = get_console(stderr=True)
@@ -59,7 +60,10 @@ def run(args: argparse.Namespace) -> int:
     try:  # what the user can fix (device, flags, paths, names) is one clear line, no traceback
         debug.parse_stops(os.environ.get(debug.ENV_VAR, ""))
         if preset not in PRESETS:
-            raise ValueError(f"unknown print preset {preset!r}; choose one of {', '.join(PRESETS)}")
+            hint = did_you_mean(preset, PRESETS)
+            hint = f" ({hint})" if hint else ""
+            raise ValueError(f"unknown print preset {preset!r}{hint}; choose one of "
+                             f"{', '.join(PRESETS)}")
         if args.file and not os.path.isfile(args.file):
             raise FileNotFoundError(f"{args.file} is not a file; give the Python script to run")
         stops = debug.apply_arguments(args)

@@ -55,10 +55,13 @@ def pytest_configure(config: pytest.Config) -> None:
                    "test runs (as torchlens_edu.printoptions)")
     preset = config.getoption("--tle-print")
     if preset is not None:  # asked for, so importing torch is fine: fail now, not in every test
+        from torchlens_edu._core.formatting import did_you_mean
         from torchlens_edu.printing import PRESETS
 
         if preset not in PRESETS:
-            raise pytest.UsageError(f"--tle-print={preset}: unknown preset; choose one of "
+            hint = did_you_mean(preset, PRESETS)
+            hint = f" ({hint})" if hint else ""
+            raise pytest.UsageError(f"--tle-print={preset}: unknown preset{hint}; choose one of "
                                     f"{', '.join(PRESETS)}")
 
 

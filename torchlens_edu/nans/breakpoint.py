@@ -14,6 +14,7 @@ from collections.abc import Callable
 from types import FrameType, TracebackType
 
 from torchlens_edu._core.console import get_console
+from torchlens_edu._core.debugger import debugger_attached
 from torchlens_edu.nans.report import NonFiniteReport
 
 # (index of the call to stop at, what to run in the user's frame there) -> the stop, if reached
@@ -31,7 +32,7 @@ def stop_at_producer(report: NonFiniteReport, index: int | None, replay_to: Repl
         console.print(f"[yellow]watch_nans(mode='break'):[/] no line of the model to stop at "
                       f"({report.cause}); raising NonFiniteError")
         return
-    debugger = debugpy_connected()
+    debugger = debugger_attached()
     if not debugger and not (sys.stdin is not None and sys.stdin.isatty()):
         console.print("[yellow]watch_nans(mode='break'):[/] stdin is not interactive, so no "
                       "debugger can open here; raising NonFiniteError instead")
@@ -43,12 +44,6 @@ def stop_at_producer(report: NonFiniteReport, index: int | None, replay_to: Repl
     stopped = replay_to(index, debugpy_stop if debugger else None)
     if stopped is not None and not debugger:
         pdb.post_mortem(trim(stopped.__traceback__, getattr(stopped, "frame", None)))
-
-
-def debugpy_connected() -> bool:
-    """True when a debugpy client (VS Code) is attached; never imports debugpy just to ask."""
-    debugpy = sys.modules.get("debugpy")
-    return bool(debugpy is not None and debugpy.is_client_connected())
 
 
 def debugpy_stop(frame: FrameType | None) -> None:

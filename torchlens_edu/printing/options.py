@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import math
 import os
 import shutil
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 
+from torchlens_edu._core.formatting import did_you_mean
 from torchlens_edu.printing.summary_line import describe
 
 __all__ = [
@@ -76,12 +76,14 @@ def _resolve(preset: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
     fields = set(get_printoptions())
     for name in overrides:
         if name not in fields:
-            close = difflib.get_close_matches(name, sorted(fields), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(name, fields)
+            hint = f" ({hint})" if hint else ""
             raise TypeError(f"unknown print option {name!r}{hint}; "
                             f"choose from {', '.join(sorted(fields))}")
     if preset is not None and preset not in PRESETS:
-        raise ValueError(f"unknown print preset {preset!r}; choose one of "
+        hint = did_you_mean(preset, PRESETS)
+        hint = f" ({hint})" if hint else ""
+        raise ValueError(f"unknown print preset {preset!r}{hint}; choose one of "
                          f"{', '.join(map(repr, PRESETS))}, or None to keep the current options")
     chosen = dict(PRESETS[preset]) if preset is not None else {}
     chosen.update(overrides)

@@ -12,17 +12,11 @@ from collections.abc import Mapping
 
 import torch
 
+from torchlens_edu._core.formatting import format_bytes, short_dtype
 from torchlens_edu.dims import Dims
 from torchlens_edu.printing.stats import TensorStats, is_fake, tensor_stats, unobserved
 
 _SPARK = "▁▂▃▄▅▆▇█"
-_SHORT_DTYPES = {
-    torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16",
-    torch.complex64: "c64", torch.complex128: "c128", torch.complex32: "c32",
-    torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64",
-    torch.uint8: "u8", torch.uint16: "u16", torch.uint32: "u32", torch.uint64: "u64",
-    torch.bool: "bool",
-}
 
 
 def describe(t: torch.Tensor, *, dims: Mapping[str, int] | None = None,
@@ -101,34 +95,6 @@ def sparkline(hist: tuple[int, ...]) -> str:
         return ""
     steps = len(_SPARK) - 1
     return "".join(_SPARK[-(-c * steps // top)] for c in hist)  # ceil: 1 count shows
-
-
-def short_dtype(dtype: torch.dtype) -> str:
-    """``f32``, ``bf16``, ``i64``, ``f8e4m3fn``, ``qint8``... as printed by ``describe``.
-
-    >>> short_dtype(torch.bfloat16), short_dtype(torch.float8_e4m3fn)
-    ('bf16', 'f8e4m3fn')
-    """
-    name = _SHORT_DTYPES.get(dtype)
-    if name:
-        return name
-    text = str(dtype).removeprefix("torch.")
-    return text.replace("float8_", "f8") if text.startswith("float8_") else text
-
-
-def format_bytes(n: int) -> str:
-    """``512 B``, ``24 KiB``, ``147.4 MiB``.
-
-    >>> format_bytes(154_389_504)
-    '147.2 MiB'
-    """
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            text = f"{size:.1f}".removesuffix(".0") if unit != "B" else str(int(size))
-            return f"{text} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def _metadata(t: torch.Tensor, dims: Dims) -> str:

@@ -18,17 +18,17 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
+import torch
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
 from torchlens_edu._core.console import render_text
+from torchlens_edu._core.formatting import format_bytes, format_count, format_si, short_dtype
 from torchlens_edu.dims import Dims
 from torchlens_edu.shapes.events import ShapeEvent, Spec
 
-_DTYPES = {"float32": "", "int64": "i64", "int32": "i32", "bool": "bool", "float16": "f16",
-           "bfloat16": "bf16", "float64": "f64", "uint8": "u8", "int8": "i8", "int16": "i16"}
 _INDEXED = re.compile(r"^(.*?)(\d+)$")
 
 # A module event index, or the op events of one source line (Union: a runtime alias on 3.10).
@@ -147,7 +147,7 @@ def _specs_text(specs: tuple[Spec, ...] | list[Spec], dims: Dims) -> str:
         return "—"
     parts = []
     for shape, dtype in specs:
-        short = _DTYPES.get(str(dtype).removeprefix("torch."), str(dtype).removeprefix("torch."))
+        short = "" if dtype == torch.float32 else short_dtype(dtype)  # float32 goes unsaid
         parts.append(dims.format(shape) + (f" {short}" if short else ""))
     return ", ".join(parts)
 
@@ -166,13 +166,13 @@ def _module_row(event: ShapeEvent, rel: str, dims: Dims) -> Text:
         text.append(_specs_text(event.outputs, dims), "green")
     extras = []
     if event.params:
-        extras.append(f"{_si(event.params)} params")
+        extras.append(f"{format_count(event.params)} params")
     if event.seconds is not None:
         extras.append(f"{event.seconds * 1e3:.2f} ms")
     if event.flops:
-        extras.append(f"{_si(event.flops)} FLOPs")
+        extras.append(format_si(event.flops, "FLOP"))
     if event.memory:
-        extras.append(_bytes(event.memory))
+        extras.append(format_bytes(event.memory))
     if extras:
         text.append("  " + " · ".join(extras), "dim")
     return text
@@ -206,7 +206,7 @@ def _op_row(group: list[int], events: list[ShapeEvent], dims: Dims) -> Text:
         text.append(_specs_text(outs, dims), "green")
     flops = sum(op.flops or 0 for op in ops)
     memory = sum(op.memory or 0 for op in ops)
-    extras = [f"{_si(flops)} FLOPs" if flops else "", _bytes(memory) if memory else ""]
+    extras = [format_si(flops, "FLOP") if flops else "", format_bytes(memory) if memory else ""]
     if any(extras):
         text.append("  " + " · ".join(e for e in extras if e), "dim")
     for op in ops:
@@ -227,20 +227,6 @@ def _without_comment(code: str) -> str:
         if token.type == tokenize.COMMENT:
             return code[:token.start[1]].rstrip()
     return code
-
-
-def _si(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.1f}{unit}"
-    return f"{n:g}"
-
-
-def _bytes(n: int) -> str:
-    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
 
 
 # --- comparing two traces ---------------------------------------------------------------------
