@@ -27,6 +27,7 @@ from torchlens_edu._core.frames import is_user_file
 from torchlens_edu.dims import Dims
 from torchlens_edu.shapes.meta import DATA_DEPENDENT
 
+_HAS_NOTES = sys.version_info >= (3, 11)  # a test turns it off to try the 3.10 path
 _MATMUL = frozenset({"@", "matmul", "bmm", "mm", "mv", "baddbmm", "addmm", "addmv", "einsum"})
 
 
@@ -92,7 +93,7 @@ def explain(failure: Failure, trace: Any, roots: list[nn.Module]) -> str:
 def add_context(exc: BaseException, text: str, trace: Any) -> None:
     """Attach the explanation and the partial trace to ``exc`` without changing its type."""
     note = f"{text}\n  the trace up to the failure: exc.shape_trace ({len(trace)} events)"
-    if sys.version_info >= (3, 11):
+    if sys.version_info >= (3, 11) and _HAS_NOTES:  # the version check speaks to mypy
         exc.add_note(note)
     elif exc.args and isinstance(exc.args[0], str):  # Python 3.10: extend the message itself
         exc.args = (f"{exc.args[0]}\n\n{note}", *exc.args[1:])
