@@ -510,3 +510,194 @@ def test_the_inspector_facade_watches_too(tiny_gpt2, tiny_ids):
     with pytest.raises(tle.NonFiniteError) as info, insp.watch_nans():
         tiny_gpt2(tiny_ids)
     assert (info.value.report.module, info.value.report.op) == ("transformer.ln_f", "layer_norm")
+
+
+# ----------------------------------------------------------------------------- hints match values
+class MaskedScores(nn.Module):
+    """Masked attention logits as a module output, filled with a huge finite value as
+    Hugging Face (finfo.min), minGPT-style tutorials (-1e9) and others (-finfo.max) do."""
+
+    def __init__(self, fill: str) -> None:
+        super().__init__()
+        self.fill = fill
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        T = q.shape[-2]
+        big = {"-max": -torch.finfo(q.dtype).max, "min": torch.finfo(q.dtype).min,
+               "-1e9": -1e9}[self.fill]
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        return (q @ q.transpose(-2, -1)).masked_fill(~causal, big)  # (B, T, T)
+
+
+class FillAttention(nn.Module):
+    def __init__(self, fill: str) -> None:
+        super().__init__()
+        self.qk = nn.Linear(4, 4)
+        self.scores = MaskedScores(fill)
+        self.out = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        att = F.softmax(self.scores(self.qk(x)), dim=-1)
+        return self.out(att @ x)
+
+
+@pytest.mark.parametrize("fill", ["-max", "min", "-1e9"])
+@pytest.mark.parametrize("train", [True, False])
+def test_huge_finite_mask_fills_are_not_alarms(fill, train):
+    # a float32 sum of two -finfo.max entries overflows to -inf: no element is non-finite
+    torch.manual_seed(0)
+    model = FillAttention(fill).train(train)
+    x = torch.randn(2, 6, 4)
+    with watch_nans(model) as watch:
+        for _ in range(2):
+            model(x).sum().backward()
+    assert watch.reports == []
+
+
+class FirstCallNaN(nn.Module):
+    """NaN on the first call only: the replay (a second call) cannot make it again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x * (math.nan if self.calls == 1 else 1.0)
+
+
+def test_a_nan_the_replay_cannot_make_again_is_reported_without_a_producer(x):
+    model = nn.Sequential(nn.Linear(4, 4), FirstCallNaN())
+    with pytest.raises(NonFiniteError) as info, watch_nans(model):
+        model(x)
+    r = info.value.report
+    assert (r.phase, r.module, r.op, r.cause) == ("forward", "1", "", "not_reproduced")
+    assert r.summary().startswith("NaN seen in forward (module '1') at ")
+    assert r.summary().endswith(", producer not found")
+    assert r.hint.startswith("not reproduced: the check after the step found NaN in '1'")
+    assert "did not make it again" in r.hint
+
+
+def _scaled_qk_gpt2(impl: str) -> GPT2:
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config.preset("tiny", attn_impl=impl)).eval()
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_attn.weight.mul_(1e30)  # q, k huge but finite
+    return model
+
+
+@pytest.mark.parametrize("impl", ["explicit", "sdpa"])
+def test_attention_overflow_is_named_overflow_on_both_paths(impl, tiny_ids):
+    model = _scaled_qk_gpt2(impl)
+    with pytest.raises(NonFiniteError) as info, watch_nans(model):
+        model(tiny_ids)
+    r = info.value.report
+    assert r.module == "transformer.h.0.attn"
+    assert r.op == {"explicit": "matmul", "sdpa": "scaled_dot_product_attention"}[impl]
+    assert r.cause == "overflow"
+    assert r.hint.startswith("overflow past the dtype's largest value: finite inputs")
+    assert "float32 holds at most 3.40282e+38" in r.hint
+    assert "masked" not in r.hint and "log/sqrt" not in r.hint
+
+
+@pytest.mark.parametrize("additive", [False, True])
+def test_sdpa_facts_tell_a_fully_masked_row_from_an_overflow(additive):
+    # torch 2.13's CPU kernels return 0 for a fully masked row; other kernels make NaN, and
+    # then the scores and the mask, not the op's name, decide the hint
+    from torchlens_edu.nans.causes import forward_cause, row_facts
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
+    mask = torch.ones(3, 3, dtype=torch.bool).tril()
+    mask[1] = False  # query 1 may look nowhere
+    if additive:
+        mask = torch.zeros(3, 3).masked_fill(~mask, -math.inf)
+    out = [_summary("output 0", nan=4, lo=None, hi=None)]
+    ins = [_summary("input 0", lo=-2.0, hi=2.0)]
+    facts = row_facts("scaled_dot_product_attention", (q, k, k), {"attn_mask": mask})
+    assert (facts.masked_row, facts.scores_overflow) == (True, False)
+    cause, _ = forward_cause("scaled_dot_product_attention", ins, out, False, facts)
+    assert cause == "masked_softmax"
+    facts = row_facts("scaled_dot_product_attention", (q * 1e30, k * 1e30, k),
+                      {"is_causal": True})
+    assert (facts.masked_row, facts.scores_overflow) == (False, True)
+    cause, detail = forward_cause("scaled_dot_product_attention", ins, out, False, facts)
+    assert cause == "overflow" and "(its scores q @ k^T * scale)" in detail
+
+
+class HalfSquare(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return (h * 300.0) ** 2  # @square
+
+
+def test_fp16_overflow_of_a_power_is_named_overflow_not_log_sqrt():
+    torch.manual_seed(0)
+    model = HalfSquare().half()
+    x = torch.randn(3, 4).half()
+    r = producer(model, x, backward=False)
+    assert (r["op"], r["kind"], r["cause"]) == ("pow", "+inf", "fp16_overflow")
+    assert r["source"] == line_of("square")
+    assert r["inputs"][0]["min"] < 0  # a negative base: no excuse for "log/sqrt of <= 0"
+    assert r["hint"].startswith("fp16 overflow above 65504: finite inputs (up to ")
+    assert "float16 holds at most 65504" in r["hint"]
+    assert "log/sqrt" not in r["hint"]
+
+
+class ExpBlow(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(x * 1000.0)  # @exp
+
+
+def test_float32_overflow_names_the_dtype_and_its_max(x):
+    r = producer(ExpBlow(), x.abs() + 1, backward=False)
+    assert (r["op"], r["kind"], r["cause"]) == ("exp", "+inf", "overflow")
+    assert r["source"] == line_of("exp")
+    assert r["hint"].startswith("overflow past the dtype's largest value: finite inputs")
+    assert "float32 holds at most 3.40282e+38" in r["hint"]
+
+
+def _summary(name: str, dtype: str = "float32", *, nan: int = 0, posinf: int = 0,
+             neginf: int = 0, zeros: int = 0, lo: float | None = 1.0, hi: float | None = 2.0):
+    from torchlens_edu.nans.report import TensorSummary
+
+    return TensorSummary(name, "(4,)", dtype, nan, posinf, neginf, zeros, lo, hi)
+
+
+@pytest.mark.parametrize(("op", "inp", "out", "cause"), [
+    # log/sqrt only when the input was out of their domain
+    ("log", dict(lo=-1.0), dict(nan=1), "log_sqrt"),
+    ("log", dict(lo=0.0, zeros=1), dict(neginf=1), "log_sqrt"),
+    ("sqrt", dict(lo=1.0, hi=3e38), dict(nan=1), "overflow"),
+    ("rsqrt", dict(lo=0.0, zeros=2), dict(posinf=2), "log_sqrt"),
+    ("pow", dict(lo=-5.0, hi=5e20), dict(posinf=1), "overflow"),
+    ("pow", dict(lo=0.0, zeros=1), dict(posinf=1), "division"),
+    # division only with a zero divisor
+    ("div", dict(lo=1e-30, hi=1.0), dict(posinf=1), "overflow"),
+    ("mul", dict(lo=-1e30, hi=1e30), dict(nan=1), "overflow"),
+    ("softmax", dict(lo=-1.0, hi=1.0), dict(nan=1), "overflow"),
+])
+def test_a_hint_never_contradicts_the_values(op, inp, out, cause):
+    from torchlens_edu.nans.causes import HINTS, forward_cause
+
+    inputs = [_summary("a", **inp), _summary("b", lo=1e-30, hi=1.0)]
+    got, detail = forward_cause(op, inputs, [_summary("out", **out)], False)
+    assert got == cause, detail
+    if cause in ("overflow", "fp16_overflow"):
+        assert "float32 holds at most 3.40282e+38" in detail
+    assert HINTS[got]
+
+
+def test_a_backward_pow_overflow_in_fp16_is_overflow_not_log_sqrt():
+    from torchlens_edu.nans.causes import backward_cause
+
+    grad = _summary("grad of input 0", "float16", posinf=3, lo=None, hi=None)
+    base = _summary("forward input 0", "float16", lo=100.0, hi=300.0)
+    cause, detail = backward_cause("PowBackward0", "pow", False, [grad], [base])
+    assert cause == "fp16_overflow" and "float16 holds at most 65504" in detail
+    zero = _summary("forward input 0", "float16", lo=0.0, zeros=1)
+    assert backward_cause("PowBackward0", "pow", False, [grad], [zero])[0] == "log_sqrt"

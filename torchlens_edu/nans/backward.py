@@ -17,14 +17,8 @@ from typing import Any
 
 import torch
 
-from torchlens_edu.nans.report import (
-    Found,
-    Producer,
-    TensorSummary,
-    backward_cause,
-    bad_kinds,
-    hint_for,
-)
+from torchlens_edu.nans.causes import backward_cause, hint_for
+from torchlens_edu.nans.report import Found, Producer, TensorSummary, bad_kinds
 
 
 @dataclass(frozen=True)
@@ -86,12 +80,13 @@ class GraphWatch:
                   outgoing: list[torch.Tensor]) -> Producer:
         ins = [TensorSummary.of(f"grad of output {i}", g, self.dims)
                for i, g in enumerate(incoming)]
-        ins += [TensorSummary.of(f"forward input {i}", t, self.dims)
-                for i, t in enumerate(made.inputs)]
+        forward = [TensorSummary.of(f"forward input {i}", t, self.dims)
+                   for i, t in enumerate(made.inputs)]
+        ins += forward
         outs = [TensorSummary.of(f"grad of input {i}", g, self.dims)
                 for i, g in enumerate(outgoing)]
         cause, detail = backward_cause(node.name(), made.op, zero_where_bad(incoming, outgoing),
-                                       outs)
+                                       outs, forward if made.inputs else None)
         return Producer("backward", made.index, node.name(), made.module, made.source, cause,
                         hint_for(cause, detail), ins, outs, self.params_of(made.module),
                         forward_op=made.op)

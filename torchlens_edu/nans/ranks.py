@@ -12,7 +12,7 @@ from datetime import timedelta
 import torch
 
 DIST_TIMEOUT = timedelta(minutes=5)  # how long a rank waits for the others' verdict
-_KINDS = ("nan", "+inf", "-inf")
+_KINDS = ("nan", "+inf", "-inf", "inf")  # "inf": the cheap tier saw an Inf of either sign
 _PHASES = ("input", "forward", "backward")
 
 
@@ -29,12 +29,12 @@ def encode(phase: str, kind: str) -> int:
     ('backward', '-inf')
     """
     kind_code = _KINDS.index(kind) if kind in _KINDS else 0
-    return (_PHASES.index(phase) + 1) * 4 + kind_code + 1
+    return (_PHASES.index(phase) + 1) * 8 + kind_code + 1
 
 
 def decode(code: int) -> tuple[str, str]:
     """``(phase, kind)`` of a non-zero verdict code."""
-    return _PHASES[code // 4 - 1], _KINDS[code % 4 - 1]
+    return _PHASES[code // 8 - 1], _KINDS[code % 8 - 1]
 
 
 def share(code: int) -> list[int]:

@@ -39,15 +39,8 @@ from torchlens_edu._core.frames import frame_location, user_frame
 from torchlens_edu._core.modules import module_paths
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.nans.backward import Creation, GraphWatch
-from torchlens_edu.nans.report import (
-    Found,
-    Producer,
-    TensorSummary,
-    bad_kinds,
-    forward_cause,
-    hint_for,
-    kind_of,
-)
+from torchlens_edu.nans.causes import forward_cause, hint_for, row_facts
+from torchlens_edu.nans.report import Found, Producer, TensorSummary, bad_kinds, kind_of
 
 # ops that only move or view data: they pass non-finite values along, they never make them
 _MOVES = frozenset({
@@ -363,13 +356,15 @@ class Replayer(TorchFunctionMode):
         else:
             state = _State(made, origin=self._forward_producer(
                 index, name, inputs, outputs, foreign,
-                masked=any(s.allowed and "-inf" in s.kinds for s in before)))
+                masked=any(s.allowed and "-inf" in s.kinds for s in before),
+                call=(args, kwargs)))
         for t, kinds in zip(outputs, out_kinds, strict=True):
             self._set(t, state if kinds else _CLEAN)
 
     def _forward_producer(self, index: int, name: str, inputs: list[torch.Tensor],
                           outputs: list[torch.Tensor], foreign: list[tuple[torch.Tensor, _State]],
-                          *, masked: bool = False, path: str | None = None) -> Producer:
+                          *, masked: bool = False, path: str | None = None,
+                          call: tuple[tuple, dict] = ((), {})) -> Producer:
         module = path if path is not None else (self.stack[-1] if self.stack else "")
         source = frame_location(user_frame(sys._getframe(1)))
         ins = [TensorSummary.of(self.labels.get(id(t), f"input {i}"), t, self.dims)
@@ -384,7 +379,8 @@ class Replayer(TorchFunctionMode):
                 f"rate or without gradient clipping, or a bad checkpoint); this {what} was not "
                 "made non-finite in this forward"))
         else:
-            cause, detail = forward_cause(_display(name), ins, outs, masked)
+            op = _display(name)
+            cause, detail = forward_cause(op, ins, outs, masked, row_facts(op, *call))
             hint = hint_for(cause, detail)
         named = {s.name for s in ins}
         params = [s for s in self._module_params(module) if f"parameter {s.name}" not in named]

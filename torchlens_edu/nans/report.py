@@ -27,32 +27,6 @@ from torchlens_edu.dims import format_shape
 
 ALL_KINDS = frozenset({"nan", "+inf", "-inf"})
 
-# cause id -> the hint's opening words (the categories a learner meets most)
-HINTS: dict[str, str] = {
-    "log_sqrt": "log/sqrt of <= 0",
-    "division": "division by ~0",
-    "masked_softmax": "softmax over a fully masked row",
-    "fp16_overflow": "fp16 overflow above 65504",
-    "exploding": "exploding values/learning rate",
-    "where_trap": "where-gradient trap",
-    "input": "non-finite input",
-    "loss": "non-finite gradient from the loss",
-    "other_rank": "another rank",
-    "not_reproduced": "not reproduced",
-}
-
-LOG_SQRT_OPS = frozenset({"log", "log2", "log10", "log1p", "sqrt", "rsqrt", "pow", "float_power",
-                          "lgamma", "digamma", "acosh", "atanh", "logit", "log_", "sqrt_",
-                          "rsqrt_", "log2_", "log10_", "log1p_", "pow_"})
-DIVISION_OPS = frozenset({"div", "div_", "true_divide", "divide", "reciprocal", "reciprocal_",
-                          "floor_divide", "remainder", "fmod", "truediv", "truediv_"})
-SOFTMAX_OPS = frozenset({"softmax", "log_softmax", "softmin", "scaled_dot_product_attention",
-                         "multi_head_attention_forward", "logsumexp"})
-LOG_SQRT_NODES = ("Sqrt", "Rsqrt", "Log", "Pow", "Acosh", "Atanh", "Logit", "Digamma", "Lgamma",
-                  "Asin", "Acos")
-DIVISION_NODES = ("Div", "Reciprocal", "Norm", "LinalgVectorNorm", "Cdist", "Dist", "Normalize")
-
-
 @dataclass
 class TensorSummary:
     """One tensor around the producer: its role, named shape, dtype, counts and finite range."""
@@ -127,11 +101,14 @@ class NonFiniteReport:
 
     def summary(self) -> str:
         """One line: what was made where, e.g. ``NaN in forward: log at model.py:12 (h.0.attn)``."""
-        what = {"nan": "NaN", "+inf": "+Inf", "-inf": "-Inf"}.get(self.kind, self.kind)
+        what = {"nan": "NaN", "+inf": "+Inf", "-inf": "-Inf", "inf": "Inf"}.get(self.kind,
+                                                                                self.kind)
         where = f" at {_short(self.source)}" if self.source else ""
         module = f" (module {self.module!r})" if self.module else " (root module)"
         op = f": {self.op}" if self.op else ""
         rank = f"[rank {self.rank}] " if self.rank is not None else ""
+        if self.cause == "not_reproduced":  # seen, but no producer to name: say just that
+            return f"{rank}{what} seen in {self.phase}{module}{where}, producer not found"
         return f"{rank}{what} made in {self.phase}{op}{where}{module}"
 
     def __rich__(self) -> Panel:
@@ -213,69 +190,6 @@ def kind_of(summaries: list[TensorSummary]) -> str:
         if any(getattr(s, attr) for s in summaries):
             return kind
     return "nan"
-
-
-def hint_for(cause: str, detail: str = "") -> str:
-    """The hint sentence for a cause id, e.g. ``hint_for("division", "...")``.
-
-    >>> hint_for("division").startswith("division by ~0")
-    True
-    """
-    return f"{HINTS[cause]}: {detail}" if detail else HINTS[cause]
-
-
-def forward_cause(op: str, inputs: list[TensorSummary], outputs: list[TensorSummary],
-                  masked_input: bool) -> tuple[str, str]:
-    """Cause id and hint detail for a forward op whose finite inputs made non-finite outputs."""
-    first = inputs[0] if inputs else None
-    if op in LOG_SQRT_OPS and first is not None and first.min is not None and (
-            first.min <= 0 or first.neginf):
-        return "log_sqrt", (f"{op} got values as low as {first.min:.4g} "
-                            f"({first.zeros or 0} zeros); clamp first, e.g. "
-                            f"x.clamp_min(1e-8), or use a stable form (log_softmax, logsumexp)")
-    if op in DIVISION_OPS:
-        # a / b: the divisor is the second tensor; 1 / x and x.reciprocal(): the only one
-        divisor = inputs[1] if len(inputs) > 1 and not op.startswith("reciprocal") else first
-        if divisor is not None:
-            return "division", (f"the divisor has {divisor.zeros or 0} zero(s) (finite range "
-                                f"{_number(divisor.min)} .. {_number(divisor.max)}); add an "
-                                f"epsilon, e.g. a / (b + 1e-8) or b.clamp_min(1e-8)")
-    if (op in SOFTMAX_OPS or masked_input) and any(s.nan for s in outputs):
-        return "masked_softmax", ("every position of some row was masked to -inf, so softmax "
-                                  "computes 0/0; make sure each query sees at least one key, or "
-                                  "mask with torch.finfo(dtype).min instead of -inf")
-    if any(s.dtype == "float16" and (s.posinf or s.neginf) for s in outputs):
-        biggest = max((max(abs(s.min or 0), abs(s.max or 0)) for s in inputs), default=0.0)
-        return "fp16_overflow", (f"the result no longer fits float16 (inputs up to "
-                                 f"{biggest:.4g}); run this op in float32 or bfloat16 "
-                                 "(torch.autocast(..., dtype=torch.bfloat16)) or scale down")
-    biggest = max((max(abs(s.min or 0), abs(s.max or 0)) for s in inputs), default=0.0)
-    return "exploding", (f"finite inputs up to {biggest:.4g} overflowed in {op}; lower the "
-                         "learning rate, clip gradients (torch.nn.utils.clip_grad_norm_) or "
-                         "check the initialisation")
-
-
-def backward_cause(node: str, forward_op: str, zero_incoming: bool,
-                   outgoing: list[TensorSummary]) -> tuple[str, str]:
-    """Cause id and hint detail for an autograd node with finite incoming, non-finite outgoing
-    gradients. ``zero_incoming``: the incoming gradient is 0 wherever the outgoing is not finite.
-    """
-    if zero_incoming:
-        return "where_trap", (f"this branch ({forward_op}) was not selected, so its gradient is "
-                              "0, but 0 × its infinite derivative is NaN; make the unused branch "
-                              "safe, e.g. torch.where(x > 0, torch.sqrt(x.clamp_min(1e-12)), 0)")
-    if node.startswith(LOG_SQRT_NODES):
-        return "log_sqrt", (f"the derivative of {forward_op or node} is infinite at 0 (d/dx "
-                            "sqrt(x) = 1/(2 sqrt(x)), d/dx log(x) = 1/x); clamp the input, "
-                            "e.g. x.clamp_min(1e-8), or add an epsilon inside")
-    if node.startswith(DIVISION_NODES):
-        return "division", (f"the gradient of {forward_op or node} divides by a value near 0 "
-                            "(a zero divisor, or the norm of a zero vector); add an epsilon")
-    if any(s.dtype == "float16" and (s.posinf or s.neginf) for s in outgoing):
-        return "fp16_overflow", ("a float16 gradient exceeded 65504; use torch.amp.GradScaler "
-                                 "or bfloat16")
-    return "exploding", ("finite gradients overflowed here; lower the learning rate, clip "
-                         "gradients (torch.nn.utils.clip_grad_norm_) or scale the loss down")
 
 
 def bad_kinds(t: torch.Tensor, kinds: frozenset[str] = ALL_KINDS) -> frozenset[str]:

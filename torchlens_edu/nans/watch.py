@@ -2,12 +2,15 @@
 
 Two tiers:
 
-- cheap, every checked step: forward hooks reduce each module's outputs (and the model's inputs)
-  to one number on the device (a sum: finite exactly when the tensor is, barring overflow), and
-  tensor hooks do the same for the gradients reaching those outputs. Nothing is read back until
-  the end of the forward and the end of the backward: one host sync each.
+- cheap, every checked step: forward hooks hand each module's outputs (and the model's inputs)
+  to a :class:`~torchlens_edu.nans.checks.Batch`, and tensor hooks do the same for the
+  gradients reaching those outputs. A batch reduces everything it holds with one multi-tensor op
+  to each tensor's largest magnitude (exact: NaN, inf or finite as the tensor is, no overflow),
+  and is read back once at the end of the forward and once at the end of the backward: a few
+  ops and one host sync per phase, however deep the model.
 - precise, only when the cheap tier fires: the failing step is replayed identically and watched
-  call by call (see ``_nan_locate``) to name the producing op, its module and the user's line.
+  call by call (see :mod:`~torchlens_edu.nans.replay`) to name the producing op, its module and
+  the user's line.
 
 >>> import torch, torchlens_edu as tle
 >>> model = torch.nn.Linear(2, 2)
@@ -17,7 +20,6 @@ Two tiers:
 
 from __future__ import annotations
 
-import math
 import sys
 import weakref
 from collections.abc import Callable, Mapping
@@ -35,6 +37,8 @@ from torchlens_edu._core.modules import module_paths
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.dims import Dims
 from torchlens_edu.nans.breakpoint import stop_at_producer
+from torchlens_edu.nans.causes import hint_for
+from torchlens_edu.nans.checks import Batch, Reading, checkable, memory_budget
 from torchlens_edu.nans.ranks import decode, encode, rank, share
 from torchlens_edu.nans.replay import Replayer, ReplayInputs, Stopped, save_rng
 from torchlens_edu.nans.report import (
@@ -42,10 +46,8 @@ from torchlens_edu.nans.report import (
     NonFiniteReport,
     Producer,
     TensorSummary,
-    hint_for,
     kind_of,
 )
-from torchlens_edu.printing.stats import is_fake
 
 __all__ = ["NanWatch", "NonFiniteError", "NonFiniteReport", "watch_nans"]
 
@@ -68,48 +70,22 @@ class NonFiniteError(RuntimeError):
         return "\n" + str(self.report)
 
 
-@dataclass(eq=False)  # identity: ``step in pending`` must not compare probe tensors
+@dataclass(eq=False)  # identity: ``step in pending`` must not compare tensors
 class _Step:
-    """One checked forward (and the backward through it): cheap-tier probes, replay inputs."""
+    """One checked forward (and the backward through it): its cheap-tier batch, replay inputs."""
 
     index: int
     replay: ReplayInputs
     source: str  # the user's line that called the model
-    labels: list[str] = field(default_factory=list)  # "input 0" or a module path
-    probes: list[torch.Tensor] = field(default_factory=list)
-    n_inputs: int = 0
-    # id -> weakref of each output probed: a tensor passed through (eval dropout) counts once;
+    checks: Batch[None]
+    # id -> weakref of each output checked: a tensor passed through (eval dropout) counts once;
     # a freed output's id can come back on a new tensor, which the dead weakref tells apart
     seen: dict[int, weakref.ref[torch.Tensor]] = field(default_factory=dict)
-    grad_paths: list[str] = field(default_factory=list)
-    grad_probes: list[torch.Tensor] = field(default_factory=list)
     producer: Producer | None = None  # what the precise tier found
-
-
-def _probe(t: torch.Tensor) -> torch.Tensor:
-    """A 0-d float on t's device that is finite iff t is (a float32 sum only overflows for
-    values near 1e38, and then the replay sorts the false alarm out)."""
-    t = t.detach()
-    if t.is_complex():
-        t = torch.view_as_real(t)
-    return t.sum(dtype=torch.float32) if t.dtype != torch.float32 else t.sum()
-
-
-def _read(probes: list[torch.Tensor]) -> list[float]:
-    """All probes to the host in one transfer (the one sync of a forward or a backward)."""
-    if not probes:
-        return []
-    device = probes[0].device
-    return torch.stack([p.to(device) for p in probes]).tolist()
 
 
 def _is_float(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
-
-
-def _has_data(t: torch.Tensor) -> bool:
-    """False for meta and fake tensors (a meta shape trace, a memory estimate): no values."""
-    return not t.is_meta and not is_fake(t)
 
 
 class NanWatch:
@@ -146,8 +122,8 @@ class NanWatch:
         self._calls = 0
         self._step: _Step | None = None
         self._nested = 0
-        self._pending: list[_Step] = []
-        self._param_grads: list[tuple[str, torch.Tensor]] = []
+        self._budget = memory_budget(model)
+        self._grads: Batch[_Step] = Batch(self._budget)  # the backward pass being checked
         self._queued = -1  # the backward pass (graph task) whose check is queued
         self._warned: set[tuple[str, str, str, str]] = set()
 
@@ -177,8 +153,7 @@ class NanWatch:
             handle.remove()
         self._handles.clear()
         self._step = None
-        self._pending.clear()
-        self._param_grads.clear()
+        self._grads.clear()
 
     # ------------------------------------------------------------------ cheap tier: forward
     def _on_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -191,12 +166,11 @@ class NanWatch:
         if (self._calls - 1) % self.every:
             return
         cpu, cuda = save_rng()
-        step = _Step(self._calls, ReplayInputs(args, kwargs, cpu, cuda), user_source())
+        step = _Step(self._calls, ReplayInputs(args, kwargs, cpu, cuda), user_source(),
+                     Batch(self._budget))
         for i, t in enumerate(t for t in iter_tensors((args, kwargs)) if _is_float(t)):
-            if _has_data(t):
-                step.labels.append(f"input {i}")
-                step.probes.append(_probe(t))
-        step.n_inputs = len(step.probes)
+            if checkable(t):
+                step.checks.add(f"input {i}", t, signed=True)
         self._step = step
 
     def _on_module(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -206,14 +180,13 @@ class NanWatch:
         path = self._paths.get(module, "")
         seen = step.seen
         for t in iter_tensors(output):
-            if not _is_float(t) or not _has_data(t):
+            if not checkable(t):
                 continue
             ref = seen.get(id(t))
             if ref is not None and ref() is t:
-                continue  # already probed: passed through unchanged
+                continue  # already checked: passed through unchanged
             seen[id(t)] = weakref.ref(t)
-            step.labels.append(path)
-            step.probes.append(_probe(t))
+            step.checks.add(path, t)
             if t.requires_grad:
                 t.register_hook(partial(self._on_grad, step, path))
 
@@ -226,30 +199,28 @@ class NanWatch:
             return
         self._step = None
         if output is None and sys.exc_info()[0] is not None:
+            step.checks.clear()
             return  # the forward itself raised: that error is the news
         for i, t in enumerate(t for t in iter_tensors(output) if _is_float(t)):
             if t.requires_grad:
                 t.register_hook(partial(self._keep_grad, step, i))
-        values = _read(step.probes)
-        bad = self._first_bad(values, step.labels, step.n_inputs)
-        phase = "input" if bad is not None and bad < step.n_inputs else "forward"
-        self._verdict(step, phase, *self._bad_entry(step.labels, values, bad))
+        bad = self._first_bad(step.checks.read())
+        phase = "input" if bad is not None and bad.signed else "forward"
+        self._verdict(step, phase, bad)
 
     # ------------------------------------------------------------------ cheap tier: backward
     def _on_grad(self, step: _Step, path: str, grad: torch.Tensor) -> None:
-        if not self._active or self._replaying or not _has_data(grad):
+        if not self._active or self._replaying or not checkable(grad):
             return
-        step.grad_paths.append(path)
-        step.grad_probes.append(_probe(grad))
-        if step not in self._pending:
-            self._pending.append(step)
+        self._grads.add(path, grad, step)
         self._queue()
 
     def _on_param_grad(self, name: str, param: torch.Tensor) -> None:
         # only in the backward of a checked step (its output's gradient arrives first)
-        if not self._pending or self._replaying or param.grad is None or not _has_data(param.grad):
+        if not len(self._grads) or self._replaying or param.grad is None or not checkable(
+                param.grad):
             return
-        self._param_grads.append((f"parameter {name}", _probe(param.grad)))
+        self._grads.add(f"parameter {name}", param.grad)
         self._queue()
 
     def _queue(self) -> None:
@@ -266,52 +237,36 @@ class NanWatch:
 
     def _on_backward_end(self) -> None:
         self._queued = -1
-        steps, self._pending = self._pending, []
-        params, self._param_grads = self._param_grads, []
-        labels = [p for s in steps for p in s.grad_paths] + [name for name, _ in params]
-        values = _read([p for s in steps for p in s.grad_probes] + [p for _, p in params])
-        bad = self._first_bad(values, labels, 0)
+        readings = self._grads.read()
+        steps = list(dict.fromkeys(r.owner for r in readings if r.owner is not None))
+        bad = self._first_bad(readings)
         # the step whose gradients went bad; a bad parameter gradient: the last step
-        owner, start = (steps[-1] if steps else None), 0
-        for step in steps:
-            if bad is not None and start <= bad < start + len(step.grad_probes):
-                owner = step
-            start += len(step.grad_probes)
+        owner = bad.owner if bad is not None and bad.owner is not None else (
+            steps[-1] if steps else None)
         try:
-            self._verdict(owner, "backward", *self._bad_entry(labels, values, bad))
+            self._verdict(owner, "backward", bad)
         finally:
             for step in steps:
                 step.replay.out_grads.clear()
-                step.grad_probes.clear()
-                step.grad_paths.clear()
 
-    @staticmethod
-    def _bad_entry(labels: list[str], values: list[float], bad: int | None
-                   ) -> tuple[str | None, str | None]:
-        if bad is None:
-            return None, None
-        value = values[bad]
-        return labels[bad], "nan" if math.isnan(value) else ("+inf" if value > 0 else "-inf")
-
-    def _first_bad(self, values: list[float], labels: list[str], n_inputs: int) -> int | None:
+    def _first_bad(self, readings: list[Reading]) -> Reading | None:
         check_inf = "+inf" in self.kinds
-        for i, v in enumerate(values):
-            if math.isnan(v):
-                return i
-            if check_inf and math.isinf(v):
-                # an additive mask comes in holding -inf on purpose (the sum is -inf only then)
-                if i < n_inputs and v < 0:
-                    continue
-                if labels[i] in self._allow_inf:
-                    continue
-                return i
+        for reading in readings:
+            kind = reading.kind
+            if kind is None or (kind != "nan" and not check_inf):
+                continue
+            # an additive mask comes in holding -inf on purpose; so do modules the replay
+            # found to output -inf on purpose (a NaN there is still news)
+            if kind == "-inf" or (kind != "nan" and reading.label in self._allow_inf):
+                continue
+            return reading
         return None
 
     # ------------------------------------------------------------------ verdict
-    def _verdict(self, step: _Step | None, phase: str, label: str | None,
-                 kind: str | None) -> None:
+    def _verdict(self, step: _Step | None, phase: str, bad: Reading | None) -> None:
         """Locate what this rank saw, agree with the other ranks, deliver if anyone is bad."""
-        report = None if label is None or kind is None else self._locate(step, phase, label, kind)
+        report = None if bad is None or bad.kind is None else self._locate(
+            step, phase, bad.label, bad.kind)
         codes = share(0 if report is None else encode(report.phase, report.kind))
         if report is None and any(codes):
             report = self._other_rank_report(codes)
@@ -363,15 +318,26 @@ class NanWatch:
 
     def _unreproduced(self, phase: str, label: str, kind: str, source: str, index: int
                       ) -> NonFiniteReport:
+        """The cheap tier saw a non-finite value that the replay did not make again.
+
+        This still raises (in ``mode="raise"``): the cheap tier reads each tensor's largest
+        magnitude, which is non-finite exactly when an element is, so the value was really
+        there and would flow on into the loss and the optimizer. What the report must not do
+        is pretend to know its producer: no op, a summary saying "producer not found", and a
+        hint that says where the two tiers disagree and how to make the replay agree.
+        """
         # a parameter's gradient: name the module that owns it
         module = label.removeprefix("parameter ").rpartition(".")[0] if label.startswith(
             "parameter ") else label
+        what = {"nan": "NaN", "inf": "an Inf"}.get(kind, kind)
         return NonFiniteReport(
             phase, module, "", kind, source, rank(), hint_for(
-                "not_reproduced", f"{label or 'the root module'!r} saw {kind} in the {phase}, "
-                "but replaying the step did not make it again (a non-deterministic op, state "
-                "that changed since, or a gradient from outside the watched forward); rerun "
-                "with torch.use_deterministic_algorithms(True)"),
+                "not_reproduced", f"the check after the step found {what} in "
+                f"{label or 'the root module'!r}'s {phase} values, but replaying the step to "
+                "find the op that made it did not make it again (a non-deterministic op, "
+                "state that changed since, or a gradient from outside the watched forward); "
+                "rerun with torch.use_deterministic_algorithms(True), or watch the code after "
+                "the model"),
             cause="not_reproduced", step=index)
 
     def _deliver(self, report: NonFiniteReport, step: _Step | None) -> None:

@@ -1,0 +1,159 @@
+"""The cheap tier's question, "is everything this step made finite?", in a few ops per step.
+
+Each watched tensor (a module output, a gradient) is reduced to its largest magnitude,
+``|x|.max()``: NaN when it holds a NaN, inf when it holds an Inf, and otherwise one of its own
+finite values. That reduction is exact: a sum, by contrast, overflows (a float32 attention mask
+filled with ``-finfo.max`` sums to ``-inf``) and would report non-finite values where there are
+none. The model's inputs are reduced to their maximum instead, whose sign tells an additive mask
+that holds ``-inf`` on purpose (max ``-inf`` or finite) from a real ``+inf`` or NaN.
+
+The reductions are batched: one multi-tensor ``torch._foreach_norm(tensors, inf)`` (one kernel
+launch per batch on a GPU, not one per tensor) over everything pending, and one host read of all
+results at the end of the phase. A pending tensor is held until its batch is reduced, which can
+keep alive a tensor the step would have freed (an output only added to the residual stream, or
+any output without autograd); so a batch is reduced as soon as the pending bytes pass a budget
+that keeps the extra memory a small fraction of the step's.
+
+>>> batch = Batch(budget=1 << 20)
+>>> batch.add("h.0", torch.tensor([1.0, -3.0]))
+>>> batch.add("h.1", torch.tensor([-torch.finfo(torch.float32).max, float("nan")]))
+>>> [(r.label, r.value) for r in batch.read()]
+[('h.0', 3.0), ('h.1', nan)]
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import torch
+import torch.nn as nn
+
+from torchlens_edu.printing.stats import is_fake
+
+__all__ = ["Batch", "Reading", "checkable", "memory_budget"]
+
+Owner = TypeVar("Owner")
+
+# the floor of the pending-memory budget: below it, batching saves more ops than it costs memory
+_MIN_BUDGET = 1 << 20
+
+
+def memory_budget(model: nn.Module) -> int:
+    """Bytes of pending tensors a :class:`Batch` may hold for ``model``: 5% of its parameter and
+    buffer bytes (a step holds at least those, so the watch adds at most ~5% memory), and 1 MiB
+    at least.
+
+    >>> memory_budget(torch.nn.Linear(2, 2))
+    1048576
+    """
+    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    return max(size // 20, _MIN_BUDGET)
+
+
+def checkable(t: torch.Tensor) -> bool:
+    """A dense float tensor with values (meta and fake tensors, a shape trace's, have none)."""
+    return ((t.is_floating_point() or t.is_complex()) and t.layout == torch.strided
+            and t.numel() > 0 and not t.is_meta and not is_fake(t))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reading(Generic[Owner]):
+    """One entry's reduction: ``value`` is NaN, +-inf or finite, as the tensor was."""
+
+    label: str
+    value: float
+    signed: bool  # the maximum (a model input), not the largest magnitude
+    owner: Owner | None
+
+    @property
+    def kind(self) -> str | None:
+        """``"nan"``, ``"+inf"``, ``"-inf"``, ``"inf"`` (an Inf of either sign), None if finite."""
+        if math.isnan(self.value):
+            return "nan"
+        if not math.isinf(self.value):
+            return None
+        if self.signed:
+            return "+inf" if self.value > 0 else "-inf"
+        return "inf"
+
+
+@dataclass(eq=False)
+class _Pending:
+    """Tensors waiting for their batch's reduction, grouped by device and reduction."""
+
+    tensors: dict[tuple[torch.device, bool], list[torch.Tensor]] = field(
+        default_factory=lambda: defaultdict(list))
+    indices: dict[tuple[torch.device, bool], list[int]] = field(
+        default_factory=lambda: defaultdict(list))
+    bytes: int = 0
+
+
+class Batch(Generic[Owner]):
+    """Labelled tensors of one phase (a forward or a backward), reduced in few ops, read once.
+
+    ``add(label, t, owner=..., signed=...)``: ``signed`` reduces to the maximum (model inputs)
+    instead of the largest magnitude; ``owner`` is whatever the caller needs back for an entry
+    (the step a gradient belongs to). ``read()`` reduces what is pending and returns one float
+    per entry, in the order added; the batch is then empty.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.labels: list[str] = []
+        self.owners: list[Owner | None] = []
+        self.signed: list[bool] = []
+        self._pending = _Pending()
+        self._results: list[tuple[list[int], tuple[torch.Tensor, ...]]] = []
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def add(self, label: str, t: torch.Tensor, owner: Owner | None = None, *,
+            signed: bool = False) -> None:
+        if t.is_complex():
+            t = torch.view_as_real(t.detach())  # |a + bi| could overflow where a, b do not
+        key = (t.device, signed)
+        self._pending.tensors[key].append(t)
+        self._pending.indices[key].append(len(self.labels))
+        self.labels.append(label)
+        self.owners.append(owner)
+        self.signed.append(signed)
+        self._pending.bytes += t.numel() * t.element_size()
+        if self._pending.bytes > self.budget:
+            self.reduce()
+
+    def reduce(self) -> None:
+        """Reduce what is pending (one op per device and kind) and let go of the tensors."""
+        pending, self._pending = self._pending, _Pending()
+        for key, tensors in pending.tensors.items():
+            with torch.no_grad():  # no graph (a ``detach`` per tensor would be an op each)
+                results = (torch._foreach_max(tensors) if key[1]
+                           else torch._foreach_norm(tensors, math.inf))
+            self._results.append((pending.indices[key], results))
+
+    def read(self) -> list[Reading[Owner]]:
+        """Every entry's reduction, in the order added (one host read per device); the batch
+        is empty after."""
+        self.reduce()
+        values = [0.0] * len(self.labels)
+        by_device: dict[torch.device, tuple[list[int], list[torch.Tensor]]] = {}
+        for indices, results in self._results:
+            where, found = by_device.setdefault(results[0].device, ([], []))
+            where.extend(indices)
+            found.extend(results)
+        for where, found in by_device.values():
+            for i, value in zip(where, torch.stack(found).tolist(), strict=True):
+                values[i] = value
+        readings = [Reading(label=label, value=value, signed=signed, owner=owner)
+                    for label, value, signed, owner in zip(
+                        self.labels, values, self.signed, self.owners, strict=True)]
+        self.clear()
+        return readings
+
+    def clear(self) -> None:
+        """Forget everything (a step that failed midway)."""
+        self.labels, self.owners, self.signed = [], [], []
+        self._pending, self._results = _Pending(), []
