@@ -63,6 +63,17 @@ def test_cell_magic_with_options_and_quoted_values(shell, capsys):
     assert re.search(r" \d+(\.\d+)? [kMGT]?FLOP ", capsys.readouterr().out)  # e.g. 1.2 MFLOP
 
 
+def test_meta_cell_gives_a_module_shared_by_two_parents_its_weights_back(shell):
+    from zoo import ModelGuard, SharedHead
+
+    shell.user_ns["shared"] = model = SharedHead()
+    guard = ModelGuard(model)
+    result = _run(shell, "%trace_shapes --meta shared(x % 16)")
+    assert result.error_in_exec is None
+    guard.check()
+    assert not model(torch.zeros(1, 3, dtype=torch.long)).is_meta
+
+
 def test_models_called_without_a_name_are_discovered(shell, capsys):
     shell.user_ns["zoo"] = {"gpt": shell.user_ns["model"]}
     result = _run(shell, '%trace_shapes -o tr3 zoo["gpt"](x[:1])')

@@ -11,11 +11,11 @@ import sys
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-from zoo import ZOO
+from zoo import ZOO, ModelGuard, SharedHead
 
 from torchlens_edu.models import GPT2, GPT2Config, explicit_attention
 from torchlens_edu.shapes import trace_shapes
-from torchlens_edu.shapes.meta import meta_state, op_flops
+from torchlens_edu.shapes.meta import on_meta, op_flops
 
 
 def _by_key(trace):
@@ -45,9 +45,36 @@ def test_meta_trace_touches_no_weight(tiny_gpt2, tiny_ids):
         assert param is params[name][0] and param.device.type == "cpu"
         assert torch.equal(param, params[name][1])
     assert tiny_gpt2.lm_head.weight is tiny_gpt2.transformer.wte.weight
-    state = meta_state(tiny_gpt2)  # one meta twin per tensor: tied weights stay tied
-    assert state["lm_head.weight"] is state["transformer.wte.weight"]
-    assert all(t.is_meta for t in state.values())
+    with on_meta(tiny_gpt2):  # one meta twin per tensor: tied weights stay tied
+        assert tiny_gpt2.lm_head.weight is tiny_gpt2.transformer.wte.weight
+        assert all(t.is_meta for t in tiny_gpt2.state_dict().values())
+        assert isinstance(tiny_gpt2.lm_head.weight, torch.nn.Parameter)
+
+
+def test_a_module_reachable_under_two_paths_gets_its_own_weights_back():
+    import torchlens_edu as tle
+
+    model = SharedHead()
+    ids = torch.randint(0, 16, (2, 5), generator=torch.Generator().manual_seed(0))
+    expected = model(ids)
+    guard = ModelGuard(model)
+    trace_shapes(model, ids, meta=True)
+    guard.check()
+    tle.inspect(model).trace(ids, meta=True, ops=True)
+    guard.check()
+    with tle.inspect(model).capture("*") as cache:  # estimates its memory with a meta run
+        model(ids)
+    guard.check()
+    assert torch.equal(cache["head"], expected)  # one module: its first path
+    assert torch.equal(model(ids), expected)  # was: "Tensor on device cpu is not on ... meta"
+
+
+def test_model_guard_notices_a_weight_swapped_under_a_second_path():
+    model = SharedHead()
+    guard = ModelGuard(model)
+    model.decoder.proj.weight = torch.nn.Parameter(model.emb.weight.detach().clone())
+    with pytest.raises(AssertionError, match=r"head\.weight is not the same tensor object"):
+        guard.check()
 
 
 def test_flops_match_torch_flop_counter_and_memory_is_per_new_tensor(tiny_gpt2, tiny_ids):

@@ -271,6 +271,23 @@ class KwargsOnly(nn.Module):
         return self.head(F.relu(h)).sum(dim=1)  # (B, 4)
 
 
+class SharedHead(nn.Module):
+    """A tied projection registered under two parents, as tutorials write it: ``head`` is
+    reachable as ``head`` and ``decoder.proj``, and its weight is the embedding's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(16, 8)
+        self.head = nn.Linear(8, 16, bias=False)
+        self.decoder = nn.Module()
+        self.decoder.proj = self.head
+        self.head.weight = self.emb.weight
+        self.register_buffer("scale", torch.ones(8))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.proj(self.emb(ids) * self.scale)
+
+
 # --- checking that an observer left the model as it found it --------------------------------
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
@@ -283,9 +300,9 @@ _GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks",
 class ModelGuard:
     """Snapshot of a model's state and hooks; :meth:`check` asserts nothing changed.
 
-    Compares the state dict bit for bit, the parameter and buffer objects, every module's hook
-    dictionaries and training flag,
-    torch's global module hooks, and (given tensors) that no tensor hook is left on them.
+    Compares the state dict bit for bit, the parameter and buffer objects (by identity, under
+    every path that reaches them), every module's hook dictionaries and training flag, torch's
+    global module hooks, and (given tensors) that no tensor hook is left on them.
 
     >>> guard = ModelGuard(nn.Linear(2, 2))
     >>> guard.check()
@@ -298,10 +315,12 @@ class ModelGuard:
         self.hooks = self._hooks()
         self.training = [m.training for m in model.modules()]
 
-    def _tensors(self) -> list[tuple[str, str, int]]:
-        """Identity of every parameter and buffer object, read from the modules' own dicts
-        (models may override ``named_parameters``/``state_dict``)."""
-        return [(path, name, id(t)) for path, m in self.model.named_modules()
+    def _tensors(self) -> list[tuple[str, str, torch.Tensor | None]]:
+        """Every parameter and buffer object under every path that reaches it (a module shared
+        by two parents is listed twice), read from the modules' own dicts: models may override
+        ``named_parameters``/``state_dict``. The objects themselves are kept, not their ids,
+        which a new tensor could reuse."""
+        return [(path, name, t) for path, m in self.model.named_modules(remove_duplicate=False)
                 for name, t in (*m._parameters.items(), *m._buffers.items())]
 
     def _hooks(self) -> list[tuple[str, str, tuple]]:
@@ -314,7 +333,13 @@ class ModelGuard:
         return found
 
     def check(self, *tensors: Any) -> None:
-        assert self._tensors() == self.tensors, "a parameter or buffer object was replaced"
+        now = self._tensors()
+        assert [(p, n) for p, n, _ in now] == [(p, n) for p, n, _ in self.tensors], \
+            "a parameter or buffer was added or removed"
+        for (path, name, tensor), (_, _, before) in zip(now, self.tensors, strict=True):
+            where = f"{path}.{name}" if path else name
+            assert tensor is before, f"{where} is not the same tensor object any more " \
+                f"(now on {getattr(tensor, 'device', None)})"
         state = {k: _bits(v) for k, v in self.model.state_dict(keep_vars=True).items()}
         assert state.keys() == self.state.keys(), "the state dict's keys changed"
         for key, bits in state.items():

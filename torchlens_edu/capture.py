@@ -347,8 +347,7 @@ def _estimate(model: nn.Module, pattern: Pattern, paths: set[str], args: tuple, 
     from torchlens_edu.shapes.tracer import trace_shapes
 
     try:
-        with _tensors_kept(model):
-            trace = trace_shapes(model, *args, meta=True, include=pattern, **kwargs)
+        trace = trace_shapes(model, *args, meta=True, include=pattern, **kwargs)
     except Exception:  # value-dependent forward: say so, and guard while capturing instead
         known[key] = None
         return None, _NO_ESTIMATE
@@ -359,24 +358,6 @@ def _estimate(model: nn.Module, pattern: Pattern, paths: set[str], args: tuple, 
             nbytes += sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs)
     known[key] = nbytes
     return nbytes, ""
-
-
-@contextmanager
-def _tensors_kept(model: nn.Module) -> Iterator[None]:
-    """Put every module's own parameter and buffer objects back after the block.
-
-    The meta run swaps them for meta twins by name; a model whose ``named_parameters`` lists
-    aliases instead of attribute names (TransformerLens' bridge) could otherwise be left with
-    meta weights. Reading the ``_parameters``/``_buffers`` dicts directly cannot be fooled."""
-    kept = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for module, parameters, buffers in kept:  # same objects back: cheap and exact
-            module._parameters.clear()
-            module._parameters.update(parameters)
-            module._buffers.clear()
-            module._buffers.update(buffers)
 
 
 _NO_ESTIMATE = ("no estimate (the model cannot run on meta tensors); the bytes were counted "

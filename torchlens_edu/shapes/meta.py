@@ -2,14 +2,13 @@
 
 A meta tensor has a shape and a dtype but no storage, so GPT-2 XL "runs" in a second on a laptop
 and no weight is read, copied or allocated. The model itself is not changed: its parameters are
-swapped for meta stand-ins only while the run lasts (what ``torch.func.functional_call`` does,
-as a ``with`` block here so that any code inside it may call the model), and tied weights stay
-tied because the stand-ins are made once per tensor.
+swapped for meta stand-ins only while the run lasts (as a ``with`` block, so that any code inside
+it may call the model) and the same objects are put back afterwards; tied weights stay tied
+because the stand-ins are made once per tensor.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +16,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.flop_counter import conv_flop_count
 
 from torchlens_edu._core.tree import map_tensors
@@ -43,27 +41,49 @@ def inputs_to_meta(args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, An
         return map_tensors(to_meta, args), map_tensors(to_meta, kwargs)
 
 
-def meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Name -> meta tensor for every parameter and buffer; one twin per tensor keeps ties."""
-    twins: dict[int, torch.Tensor] = {}
-    state: dict[str, torch.Tensor] = {}
-    named = [*model.named_parameters(remove_duplicate=False),
-             *model.named_buffers(remove_duplicate=False)]
-    for name, tensor in named:
-        if id(tensor) not in twins:
-            twins[id(tensor)] = to_meta(tensor)
-        state[name] = twins[id(tensor)]
-    return state
+def _twin(tensor: torch.Tensor) -> torch.Tensor:
+    """The meta stand-in for one parameter or buffer: a ``Parameter`` stays a ``Parameter``."""
+    twin = to_meta(tensor)
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(twin, requires_grad=tensor.requires_grad)
+    return twin
 
 
 @contextmanager
-def on_meta(model: nn.Module) -> Iterator[None]:
-    """While the block runs, ``model``'s parameters and buffers are meta twins; then restored."""
-    if all(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
-        yield  # built under ``with torch.device("meta")``: nothing to swap
-        return
-    with _reparametrize_module(model, meta_state(model), tie_weights=True):
+def on_meta(model: nn.Module, twins: dict[int, torch.Tensor] | None = None) -> Iterator[None]:
+    """While the block runs, ``model``'s parameters and buffers are meta twins; then the very
+    same objects are put back, also when the block raises.
+
+    The swap works on each module's own ``_parameters``/``_buffers`` dicts, each module once
+    however many paths reach it (a tied projection registered under two parents, shared
+    encoder/decoder embeddings): swapping by name would swap a shared module twice and put
+    the first twin back. One twin per tensor keeps tied weights tied; pass the same ``twins``
+    dict to several calls to keep ties across models.
+
+    >>> m = nn.Linear(2, 2)
+    >>> weight = m.weight
+    >>> with on_meta(m):
+    ...     m.weight.is_meta
+    True
+    >>> m.weight is weight
+    True
+    """
+    twins = {} if twins is None else twins
+    slots: list[tuple[dict[str, Any], str, torch.Tensor]] = []  # (table, name, original)
+    for module in model.modules():  # each module object once
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is not None and not tensor.is_meta:
+                    if id(tensor) not in twins:
+                        twins[id(tensor)] = _twin(tensor)
+                    slots.append((table, name, tensor))
+    try:
+        for table, name, tensor in slots:
+            table[name] = twins[id(tensor)]
         yield
+    finally:
+        for table, name, tensor in slots:
+            table[name] = tensor
 
 
 def op_flops(name: str, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> int:

@@ -108,6 +108,7 @@ class ShapeTracer:
         self._calls: dict[str, int] = {}  # module path -> calls so far
         self._op_calls: dict[tuple[str, str], int] = {}  # (module path, op) -> calls so far
         self._hooked: set[int] = set()
+        self._twins: dict[int, torch.Tensor] = {}  # meta runs: one twin per weight, all models
         self._dims: Dims | None = None
         self._exits = ExitStack()
         self._handles: list[RemovableHandle] = []  # module hooks: one list, removed last
@@ -158,7 +159,7 @@ class ShapeTracer:
         if id(root) in self._hooked:
             return
         if self.meta:
-            self._exits.enter_context(_shape_meta.on_meta(root))
+            self._exits.enter_context(_shape_meta.on_meta(root, self._twins))
         self._root_names.append(type(root).__name__)
         named = list(root.named_modules())
         selected = self._selected(root, named)
