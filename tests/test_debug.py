@@ -45,7 +45,7 @@ def paused(monkeypatch):
 
 def test_parse_stops_and_clear_errors():
     assert debug.parse_stops("attention:layer=3,head=1; attention") == [
-        debug.StopRequest("attention", 3, 1), debug.StopRequest("attention")]
+        debug.StopRequest("attention", layer=3, head=1), debug.StopRequest("attention")]
     with pytest.raises(ValueError, match="did you mean 'attention'"):
         debug.parse_stops("atention")
     with pytest.raises(ValueError, match="attention:layer=3,head=1"):

@@ -57,7 +57,7 @@ class CaptureTooLarge(MemoryError):
     """The capture would hold more memory than its limit (``max_bytes``)."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Activation:
     """One captured call of one module: its output, and on request its inputs and gradients.
 
@@ -310,7 +310,7 @@ def capture(model: nn.Module, pattern: Pattern = "*", *, grads: bool = False,
 
         def record(call: HookCall) -> None:
             output = map_tensors(keep, call.output)
-            entry = Activation(call.path, call.call, output)
+            entry = Activation(path=call.path, call=call.call, output=output)
             if inputs:
                 entry.args, entry.kwargs = map_tensors(keep, (call.args, call.kwargs))
             # Kept tensors that alias the model's: remember their version to spot later edits.

@@ -21,7 +21,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, Literal
 
 import torch.nn as nn
@@ -41,13 +41,14 @@ STOP_POINTS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class StopRequest:
-    """Where to stop: a stop-point name and optional layer / head filters.
+    """Where to stop: a stop-point name and optional layer / head filters (by keyword).
 
     >>> str(StopRequest("attention", layer=3, head=1))
     'attention:layer=3,head=1'
     """
 
     point: str
+    _: KW_ONLY
     layer: int | None = None
     head: int | None = None
 
@@ -126,7 +127,7 @@ def stop_at(point: str, *, layer: int | None = None, head: int | None = None) ->
 
     >>> stop = stop_at("attention", layer=3); stop.remove()
     """
-    return StopHandle(StopRequest(point, layer, head))
+    return StopHandle(StopRequest(point, layer=layer, head=head))
 
 
 def clear_stops() -> None:

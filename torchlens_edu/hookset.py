@@ -42,7 +42,7 @@ HookFn = Callable[["HookCall"], Any]
 _PRUNE_EVERY = 4096  # tensor-hook handles kept before the dead ones (freed outputs) are dropped
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class HookCall:
     """What a hook function sees: one call of one module.
 
@@ -157,7 +157,8 @@ class HookSet:
                     return None
                 index, changed = next_index(), False
                 for fn in fns:
-                    result = self._call(fn, HookCall("forward_pre", path, mod, index, args, kwargs))
+                    result = self._call(fn, HookCall(kind="forward_pre", path=path, module=mod,
+                                                     call=index, args=args, kwargs=kwargs))
                     if result is not None:
                         args, kwargs = _as_inputs(result, args, kwargs, path)
                         changed = True
@@ -171,8 +172,9 @@ class HookSet:
                     return None
                 index, changed = next_index(), False
                 for fn in fns:
-                    result = self._call(fn, HookCall("forward", path, mod, index, args, kwargs,
-                                                     output))
+                    result = self._call(fn, HookCall(kind="forward", path=path, module=mod,
+                                                     call=index, args=args, kwargs=kwargs,
+                                                     output=output))
                     if result is not None:
                         _check_replacement(result, output, path)
                         output, changed = result, True
@@ -196,8 +198,8 @@ class HookSet:
         def on_grad(grad: torch.Tensor) -> torch.Tensor | None:
             changed = False
             for fn in fns:
-                result = self._call(fn, HookCall("backward", path, module, index, grad=grad,
-                                                 index=position))
+                result = self._call(fn, HookCall(kind="backward", path=path, module=module,
+                                                 call=index, grad=grad, index=position))
                 if result is not None:
                     grad, changed = result, True
             return grad if changed else None

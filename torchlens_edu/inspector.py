@@ -39,7 +39,7 @@ from torchlens_edu.dims import Dims
 from torchlens_edu.hookset import HookCall, HookSet, require_module
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class ParamCount:
     """How many parameters a model has, and why a naive sum says more.
 
@@ -81,7 +81,7 @@ def count_parameters(model: nn.Module) -> ParamCount:
     naive = sum(tensors[key].numel() * len(n) for key, n in names.items())
     tied = [(list(dict.fromkeys(n)), tensors[key].numel()) for key, n in names.items()
             if len(set(n)) > 1]
-    return ParamCount(unique, trainable, naive, tied)
+    return ParamCount(unique=unique, trainable=trainable, naive=naive, tied=tied)
 
 
 class Inspector:

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from torchlens_edu.nans.causes import backward_cause, hint_for
-from torchlens_edu.nans.report import Found, Producer, TensorSummary, bad_kinds
+from torchlens_edu.nans.report import Found, Kind, Producer, TensorSummary, bad_kinds
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Creation:
     """Where an autograd node came from: the forward call that made it."""
 
@@ -39,7 +39,7 @@ class GraphWatch:
     summarises a module's parameters for the report.
     """
 
-    def __init__(self, created: Mapping[Any, Creation], kinds: frozenset[str],
+    def __init__(self, created: Mapping[Any, Creation], kinds: frozenset[Kind],
                  dims: Mapping[str, int] | None,
                  params_of: Callable[[str], list[TensorSummary]],
                  quiet: Callable[[], AbstractContextManager[None]]) -> None:
@@ -87,8 +87,9 @@ class GraphWatch:
                 for i, g in enumerate(outgoing)]
         cause, detail = backward_cause(node.name(), made.op, zero_where_bad(incoming, outgoing),
                                        outs, forward if made.inputs else None)
-        return Producer("backward", made.index, node.name(), made.module, made.source, cause,
-                        hint_for(cause, detail), ins, outs, self.params_of(made.module),
+        return Producer(phase="backward", index=made.index, op=node.name(), module=made.module,
+                        source=made.source, cause=cause, hint=hint_for(cause, detail),
+                        inputs=ins, outputs=outs, params=self.params_of(made.module),
                         forward_op=made.op)
 
 

@@ -24,7 +24,8 @@ ReplayTo = Callable[[int, Callable[[FrameType | None], None] | None], BaseExcept
 def stop_at_producer(report: NonFiniteReport, index: int | None, replay_to: ReplayTo) -> None:
     """Open the debugger at the producing call of ``report`` (call ``index`` of the replay).
 
-    >>> report = NonFiniteReport("input", "", "", "nan", "", None, "h", cause="input")
+    >>> report = NonFiniteReport(phase="input", module="", op="", kind="nan", source="", hint="h",
+    ...                          cause="input")
     >>> stop_at_producer(report, None, lambda index, on_stop: None)  # nothing to stop at
     """
     console = get_console(stderr=True)

@@ -155,8 +155,10 @@ def forward_cause(op: str, inputs: list[TensorSummary], outputs: list[TensorSumm
     """Cause id and hint detail for a forward op whose finite (or intentionally ``-inf``)
     inputs made non-finite outputs; every cause named is one the values show.
 
-    >>> x = TensorSummary("x", "(2,)", "float16", 0, 0, 0, 0, -300.0, 300.0)
-    >>> y = TensorSummary("y", "(2,)", "float16", 0, 2, 0, 0, None, None)
+    >>> x = TensorSummary(name="x", shape="(2,)", dtype="float16", nan=0, posinf=0, neginf=0,
+    ...                   zeros=0, min=-300.0, max=300.0)
+    >>> y = TensorSummary(name="y", shape="(2,)", dtype="float16", nan=0, posinf=2, neginf=0,
+    ...                   zeros=0, min=None, max=None)
     >>> forward_cause("pow", [x], [y], False, RowFacts(exponent=2.0))[0]
     'fp16_overflow'
     """
@@ -230,8 +232,10 @@ def backward_cause(node: str, forward_op: str, zero_incoming: bool,
     gradients. ``zero_incoming``: the incoming gradient is 0 wherever the outgoing is not finite;
     ``forward_inputs``: the node's forward inputs, which must show the cause a hint names.
 
-    >>> g = TensorSummary("g", "(2,)", "float16", 0, 1, 0, 0, 1.0, 1.0)
-    >>> x = TensorSummary("x", "(2,)", "float16", 0, 0, 0, 0, 100.0, 300.0)
+    >>> g = TensorSummary(name="g", shape="(2,)", dtype="float16", nan=0, posinf=1, neginf=0,
+    ...                   zeros=0, min=1.0, max=1.0)
+    >>> x = TensorSummary(name="x", shape="(2,)", dtype="float16", nan=0, posinf=0, neginf=0,
+    ...                   zeros=0, min=100.0, max=300.0)
     >>> backward_cause("PowBackward0", "pow", False, [g], [x])[0]
     'fp16_overflow'
     """

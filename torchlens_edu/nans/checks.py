@@ -31,6 +31,7 @@ from typing import Generic, TypeVar
 import torch
 import torch.nn as nn
 
+from torchlens_edu.nans.report import Kind
 from torchlens_edu.printing.stats import is_fake
 
 __all__ = ["Batch", "Reading", "checkable", "memory_budget"]
@@ -69,7 +70,7 @@ class Reading(Generic[Owner]):
     owner: Owner | None
 
     @property
-    def kind(self) -> str | None:
+    def kind(self) -> Kind | None:
         """``"nan"``, ``"+inf"``, ``"-inf"``, ``"inf"`` (an Inf of either sign), None if finite."""
         if math.isnan(self.value):
             return "nan"

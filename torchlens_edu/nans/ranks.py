@@ -11,9 +11,11 @@ from datetime import timedelta
 
 import torch
 
+from torchlens_edu.nans.report import Kind, Phase
+
 DIST_TIMEOUT = timedelta(minutes=5)  # how long a rank waits for the others' verdict
-_KINDS = ("nan", "+inf", "-inf", "inf")  # "inf": the cheap tier saw an Inf of either sign
-_PHASES = ("input", "forward", "backward")
+_KINDS: tuple[Kind, ...] = ("nan", "+inf", "-inf", "inf")  # "inf": an Inf of either sign
+_PHASES: tuple[Phase, ...] = ("input", "forward", "backward")
 
 
 def rank() -> int | None:
@@ -22,17 +24,16 @@ def rank() -> int | None:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else None
 
 
-def encode(phase: str, kind: str) -> int:
+def encode(phase: Phase, kind: Kind) -> int:
     """A verdict as a small positive int (0 means clean).
 
     >>> decode(encode("backward", "-inf"))
     ('backward', '-inf')
     """
-    kind_code = _KINDS.index(kind) if kind in _KINDS else 0
-    return (_PHASES.index(phase) + 1) * 8 + kind_code + 1
+    return (_PHASES.index(phase) + 1) * 8 + _KINDS.index(kind) + 1
 
 
-def decode(code: int) -> tuple[str, str]:
+def decode(code: int) -> tuple[Phase, Kind]:
     """``(phase, kind)`` of a non-zero verdict code."""
     return _PHASES[code // 8 - 1], _KINDS[code % 8 - 1]
 

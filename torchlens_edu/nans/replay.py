@@ -40,7 +40,7 @@ from torchlens_edu._core.modules import module_paths
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.nans.backward import Creation, GraphWatch
 from torchlens_edu.nans.causes import forward_cause, hint_for, row_facts
-from torchlens_edu.nans.report import Found, Producer, TensorSummary, bad_kinds, kind_of
+from torchlens_edu.nans.report import Found, Kind, Producer, TensorSummary, bad_kinds, kind_of
 
 # ops that only move or view data: they pass non-finite values along, they never make them
 _MOVES = frozenset({
@@ -65,11 +65,11 @@ class Stopped(Exception):  # control flow: the replay stopped at the producer
         self.frame = frame
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class _State:
     """What we know of a tensor's non-finite values: none, intended, or from a producer."""
 
-    kinds: frozenset[str] = frozenset()
+    kinds: frozenset[Kind] = frozenset()
     allowed: bool = False  # intentional (-inf masks)
     origin: Producer | None = None  # tainted: made by this producer
     label: str = ""  # non-finite already when first seen (a parameter, buffer, input)
@@ -82,9 +82,9 @@ def _floats(obj: Any) -> list[torch.Tensor]:
     return [t for t in iter_tensors(obj) if t.is_floating_point() or t.is_complex()]
 
 
-def _scalar_kinds(obj: Any) -> set[str]:
+def _scalar_kinds(obj: Any) -> set[Kind]:
     """Non-finite Python numbers among the arguments (``masked_fill(m, float("-inf"))``)."""
-    found: set[str] = set()
+    found: set[Kind] = set()
     stack = [obj]
     while stack:
         item = stack.pop()
@@ -100,7 +100,7 @@ def _scalar_kinds(obj: Any) -> set[str]:
     return found
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ReplayInputs:
     """Everything needed to run one step's forward again, identically."""
 
@@ -131,7 +131,7 @@ class Replayer(TorchFunctionMode):
     would start collectives on this rank alone).
     """
 
-    def __init__(self, watched: nn.Module, target: nn.Module, kinds: frozenset[str],
+    def __init__(self, watched: nn.Module, target: nn.Module, kinds: frozenset[Kind],
                  dims: Mapping[str, int] | None) -> None:
         super().__init__()
         self.watched, self.target, self.kinds, self.dims = watched, target, kinds, dims
@@ -166,7 +166,7 @@ class Replayer(TorchFunctionMode):
         for i, t in enumerate(_floats((step.args, step.kwargs))):
             kinds = bad_kinds(t, self.kinds)
             # an additive attention mask comes in holding -inf on purpose
-            state = _State(kinds, allowed=kinds <= {"-inf"}, label=f"model input {i}")
+            state = _State(kinds=kinds, allowed=kinds <= {"-inf"}, label=f"model input {i}")
             self.states[id(t)] = (weakref.ref(t), t._version, state if kinds else _CLEAN)
         try:
             with self._replaying(step, grad=False):
@@ -200,9 +200,11 @@ class Replayer(TorchFunctionMode):
             if any(bad_kinds(g, self.kinds) for g in grads):
                 summaries = [TensorSummary.of(f"grad of output {i}", g, self.dims)
                              for i, g in enumerate(grads)]
-                return Producer("backward", -1, "", "", "", "loss", hint_for(
-                    "loss", "the gradient that reached the model's outputs was already "
-                    "non-finite: the code after the model (the loss) made it"),
+                return Producer(
+                    phase="backward", index=-1, op="", module="", source="", cause="loss",
+                    hint=hint_for("loss", "the gradient that reached the model's outputs was "
+                                  "already non-finite: the code after the model (the loss) "
+                                  "made it"),
                     outputs=summaries)
             GraphWatch(self.nodes, self.kinds, self.dims, self._module_params,
                        self._quiet).hook_graph(roots)
@@ -281,8 +283,8 @@ class Replayer(TorchFunctionMode):
         if entry is not None and entry[0]() is t and entry[1] == t._version:
             return entry[2]
         kinds = bad_kinds(t, self.kinds)
-        state = _State(kinds, label=self.labels.get(id(t), "a tensor made outside torch calls")
-                       ) if kinds else _CLEAN
+        label = self.labels.get(id(t), "a tensor made outside torch calls")
+        state = _State(kinds=kinds, label=label) if kinds else _CLEAN
         self._set(t, state)
         return state
 
@@ -327,7 +329,8 @@ class Replayer(TorchFunctionMode):
             if node is not None and node not in self.nodes:
                 source = source or frame_location(user_frame(sys._getframe(1)))
                 module = self.stack[-1] if self.stack else ""
-                self.nodes[node] = Creation(index, _display(name), module, source, tuple(inputs))
+                self.nodes[node] = Creation(index=index, op=_display(name), module=module,
+                                            source=source, inputs=tuple(inputs))
 
     def _track(self, index: int, name: str, args: tuple, kwargs: dict,
                inputs: list[torch.Tensor], before: list[_State],
@@ -348,13 +351,13 @@ class Replayer(TorchFunctionMode):
             if s.allowed:
                 allowed |= s.kinds
         if origins:
-            state = _State(made, origin=min(origins, key=lambda p: p.index))
+            state = _State(kinds=made, origin=min(origins, key=lambda p: p.index))
         elif name in _MOVES and foreign:  # carried along, not made: judged where it is used
-            state = _State(made, label=foreign[0][1].label)
+            state = _State(kinds=made, label=foreign[0][1].label)
         elif not foreign and made <= allowed:
-            state = _State(made, allowed=True)
+            state = _State(kinds=made, allowed=True)
         else:
-            state = _State(made, origin=self._forward_producer(
+            state = _State(kinds=made, origin=self._forward_producer(
                 index, name, inputs, outputs, foreign,
                 masked=any(s.allowed and "-inf" in s.kinds for s in before),
                 call=(args, kwargs)))
@@ -384,8 +387,9 @@ class Replayer(TorchFunctionMode):
             hint = hint_for(cause, detail)
         named = {s.name for s in ins}
         params = [s for s in self._module_params(module) if f"parameter {s.name}" not in named]
-        return Producer("forward", index, _display(name), module, source, cause, hint, ins,
-                        outs, params)
+        return Producer(phase="forward", index=index, op=_display(name), module=module,
+                        source=source, cause=cause, hint=hint, inputs=ins, outputs=outs,
+                        params=params)
 
     def _module_params(self, path: str) -> list[TensorSummary]:
         module = dict(self.watched.named_modules()).get(path)

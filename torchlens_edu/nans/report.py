@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from rich import box
@@ -23,11 +23,16 @@ from rich.table import Table
 from rich.text import Text
 
 from torchlens_edu._core.console import render_html, render_text
+from torchlens_edu._core.formatting import dtype_name
 from torchlens_edu.dims import format_shape
 
-ALL_KINDS = frozenset({"nan", "+inf", "-inf"})
+Phase = Literal["input", "forward", "backward"]  # where a non-finite value showed up
+# "inf": an Inf of either sign, as the cheap tier sees it (largest magnitude) when no replay
+# made it again to tell the sign
+Kind = Literal["nan", "+inf", "-inf", "inf"]
+ALL_KINDS: frozenset[Kind] = frozenset({"nan", "+inf", "-inf"})
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class TensorSummary:
     """One tensor around the producer: its role, named shape, dtype, counts and finite range."""
 
@@ -53,8 +58,9 @@ class TensorSummary:
         from torchlens_edu.printing import tensor_stats
 
         s = tensor_stats(t)
-        return cls(name, format_shape(tuple(t.shape), dims), str(t.dtype).replace("torch.", ""),
-                   s.nan, s.posinf, s.neginf, s.zeros, s.min, s.max, s.note)
+        return cls(name=name, shape=format_shape(tuple(t.shape), dims), dtype=dtype_name(t.dtype),
+                   nan=s.nan, posinf=s.posinf, neginf=s.neginf, zeros=s.zeros, min=s.min,
+                   max=s.max, note=s.note)
 
     @property
     def finite(self) -> bool:
@@ -64,7 +70,7 @@ class TensorSummary:
         return dict(vars(self))
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, kw_only=True)
 class NonFiniteReport:
     """Where the first NaN/Inf was made, and the likely cause.
 
@@ -73,17 +79,18 @@ class NonFiniteReport:
     or autograd node (``SqrtBackward0``); ``kind`` ``"nan"``, ``"+inf"`` or ``"-inf"``; ``source``
     the user's ``"file.py:LINE"`` (in the backward: the forward line that created the node).
 
-    >>> r = NonFiniteReport("forward", "h.0", "log", "nan", "model.py:12", None, "log/sqrt of <= 0")
+    >>> r = NonFiniteReport(phase="forward", module="h.0", op="log", kind="nan",
+    ...                     source="model.py:12", hint="log/sqrt of <= 0")
     >>> r.to_dict()["op"]
     'log'
     """
 
-    phase: str
+    phase: Phase
     module: str
     op: str
-    kind: str
+    kind: Kind
     source: str
-    rank: int | None
+    rank: int | None = None  # under torch.distributed: the rank that reports
     hint: str
     cause: str = ""
     step: int = 0
@@ -184,15 +191,18 @@ def _tensor_table(rows: list[tuple[str, TensorSummary]]) -> Table:
     return table
 
 
-def kind_of(summaries: list[TensorSummary]) -> str:
+def kind_of(summaries: list[TensorSummary]) -> Kind:
     """The kind to report for non-finite outputs: NaN first, then +Inf, then -Inf."""
-    for attr, kind in (("nan", "nan"), ("posinf", "+inf"), ("neginf", "-inf")):
-        if any(getattr(s, attr) for s in summaries):
-            return kind
+    if any(s.nan for s in summaries):
+        return "nan"
+    if any(s.posinf for s in summaries):
+        return "+inf"
+    if any(s.neginf for s in summaries):
+        return "-inf"
     return "nan"
 
 
-def bad_kinds(t: torch.Tensor, kinds: frozenset[str] = ALL_KINDS) -> frozenset[str]:
+def bad_kinds(t: torch.Tensor, kinds: frozenset[Kind] = ALL_KINDS) -> frozenset[Kind]:
     """Which of ``kinds`` (``"nan"``, ``"+inf"``, ``"-inf"``) occur in ``t`` (host syncs).
 
     >>> sorted(bad_kinds(torch.tensor([1.0, float("-inf"), float("nan")])))
@@ -203,7 +213,7 @@ def bad_kinds(t: torch.Tensor, kinds: frozenset[str] = ALL_KINDS) -> frozenset[s
         t = torch.view_as_real(t)
     if t.numel() == 0 or bool(torch.isfinite(t).all()):
         return frozenset()
-    found = set()
+    found: set[Kind] = set()
     if "nan" in kinds and bool(torch.isnan(t).any()):
         found.add("nan")
     if "+inf" in kinds and bool((t == math.inf).any()):
@@ -213,11 +223,11 @@ def bad_kinds(t: torch.Tensor, kinds: frozenset[str] = ALL_KINDS) -> frozenset[s
     return frozenset(found)
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Producer:
     """The op (or autograd node) that made the first non-finite value, and what surrounded it."""
 
-    phase: str
+    phase: Literal["forward", "backward"]
     index: int  # position of the forward call in the replay (for stopping there again)
     op: str
     module: str
@@ -230,7 +240,7 @@ class Producer:
     forward_op: str = ""
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> Kind:
         return kind_of(self.outputs)
 
 

@@ -43,7 +43,9 @@ from torchlens_edu.nans.ranks import decode, encode, rank, share
 from torchlens_edu.nans.replay import Replayer, ReplayInputs, Stopped, save_rng
 from torchlens_edu.nans.report import (
     ALL_KINDS,
+    Kind,
     NonFiniteReport,
+    Phase,
     Producer,
     TensorSummary,
     kind_of,
@@ -57,7 +59,8 @@ Mode = Literal["raise", "warn", "break"]
 class NonFiniteError(RuntimeError):
     """A NaN or Inf was made; ``.report`` (a :class:`NonFiniteReport`) says where and why.
 
-    >>> err = NonFiniteError(NonFiniteReport("forward", "", "log", "nan", "", None, "hint"))
+    >>> err = NonFiniteError(NonFiniteReport(phase="forward", module="", op="log", kind="nan",
+    ...                                      source="", hint="hint"))
     >>> err.report.op
     'log'
     """
@@ -70,7 +73,7 @@ class NonFiniteError(RuntimeError):
         return "\n" + str(self.report)
 
 
-@dataclass(eq=False)  # identity: ``step in pending`` must not compare tensors
+@dataclass(eq=False, kw_only=True)  # identity: ``step in pending`` must not compare tensors
 class _Step:
     """One checked forward (and the backward through it): its cheap-tier batch, replay inputs."""
 
@@ -108,7 +111,7 @@ class NanWatch:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every={every!r}: check every N-th forward, N an int >= 1")
         self.model, self.mode, self.every = model, mode, every
-        self.kinds = ALL_KINDS if check_inf else frozenset({"nan"})
+        self.kinds: frozenset[Kind] = ALL_KINDS if check_inf else frozenset({"nan"})
         self.dims = dict(dims or {})
         self.reports: list[NonFiniteReport] = []
         self._paths = module_paths(model)
@@ -166,8 +169,8 @@ class NanWatch:
         if (self._calls - 1) % self.every:
             return
         cpu, cuda = save_rng()
-        step = _Step(self._calls, ReplayInputs(args, kwargs, cpu, cuda), user_source(),
-                     Batch(self._budget))
+        step = _Step(index=self._calls, source=user_source(), checks=Batch(self._budget),
+                     replay=ReplayInputs(args=args, kwargs=kwargs, rng_cpu=cpu, rng_cuda=cuda))
         for i, t in enumerate(t for t in iter_tensors((args, kwargs)) if _is_float(t)):
             if checkable(t):
                 step.checks.add(f"input {i}", t, signed=True)
@@ -205,7 +208,7 @@ class NanWatch:
             if t.requires_grad:
                 t.register_hook(partial(self._keep_grad, step, i))
         bad = self._first_bad(step.checks.read())
-        phase = "input" if bad is not None and bad.signed else "forward"
+        phase: Phase = "input" if bad is not None and bad.signed else "forward"
         self._verdict(step, phase, bad)
 
     # ------------------------------------------------------------------ cheap tier: backward
@@ -263,7 +266,7 @@ class NanWatch:
         return None
 
     # ------------------------------------------------------------------ verdict
-    def _verdict(self, step: _Step | None, phase: str, bad: Reading | None) -> None:
+    def _verdict(self, step: _Step | None, phase: Phase, bad: Reading | None) -> None:
         """Locate what this rank saw, agree with the other ranks, deliver if anyone is bad."""
         report = None if bad is None or bad.kind is None else self._locate(
             step, phase, bad.label, bad.kind)
@@ -277,12 +280,13 @@ class NanWatch:
         phase, kind = decode(next(c for c in codes if c))
         ranks = [r for r, c in enumerate(codes) if c]
         return NonFiniteReport(
-            phase, "", "", kind, user_source(), rank(), hint_for(
-                "other_rank", f"rank {', '.join(map(str, ranks))} found {kind} in the {phase}; "
-                "this rank stops too so that it does not wait for it forever: read that "
-                "rank's report"), cause="other_rank")
+            phase=phase, module="", op="", kind=kind, source=user_source(), rank=rank(),
+            hint=hint_for("other_rank", f"rank {', '.join(map(str, ranks))} found {kind} in the "
+                          f"{phase}; this rank stops too so that it does not wait for it "
+                          "forever: read that rank's report"),
+            cause="other_rank")
 
-    def _locate(self, step: _Step | None, phase: str, label: str, kind: str
+    def _locate(self, step: _Step | None, phase: Phase, label: str, kind: Kind
                 ) -> NonFiniteReport | None:
         """The precise tier: replay the step and name the producer."""
         if step is None:  # a parameter's gradient, with no watched forward to replay
@@ -295,7 +299,8 @@ class NanWatch:
                 int(label.removeprefix("input "))]
             summary = TensorSummary.of(label, t, dims)
             return NonFiniteReport(
-                "input", "", "", kind_of([summary]), step.source, rank(), hint_for(
+                phase="input", module="", op="", kind=kind_of([summary]), source=step.source,
+                rank=rank(), hint=hint_for(
                     "input", "the values were non-finite before the model ran; check the data "
                     "pipeline (or what fed this input), the model is not at fault"),
                 cause="input", step=step.index, inputs=[summary])
@@ -316,7 +321,7 @@ class NanWatch:
         step.producer = producer
         return _to_report(producer, step)
 
-    def _unreproduced(self, phase: str, label: str, kind: str, source: str, index: int
+    def _unreproduced(self, phase: Phase, label: str, kind: Kind, source: str, index: int
                       ) -> NonFiniteReport:
         """The cheap tier saw a non-finite value that the replay did not make again.
 
@@ -331,7 +336,8 @@ class NanWatch:
             "parameter ") else label
         what = {"nan": "NaN", "inf": "an Inf"}.get(kind, kind)
         return NonFiniteReport(
-            phase, module, "", kind, source, rank(), hint_for(
+            phase=phase, module=module, op="", kind=kind, source=source, rank=rank(),
+            hint=hint_for(
                 "not_reproduced", f"the check after the step found {what} in "
                 f"{label or 'the root module'!r}'s {phase} values, but replaying the step to "
                 "find the op that made it did not make it again (a non-deterministic op, "
@@ -397,9 +403,10 @@ def params_to_probe(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 def _to_report(producer: Producer, step: _Step) -> NonFiniteReport:
     return NonFiniteReport(
-        producer.phase, producer.module, producer.op, producer.kind, producer.source, rank(),
-        producer.hint, cause=producer.cause, step=step.index, forward_op=producer.forward_op,
-        inputs=producer.inputs, outputs=producer.outputs, params=producer.params)
+        phase=producer.phase, module=producer.module, op=producer.op, kind=producer.kind,
+        source=producer.source, rank=rank(), hint=producer.hint, cause=producer.cause,
+        step=step.index, forward_op=producer.forward_op, inputs=producer.inputs,
+        outputs=producer.outputs, params=producer.params)
 
 
 def watch_nans(model: nn.Module, *, mode: Mode = "raise", check_inf: bool = True,

@@ -53,7 +53,7 @@ _TAKE_BY_BITS = frozenset({torch.uint16, torch.uint32, torch.uint64, torch.compl
                              if isinstance(d, torch.dtype) and str(d).startswith("torch.float8"))})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TensorStats:
     """What a tensor holds, in numbers. ``None`` means "not computed"; ``note`` says why.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -21,7 +22,7 @@ _ELEMENTWISE = frozenset({
 })
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class ShapeEvent:
     """One module call or one op call of a traced forward.
 
@@ -34,18 +35,18 @@ class ShapeEvent:
     ('module', 'Linear', [(3, 4)], [(3, 2)])
     """
 
-    kind: str  # "module" | "op"
+    kind: Literal["module", "op"]
     path: str
     name: str  # module class name, or op name such as "view" or "@"
     call: int
     parent: int  # index of the enclosing module event, -1 at the top
     inputs: tuple[Spec, ...]
-    outputs: tuple[Spec, ...] = ()
+    outputs: tuple[Spec, ...] = ()  # a module's are filled in when it returns
     filename: str = ""  # the user's line: for a module, where it was called
     line: int = 0
     params: int | None = None  # module parameters, counted once
-    seconds: float | None = None  # module wall time (real runs only)
-    flops: int | None = None  # meta runs
+    seconds: float | None = None  # module wall time (real runs that returned)
+    flops: int | None = None  # meta runs that returned
     memory: int | None = None  # bytes of new activations (meta runs)
     failed: bool = False  # the forward raised inside this event
     in_ids: tuple[int, ...] = ()  # op operands / results, to join ops on one source line

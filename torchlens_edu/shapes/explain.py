@@ -31,7 +31,7 @@ _HAS_NOTES = sys.version_info >= (3, 11)  # a test turns it off to try the 3.10 
 _MATMUL = frozenset({"@", "matmul", "bmm", "mm", "mv", "baddbmm", "addmm", "addmv", "einsum"})
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Failure:
     """What the tracer saw of an error: the op (op-level and meta runs) and where it ran."""
 
@@ -44,7 +44,7 @@ class Failure:
     explanation: str = ""
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class _Operand:
     name: str
     shape: tuple[int, ...]
@@ -177,7 +177,7 @@ def _leaf_operands(path: str | None, trace: Any, roots: list[nn.Module]) -> list
             continue
         event = next((e for e in reversed(trace.events) if e.kind == "module" and e.path == path),
                      None)
-        inputs = [_Operand("input", tuple(shape), dtype, None)
+        inputs = [_Operand(name="input", shape=tuple(shape), dtype=dtype, device=None)
                   for shape, dtype in (event.inputs if event is not None else ())]
         prefix = f"{path}." if path else ""
         params = [_operand(t, prefix + name) for name, t in
@@ -188,7 +188,8 @@ def _leaf_operands(path: str | None, trace: Any, roots: list[nn.Module]) -> list
 
 
 def _operand(tensor: torch.Tensor, name: str) -> _Operand:
-    return _Operand(name, tuple(tensor.shape), tensor.dtype, tensor.device)
+    return _Operand(name=name, shape=tuple(tensor.shape), dtype=tensor.dtype,
+                    device=tensor.device)
 
 
 # --- what was expected ------------------------------------------------------------------------

@@ -71,7 +71,8 @@ def on_meta(model: nn.Module, twins: dict[int, torch.Tensor] | None = None) -> I
     twins = {} if twins is None else twins
     slots: list[tuple[dict[str, Any], str, torch.Tensor]] = []  # (table, name, original)
     for module in model.modules():  # each module object once
-        for table in (module._parameters, module._buffers):
+        tables: tuple[dict[str, Any], ...] = (module._parameters, module._buffers)
+        for table in tables:
             for name, tensor in table.items():
                 if tensor is not None and not tensor.is_meta:
                     if id(tensor) not in twins:

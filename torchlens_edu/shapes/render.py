@@ -16,7 +16,7 @@ import re
 import tokenize
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import torch
 from rich.console import Group
@@ -231,12 +231,12 @@ def _without_comment(code: str) -> str:
 
 # --- comparing two traces ---------------------------------------------------------------------
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class ShapeChange:
     """One difference: an event only in one trace, or with other shapes."""
 
-    change: str  # "added" | "removed" | "changed"
-    kind: str
+    change: Literal["added", "removed", "changed"]
+    kind: Literal["module", "op"]
     path: str
     name: str
     call: int
@@ -270,8 +270,11 @@ class TraceDiff:
             new_text = _event_shapes(new, new_dims) if new else ""
             if old and new and (old.inputs, old.outputs) == (new.inputs, new.outputs):
                 continue
-            change = "removed" if new is None else "added" if old is None else "changed"
-            changes.append(ShapeChange(change, *key, old_text, new_text))
+            kind, path, name, call = key
+            change: Literal["added", "removed", "changed"] = (
+                "removed" if new is None else "added" if old is None else "changed")
+            changes.append(ShapeChange(change=change, kind=kind, path=path, name=name,
+                                       call=call, before=old_text, after=new_text))
         return cls(changes)
 
     def __bool__(self) -> bool:
@@ -304,7 +307,7 @@ class TraceDiff:
     __repr__ = __str__
 
 
-def _key(event: ShapeEvent) -> tuple[str, str, str, int]:
+def _key(event: ShapeEvent) -> tuple[Literal["module", "op"], str, str, int]:
     return (event.kind, event.path, event.name, event.call)
 
 

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -67,6 +68,17 @@ def _param_counts(root: nn.Module) -> dict[str, int]:
     return counts
 
 
+@dataclass(slots=True, kw_only=True)
+class _OpenCall:
+    """A module call between its pre-hook and its post-hook."""
+
+    path: str
+    recorded: bool
+    index: int  # its event if recorded, else the nearest recorded caller's (-1: none)
+    started: float = 0.0  # perf_counter() when its forward began (recorded real runs)
+    flops_before: int = 0  # FLOPs counted before it began (meta runs)
+
+
 class ShapeTracer:
     """Record shapes while a block runs; ``tracer.trace`` is the :class:`ShapeTrace`.
 
@@ -104,7 +116,7 @@ class ShapeTracer:
         self._overrides = dict(dims or {})
         self._discover = discover
         self._events: list[ShapeEvent] = []
-        self._stack: list[tuple[str, bool, int]] = []  # (path, recorded?, nearest event index)
+        self._stack: list[_OpenCall] = []  # the module calls now running, innermost last
         self._calls: dict[str, int] = {}  # module path -> calls so far
         self._op_calls: dict[tuple[str, str], int] = {}  # (module path, op) -> calls so far
         self._hooked: set[int] = set()
@@ -195,17 +207,19 @@ class ShapeTracer:
         def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if is_root and self._dims is None:
                 self._dims = Dims.infer(mod, [args, kwargs], self._overrides)
-            parent = stack[-1][2] if stack else -1
-            if record:
+            parent = stack[-1].index if stack else -1
+            if not record:
+                stack.append(_OpenCall(path=path, recorded=False, index=parent))
+            else:
                 call = calls.get(path, 0)
                 calls[path] = call + 1
                 filename, line = site_of(frame(1)) or ("", 0)
-                # seconds and flops hold the start values until post() makes them differences
                 events.append(ShapeEvent(
-                    "module", path, name, call, parent, _arg_specs(args, kwargs), (), filename,
-                    line, params, clock(), self._flops))
-                parent = len(events) - 1
-            stack.append((path, record, parent))
+                    kind="module", path=path, name=name, call=call, parent=parent,
+                    inputs=_arg_specs(args, kwargs), filename=filename, line=line,
+                    params=params))
+                stack.append(_OpenCall(path=path, recorded=True, index=len(events) - 1,
+                                       started=clock(), flops_before=self._flops))
             if is_root and meta:
                 return _shape_meta.inputs_to_meta(args, kwargs)
             return None
@@ -213,17 +227,16 @@ class ShapeTracer:
         def post(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if not stack:
                 return
-            _, recorded, index = stack.pop()
+            done = stack.pop()
             raised = sys.exc_info()[1] if output is None else None
             if raised is not None and (self._failing_module is None
                                        or self._failing_module[0] is not raised):
                 self._failing_module = (raised, path)  # the innermost module that raised
-            if not recorded:
+            if not done.recorded:
                 return
-            event = events[index]
+            event = events[done.index]
             if raised is not None:  # always_call: the forward raised inside this module
-                event.failed = True
-                event.seconds = event.flops = None
+                event.failed = True  # no time, FLOPs or memory: the call never finished
                 return
             if isinstance(output, torch.Tensor):
                 event.outputs = ((output.shape, output.dtype),)
@@ -232,11 +245,10 @@ class ShapeTracer:
                 outs = list(iter_tensors(output))
                 event.outputs = _specs(outs)
             if meta:
-                event.seconds = None
-                event.flops = self._flops - (event.flops or 0)
+                event.flops = self._flops - done.flops_before
                 event.memory = sum(t.numel() * t.element_size() for t in outs)
             else:
-                event.seconds = clock() - event.seconds  # type: ignore[operator]
+                event.seconds = clock() - done.started
 
         self._pre_hooks[id(module)] = pre
         self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
@@ -260,7 +272,7 @@ class ShapeTracer:
         """Whether an op running now belongs in the trace."""
         if not self.ops:
             return False
-        return self._stack[-1][1] if self._stack else self.include is None
+        return self._stack[-1].recorded if self._stack else self.include is None
 
     def op_done(self, name: str, args: Any, kwargs: dict[str, Any], result: Any,
                 frame: Any) -> None:
@@ -273,13 +285,14 @@ class ShapeTracer:
         self._flops += flops
         if not record:
             return
-        path, _, parent = self._stack[-1] if self._stack else ("", False, -1)
+        path, parent = self._where()
         key = (path, name)
         call = self._op_calls.get(key, 0)
         self._op_calls[key] = call + 1
-        event = ShapeEvent("op", path, name, call, parent, _specs(ins), _specs(outs),
-                           *(_shape_ops.user_site(frame) or ("", 0)),
-                           in_ids=tuple(map(id, ins)), out_ids=tuple(map(id, outs)))
+        filename, line = _shape_ops.user_site(frame) or ("", 0)
+        event = ShapeEvent(kind="op", path=path, name=name, call=call, parent=parent,
+                           inputs=_specs(ins), outputs=_specs(outs), filename=filename,
+                           line=line, in_ids=tuple(map(id, ins)), out_ids=tuple(map(id, outs)))
         if self.meta:
             event.flops = flops
             event.memory = _shape_meta.output_bytes(outs, ins)
@@ -290,13 +303,21 @@ class ShapeTracer:
         if self._failure is not None and self._failure.exc is exc:
             return  # the same error passing up through an outer op
         ins = _shape_ops.tensors_in(args, kwargs)
-        path, _, parent = self._stack[-1] if self._stack else ("", False, -1)
+        path, parent = self._where()
         self._failure = Failure(exc=exc, op=name, operands=ins, module=path, site=site)
         if self.records_ops():
             call = self._op_calls.get((path, name), 0)
-            self._events.append(ShapeEvent("op", path, name, call, parent, _specs(ins), (),
-                                           *(site or ("", 0)), failed=True,
-                                           in_ids=tuple(map(id, ins))))
+            filename, line = site or ("", 0)
+            self._events.append(ShapeEvent(kind="op", path=path, name=name, call=call,
+                                           parent=parent, inputs=_specs(ins), filename=filename,
+                                           line=line, failed=True, in_ids=tuple(map(id, ins))))
+
+    def _where(self) -> tuple[str, int]:
+        """The module an op runs in now and the event its events nest under."""
+        if not self._stack:
+            return "", -1
+        top = self._stack[-1]
+        return top.path, top.index
 
     # --- the result ------------------------------------------------------------------------
 
