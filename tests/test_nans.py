@@ -665,7 +665,8 @@ def _summary(name: str, dtype: str = "float32", *, nan: int = 0, posinf: int = 0
              neginf: int = 0, zeros: int = 0, lo: float | None = 1.0, hi: float | None = 2.0):
     from torchlens_edu.nans.report import TensorSummary
 
-    return TensorSummary(name, "(4,)", dtype, nan, posinf, neginf, zeros, lo, hi)
+    return TensorSummary(name=name, shape="(4,)", dtype=dtype, nan=nan, posinf=posinf,
+                         neginf=neginf, zeros=zeros, min=lo, max=hi)
 
 
 @pytest.mark.parametrize(("op", "inp", "out", "cause"), [
