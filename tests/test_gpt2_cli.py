@@ -88,7 +88,7 @@ def test_errors_are_one_clear_line_and_exit_code_1(char_model_dir, tmp_path, cap
     code, _, err = _generate(capsys, "hi", "--model", "gpt2")  # offline, empty cache
     assert code == 1 and "huggingface-cli download gpt2" in err
     code, _, err = _generate(capsys, "hi", "--temperature", "-1")
-    assert code == 2 and "--temperature must be >= 0" in err
+    assert code == 2 and "argument --temperature: must be a finite number >= 0" in err
 
 
 def test_gpt2_tokenizer_on_a_small_vocab_model_is_refused(tmp_path, capsys):

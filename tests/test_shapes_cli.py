@@ -28,4 +28,4 @@ def test_trace_gpt2_xl_on_meta_loads_no_weights(capsys):
 
 def test_empty_prompt_is_refused(capsys):
     assert main(["trace", ""]) == 2
-    assert "empty" in capsys.readouterr().out
+    assert "argument prompt: the prompt is empty" in capsys.readouterr().err

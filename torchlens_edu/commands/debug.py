@@ -17,6 +17,8 @@ import runpy
 import sys
 from typing import Any
 
+from torchlens_edu.commands import EXIT_USAGE, CommandError, _inputs
+
 DEFAULT_PROMPT = "The old man looked at the sea and said"
 DESCRIPTION = ("What the VS Code launch configurations run. Without a file: GPT-2 (the embedded "
                "model by default) reads a prompt once, so that a stop point (--stop "
@@ -38,7 +40,8 @@ def register(subparsers: Any) -> None:
                    help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--model", default="embedded",
                    help="'embedded' (default, offline), 'gpt2', or a Hugging Face layout folder")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text GPT-2 reads")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, type=_inputs.prompt,
+                   help="the text GPT-2 reads")
     p.add_argument("--print", dest="print_preset", metavar="PRESET", default=None,
                    help="torch print options preset: edu, short, full, default "
                         "(default: $TORCHLENS_EDU_PRINT, else edu)")
@@ -48,16 +51,12 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run GPT-2 or the script; returns the exit code."""
-    from rich.text import Text
-
     from torchlens_edu import debug
-    from torchlens_edu._core.console import get_console
     from torchlens_edu._core.formatting import did_you_mean
     from torchlens_edu.printing import PRESETS, printoptions
 
-    err_console = get_console(stderr=True)
     preset = args.print_preset or os.environ.get("TORCHLENS_EDU_PRINT", "").strip() or "edu"
-    try:  # what the user can fix (device, flags, paths, names) is one clear line, no traceback
+    try:  # the command line and environment, checked before anything runs
         debug.parse_stops(os.environ.get(debug.ENV_VAR, ""))
         if preset not in PRESETS:
             hint = did_you_mean(preset, PRESETS)
@@ -65,23 +64,18 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown print preset {preset!r}{hint}; choose one of "
                              f"{', '.join(PRESETS)}")
         if args.file and not os.path.isfile(args.file):
-            raise FileNotFoundError(f"{args.file} is not a file; give the Python script to run")
+            raise ValueError(f"{args.file} is not a file; give the Python script to run")
         stops = debug.apply_arguments(args)
     except (ValueError, RuntimeError, OSError) as err:
-        err_console.print(Text.assemble(("error: ", "bold red"), str(err)), soft_wrap=True)
-        return 2
+        raise CommandError(str(err), exit_code=EXIT_USAGE) from None
     try:
-        loaded = None if args.file else _load(args)
-    except (ValueError, RuntimeError, OSError) as err:
-        for stop in stops:
-            stop.remove()
-        err_console.print(Text.assemble(("error: ", "bold red"), str(err)), soft_wrap=True)
-        return 2
-    try:
-        with printoptions(preset):
-            if loaded is None:
+        if args.file:
+            with printoptions(preset):
                 return _run_script(args.file, args.script_args)
-            return _run_gpt2(args, *loaded)
+        model, tokenizer = _load(args)
+        ids = _inputs.prompt_ids(args.prompt, tokenizer, model.config)
+        with printoptions(preset):
+            return _run_gpt2(args, model, tokenizer, ids)
     finally:
         for stop in stops:
             stop.remove()
@@ -89,30 +83,58 @@ def run(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from torchlens_edu.models import GPT2, get_tokenizer
-    from torchlens_edu.models.devices import DeviceUnavailableError, resolve_device
+    from torchlens_edu.models.devices import resolve_device
 
-    try:
-        device = resolve_device(args.device)
-    except DeviceUnavailableError as err:
-        raise RuntimeError(str(err)) from None
-    model = GPT2.from_pretrained(args.model, device=device, progress=False).eval()
-    return model, get_tokenizer(args.model)
+    model = GPT2.from_pretrained(args.model, device=resolve_device(args.device), progress=False)
+    return model.eval(), get_tokenizer(args.model)
 
 
 def _run_script(path: str, script_args: list[str]) -> int:
+    """Run ``path`` as ``python path args...`` would, with the same exit code and messages."""
+    import bdb
+
     old_argv, old_path0 = sys.argv, sys.path[0]
     sys.argv = [path, *script_args]
     sys.path[0] = os.path.dirname(os.path.abspath(path))  # as `python path` would
     try:
         runpy.run_path(path, run_name="__main__")
     except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        return _exit_status(exit_.code)
+    except bdb.BdbQuit:
+        raise  # quitting pdb at a stop is not the script's error
+    except Exception as err:  # the script's own error: its traceback, from its own frames
+        _print_script_error(err, path)
+        return 1
     finally:
         sys.argv, sys.path[0] = old_argv, old_path0
     return 0
 
 
-def _run_gpt2(args: argparse.Namespace, model: Any, tok: Any) -> int:
+def _exit_status(code: object) -> int:
+    """What ``sys.exit(code)`` means to Python: None is 0, an int is itself, anything else
+    (``sys.exit("message")``) is printed to stderr and is 1."""
+    if code is None or isinstance(code, int):
+        return int(code or 0)
+    from torchlens_edu._core.console import get_console
+
+    get_console(stderr=True).print(str(code), markup=False, soft_wrap=True)
+    return 1
+
+
+def _print_script_error(err: BaseException, path: str) -> None:
+    import traceback
+
+    from torchlens_edu._core.console import get_console
+
+    tb = err.__traceback__
+    script = os.path.abspath(path)
+    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) != script:
+        tb = tb.tb_next  # runpy's and torchlens-edu's frames: not what the learner wrote
+    text = "".join(traceback.format_exception(type(err), err, tb or err.__traceback__))
+    get_console(stderr=True).print(text.rstrip("\n"), markup=False, soft_wrap=True)
+
+
+def _run_gpt2(args: argparse.Namespace, model: Any, tok: Any, ids: list[int]) -> int:
     import torch
     from rich.table import Table
     from rich.text import Text
@@ -121,7 +143,7 @@ def _run_gpt2(args: argparse.Namespace, model: Any, tok: Any) -> int:
     from torchlens_edu._core.console import get_console
 
     console = get_console()
-    idx = torch.tensor([tok.encode(args.prompt)], device=model.device)  # (B=1, T)
+    idx = torch.tensor([ids], device=model.device)  # (B=1, T)
     if not any(debug.stop_requested("attention", layer=i) for i in range(model.config.n_layer)):
         console.print("[dim]no stop point asked for: add --stop attention:layer=0 (or set "
                       f"{debug.ENV_VAR}) to pause inside attention[/]", soft_wrap=True)

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from torchlens_edu.commands import EXIT_USAGE, CommandError, _inputs
+
 if TYPE_CHECKING:  # torch is imported lazily: `torchlens-edu --help` stays fast
     import torch
     from rich.console import Console
@@ -39,8 +41,9 @@ def register(subparsers: Any) -> None:
                    help="'gpt2' (from the Hugging Face cache), 'embedded' (shipped with "
                         "torchlens-edu) or a local HF-layout directory "
                         "(default: gpt2 if cached, else embedded)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to feed the model")
-    p.add_argument("--max-new-tokens", type=int, default=60, metavar="N",
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, type=_inputs.prompt,
+                   help="text to feed the model")
+    p.add_argument("--max-new-tokens", type=_inputs.count, default=60, metavar="N",
                    help="tokens to generate (default 60)")
     p.set_defaults(func=run)
 
@@ -53,28 +56,19 @@ def run(args: argparse.Namespace) -> int:
 
     import torchlens_edu as tle
     from torchlens_edu._core.console import get_console
-    from torchlens_edu.models.devices import DeviceUnavailableError
-    from torchlens_edu.models.loading import CheckpointError, WeightsNotFoundError
 
     console = get_console()
     errors = get_console(stderr=True)
     errors.soft_wrap = True  # long messages wrap in the terminal, commands copy-paste intact
-    if args.max_new_tokens < 0:
-        errors.print("[red]error:[/] --max-new-tokens must be >= 0")
-        return 2
-    try:
-        model, tok, notice = _load(args.model, args.device)
-        ids = tok.encode(args.prompt)
-    except (CheckpointError, WeightsNotFoundError, DeviceUnavailableError, ValueError,
-            FileNotFoundError) as err:
-        errors.print(f"[red]error:[/] {escape(str(err))}")
-        return 1
+    model, tok, notice = _load(args.model, args.device)
+    ids = tok.encode(args.prompt)
+    _inputs.check_vocabulary(ids, tok, model.config)
     if notice:
         errors.print(f"[yellow]note:[/] {escape(notice)}")
     if not 2 <= len(ids) <= model.config.n_positions // 2:
-        errors.print(f"[red]error:[/] the prompt makes {len(ids)} tokens; give between 2 and "
-                     f"{model.config.n_positions // 2} so that attention has something to show")
-        return 2
+        raise CommandError(f"the prompt makes {len(ids)} tokens; give between 2 and "
+                           f"{model.config.n_positions // 2} so that attention has something "
+                           "to show", exit_code=EXIT_USAGE)
     idx = torch.tensor([ids], device=model.device)  # (B=1, T)
     pieces = [tok.decode([i]) for i in ids]
     insp = tle.inspect(model)

@@ -6,6 +6,7 @@ import argparse
 import time
 
 from torchlens_edu._core.console import get_console
+from torchlens_edu.commands import EXIT_USAGE, CommandError, _inputs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,18 +16,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="continue a prompt with GPT-2, token by token",
         description="Continue PROMPT with GPT-2 and print the new tokens as they are made.",
     )
-    parser.add_argument("prompt", help="the text to continue")
+    parser.add_argument("prompt", help="the text to continue (empty: start a new text)")
     parser.add_argument("--model", default=None, metavar="gpt2|embedded|PATH",
                         help="a preset name (gpt2, gpt2-medium, ...; from the Hugging Face cache), "
                              "'embedded' (the small model shipped with torchlens-edu), or a "
                              "directory / weights file; default: gpt2 if cached, else embedded")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--max-new-tokens", type=int, default=40, metavar="N")
-    parser.add_argument("--temperature", type=float, default=0.8,
+    parser.add_argument("--max-new-tokens", type=_inputs.count, default=40, metavar="N",
+                        help="how many tokens to add (default 40)")
+    parser.add_argument("--temperature", type=_inputs.temperature, default=0.8, metavar="T",
                         help="0 is greedy; higher is more random (default 0.8)")
-    parser.add_argument("--top-k", type=int, default=40, metavar="K",
+    parser.add_argument("--top-k", type=_inputs.count, default=40, metavar="K",
                         help="sample only among the K most likely tokens (default 40; 0 = all)")
-    parser.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    parser.add_argument("--seed", type=_inputs.seed, default=None, metavar="N",
+                        help="make sampling reproducible (0 to 2**64 - 1)")
     parser.set_defaults(func=run)
 
 
@@ -35,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from rich.markup import escape
 
-    from torchlens_edu.models.devices import DeviceUnavailableError, resolve_device
+    from torchlens_edu.models.devices import resolve_device
     from torchlens_edu.models.gpt2 import GPT2
     from torchlens_edu.models.loading import load_pretrained
     from torchlens_edu.models.offline import load_best_available
@@ -45,36 +48,23 @@ def run(args: argparse.Namespace) -> int:
     # soft_wrap: the terminal wraps long messages, so paths and commands copy-paste intact
     errors = get_console(stderr=True)
     errors.soft_wrap = True
-    for flag, value in (("--max-new-tokens", args.max_new_tokens),
-                        ("--temperature", args.temperature), ("--top-k", args.top_k)):
-        if value < 0:
-            errors.print(f"[red]error:[/] {flag} must be >= 0, got {value}")
-            return 2
-    try:
-        device = resolve_device(args.device)
-        if args.model is None:
-            model, tokenizer, notice = load_best_available(device=device)
-            if notice:
-                errors.print(f"[yellow]note:[/] {escape(notice)}")
-        else:
-            model = load_pretrained(GPT2, args.model, device=device)
-            tokenizer = get_tokenizer(args.model)
-        ids = tokenizer.encode(args.prompt)
-    # CheckpointError is a ValueError, WeightsNotFoundError a FileNotFoundError
-    except (ValueError, FileNotFoundError, DeviceUnavailableError) as err:
-        errors.print(f"[red]error:[/] {escape(str(err))}")
-        return 1
+    device = resolve_device(args.device)
+    if args.model is None:
+        model, tokenizer, notice = load_best_available(device=device)
+        if notice:
+            errors.print(f"[yellow]note:[/] {escape(notice)}")
+    else:
+        model = load_pretrained(GPT2, args.model, device=device)
+        tokenizer = get_tokenizer(args.model)
+    ids = tokenizer.encode(args.prompt)
     if not ids:
         eot = getattr(tokenizer, "eot_token", None)
         if eot is None:
-            errors.print("[red]error:[/] the prompt is empty; give some text to continue")
-            return 2
+            raise CommandError("the prompt is empty and this model's tokenizer has no "
+                               "<|endoftext|> to start from; give some text to continue",
+                               exit_code=EXIT_USAGE)
         ids = [eot]  # GPT-2 starts unconditional text after <|endoftext|>
-    if max(ids) >= model.config.vocab_size:
-        errors.print(f"[red]error:[/] the {escape(tokenizer.name)} tokenizer made token id "
-                     f"{max(ids)}, but this model knows only {model.config.vocab_size} tokens; "
-                     "put the model's own tokenizer.json next to its weights")
-        return 1
+    _inputs.check_vocabulary(ids, tokenizer, model.config)
     limit = model.config.n_positions
     if len(ids) >= limit:
         errors.print(f"[yellow]note:[/] the prompt has {len(ids)} tokens; keeping the last "

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from torchlens_edu.commands import _inputs
+
 _PRESETS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
@@ -21,15 +23,17 @@ def register(subparsers: Any) -> None:
         "trace", help="trace the shapes of a prompt through GPT-2",
         description="Run a prompt through GPT-2 and print every module's (and with --ops every "
                     "op's) input and output shapes with named dimensions.")
-    parser.add_argument("prompt", help="the text to feed the model")
+    parser.add_argument("prompt", type=_inputs.prompt, help="the text to feed the model")
     parser.add_argument("--model", default="embedded",
                         help="'embedded' (default, shipped with the package), a GPT-2 preset "
                              f"({', '.join(_PRESETS)}) or a path to a Hugging Face checkpoint")
     parser.add_argument("--ops", action="store_true", help="also show every torch op with its line")
     parser.add_argument("--meta", action="store_true",
                         help="shapes only, on meta tensors: no weights loaded, any size is instant")
-    parser.add_argument("--depth", type=int, default=None, help="show modules up to this depth")
-    parser.add_argument("--include", default=None, help="module-path glob, e.g. 'transformer.h.0*'")
+    parser.add_argument("--depth", type=_inputs.count, default=None, metavar="N",
+                        help="show modules up to this depth (0 = the model itself)")
+    parser.add_argument("--include", default=None, metavar="GLOB",
+                        help="module-path glob, e.g. 'transformer.h.0*'")
     parser.set_defaults(func=run)
 
 
@@ -41,20 +45,15 @@ def run(args: argparse.Namespace) -> int:
     from torchlens_edu.models import GPT2, GPT2Config, get_tokenizer
     from torchlens_edu.shapes.tracer import trace_shapes
 
-    console = get_console()
-    tokenizer = get_tokenizer("embedded" if args.model == "embedded" else "gpt2")
-    ids = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long)
-    if ids.shape[1] == 0:
-        console.print("[red]The prompt is empty:[/] give some text, "
-                      "e.g. torchlens-edu trace \"Hi\"")
-        return 2
     if args.meta and args.model in _PRESETS:
         with torch.device("meta"):  # the config is enough: no weights are read or allocated
             model = GPT2(GPT2Config.preset(args.model))
     else:
         model = GPT2.from_pretrained(args.model)
     model.eval()
+    tokenizer = get_tokenizer(args.model)
+    ids = torch.tensor([_inputs.prompt_ids(args.prompt, tokenizer, model.config)])  # (1, T)
     trace = trace_shapes(model, ids, ops=args.ops, meta=args.meta, depth=args.depth,
                          include=args.include)
-    console.print(trace)
+    get_console().print(trace)
     return 0

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from torchlens_edu._core import jsonc as _jsonc
-from torchlens_edu.commands import _files
+from torchlens_edu.commands import CommandError, _files
 from torchlens_edu.commands._files import TextFile
 
 DESCRIPTION = ("Put torchlens_edu's launch configurations into a workspace: writes "
@@ -273,15 +273,11 @@ def run(args: argparse.Namespace) -> int:
     console = get_console()
     try:
         plans = init(args.dir, force=args.force, dry_run=args.dry_run)
-    except (OSError, ValueError) as err:
-        message = str(err)
-        if isinstance(err, OSError) and (isinstance(err, PermissionError)
-                                         or err.errno in (errno.EACCES, errno.EROFS)):
-            message = (f"cannot write to {err.filename or args.dir} ({err.strerror}): choose a "
-                       "workspace folder you can write to, or fix its permissions")
-        error = Text.assemble(("error: ", "bold red"), message)
-        get_console(stderr=True).print(error, soft_wrap=True)
-        return 1
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise  # cli.main says which file and what went wrong
+        raise CommandError(f"cannot write to {err.filename or args.dir} ({err.strerror}): choose "
+                           "a workspace folder you can write to, or fix its permissions") from None
     verb = "would write" if args.dry_run else "wrote"
     for plan in plans:
         state = f"{verb} {plan.path}" if plan.changed else f"{plan.path} unchanged"
