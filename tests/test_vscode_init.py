@@ -353,7 +353,7 @@ def test_without_force_nothing_is_backed_up(tmp_path, capsys):
 
 @pytest.mark.parametrize("key", ["configurations", "inputs"])
 def test_a_member_that_is_not_a_list_suggests_force_and_force_works(tmp_path, capsys, key):
-    text = '{"version": "0.2.0", "%s": {"mine": 1}}' % key
+    text = '{"version": "0.2.0", "' + key + '": {"mine": 1}}'
     vscode = _vscode(tmp_path, text)
     code, _, err = _init(tmp_path, capsys)
     assert code == 1
@@ -370,7 +370,7 @@ def test_deep_nesting_is_a_clear_error(tmp_path, capsys):
     deep = "[" * 5000 + "]" * 5000
     with pytest.raises(_jsonc.JSONCError, match="line 1, column 101: nested more than 100"):
         _jsonc.parse(deep)
-    vscode = _vscode(tmp_path, '{"configurations": %s}' % deep)
+    vscode = _vscode(tmp_path, '{"configurations": ' + deep + "}")
     code, _, err = _init(tmp_path, capsys)
     assert code == 1 and "RecursionError" not in err and "Traceback" not in err
     assert "nested more than 100 levels deep" in err and "--force" in err
