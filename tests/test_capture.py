@@ -9,6 +9,7 @@ import torch.nn as nn
 from zoo import ZOO, ZOO_BY_NAME, ModelGuard, ZooEntry, reference_outputs
 
 import torchlens_edu as tle
+import torchlens_edu.capture
 import torchlens_edu.shapes
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.capture import CaptureTooLarge, capture, parse_bytes
@@ -115,13 +116,13 @@ def test_memory_is_estimated_from_a_meta_run_and_cached() -> None:
         model(ids)
     assert cache.estimate == cache.nbytes > 0
     calls = []
-    real = torchlens_edu.shapes.trace_shapes
+    real = torchlens_edu.capture.meta_twin
     try:
-        torchlens_edu.shapes.trace_shapes = lambda *a, **k: calls.append(1) or real(*a, **k)
+        torchlens_edu.capture.meta_twin = lambda *a, **k: calls.append(1) or real(*a, **k)
         with capture(model, "transformer.h.*") as again:
             model(ids)
     finally:
-        torchlens_edu.shapes.trace_shapes = real
+        torchlens_edu.capture.meta_twin = real
     assert calls == [] and again.estimate == cache.estimate  # same shapes: no second meta run
     with capture(model, "transformer.h.*", grads=True) as with_grads:
         model(ids).sum().backward()
@@ -130,15 +131,85 @@ def test_memory_is_estimated_from_a_meta_run_and_cached() -> None:
 
 def test_a_capture_too_large_is_refused_before_the_forward_runs() -> None:
     model = ZOO_BY_NAME["gpt2_ours"].build()
-    ran: list[bool] = []  # were wte's ids meta? the meta run may call it, the real one must not
+    ran: list[bool] = []  # the real forward is refused first; the meta run is on a twin
     spy = model.transformer.wte.register_forward_hook(lambda m, a, out: ran.append(a[0].is_meta))
     guard = ModelGuard(model)
     with pytest.raises(CaptureTooLarge, match=r"would hold .* above the limit of 1000 B"), \
             capture(model, "*", max_bytes=1000):
         model(torch.zeros(2, 8, dtype=torch.long))
-    assert all(ran)
+    assert ran == []
     guard.check()
     spy.remove()
+
+
+def test_the_memory_estimate_is_invisible_to_every_other_observer() -> None:
+    """Issue 16.1: the meta run called the user's hooks (a value-reading hook raised there and
+    its HookSet removed itself) and doubled an outer shape trace's events."""
+    from torchlens_edu.nans import watch_nans
+    from torchlens_edu.shapes import ShapeTracer
+
+    model = ZOO_BY_NAME["gpt2_ours"].build()
+    ids = torch.zeros(2, 8, dtype=torch.long)
+
+    def observed(with_capture: bool) -> tuple[list[float], list[bool], list[int], list[str]]:
+        seen: list[float] = []
+        raw: list[bool] = []
+        spy = model.transformer.h[0].register_forward_hook(
+            lambda m, a, out: raw.append(out.is_meta))
+        try:
+            with tle.hooks(model) as h, ShapeTracer(model) as outer, \
+                    ShapeTracer(model, ops=True) as outer_ops, \
+                    ShapeTracer(discover=True) as found, watch_nans(model) as watch:
+                h.forward("transformer.h.0", lambda c: seen.append(c.output.sum().item()))
+                if with_capture:
+                    with capture(model, "transformer.h.*") as cache:
+                        model(ids)
+                    assert cache.estimate == cache.nbytes > 0
+                else:
+                    model(ids)
+                assert h.active and watch.reports == []
+        finally:
+            spy.remove()
+        return seen, raw, [len(outer.trace.events), len(outer_ops.trace.events)], found.trace.roots
+
+    seen, raw, events, roots = observed(with_capture=True)
+    assert (seen, raw, events, roots) == observed(with_capture=False)
+    assert len(seen) == 1 and raw == [False] and events[0] == 30 and roots == ["GPT2"]
+
+
+def test_threads_each_capture_their_own_forwards() -> None:
+    """Issue 16.5: four threads capturing one model held each other's batches, and torch's
+    hook dispatch raced (a kwargs hook called without kwargs while another thread added it)."""
+    import threading
+
+    model = ZOO_BY_NAME["gpt2_ours"].build()
+    guard = ModelGuard(model)
+    errors: list[BaseException] = []
+    lengths: list[set[int]] = [set() for _ in range(4)]
+    start = threading.Barrier(4)
+    with capture(model, "transformer.h.*") as alone:
+        model(torch.zeros(1, 3, dtype=torch.long))
+
+    def work(i: int) -> None:
+        ids = torch.full((1, 3 + i), i)
+        start.wait()
+        try:
+            for _ in range(15):
+                with capture(model, "transformer.h.*") as cache:
+                    model(ids)
+                lengths[i] |= {out.shape[1] for _, out in cache.items()}
+                assert cache.keys() == alone.keys()
+        except BaseException as error:  # the assertion below shows it
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert lengths == [{3}, {4}, {5}, {6}]
+    guard.check()
 
 
 class ValueDependent(nn.Module):

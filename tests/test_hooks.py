@@ -289,3 +289,19 @@ def test_an_accidental_non_tensor_return_is_explained() -> None:
         with pytest.raises(TypeError, match="Return None to keep the output"):
             model(torch.zeros(1, 2))
     ModelGuard(model).check()
+
+
+@pytest.mark.parametrize("kind", ["forward", "forward_pre"])
+def test_a_hook_returning_the_wrong_type_is_removed_like_a_raising_hook(kind: str) -> None:
+    """Issue 16.3: the TypeError was clear, but 1-2 hooks stayed on the model."""
+    model = ZOO_BY_NAME["inplace_after"].build()
+    guard = ModelGuard(model)
+    h = tle.hooks(model)
+    getattr(h, kind)("fc2", lambda c: "not a tensor")
+    h.forward("fc1", lambda c: None)
+    with pytest.raises(TypeError, match=f"a {kind} hook on 'fc2' returned str") as info:
+        model(torch.randn(3, 8))
+    assert not h.active
+    if hasattr(info.value, "__notes__"):
+        assert "removed all hooks of this HookSet" in info.value.__notes__[0]
+    guard.check()

@@ -12,12 +12,15 @@ The cache holds the *latest* forward of the model (a new forward starts a fresh 
 TransformerLens' ``run_with_cache``); modules called several times per forward keep every call,
 ``cache[path, call]``. Gradients arrive during ``backward()``, so run it inside the block.
 
-Memory: before the first forward is captured, a shape-only run on meta tensors
-(``trace_shapes(meta=True)``) estimates what the capture will hold, and the capture refuses
-(:class:`CaptureTooLarge`) above ``max_bytes``. The estimate is cached per model, pattern and
-input shapes, so capturing in a loop costs one meta run. When the model cannot run on meta
-tensors (value-dependent code), the bytes are counted as they are captured and the capture
-stops as soon as they would pass the limit.
+Memory: before the first forward is captured, a shape-only run estimates what the capture
+will hold, and the capture refuses (:class:`CaptureTooLarge`) above ``max_bytes``. That run uses
+a meta copy of the model without its hooks (``meta_twin``), outside every torch-function mode:
+the user's hooks, other hook sets, shape traces and NaN watches never see it. The estimate
+is cached per model, pattern and input shapes, so capturing in a loop costs one meta run. When
+the model cannot be copied or run on meta tensors (value-dependent code), the bytes are counted
+as they are captured and the capture stops as soon as they would pass the limit.
+
+Threads: each capture holds the forwards of the thread that opened it (see ``hookset``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import math
 import re
 import weakref
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,10 +40,12 @@ from rich.text import Text
 
 from torchlens_edu._core.console import render_html, render_text
 from torchlens_edu._core.formatting import did_you_mean, format_bytes, short_dtype
+from torchlens_edu._core.interrupts import safe_contextmanager
 from torchlens_edu._core.modules import Pattern, match_modules
 from torchlens_edu._core.tree import iter_tensors, map_tensors
 from torchlens_edu.dims import Dims
 from torchlens_edu.hookset import HookCall, HookSet, require_module
+from torchlens_edu.shapes.meta import inputs_to_meta, meta_twin, twin_running
 
 DEFAULT_MAX_BYTES = 2 * 2**30  # 2 GiB: more than a learner means to keep by accident
 _MAX_ROWS = 80  # table rows shown before "... N more"
@@ -263,7 +267,7 @@ class ActivationCache:
         return render_html(self, width=120)
 
 
-@contextmanager
+@safe_contextmanager
 def capture(model: nn.Module, pattern: Pattern = "*", *, grads: bool = False,
             inputs: bool = False, device: torch.device | str | None = None, detach: bool = True,
             clone: bool = False, max_bytes: int | str | None = None,
@@ -302,9 +306,8 @@ def capture(model: nn.Module, pattern: Pattern = "*", *, grads: bool = False,
             cache.forwards += 1
             if cache.forwards == 1:
                 cache.dims = Dims.infer(model, [call.args, call.kwargs], dims)
-                with hookset.paused():
-                    cache.estimate, cache.note = _estimate(model, pattern, paths, call.args,
-                                                           call.kwargs, grads, inputs)
+                cache.estimate, cache.note = _estimate(model, paths, call.args, call.kwargs,
+                                                       grads, inputs, pattern)
                 if cache.estimate is not None and cache.estimate > limit:
                     raise CaptureTooLarge(_too_large(cache.estimate, limit, pattern, len(paths)))
 
@@ -336,32 +339,40 @@ def capture(model: nn.Module, pattern: Pattern = "*", *, grads: bool = False,
         yield cache
 
 
-def _estimate(model: nn.Module, pattern: Pattern, paths: set[str], args: tuple, kwargs: dict,
-              grads: bool, inputs: bool) -> tuple[int | None, str]:
-    """Bytes the capture will hold, from a shape-only (meta) run; cached per input shapes."""
+def _estimate(model: nn.Module, paths: set[str], args: tuple, kwargs: dict, grads: bool,
+              inputs: bool, pattern: Pattern) -> tuple[int | None, str]:
+    """Bytes the capture will hold, from a shape-only run of a meta twin; cached per input
+    shapes. The twin has no hooks and runs outside torch-function modes: nobody sees it."""
     key = (pattern, _specs((args, kwargs)), grads, inputs)
     known = _ESTIMATES.setdefault(model, {})
     if key in known:
         nbytes = known[key]
         return nbytes, "" if nbytes is not None else _NO_ESTIMATE
-    from torchlens_edu.shapes.tracer import trace_shapes
+    nbytes = 0
+
+    def count(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        nonlocal nbytes
+        held = list(iter_tensors(output)) * (2 if grads else 1)
+        held += list(iter_tensors((args, kwargs))) if inputs else []
+        nbytes += sum(_nbytes(t) for t in held)
 
     try:
-        trace = trace_shapes(model, *args, meta=True, include=pattern, **kwargs)
-    except Exception:  # value-dependent forward: say so, and guard while capturing instead
+        with torch._C.DisableTorchFunction(), twin_running():
+            twin = meta_twin(model)
+            for path, module in twin.named_modules():
+                if path in paths:
+                    module.register_forward_hook(count, with_kwargs=True)
+            meta_args, meta_kwargs = inputs_to_meta(args, kwargs)
+            twin(*meta_args, **meta_kwargs)
+    except Exception:  # value-dependent forward or uncopyable model: guard while capturing
         known[key] = None
         return None, _NO_ESTIMATE
-    nbytes = 0
-    for event in trace.events:
-        if event.kind == "module" and event.path in paths:
-            specs = event.outputs * (2 if grads else 1) + (event.inputs if inputs else ())
-            nbytes += sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs)
     known[key] = nbytes
     return nbytes, ""
 
 
-_NO_ESTIMATE = ("no estimate (the model cannot run on meta tensors); the bytes were counted "
-                "while capturing instead")
+_NO_ESTIMATE = ("no estimate (the model cannot be copied or run on meta tensors); the bytes "
+                "were counted while capturing instead")
 
 
 def _grad_text(stats: Any) -> str:

@@ -18,15 +18,22 @@ Why it is built this way:
   ``register_full_backward_hook`` wraps outputs in ``BackwardHookFunction`` views, and the
   in-place op that often follows a module (``h.mul_(2)``, ``ReLU(inplace=True)``) then fails;
   a tensor hook registered before the in-place op receives the gradient of the module's output;
-- everything is removed on ``__exit__``/``remove()``, and also when a hook function raises, so
-  a failing hook never leaves a model half-hooked.
+- everything is removed on ``__exit__``/``remove()``, and also when a hook function raises
+  or returns something that cannot replace what it would replace, so a failing hook never
+  leaves a model half-hooked; adding and removing are uninterruptible (a Ctrl-C waits for them);
+- forward hooks see the calls made in the thread that made the ``HookSet`` (several threads may
+  hook one model, each sees its own forwards); backward hooks follow the forwards they came
+  from, in whatever thread autograd runs them. ``nn.DataParallel`` runs replicas in its own
+  threads: a model holding one is hooked in every thread.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,6 +41,7 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
+from torchlens_edu._core.interrupts import arm, disarm, uninterruptible
 from torchlens_edu._core.modules import Pattern, match_modules, module_paths
 from torchlens_edu._core.tree import iter_tensors
 
@@ -76,7 +84,8 @@ class HookSet:
     """Forward, forward-pre and backward hooks on modules chosen by path; removed together.
 
     Use it as a context manager (hooks are removed on exit, also when the block raises) or
-    call :meth:`remove` yourself; removing twice is harmless. Patterns are globs over module
+    call :meth:`remove` yourself; removing twice is harmless. Forward hooks run for the
+    forwards of the thread that made the set (see the module docstring). Patterns are globs over module
     paths (``"transformer.h.*.attn"``, ``"*.mlp"``, ``"lm_head"``, ``""`` for the model itself)
     or predicates ``(path, module) -> bool``; a pattern that matches nothing raises an error
     that suggests close paths.
@@ -98,6 +107,10 @@ class HookSet:
         self._tensor_handles: list[RemovableHandle] = []
         self._removed = False
         self._paused = False
+        # forward calls from other threads are theirs (None: every thread, for DataParallel)
+        self._thread: int | None = threading.get_ident()
+        if any(isinstance(m, nn.DataParallel) for m in self.model.modules()):
+            self._thread = None
         self.forwards = 0  # forwards of ``model`` seen since the hooks were added
 
     # -- adding hooks ---------------------------------------------------------------------
@@ -119,6 +132,7 @@ class HookSet:
         with grad disabled get no backward hooks."""
         return self._add("backward", pattern, fn)
 
+    @uninterruptible
     def _add(self, kind: Kind, pattern: Pattern, fn: HookFn) -> list[str]:
         if self._removed:
             raise RuntimeError("this HookSet was removed (its `with` block ended or .remove() "
@@ -128,6 +142,7 @@ class HookSet:
                             f"replacement; got {type(fn).__name__} instead of a function")
         matched = match_modules(self.model, pattern)
         _refuse_compiled(self.model, [path for path, _ in matched])
+        arm(self)
         if not self._handles:  # first hook: count calls per forward of the whole model
             self._handles.append(self.model.register_forward_pre_hook(
                 self._new_forward, prepend=True))
@@ -151,32 +166,38 @@ class HookSet:
             state[1] += 1
             return state[1] - 1
 
+        # ``*rest``: while another thread registers a kwargs hook, torch may call it for a
+        # moment without kwargs (it stores the hook, then the flag); such a call is not ours.
         if kind == "forward_pre":
-            def pre(mod: nn.Module, args: tuple, kwargs: dict) -> Any:
-                if self._paused:
+            def pre(mod: nn.Module, args: tuple, *rest: Any) -> Any:
+                if not self._sees_now():
                     return None
+                (kwargs,) = rest
                 index, changed = next_index(), False
                 for fn in fns:
                     result = self._call(fn, HookCall(kind="forward_pre", path=path, module=mod,
-                                                     call=index, args=args, kwargs=kwargs))
+                                                     call=index, args=args, kwargs=kwargs),
+                                        partial(_as_inputs, args=args, kwargs=kwargs,
+                                                path=path))
                     if result is not None:
-                        args, kwargs = _as_inputs(result, args, kwargs, path)
+                        args, kwargs = result
                         changed = True
                 return (args, kwargs) if changed else None
 
             return module.register_forward_pre_hook(pre, with_kwargs=True)
 
         if kind == "forward":
-            def post(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-                if self._paused:
+            def post(mod: nn.Module, args: tuple, *rest: Any) -> Any:
+                if not self._sees_now():
                     return None
+                kwargs, output = rest
                 index, changed = next_index(), False
                 for fn in fns:
                     result = self._call(fn, HookCall(kind="forward", path=path, module=mod,
                                                      call=index, args=args, kwargs=kwargs,
-                                                     output=output))
+                                                     output=output),
+                                        partial(_check_replacement, output=output, path=path))
                     if result is not None:
-                        _check_replacement(result, output, path)
                         output, changed = result, True
                 return output if changed else None
 
@@ -184,7 +205,7 @@ class HookSet:
 
         def watch(mod: nn.Module, args: tuple, output: Any) -> None:
             # After the forward: one gradient hook on each output tensor that will get a grad.
-            if self._paused:
+            if not self._sees_now():
                 return
             index = next_index()
             for position, tensor in enumerate(iter_tensors(output)):
@@ -196,6 +217,8 @@ class HookSet:
     def _watch_grad(self, tensor: torch.Tensor, module: nn.Module, path: str, index: int,
                     position: int, fns: list[HookFn]) -> None:
         def on_grad(grad: torch.Tensor) -> torch.Tensor | None:
+            if self._removed:  # an output kept past the block: its hook outlived the set
+                return None
             changed = False
             for fn in fns:
                 result = self._call(fn, HookCall(kind="backward", path=path, module=module,
@@ -209,8 +232,12 @@ class HookSet:
         self._tensor_handles.append(tensor.register_hook(on_grad))
 
     def _new_forward(self, module: nn.Module, args: tuple) -> None:
-        if not self._paused:
+        if self._sees_now():
             self.forwards += 1
+
+    def _sees_now(self) -> bool:
+        """Whether the forward running now is one this set looks at."""
+        return not self._paused and self._thread in (None, threading.get_ident())
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -229,9 +256,12 @@ class HookSet:
         finally:
             self._paused = before
 
-    def _call(self, fn: HookFn, call: HookCall) -> Any:
+    def _call(self, fn: HookFn, call: HookCall, check: Callable[[Any], Any] | None = None
+              ) -> Any:
+        """``fn(call)``; a non-None result goes through ``check`` (which may convert it)."""
         try:
-            return fn(call)
+            result = fn(call)
+            return check(result) if check is not None and result is not None else result
         except BaseException as error:
             # A failing hook must not leave the model hooked: remove everything, then re-raise.
             self.remove()
@@ -242,14 +272,16 @@ class HookSet:
 
     # -- removing ---------------------------------------------------------------------------
 
+    @uninterruptible
     def remove(self) -> None:
         """Remove every hook this set added (module hooks and gradient hooks); idempotent."""
+        self._removed = True
         for handle in (*self._handles, *self._tensor_handles):
             handle.remove()
         self._handles.clear()
         self._tensor_handles.clear()
         self._fns.clear()
-        self._removed = True
+        disarm(self)
 
     @property
     def active(self) -> bool:
@@ -259,6 +291,7 @@ class HookSet:
     def __enter__(self) -> HookSet:
         return self
 
+    @uninterruptible  # a Ctrl-C at its first line would skip remove()
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
@@ -295,7 +328,7 @@ def hooks(model: nn.Module) -> HookSet:
     return HookSet(model)
 
 
-def _check_replacement(result: Any, output: Any, path: str) -> None:
+def _check_replacement(result: Any, output: Any, path: str) -> Any:
     """A tensor output replaced by a non-tensor is nearly always a hook that returned a value
     by accident (``lambda c: d.setdefault(...)``): say so instead of breaking the model."""
     if isinstance(output, torch.Tensor) and not isinstance(result, torch.Tensor):
@@ -303,6 +336,7 @@ def _check_replacement(result: Any, output: Any, path: str) -> None:
                         "would replace the module's tensor output. Return None to keep the "
                         "output (a lambda returns the value of its expression), or a tensor "
                         "to replace it.")
+    return result
 
 
 def _as_inputs(result: Any, args: tuple, kwargs: dict, path: str) -> tuple[tuple, dict]:

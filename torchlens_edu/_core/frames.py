@@ -37,6 +37,13 @@ def is_user_file(filename: str) -> bool:
     return path.startswith(_SITE_DIRS) or not path.startswith(_STDLIB_DIR)
 
 
+def is_toolkit_file(filename: str) -> bool:
+    """True for torchlens_edu's own machinery (observers, printing), not its bundled models:
+    the torch calls made there are ours, not the model's."""
+    path = os.path.abspath(filename)
+    return path.startswith(_PACKAGE_DIR + os.sep) and not path.startswith(_MODELS_DIR)
+
+
 def user_frame(start: FrameType | None = None) -> FrameType | None:
     """The innermost frame that belongs to the user's code, or None."""
     frame: FrameType | None = start if start is not None else sys._getframe(1)

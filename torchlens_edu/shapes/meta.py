@@ -5,11 +5,18 @@ and no weight is read, copied or allocated. The model itself is not changed: its
 swapped for meta stand-ins only while the run lasts (as a ``with`` block, so that any code inside
 it may call the model) and the same objects are put back afterwards; tied weights stay tied
 because the stand-ins are made once per tensor.
+
+A run that must stay invisible (``capture``'s memory estimate) uses :func:`meta_twin` instead:
+a copy of the model, on meta, without any of the hooks on the original, run while
+:func:`twin_running` is true, so that no observer (the user's hooks, a ``HookSet``, a shape
+trace, a NaN watch) ever sees it.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -85,6 +92,55 @@ def on_meta(model: nn.Module, twins: dict[int, torch.Tensor] | None = None) -> I
     finally:
         for table, name, tensor in slots:
             table[name] = tensor
+
+
+_twin_runs = threading.local()  # .running: a meta twin runs in this thread
+
+
+def meta_twin(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters, buffers and tensor attributes are meta tensors and
+    whose modules have no hooks: what it runs, nobody sees. Raises what ``copy.deepcopy`` raises
+    for models that cannot be copied.
+
+    >>> m = nn.Linear(2, 3)
+    >>> _ = m.register_forward_hook(lambda *a: print("never printed"))
+    >>> twin = meta_twin(m)
+    >>> twin.weight.device, twin(torch.zeros(1, 2, device="meta")).shape
+    (device(type='meta'), torch.Size([1, 3]))
+    """
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name.endswith(("_hooks", "_hooks_with_kwargs", "_hooks_always_called")) and \
+                    isinstance(value, dict):
+                memo[id(value)] = type(value)()  # hooks stay on the original
+            elif isinstance(value, torch.Tensor) and id(value) not in memo:
+                memo[id(value)] = to_meta(value)  # e.g. a causal mask kept as a plain attribute
+        for tensor in (*module._parameters.values(), *module._buffers.values()):
+            if tensor is not None and id(tensor) not in memo:  # once per tensor: ties stay
+                memo[id(tensor)] = _twin(tensor)
+    return copy.deepcopy(model, memo)
+
+
+@contextmanager
+def twin_running() -> Iterator[None]:
+    """Marks a :func:`meta_twin` run in this thread: observers with global hooks ignore it.
+
+    >>> with twin_running():
+    ...     is_twin_running()
+    True
+    """
+    before = getattr(_twin_runs, "running", False)
+    _twin_runs.running = True
+    try:
+        yield
+    finally:
+        _twin_runs.running = before
+
+
+def is_twin_running() -> bool:
+    """True inside :func:`twin_running` (in this thread)."""
+    return getattr(_twin_runs, "running", False)
 
 
 def op_flops(name: str, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> int:

@@ -6,6 +6,9 @@ op's own implementation are not seen again: one event per call the user's code m
 
 Speed matters here (the target is 2x a plain forward), so the per-call work is small: look up
 a cached op name, read the shapes, walk a few frames to the user's line with a per-file cache.
+
+Calls made by the toolkit itself (a capture detaching what it keeps, a NaN watch's probes, a
+memory estimate) are not the model's: they run through unrecorded.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any, Protocol
 import torch
 from torch.overrides import TorchFunctionMode
 
-from torchlens_edu._core.frames import is_user_file
+from torchlens_edu._core.frames import is_toolkit_file, is_user_file
 
 # Calls that ask about a tensor instead of computing one: left out of the trace.
 _NOISE = frozenset({
@@ -41,6 +44,7 @@ _OPERATORS = {
 }
 
 _user_files: dict[str, bool] = {}  # filename -> is it the user's code? (asked once per file)
+_toolkit_files: dict[str, bool] = {}  # filename -> is it our observers' code?
 
 
 def user_site(frame: FrameType | None) -> tuple[str, int] | None:
@@ -114,6 +118,12 @@ class OpRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        caller = sys._getframe(1).f_code.co_filename
+        ours = _toolkit_files.get(caller)
+        if ours is None:
+            ours = _toolkit_files[caller] = is_toolkit_file(caller)
+        if ours:  # another observer's own work, not the model's
+            return func(*args, **kwargs)
         try:
             name = self._names[func]
         except KeyError:

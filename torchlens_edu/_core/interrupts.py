@@ -1,0 +1,201 @@
+"""Ctrl-C never cuts an observer's attach or detach in half.
+
+A ``KeyboardInterrupt`` can arrive between any two bytecodes, even at the first line of an
+``__exit__``. Landing in the middle of "register five hooks" or "restore the print options", it
+would leave half of them behind. So the code that attaches or detaches runs
+``@uninterruptible``: a Ctrl-C that arrives meanwhile is held and raised (still as
+``KeyboardInterrupt``, through the handler that was installed before) as soon as the outermost
+such call returns. The forward itself is never held: Ctrl-C stops a long run at once.
+
+How: while an observer is attached (:func:`arm`), and during every ``@uninterruptible`` call, a
+SIGINT handler is installed that looks at the interrupted frames. If one of them is an
+``@uninterruptible`` call, it notes the interrupt; otherwise it calls the previous handler
+(``KeyboardInterrupt`` at once, as without us). Only the main thread receives SIGINT, and only
+there can a handler be installed: elsewhere these are plain calls. When the last observer is
+detached, the previous handler is put back (unless someone replaced ours meanwhile).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from types import CodeType, FrameType
+from typing import Any, ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_armed: set[int] = set()  # ids of attached observers (main thread)
+_previous: Any = None  # the SIGINT handler ours replaced; None while ours is not installed
+_pending = False  # a Ctrl-C arrived inside an uninterruptible call
+_CODES: set[CodeType] = set()  # the frames of an uninterruptible call: wrappers and the call
+
+
+def _on_sigint(signum: int, frame: FrameType | None) -> None:
+    global _pending
+    if _in_uninterruptible(frame):
+        _pending = True
+        return
+    _previous(signum, frame)
+
+
+def _in_uninterruptible(frame: FrameType | None) -> bool:
+    while frame is not None:
+        if frame.f_code in _CODES:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _install() -> None:
+    global _previous
+    if _previous is not None:
+        return
+    current = signal.getsignal(signal.SIGINT)
+    if callable(current) and current is not _on_sigint:  # SIG_DFL / SIG_IGN: nothing to hold
+        signal.signal(signal.SIGINT, _on_sigint)
+        _previous = current
+
+
+def _uninstall_if_idle() -> None:
+    global _previous
+    if _armed or _previous is None:
+        return
+    if signal.getsignal(signal.SIGINT) is _on_sigint:  # someone else's handler stays theirs
+        signal.signal(signal.SIGINT, _previous)
+    _previous = None
+
+
+def _raise_pending() -> None:
+    """Deliver a held Ctrl-C through the handler it was meant for."""
+    global _pending
+    if not _pending:
+        return
+    _pending = False
+    handler = _previous if _previous is not None else signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler is not _on_sigint:
+        handler(signal.SIGINT, None)
+
+
+def arm(owner: object) -> None:
+    """``owner`` holds state until :func:`disarm`: keep Ctrl-C handling ready for its detach.
+
+    Call it from ``@uninterruptible`` code. A no-op off the main thread.
+
+    >>> class Observer: ...
+    >>> owner = Observer()
+    >>> arm(owner); disarm(owner)
+    """
+    if _on_main_thread():
+        _armed.add(id(owner))
+        _install()
+
+
+def disarm(owner: object) -> None:
+    """``owner`` holds nothing any more (idempotent). See :func:`arm`."""
+    if _on_main_thread():
+        _armed.discard(id(owner))
+        _uninstall_if_idle()
+
+
+def _uninterruptible_call(fn: Callable[..., Any], undo: Callable[[Any], Any] | None,
+                          args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    # The SIGINT handler recognises this function's frames: keep all the work inside it.
+    if not _on_main_thread():
+        return fn(*args, **kwargs)
+    _install()
+    outermost = not _in_uninterruptible(sys._getframe(2))  # above the decorator's wrapper
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException:
+        if outermost:
+            _finish()
+        raise
+    if outermost and _pending and undo is not None:
+        undo(args[0])  # __enter__ succeeded but will raise: detach before it does
+    if outermost:
+        _finish()
+    return result
+
+
+_CODES.add(_uninterruptible_call.__code__)
+
+
+def _finish() -> None:
+    try:
+        _raise_pending()
+    finally:
+        _uninstall_if_idle()
+
+
+def uninterruptible(fn: Callable[P, R]) -> Callable[P, R]:
+    """Decorator: a Ctrl-C during ``fn`` is raised when it returns, not in the middle.
+
+    >>> @uninterruptible
+    ... def attach(): return "all hooks or none"
+    >>> attach()
+    'all hooks or none'
+    """
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        return _uninterruptible_call(fn, None, args, kwargs)  # type: ignore[no-any-return]
+
+    _CODES.add(wrapper.__code__)  # a Ctrl-C at its first line is held too
+    return wrapper
+
+
+def uninterruptible_enter(fn: Callable[P, R]) -> Callable[P, R]:
+    """Decorator for ``__enter__``: uninterruptible, and a Ctrl-C held during it runs the
+    object's ``__exit__`` before it is raised (the ``with`` block would never call it).
+
+    >>> class Block:
+    ...     @uninterruptible_enter
+    ...     def __enter__(self): return self
+    ...     def __exit__(self, *exc): pass
+    >>> with Block(): pass
+    """
+    def undo(self: Any) -> None:
+        type(self).__exit__(self, KeyboardInterrupt, KeyboardInterrupt(), None)
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        return _uninterruptible_call(fn, undo, args, kwargs)  # type: ignore[no-any-return]
+
+    _CODES.add(wrapper.__code__)
+    return wrapper
+
+
+class _SafeGeneratorContextManager(contextlib._GeneratorContextManager):  # type: ignore[type-arg]
+    @uninterruptible_enter
+    def __enter__(self) -> Any:
+        return super().__enter__()
+
+    @uninterruptible
+    def __exit__(self, typ: Any, value: Any, traceback: Any) -> bool | None:
+        return super().__exit__(typ, value, traceback)
+
+
+def safe_contextmanager(fn: Callable[P, Iterator[R]]
+                        ) -> Callable[P, contextlib.AbstractContextManager[R]]:
+    """``contextlib.contextmanager`` whose setup (up to ``yield``) and cleanup (after it) are
+    :func:`uninterruptible`. Keep both short: the ``with`` block's body stays interruptible.
+
+    >>> @safe_contextmanager
+    ... def block():
+    ...     yield "inside"
+    >>> with block() as value: value
+    'inside'
+    """
+    @functools.wraps(fn)
+    def helper(*args: P.args, **kwargs: P.kwargs) -> contextlib.AbstractContextManager[R]:
+        return _SafeGeneratorContextManager(fn, args, kwargs)
+
+    return helper
