@@ -26,7 +26,6 @@ Threads: each capture holds the forwards of the thread that opened it (see ``hoo
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import weakref
 from collections.abc import Iterator, Mapping

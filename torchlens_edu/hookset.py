@@ -33,8 +33,8 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -85,10 +85,10 @@ class HookSet:
 
     Use it as a context manager (hooks are removed on exit, also when the block raises) or
     call :meth:`remove` yourself; removing twice is harmless. Forward hooks run for the
-    forwards of the thread that made the set (see the module docstring). Patterns are globs over module
-    paths (``"transformer.h.*.attn"``, ``"*.mlp"``, ``"lm_head"``, ``""`` for the model itself)
-    or predicates ``(path, module) -> bool``; a pattern that matches nothing raises an error
-    that suggests close paths.
+    forwards of the thread that made the set (see the module docstring). Patterns are globs
+    over module paths (``"transformer.h.*.attn"``, ``"*.mlp"``, ``"lm_head"``, ``""`` for the
+    model itself) or predicates ``(path, module) -> bool``; a pattern that matches nothing
+    raises an error that suggests close paths.
 
     >>> import torch.nn as nn
     >>> m = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
