@@ -105,6 +105,10 @@ class OpListener(Protocol):
 class OpRecorder(TorchFunctionMode):
     """Reports every non-noise torch call to the tracer; reports failures of every call.
 
+    On exit it takes *itself* off torch's mode stack, wherever it is there (``TorchFunctionMode``
+    pops the top one, which is another mode when blocks were closed out of order), and an exit
+    without a matching enter does nothing instead of raising "pop from empty mode stack".
+
     >>> from torchlens_edu.shapes.tracer import trace_shapes
     >>> tr = trace_shapes(torch.nn.Linear(4, 2), torch.zeros(3, 4), ops=True)
     >>> [e.name for e in tr.events if e.kind == "op"]
@@ -115,6 +119,16 @@ class OpRecorder(TorchFunctionMode):
         super().__init__()
         self._tracer = tracer
         self._names: dict[Any, str | None] = {}
+
+    def __exit__(self, *exc: Any) -> None:
+        above = []  # modes pushed after this one and still there: they stay
+        while torch._C._len_torch_function_stack():
+            mode = torch._C._pop_torch_function_stack()
+            if mode is self:
+                break
+            above.append(mode)
+        for mode in reversed(above):
+            torch._C._push_on_torch_function_stack(mode)
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}

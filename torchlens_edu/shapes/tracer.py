@@ -16,6 +16,7 @@ with named dimensions, the source line and what was expected.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
@@ -26,6 +27,7 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
+from torchlens_edu._core.interrupts import arm, disarm, uninterruptible, uninterruptible_enter
 from torchlens_edu._core.modules import Pattern, match_modules
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.dims import Dims
@@ -85,7 +87,8 @@ class ShapeTracer:
     Use :func:`trace_shapes` for one forward; use this to trace any code that calls the model
     (``generate``, a training step, several models). With ``discover=True`` a module called
     outside the given ones becomes a traced model too (how ``%trace_shapes`` finds models); a
-    temporary global pre-hook spots it and is removed on exit.
+    temporary global pre-hook spots it and is removed on exit. Only the forwards of the thread
+    that made the tracer are recorded: other threads may run (or trace) the same model.
 
     >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
     >>> with ShapeTracer(m) as tracer:
@@ -130,13 +133,19 @@ class ShapeTracer:
         self._pre_hooks: dict[int, Callable[..., Any]] = {}
         self._root_names: list[str] = []
         self._used = False
+        self._thread = threading.get_ident()  # the forwards of this thread are traced
 
     # --- attaching -------------------------------------------------------------------------
+    # Enter and exit are uninterruptible: a Ctrl-C waits until every hook, the op recorder and
+    # the meta swap are all attached or all gone.
 
+    @uninterruptible_enter
     def __enter__(self) -> ShapeTracer:
         if self._used:
             raise RuntimeError("a ShapeTracer records one block: make a new one for the next")
         self._used = True
+        arm(self)
+        self._exits.callback(disarm, self)
         self._exits.callback(self._remove_hooks)
         try:
             for root in self._roots:
@@ -155,6 +164,7 @@ class ShapeTracer:
             raise
         return self
 
+    @uninterruptible
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         try:
             if isinstance(exc, Exception):
@@ -203,8 +213,12 @@ class ShapeTracer:
         events, stack, calls = self._events, self._stack, self._calls
         meta, clock = self.meta, time.perf_counter
         site_of, frame = _shape_ops.user_site, sys._getframe
+        thread, this_thread = self._thread, threading.get_ident
 
-        def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        def pre(mod: nn.Module, args: tuple[Any, ...], *rest: Any) -> Any:
+            if this_thread() != thread:  # another thread's forward (or a kwargs hook that
+                return None              # torch calls without kwargs while it registers it)
+            (kwargs,) = rest
             if is_root and self._dims is None:
                 self._dims = Dims.infer(mod, [args, kwargs], self._overrides)
             parent = stack[-1].index if stack else -1
@@ -225,7 +239,7 @@ class ShapeTracer:
             return None
 
         def post(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if not stack:
+            if not stack or this_thread() != thread:
                 return
             done = stack.pop()
             raised = sys.exc_info()[1] if output is None else None
@@ -254,9 +268,12 @@ class ShapeTracer:
         self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         self._handles.append(module.register_forward_hook(post, always_call=True))
 
+    @uninterruptible
     def _discover_root(self, module: nn.Module, args: tuple[Any, ...]) -> Any:
-        """Global pre-hook: the first module called outside every traced model becomes a root."""
-        if self._stack or id(module) in self._hooked:
+        """Global pre-hook: the first module called outside every traced model becomes a root
+        (not a meta twin that another observer runs unseen)."""
+        if (self._stack or id(module) in self._hooked or _shape_meta.is_twin_running()
+                or threading.get_ident() != self._thread):
             return None
         self._roots.append(module)
         self._attach(module)  # in meta mode this also swaps its parameters for meta twins
