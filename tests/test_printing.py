@@ -7,6 +7,8 @@ import math
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -141,3 +143,73 @@ def test_docstring_examples_run(module: str) -> None:
     mod = __import__(f"torchlens_edu.{module}", fromlist=["_"])
     result = doctest.testmod(mod, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
+
+def _in_threads(work: Callable[[int], None], n: int = 4) -> list[BaseException]:
+    errors: list[BaseException] = []
+    start = threading.Barrier(n)
+
+    def run(i: int) -> None:
+        start.wait()
+        try:
+            work(i)
+        except BaseException as error:  # returned to the test, which shows it
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: the blocks overlap in every order
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    return errors
+
+
+def test_printoptions_from_threads_restore_the_options_when_the_last_block_leaves() -> None:
+    """Issue 16.4: overlapping blocks from 4 threads left threshold=inf, precision=3 behind."""
+    before = _opts()
+
+    def work(i: int) -> None:
+        for j in range(300):
+            with tle.printoptions("full" if i % 2 else "short", precision=i + j % 3):
+                assert repr(torch.ones(2)).startswith("tensor([1.")
+
+    assert _in_threads(work) == []
+    assert _opts() == before
+
+
+def test_installed_from_threads_never_breaks_repr() -> None:
+    """Issue 16.4: installed() from 4 threads made repr raise "'NoneType' object is not
+    callable" and could leave the summary repr installed."""
+    original = torch.Tensor.__repr__
+
+    def work(i: int) -> None:
+        for _ in range(200):
+            with tle.installed():
+                assert repr(torch.ones(2)).startswith("Tensor[2] f32")
+
+    assert _in_threads(work) == []
+    assert torch.Tensor.__repr__ is original
+
+
+@pytest.mark.parametrize(("option", "value", "hint"), [
+    ("precision", -3, "an int >= 0"), ("precision", 2.5, "an int >= 0"),
+    ("edgeitems", -1, "an int >= 0"), ("linewidth", 0, "an int >= 1"),
+    ("threshold", math.nan, "a number >= 0"), ("threshold", "all", "a number >= 0"),
+    ("sci_mode", "yes", "True, False or None"),
+])
+def test_print_options_torch_would_fail_on_later_are_refused(option: str, value: object,
+                                                              hint: str) -> None:
+    """Issue 16.14: precision=-3 was accepted, and then every float repr raised."""
+    before = _opts()
+    with pytest.raises(ValueError, match=f"print option {option}={value!r}: give {hint}"):
+        tle.set_printoptions(**{option: value})
+    with pytest.raises(ValueError, match=f"print option {option}="), \
+            tle.printoptions(**{option: value}):
+        pass
+    assert _opts() == before
+    assert repr(torch.tensor([1.5])) == "tensor([1.5000])"

@@ -6,22 +6,29 @@ the *current* state (read from ``torch._tensor_str.PRINT_OPTS``), returns what w
 and ``printoptions(...)`` puts back that exact state on exit, also on exceptions and nested.
 
 ``install()`` makes ``repr(tensor)`` start with ``describe``'s summary line, reversibly.
+
+Threads: torch's print options and ``Tensor.__repr__`` are one per process. Blocks entered from
+several threads share them under a lock: each block, when it leaves, hands what it found on
+entry to the block entered after it (still open), so the options come back exactly as they were
+when the last block leaves, whatever the order. Entering and leaving are uninterruptible.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
 import shutil
+import threading
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from torchlens_edu._core.formatting import did_you_mean
+from torchlens_edu._core.interrupts import arm, disarm, safe_contextmanager
 from torchlens_edu.printing.summary_line import describe
 
 __all__ = [
@@ -87,7 +94,27 @@ def _resolve(preset: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
                          f"{', '.join(map(repr, PRESETS))}, or None to keep the current options")
     chosen = dict(PRESETS[preset]) if preset is not None else {}
     chosen.update(overrides)
-    return {k: (v() if callable(v) else v) for k, v in chosen.items()}
+    resolved = {k: (v() if callable(v) else v) for k, v in chosen.items()}
+    for name, value in resolved.items():
+        _check_option(name, value)
+    return resolved
+
+
+def _check_option(name: str, value: Any) -> None:
+    """Refuse what torch accepts and then fails on at every repr (``precision=-3``)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if name == "sci_mode":
+        ok, want = value is None or isinstance(value, bool), "True, False or None (automatic)"
+    elif name == "threshold":
+        ok, want = number and value >= 0, "a number >= 0 (math.inf: never summarise)"
+    else:
+        minimum = 1 if name == "linewidth" else 0
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+        want = {"precision": "an int >= 0 (digits after the decimal point)",
+                "edgeitems": "an int >= 0 (items shown at each end when summarising)",
+                "linewidth": "an int >= 1 (characters per line)"}[name]
+    if not ok:
+        raise ValueError(f"print option {name}={value!r}: give {want}")
 
 
 def set_printoptions(preset: str | None = None, **overrides: Any) -> dict[str, Any]:
@@ -103,24 +130,65 @@ def set_printoptions(preset: str | None = None, **overrides: Any) -> dict[str, A
     >>> _ = set_printoptions(**old)
     """
     chosen = _resolve(preset, overrides)
-    previous = get_printoptions()
-    _restore(chosen)
+    with _lock:
+        previous = get_printoptions()
+        _restore(chosen)
     return previous
 
 
-@contextlib.contextmanager
+_lock = threading.RLock()  # print options and Tensor.__repr__: one per process
+
+
+@dataclass(kw_only=True)
+class _Block:
+    """One open ``printoptions`` block: what it set, and what to put back when it leaves."""
+
+    chosen: dict[str, Any]
+    previous: dict[str, Any]
+
+
+_open_blocks: list[_Block] = []  # in the order they were entered, all threads
+
+
+@safe_contextmanager
 def printoptions(preset: str | None = None, **overrides: Any) -> Iterator[dict[str, Any]]:
     """``with printoptions("edu"):`` ... then the exact previous options, whatever happened.
+
+    Blocks from several threads may overlap: the options come back as they were once the last
+    one leaves (see the module docstring).
 
     >>> with printoptions(precision=2):
     ...     print(torch.tensor([1.23456]))
     tensor([1.23])
     """
-    previous = set_printoptions(preset, **overrides)
+    chosen = _resolve(preset, overrides)
+    with _lock:
+        block = _Block(chosen=chosen, previous=get_printoptions())
+        _open_blocks.append(block)
+        _restore(chosen)
+        arm(block)
+        applied = get_printoptions()
     try:
-        yield get_printoptions()
+        yield applied
     finally:
-        _restore(previous)
+        with _lock:
+            _leave(block)
+            disarm(block)
+
+
+def _leave(block: _Block) -> None:
+    index = _open_blocks.index(block)
+    del _open_blocks[index]
+    if index == len(_open_blocks):  # the latest block (always so within one thread)
+        _restore(block.previous)
+        return
+    # A block entered later is still open (another thread): it inherits what this one found,
+    # and the options become that plus what the open blocks chose, without this block's.
+    _open_blocks[index].previous = block.previous
+    state = dict(_open_blocks[index].previous)
+    for later in _open_blocks[index:]:
+        state.update(later.chosen)
+    _restore(state)
 
 
 def apply_env_preset() -> None:
@@ -140,10 +208,18 @@ def apply_env_preset() -> None:
 # --- repr patching -----------------------------------------------------------------------------
 
 _original_repr: Any = None  # torch.Tensor.__repr__ as found by install(); None when not installed
+_summary_repr: Any = None  # the __repr__ install() put in its place
+_installed_blocks: list[object] = []  # open installed() blocks, all threads
+_installed_before_blocks = False  # whether install() had been called when the first one opened
 
 
-def _summary_repr(self: torch.Tensor, /, *, tensor_contents: Any = None) -> str:
-    return describe(self) + "\n" + _original_repr(self, tensor_contents=tensor_contents)
+def _summary_repr_over(original: Any) -> Any:
+    # The original is bound here, not read from a global: a repr running in one thread while
+    # another uninstalls still has it.
+    def __repr__(self: torch.Tensor, /, *, tensor_contents: Any = None) -> str:
+        return describe(self) + "\n" + original(self, tensor_contents=tensor_contents)
+
+    return __repr__
 
 
 def install() -> None:
@@ -156,12 +232,15 @@ def install() -> None:
     Tensor[2] f32 cpu n=2 (8 B) all zeros NaN:0
     >>> uninstall()
     """
-    global _original_repr
-    if _original_repr is not None:
-        return
-    _original_repr = torch.Tensor.__dict__["__repr__"]
-    # a patch by design (undone by uninstall); torch leaves its __repr__ unannotated
-    torch.Tensor.__repr__ = _summary_repr  # type: ignore[method-assign, assignment]
+    global _original_repr, _summary_repr
+    with _lock:
+        if _original_repr is not None:
+            return
+        original = torch.Tensor.__dict__["__repr__"]
+        _summary_repr = _summary_repr_over(original)
+        # a patch by design (undone by uninstall); torch leaves its __repr__ unannotated
+        torch.Tensor.__repr__ = _summary_repr  # type: ignore[method-assign]
+        _original_repr = original
 
 
 def uninstall() -> None:
@@ -169,29 +248,42 @@ def uninstall() -> None:
 
     >>> uninstall()  # not installed: nothing to do
     """
-    global _original_repr
-    if _original_repr is None:
-        return
-    if torch.Tensor.__dict__.get("__repr__") is not _summary_repr:
-        raise RuntimeError("torch.Tensor.__repr__ was replaced again after tle.install() "
-                           "(another tool patched it); undo that tool's patch first, then call "
-                           "tle.uninstall()")
-    torch.Tensor.__repr__ = _original_repr  # type: ignore[method-assign]
-    _original_repr = None
+    global _original_repr, _summary_repr
+    with _lock:
+        if _original_repr is None:
+            return
+        if torch.Tensor.__dict__.get("__repr__") is not _summary_repr:
+            raise RuntimeError("torch.Tensor.__repr__ was replaced again after tle.install() "
+                               "(another tool patched it); undo that tool's patch first, then "
+                               "call tle.uninstall()")
+        torch.Tensor.__repr__ = _original_repr  # type: ignore[method-assign]
+        _original_repr = _summary_repr = None
 
 
-@contextlib.contextmanager
+@safe_contextmanager
 def installed() -> Iterator[None]:
     """``with installed():`` summary reprs inside, the previous ``__repr__`` after.
+
+    Blocks from several threads may overlap: the last one to leave puts the previous
+    ``__repr__`` back.
 
     >>> with installed():
     ...     "f32" in repr(torch.ones(1))
     True
     """
-    was_installed = _original_repr is not None
-    install()
+    global _installed_before_blocks
+    block = object()
+    with _lock:
+        if not _installed_blocks:
+            _installed_before_blocks = _original_repr is not None
+        _installed_blocks.append(block)
+        install()
+        arm(block)
     try:
         yield
     finally:
-        if not was_installed:
-            uninstall()
+        with _lock:
+            _installed_blocks.remove(block)
+            if not _installed_blocks and not _installed_before_blocks:
+                uninstall()
+            disarm(block)
