@@ -81,3 +81,25 @@ def test_bad_names_and_sizes_are_refused():
         Dims({"a b": 2})
     with pytest.raises(ValueError, match="non-negative int"):
         Dims({"B": -1})
+
+
+@pytest.mark.parametrize("bad", ["abc", ["B", "T"], [1, 2], 3])
+@pytest.mark.parametrize("tool", ["capture", "trace_shapes", "watch_nans", "inspect", "show"])
+def test_a_dims_argument_that_is_not_a_dict_gets_one_clear_error(tool: str, bad: object) -> None:
+    """Issue 16.14: dims="abc" or a list gave AttributeError (or a dict() error) deep inside."""
+    import torchlens_edu as tle
+
+    model = torch.nn.Linear(2, 2)
+    calls = {
+        "capture": lambda: tle.inspect(model).capture("*", dims=bad).__enter__(),
+        "trace_shapes": lambda: tle.trace_shapes(model, torch.zeros(1, 2), dims=bad),
+        "watch_nans": lambda: tle.watch_nans(model, dims=bad),
+        "inspect": lambda: tle.inspect(model, dims=bad),
+        "show": lambda: tle.show(torch.zeros(2), dims=bad),
+    }
+    with pytest.raises(TypeError, match=r"dims=.*: give a dict of dimension names and their "
+                                        r"sizes, e.g. dims=\{'B': 8, 'T': 16\}, or None") as info:
+        calls[tool]()
+    names_only = isinstance(bad, str) or bad == ["B", "T"]
+    assert ("names alone cannot be matched to sizes" in str(info.value)) == names_only
+    assert not model._forward_hooks and not model._forward_pre_hooks

@@ -134,3 +134,17 @@ def test_shared_module_is_shown_once() -> None:
     tree = repr(tle.inspect(Shared()))
     assert "20 parameters" in tree
     assert "dec Linear" not in tree  # named_children lists a shared module once
+
+
+def test_summary_shows_the_models_own_error_not_torchinfos(tiny_gpt2: GPT2) -> None:
+    """Issue 16.14: bad input said only "Failed to run torchinfo. See above stack traces"."""
+    with pytest.raises(TypeError, match=r"token ids must be torch.long .* use idx.long\(\)") as info:
+        tle.inspect(tiny_gpt2).summary(torch.zeros(2, 8))  # floats instead of token ids
+    assert "Failed to run torchinfo" not in str(info.value)
+    if hasattr(info.value, "__notes__"):
+        assert info.value.__notes__ == [
+            "(raised by the forward that inspect(model).summary(...) ran on GPT2 with the "
+            "inputs you gave)"]
+    assert info.value.__traceback__ is not None
+    frames = [f.filename for f in __import__("traceback").extract_tb(info.value.__traceback__)]
+    assert frames[-1].endswith("gpt2.py")  # the traceback ends at the model's own check

@@ -42,7 +42,7 @@ from torchlens_edu._core.formatting import did_you_mean, format_bytes, short_dty
 from torchlens_edu._core.interrupts import safe_contextmanager
 from torchlens_edu._core.modules import Pattern, match_modules
 from torchlens_edu._core.tree import iter_tensors, map_tensors
-from torchlens_edu.dims import Dims
+from torchlens_edu.dims import Dims, dims_argument
 from torchlens_edu.hookset import HookCall, HookSet, require_module
 from torchlens_edu.shapes.meta import inputs_to_meta, meta_twin, twin_running
 
@@ -289,6 +289,7 @@ def capture(model: nn.Module, pattern: Pattern = "*", *, grads: bool = False,
     (torch.Size([3, 1]), 4)
     """
     require_module(model, "capture()")
+    dims = dims_argument(dims)
     limit = parse_bytes(DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
     cache = ActivationCache(dims)
     paths = {path for path, _ in match_modules(model, pattern)}

@@ -91,6 +91,34 @@ def dims_from_inputs(*inputs: Any) -> dict[str, int]:
     return {}
 
 
+def dims_argument(dims: Any) -> dict[str, int]:
+    """A ``dims=`` argument as a dict, or one clear error: every function that takes ``dims``
+    (capture, trace_shapes, watch_nans, inspect, show, describe) checks it here.
+
+    >>> dims_argument({"B": 2}), dims_argument(None)
+    ({'B': 2}, {})
+    >>> dims_argument("B T C")
+    Traceback (most recent call last):
+    ...
+    TypeError: dims='B T C': give a dict of dimension names and their sizes, e.g. dims={'B': 8, 'T': 16}, or None (names then come from the inputs and the model's config); names alone cannot be matched to sizes
+    """
+    if dims is None:
+        return {}
+    if isinstance(dims, Mapping):
+        sizes = dict(dims)
+        for name, size in sizes.items():
+            if not isinstance(name, str) or not (name.isidentifier() or name[:1].isdigit()):
+                raise ValueError(f"dimension name {name!r} must be a short word such as 'B' or 'T'")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise ValueError(f"dimension {name}={size!r}: the size must be a non-negative int")
+        return sizes
+    hint = ("; names alone cannot be matched to sizes" if isinstance(dims, str) or (
+        isinstance(dims, (list, tuple)) and all(isinstance(d, str) for d in dims)) else "")
+    raise TypeError(f"dims={dims!r}: give a dict of dimension names and their sizes, e.g. "
+                    "dims={'B': 8, 'T': 16}, or None (names then come from the inputs and the "
+                    f"model's config){hint}")
+
+
 class Dims(Mapping[str, int]):
     """An ordered mapping ``name -> size`` that formats shapes with names.
 
@@ -103,12 +131,7 @@ class Dims(Mapping[str, int]):
 
     def __init__(self, sizes: Mapping[str, int] | None = None) -> None:
         self._sizes: dict[str, int] = {}
-        for name, size in (sizes or {}).items():
-            if not isinstance(name, str) or not (name.isidentifier() or name[:1].isdigit()):
-                raise ValueError(f"dimension name {name!r} must be a short word such as 'B' or 'T'")
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise ValueError(f"dimension {name}={size!r}: the size must be a non-negative int")
-            self._sizes[name] = size
+        self._sizes = dims_argument(sizes)
 
     @classmethod
     def infer(cls, model: Any = None, inputs: Sequence[Any] = (),

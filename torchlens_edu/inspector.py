@@ -35,7 +35,7 @@ from torchlens_edu._core.formatting import format_count
 from torchlens_edu._core.modules import Pattern, match_modules, module_paths
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.capture import ActivationCache, capture
-from torchlens_edu.dims import Dims
+from torchlens_edu.dims import Dims, dims_argument
 from torchlens_edu.hookset import HookCall, HookSet, require_module
 
 
@@ -95,7 +95,7 @@ class Inspector:
 
     def __init__(self, model: nn.Module, *, dims: Mapping[str, int] | None = None) -> None:
         self.model = require_module(model, "inspect()")
-        self._overrides = dict(dims or {})
+        self._overrides = dims_argument(dims)
         self.dims = Dims.infer(self.model, (), self._overrides)
 
     # -- what is in the model -----------------------------------------------------------
@@ -135,6 +135,15 @@ class Inspector:
                 stats = torchinfo.summary(
                     self.model, input_data=data, depth=depth, verbose=0, device=device,
                     mode="eval", **extra)  # eval: BatchNorm statistics stay as they are
+        except RuntimeError as error:
+            cause = error.__cause__
+            if not str(error).startswith("Failed to run torchinfo") or cause is None:
+                raise
+            # torchinfo hides the model's own error behind "see above stack traces": show it
+            if hasattr(cause, "add_note"):  # Python >= 3.11
+                cause.add_note(f"(raised by the forward that inspect(model).summary(...) ran on "
+                               f"{type(self.model).__name__} with the inputs you gave)")
+            raise cause from None
         finally:
             torchinfo._cached_forward_pass.clear()
             torchinfo._cached_forward_pass.update(cached)

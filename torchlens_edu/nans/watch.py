@@ -35,7 +35,7 @@ from torchlens_edu._core.console import get_console
 from torchlens_edu._core.frames import user_source
 from torchlens_edu._core.modules import module_paths
 from torchlens_edu._core.tree import iter_tensors
-from torchlens_edu.dims import Dims
+from torchlens_edu.dims import Dims, dims_argument
 from torchlens_edu.nans.breakpoint import stop_at_producer
 from torchlens_edu.nans.causes import hint_for
 from torchlens_edu.nans.checks import Batch, Reading, checkable, memory_budget
@@ -112,7 +112,7 @@ class NanWatch:
             raise ValueError(f"every={every!r}: check every N-th forward, N an int >= 1")
         self.model, self.mode, self.every = model, mode, every
         self.kinds: frozenset[Kind] = ALL_KINDS if check_inf else frozenset({"nan"})
-        self.dims = dict(dims or {})
+        self.dims = dims_argument(dims)
         self.reports: list[NonFiniteReport] = []
         self._paths = module_paths(model)
         # DistributedDataParallel's forward starts collectives: replay the module inside it

@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 from torchlens_edu._core.interrupts import arm, disarm, uninterruptible, uninterruptible_enter
 from torchlens_edu._core.modules import Pattern, match_modules
 from torchlens_edu._core.tree import iter_tensors
-from torchlens_edu.dims import Dims
+from torchlens_edu.dims import Dims, dims_argument
 from torchlens_edu.shapes import meta as _shape_meta
 from torchlens_edu.shapes import ops as _shape_ops
 from torchlens_edu.shapes.events import ShapeEvent, Spec
@@ -116,7 +116,7 @@ class ShapeTracer:
             match_modules(roots[0], include)  # matches nothing: raises, with did-you-mean
         self._roots = _outermost(roots)
         self.ops, self.meta, self.depth, self.include = ops, meta, depth, include
-        self._overrides = dict(dims or {})
+        self._overrides = dims_argument(dims)
         self._discover = discover
         self._events: list[ShapeEvent] = []
         self._stack: list[_OpenCall] = []  # the module calls now running, innermost last
