@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from torchlens_edu._core.console import get_console
 from torchlens_edu._core.frames import user_source
+from torchlens_edu._core.interrupts import arm, disarm, uninterruptible, uninterruptible_enter
 from torchlens_edu._core.modules import module_paths
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.dims import Dims, dims_argument
@@ -131,8 +132,11 @@ class NanWatch:
         self._warned: set[tuple[str, str, str, str]] = set()
 
     # ------------------------------------------------------------------ attach / detach
+    # uninterruptible: a Ctrl-C waits until every hook is attached, or every hook is gone
+    @uninterruptible_enter
     def __enter__(self) -> NanWatch:
         root = self.model
+        arm(self)
         try:
             self._handles.append(root.register_forward_pre_hook(self._on_start, with_kwargs=True))
             for module in self._paths:
@@ -147,6 +151,7 @@ class NanWatch:
         self._active = True
         return self
 
+    @uninterruptible
     def __exit__(self, *exc: object) -> None:
         self._detach()
 
@@ -157,6 +162,7 @@ class NanWatch:
         self._handles.clear()
         self._step = None
         self._grads.clear()
+        disarm(self)
 
     # ------------------------------------------------------------------ cheap tier: forward
     def _on_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

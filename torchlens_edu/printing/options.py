@@ -139,7 +139,7 @@ def set_printoptions(preset: str | None = None, **overrides: Any) -> dict[str, A
 _lock = threading.RLock()  # print options and Tensor.__repr__: one per process
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, eq=False)  # blocks are found by identity: two may hold equal options
 class _Block:
     """One open ``printoptions`` block: what it set, and what to put back when it leaves."""
 
