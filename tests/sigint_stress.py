@@ -34,10 +34,10 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torchlens_edu as tle  # noqa: E402
-from torchlens_edu.models import GPT2, GPT2Config  # noqa: E402
-from torchlens_edu.printing.options import get_printoptions  # noqa: E402
-from torchlens_edu.shapes import ShapeTracer  # noqa: E402
+import torchlens_edu as tle
+from torchlens_edu.models import GPT2, GPT2Config
+from torchlens_edu.printing.options import get_printoptions
+from torchlens_edu.shapes import ShapeTracer
 
 OBSERVERS = ("capture", "hooks", "trace", "nans", "print", "installed")
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
@@ -162,7 +162,7 @@ def main(runs: int, seed: int) -> dict[str, Any]:
         durations[body] = sorted(times)[2]
     clean = snapshot(model)
     interrupted, leaks, wrong = 0, [], []
-    for run, names in zip(range(runs), orders(rng)):
+    for run, names in zip(range(runs), orders(rng), strict=False):
         body = forward_backward if run % 4 < 2 else nothing
         interrupter = Interrupter(rng.uniform(0, 1.1 * durations[body]), use_thread=run % 2 == 1)
         got_interrupt = False
