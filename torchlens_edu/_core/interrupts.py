@@ -144,12 +144,11 @@ def uninterruptible(fn: Callable[P, R]) -> Callable[P, R]:
     >>> attach()
     'all hooks or none'
     """
-    @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        return _uninterruptible_call(fn, None, args, kwargs)  # type: ignore[no-any-return]
+        return _uninterruptible_call(fn, None, args, kwargs)
 
     _CODES.add(wrapper.__code__)  # a Ctrl-C at its first line is held too
-    return wrapper
+    return functools.wraps(fn)(wrapper)
 
 
 def uninterruptible_enter(fn: Callable[P, R]) -> Callable[P, R]:
@@ -165,15 +164,14 @@ def uninterruptible_enter(fn: Callable[P, R]) -> Callable[P, R]:
     def undo(self: Any) -> None:
         type(self).__exit__(self, KeyboardInterrupt, KeyboardInterrupt(), None)
 
-    @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        return _uninterruptible_call(fn, undo, args, kwargs)  # type: ignore[no-any-return]
+        return _uninterruptible_call(fn, undo, args, kwargs)
 
     _CODES.add(wrapper.__code__)
-    return wrapper
+    return functools.wraps(fn)(wrapper)
 
 
-class _SafeGeneratorContextManager(contextlib._GeneratorContextManager):  # type: ignore[type-arg]
+class _SafeGeneratorContextManager(contextlib._GeneratorContextManager):
     @uninterruptible_enter
     def __enter__(self) -> Any:
         return super().__enter__()
@@ -196,6 +194,7 @@ def safe_contextmanager(fn: Callable[P, Iterator[R]]
     """
     @functools.wraps(fn)
     def helper(*args: P.args, **kwargs: P.kwargs) -> contextlib.AbstractContextManager[R]:
-        return _SafeGeneratorContextManager(fn, args, kwargs)
+        # contextlib types the function as returning a Generator; an Iterator is what it needs
+        return _SafeGeneratorContextManager(fn, args, kwargs)  # type: ignore[arg-type]
 
     return helper
