@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,11 +102,19 @@ def test_demo_command_offline(tmp_path: Path) -> None:
     out = result.stdout
     assert "using the small embedded model" in result.stderr  # the one-line notice
     for section in ("1. the model", "2. shapes", "3. attention", "4. the residual stream",
-                    "5. generation", "6. a NaN caught"):
+                    "5. generation", "6. an Inf caught at its source"):
         assert section in out
     assert "(x4, identical shapes)" in out  # the folded blocks of the shape trace
-    assert "previous-token head" in out and "an induction head" in out and "after h.3" in out
+    assert "previous-token head" in out and "an induction head" in out
+    assert [line[:9] for line in out.splitlines() if line.startswith("after h.")] == [
+        "after h.0", "after h.1", "after h.2", "after h.3"]  # every layer, none skipped
     assert "+Inf made in forward" in out and "transformer.h.1.mlp.c_fc" in out
+    assert "plant +inf in one weight of h.1.mlp.c_fc" in out
+    # the sample backs the README's "made of real words": every finished word is one
+    sample = out.split("5. generation")[1].splitlines()[1].removeprefix("Mr. Darcy looked at")
+    vocabulary = set((REPO / "torchlens_edu/data/embedded/words.txt").read_text().split())
+    words = re.findall(r"[a-z]+", sample.lower())[:-1]  # the last one may be cut short
+    assert len(words) > 8 and set(words) <= vocabulary, sample
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 from torchlens_edu.models import GPT2, GPT2Config
@@ -142,3 +143,61 @@ def test_magic_in_a_real_ipython_process():
     assert done.returncode == 0, done.stderr
     assert "ShapeTrace of GPT2" in done.stdout
     assert "lm_head Linear  (B=1, T=4, C=32) -> (B=1, T=4, V=256)" in done.stdout
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def test_unknown_options_are_usage_errors_and_nothing_runs(shell, capsys):
+    error = _run(shell, "%trace_shapes --bogus model(x)").error_in_exec
+    assert isinstance(error, UsageError)
+    assert "unknown option --bogus; the options are --ops, --meta" in str(error)
+    out = _plain(capsys.readouterr().out)
+    assert "ShapeTrace" not in out and "SyntaxError" not in out
+    error = _run(shell, "%%trace_shapes --ops --bogus\nmodel(x)\n").error_in_exec
+    assert isinstance(error, UsageError) and "unknown option --bogus" in str(error)
+    error = _run(shell, "%%trace_shapes --ops model(x)\nmodel(x)\n").error_in_exec
+    assert isinstance(error, UsageError) and "'model(x)' on the magic's line" in str(error)
+
+
+def test_a_pattern_that_matches_nothing_is_a_usage_error(shell, capsys):
+    error = _run(shell, "%trace_shapes --include nope model(x)").error_in_exec
+    assert isinstance(error, UsageError)
+    assert str(error).startswith("%trace_shapes: ") and "'nope'" in str(error)
+    assert "ShapeTrace" not in capsys.readouterr().out
+
+
+def test_a_syntax_error_is_reported_once(shell, capsys):
+    error = _run(shell, "%trace_shapes model(x))").error_in_exec
+    assert isinstance(error, SyntaxError) and error.__context__ is None
+    assert "ShapeTrace" not in capsys.readouterr().out
+
+
+def test_an_error_in_the_traced_code_shows_the_users_frames(shell, capsys):
+    shell.user_ns["bad"] = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(3, 2))
+    capsys.readouterr()
+    result = _run(shell, "%trace_shapes --ops bad(torch.zeros(2, 8))")
+    assert isinstance(result.error_in_exec, RuntimeError)
+    out = _plain(capsys.readouterr().out)
+    trace_at, error_at = out.index("ShapeTrace of Sequential"), out.index("RuntimeError")
+    assert trace_at < error_at  # the partial trace, then the error
+    # the explanation names the cell as IPython does, not by its file name
+    assert re.search(r"at Cell In\[\d+\], line 1  bad\(torch.zeros\(2, 8\)\)", out), out
+    assert "ipython-input" not in out[:error_at]
+    shown = out[error_at - 2000:]
+    assert "integrations/ipython.py" not in shown and "trace_shapes(self" not in shown
+    assert "shapes/ops.py" not in shown and "__torch_function__" not in shown
+    # the cell is named as IPython names its own cells
+    assert re.search(r"Cell In\[\d+\]|<ipython-input-\d+-", shown), shown
+
+
+def test_an_error_before_any_model_ran_prints_no_empty_trace(shell, capsys):
+    error = _run(shell, "%trace_shapes --ops undefined_function(x)").error_in_exec
+    assert isinstance(error, NameError)
+    assert "ShapeTrace" not in _plain(capsys.readouterr().out)
+
+
+def test_code_that_calls_no_model_says_so(shell, capsys):
+    assert _run(shell, "%trace_shapes 1 + 1").error_in_exec is None
+    assert "the code called no nn.Module" in _plain(capsys.readouterr().out)

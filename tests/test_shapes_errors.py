@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import traceback
 
 import pytest
 import torch
@@ -154,3 +155,16 @@ def test_python_310_fallback_extends_the_message(monkeypatch):
     message = str(info.value)
     assert message.startswith("Expected size") and "k.transpose(-2, -1)" in message
     assert not getattr(info.value, "__notes__", None)
+
+
+def test_the_last_frame_of_an_op_error_is_the_users_line():
+    class Bad(torch.nn.Module):
+        def forward(self, x):
+            return torch.softmax(x @ torch.zeros(3, 2), dim=-1)  # the failing line
+
+    with pytest.raises(RuntimeError) as caught:
+        trace_shapes(Bad(), torch.zeros(2, 4), ops=True)
+    last = traceback.extract_tb(caught.value.__traceback__)[-1]
+    assert (last.name, last.line) == ("forward", "return torch.softmax(x @ torch.zeros(3, 2), "
+                                                 "dim=-1)  # the failing line")
+    assert last.filename == __file__

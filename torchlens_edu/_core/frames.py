@@ -7,6 +7,7 @@ stepping through ``gpt2.py`` wants to see ``gpt2.py:57``, not a line of our hook
 from __future__ import annotations
 
 import os
+import re
 import sys
 import sysconfig
 from types import FrameType
@@ -22,6 +23,7 @@ _STDLIB_DIR = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
 _SITE_DIRS = tuple({os.path.abspath(sysconfig.get_paths()[k]) + os.sep
                     for k in ("purelib", "platlib")})
 _SKIP_PREFIXES = ("<frozen ",)
+_IPYTHON_7_CELL = re.compile(r"<ipython-input-(\d+)-[0-9a-f]+>$")  # IPython 8+ maps its names
 
 
 def is_user_file(filename: str) -> bool:
@@ -64,3 +66,23 @@ def frame_location(frame: FrameType | None) -> str:
 def user_source() -> str:
     """``"path/to/file.py:LINE"`` of the user's line that is running now (``""`` if none)."""
     return frame_location(user_frame(sys._getframe(1)))
+
+
+def source_location(filename: str, line: int) -> str:
+    """A source line as a learner knows it: ``gpt2.py:57``, or, for an IPython/Jupyter cell,
+    ``Cell In[3], line 2`` as IPython's own tracebacks name it.
+
+    >>> source_location("/home/me/project/train.py", 12)
+    'train.py:12'
+    >>> source_location("<ipython-input-3-5e3c0b8a1f00>", 2)
+    'Cell In[3], line 2'
+    """
+    cell = _IPYTHON_7_CELL.match(filename)
+    if cell:
+        return f"Cell In[{cell.group(1)}], line {line}"
+    ipython = sys.modules.get("IPython")  # only when the program already uses it
+    shell = ipython.get_ipython() if ipython is not None else None
+    label = getattr(getattr(shell, "compile", None), "format_code_name", lambda _: None)(filename)
+    if label:
+        return f"{label[0]} {label[1]}, line {line}"
+    return f"{os.path.basename(filename)}:{line}"

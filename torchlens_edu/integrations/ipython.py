@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import re
+from types import CodeType
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -82,10 +83,19 @@ class ShapeMagics(Magics):
         named dims, the line) and re-raised; the trace up to the failure is still shown and
         stored with -o.
         """
+        __tracebackhide__ = True  # IPython shows the user's frames of an error, not ours
         from torchlens_edu._core.console import get_console
+        from torchlens_edu._core.modules import PatternError
         from torchlens_edu.shapes.tracer import ShapeTracer
 
         options, code = _split_options(line)
+        if unknown := _LOOKS_LIKE_AN_OPTION.match(code):
+            raise UsageError(f"%trace_shapes: unknown option {unknown.group()}; the options are "
+                             f"{_OPTIONS} (%trace_shapes? explains them). To trace an "
+                             "expression that starts with '-', put it in parentheses.")
+        if cell is not None and code:
+            raise UsageError(f"%%trace_shapes: {code!r} on the magic's line is not an option; "
+                             "the code to trace goes in the cell, below the line")
         args = parse_argstring(self.trace_shapes, options)
         for option in ("include", "dims", "out"):  # quotes typed around a value are not part of it
             value = getattr(args, option)
@@ -100,29 +110,46 @@ class ShapeMagics(Magics):
             raise UsageError("%trace_shapes runs inside IPython or Jupyter: load it there with "
                              "%load_ext torchlens_edu")
         namespace = shell.user_ns
-        tracer = ShapeTracer(_named_models(source, namespace), ops=args.ops, meta=args.meta,
-                             depth=args.depth, include=args.include,
-                             dims=_parse_dims(args.dims), discover=True)
-        filename = shell.compile.cache(source)  # in linecache: source lines show up
+        # cached under this cell's number, so that a traceback names it "Cell In[n]" as
+        # IPython names its own cells, and shows its lines
+        filename = shell.compile.cache(source, shell.execution_count)
+        compiled = _compile(source, filename, expression=cell is None)  # a typo fails here, once
+        try:
+            tracer = ShapeTracer(_named_models(source, namespace), ops=args.ops, meta=args.meta,
+                                 depth=args.depth, include=args.include,
+                                 dims=_parse_dims(args.dims), discover=True)
+        except (PatternError, ValueError) as err:  # --include nope, --depth -1, meta weights
+            raise UsageError(f"%trace_shapes: {err}") from None
+        completed = False
         try:
             with tracer:
-                _run(source, filename, namespace, expression=cell is None)
+                eval(compiled, namespace)  # the user's code, in their namespace, as IPython runs it
+            completed = True
         finally:
             trace = tracer.trace
             if args.out:
                 namespace[args.out] = trace
-            get_console().print(trace)
+            if trace.events:  # the trace, or on an error the part before it; never an empty one
+                get_console().print(trace)
+            elif completed:
+                get_console().print("%trace_shapes: the code called no nn.Module, so there is "
+                                    "nothing to show")
 
 
-def _run(source: str, filename: str, namespace: dict[str, Any], *, expression: bool) -> None:
+_OPTIONS = "--ops, --meta, --depth N, --include PATTERN, --dims B=2,T=16 and -o VAR"
+# what is left of the line after the known options, when it starts like an option
+_LOOKS_LIKE_AN_OPTION = re.compile(r"--?[A-Za-z][\w-]*(?=[\s=]|$)")
+
+
+def _compile(source: str, filename: str, *, expression: bool) -> CodeType:
+    """The code object IPython would run: an expression where the line is one (``model(x)``),
+    else statements (``y = model(x)``); a SyntaxError is the statements' one, not chained."""
     if expression:
         try:
-            code = compile(source, filename, "eval")
-        except SyntaxError:  # a statement such as `y = model(x)`
-            code = compile(source, filename, "exec")
-    else:
-        code = compile(source, filename, "exec")
-    eval(code, namespace)  # the user's own code, in their namespace, as IPython would run it
+            return compile(source, filename, "eval")
+        except SyntaxError:
+            pass
+    return compile(source, filename, "exec")
 
 
 def load_ipython_extension(ipython: Any) -> None:

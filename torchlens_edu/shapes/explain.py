@@ -13,7 +13,6 @@ import ast
 import contextlib
 import linecache
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from torchlens_edu._core.frames import is_user_file
+from torchlens_edu._core.frames import is_user_file, source_location
 from torchlens_edu.dims import Dims
 from torchlens_edu.shapes.meta import DATA_DEPENDENT
 
@@ -75,7 +74,7 @@ def explain(failure: Failure, trace: Any, roots: list[nn.Module]) -> str:
     what = f"`{failure.op}`" if failure.op else "the forward"
     lines = [f"torchlens_edu: {what} failed{where}"]
     if filename:
-        lines.append(f"  at {os.path.basename(filename)}:{line}  {code}")
+        lines.append(f"  at {source_location(filename, line)}  {code}")
     if operands:
         lines.append("  tensors on that line:" if on_line else "  operands:")
         width = max(len(o.name) for o in operands)

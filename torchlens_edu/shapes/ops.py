@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from types import FrameType
+from types import FrameType, TracebackType
 from typing import Any, Protocol
 
 import torch
@@ -153,3 +153,25 @@ class OpRecorder(TorchFunctionMode):
         if name is not None:
             self._tracer.op_done(name, args, kwargs, result, sys._getframe(1))
         return result
+
+
+def end_at_user_line(exc: BaseException) -> None:
+    """Cut ``exc``'s traceback after the user's line that called the failing op, when the failure
+    passed through :class:`OpRecorder`: the last frame a learner sees is their ``x @ w``, not
+    ``OpRecorder.__torch_function__`` (nor torch's dispatch to it).
+
+    The traceback is the one the exception keeps propagating with (a ``with`` block re-raises
+    ``exc`` with its ``__traceback__``), so this works from a context manager's ``__exit__``.
+    """
+    entries: list[TracebackType] = []
+    tb = exc.__traceback__
+    while tb is not None:
+        entries.append(tb)
+        tb = tb.tb_next
+    recorder = OpRecorder.__torch_function__.__code__
+    ours = next((i for i, e in enumerate(entries) if e.tb_frame.f_code is recorder), None)
+    if ours is None:
+        return
+    users = [i for i in range(ours) if is_user_file(entries[i].tb_frame.f_code.co_filename)]
+    if users:
+        entries[users[-1]].tb_next = None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import linecache
-import os
 import re
 import tokenize
 from collections.abc import Iterator, Sequence
@@ -26,6 +25,7 @@ from rich.tree import Tree
 
 from torchlens_edu._core.console import render_text
 from torchlens_edu._core.formatting import format_bytes, format_count, format_si, short_dtype
+from torchlens_edu._core.frames import source_location
 from torchlens_edu.dims import Dims
 from torchlens_edu.shapes.events import ShapeEvent, Spec
 
@@ -196,7 +196,7 @@ def _op_row(group: list[int], events: list[ShapeEvent], dims: Dims) -> Text:
     text = Text()
     if first.filename:
         code = _without_comment(linecache.getline(first.filename, first.line).strip())
-        text.append(f"{os.path.basename(first.filename)}:{first.line} ", "blue")
+        text.append(f"{source_location(first.filename, first.line)} ", "blue")
         text.append(code + "  ", "")
     text.append(", ".join(dict.fromkeys(op.name for op in ops)), "dim italic")
     text.append(f"  {_specs_text(ins, dims)} -> ")

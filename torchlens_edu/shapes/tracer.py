@@ -169,6 +169,7 @@ class ShapeTracer:
         try:
             if isinstance(exc, Exception):
                 self._explain(exc)
+                _shape_ops.end_at_user_line(exc)
         finally:
             self._exits.close()
 
