@@ -200,6 +200,14 @@ def test_nan_watch_option(pytester: pytest.Pytester, run) -> None:
     assert torch.nn.Module.__call__ is torch.nn.Module._wrapped_call_impl
 
 
+def test_the_short_summary_names_what_was_made_where(pytester: pytest.Pytester, run) -> None:
+    pytester.makepyfile(test_t=NAN_TESTS)
+    result = run("--tle-nan-watch", "-rf", "-vv", "-k", "made_inside")  # -vv: lines not cut
+    result.stdout.fnmatch_lines(["FAILED test_t.py::test_model_made_inside_the_test - "
+                                 "*NonFiniteError: NaN made in forward: log at test_t.py:7 "
+                                 "(module '1')"])
+
+
 def test_nan_watch_marker(pytester: pytest.Pytester, run) -> None:
     pytester.makepyfile(NAN_TESTS)
     result = run()
@@ -319,6 +327,43 @@ def test_tensor_failure_text(pytester: pytest.Pytester, run) -> None:
         "result: use torch.testing.assert_close(a, b) or torch.equal(a, b)",
     ]])
     assert "tensor([[" not in result.stdout.str()  # no walls of numbers
+
+
+NESTED_AND_EQUAL = """
+import torch
+
+def test_all():
+    a, b = torch.tensor([1, 2]), torch.tensor([1, 3])
+    assert (a == b).all()
+
+class Out:
+    logits = torch.zeros(2, 3)
+
+def test_equal():
+    out, expected = Out(), [torch.zeros(2, 3)]
+    expected[0][1, 2] = 0.5
+    assert torch.equal(out.logits, expected[0])
+
+def test_equal_shapes():
+    assert torch.equal(torch.zeros(2, 3), torch.zeros(3, 2))
+"""
+
+
+def test_nested_comparison_and_torch_equal(pytester: pytest.Pytester, run) -> None:
+    pytester.makepyfile(NESTED_AND_EQUAL)
+    result = run()
+    result.assert_outcomes(failed=3)
+    out = result.stdout.str()
+    # pytest writes `.all` after the explanation's last line: that line reads well with it
+    result.stdout.fnmatch_lines([_literal(line) for line in [
+        "E             max rel diff: 0.333333 at index [1]",
+        "E             in (tensor([1, 2]) == tensor([1, 3])).all",
+        "E       (torchlens_edu) torch.equal(out.logits, expected[0]) is False",
+        "E       left:  Tensor[2, 3] f32 cpu n=6 (24 B) all zeros",
+        "E       first mismatch at index [1, 2]: 0 vs 0.5",
+    ]])
+    assert "[1].all" not in out
+    assert "torch.equal(...) is False" not in out  # calls in the arguments are not run again
 
 
 def test_tensor_failure_text_can_be_switched_off(pytester: pytest.Pytester, run) -> None:

@@ -22,6 +22,7 @@ for the whole plugin).
 
 from __future__ import annotations
 
+import ast
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -76,6 +77,7 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     except AssertionError as err:
         if diffs:
             _explain_assert_close(err)
+            _explain_torch_equal(err)
         raise
     except RuntimeError as err:
         nans = sys.modules.get("torchlens_edu.nans")
@@ -237,11 +239,104 @@ def pytest_assertrepr_compare(config: pytest.Config, op: str, left: Any,
         return None
     if not (isinstance(left, torch.Tensor) or isinstance(right, torch.Tensor)):
         return None
-    lines = [f"{_short(left)} {op} {_short(right)}",
-             f"left:  {_summary(left)}", f"right: {_summary(right)}"]
+    compared = f"{_short(left)} {op} {_short(right)}"
+    lines = [compared, f"left:  {_summary(left)}", f"right: {_summary(right)}"]
     if op in ("==", "!="):
         lines += _where_they_differ(left, right, rtol=0.0, atol=0.0, equal_nan=False)
+    if not _is_the_whole_assertion(sys._getframe(1)):
+        # `assert (a == b).all()`: pytest writes `.all` right after our last line, so that
+        # line names the comparison again and reads `in (a == b).all`
+        lines.append(f"in ({compared})")
     return lines
+
+
+def _is_the_whole_assertion(frame: Any) -> bool:
+    """False when the comparison being explained is part of a bigger assertion, such as
+    ``assert (a == b).all()``; True when it is the assertion (or when that cannot be told)."""
+    test = _assertion_frame(frame)
+    statement = _assert_statement(test) if test is not None else None
+    return statement is None or isinstance(statement.test, ast.Compare)
+
+
+def _assertion_frame(frame: Any) -> Any:
+    """The frame running a rewritten ``assert``: pytest's rewrite imports ``@pytest_ar`` there."""
+    while frame is not None and "@pytest_ar" not in frame.f_globals:
+        frame = frame.f_back
+    return frame
+
+
+def _assert_statement(frame: Any) -> ast.Assert | None:
+    """The ``assert`` statement ``frame`` is executing, from its source file."""
+    import linecache
+
+    source = "".join(linecache.getlines(frame.f_code.co_filename))
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return None
+    line = frame.f_lineno
+    return next((node for node in ast.walk(tree) if isinstance(node, ast.Assert)
+                 and node.lineno <= line <= (node.end_lineno or node.lineno)), None)
+
+
+def _explain_torch_equal(err: AssertionError) -> None:
+    """``assert torch.equal(a, b)`` failed: both sides' summaries and where they differ.
+
+    The two arguments are read again from the test's frame, only when they are names,
+    attributes or constant subscripts (``a``, ``out.logits``, ``xs[0]``): reading those runs
+    no code of the test a second time.
+    """
+    torch = sys.modules.get("torch")
+    tb = err.__traceback__
+    frame = None
+    while tb is not None:
+        if "@pytest_ar" in tb.tb_frame.f_globals:
+            frame = tb.tb_frame
+        tb = tb.tb_next
+    statement = _assert_statement(frame) if torch is not None and frame is not None else None
+    call = statement.test if statement is not None else None
+    if not (isinstance(call, ast.Call) and len(call.args) == 2 and not call.keywords
+            and ast.unparse(call.func) in ("torch.equal", "equal")):
+        return
+    values = [_read(arg, frame) for arg in call.args]
+    if not all(isinstance(v, torch.Tensor) for v in values):
+        return
+    left, right = values
+    lines = [f"left:  {_summary(left)}", f"right: {_summary(right)}"]
+    if left.dtype != right.dtype:
+        lines.append(f"dtypes differ: {left.dtype} vs {right.dtype} (torch.equal compares "
+                     "values; torch.testing.assert_close(a, b) also checks dtypes)")
+    if left.device != right.device:
+        lines.append(f"devices differ: {left.device} vs {right.device}")
+    if left.shape != right.shape:
+        lines.append(f"shapes differ: {tuple(left.shape)} vs {tuple(right.shape)}")
+    else:
+        lines += _where_they_differ(left, right, rtol=0.0, atol=0.0, equal_nan=False)
+    message = err.args[0] if err.args else ""
+    err.args = (f"{message}\n\n(torchlens_edu) torch.equal({ast.unparse(call.args[0])}, "
+                f"{ast.unparse(call.args[1])}) is False\n" + "\n".join(lines),)
+
+
+_NO_VALUE = object()
+
+
+def _read(node: ast.expr, frame: Any) -> Any:
+    """The value of a name / attribute / constant subscript in ``frame``, else ``_NO_VALUE``."""
+    if isinstance(node, ast.Name):
+        for scope in (frame.f_locals, frame.f_globals, frame.f_builtins):
+            if node.id in scope:
+                return scope[node.id]
+        return _NO_VALUE
+    if isinstance(node, ast.Attribute):
+        owner = _read(node.value, frame)
+        return _NO_VALUE if owner is _NO_VALUE else getattr(owner, node.attr, _NO_VALUE)
+    if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+        owner = _read(node.value, frame)
+        try:
+            return _NO_VALUE if owner is _NO_VALUE else owner[node.slice.value]
+        except (LookupError, TypeError):
+            return _NO_VALUE
+    return _NO_VALUE
 
 
 def _short(x: Any) -> str:

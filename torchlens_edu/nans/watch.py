@@ -71,7 +71,8 @@ class NonFiniteError(RuntimeError):
         self.report = report
 
     def __str__(self) -> str:
-        return "\n" + str(self.report)
+        # the one-line summary first: it is what pytest's short summary and log lines show
+        return f"{self.report.summary()}\n{self.report}"
 
 
 @dataclass(eq=False, kw_only=True)  # identity: ``step in pending`` must not compare tensors
