@@ -287,13 +287,15 @@ def _explain_torch_equal(err: AssertionError) -> None:
     no code of the test a second time.
     """
     torch = sys.modules.get("torch")
+    if torch is None:
+        return
     tb = err.__traceback__
     frame = None
     while tb is not None:
         if "@pytest_ar" in tb.tb_frame.f_globals:
             frame = tb.tb_frame
         tb = tb.tb_next
-    statement = _assert_statement(frame) if torch is not None and frame is not None else None
+    statement = _assert_statement(frame) if frame is not None else None
     call = statement.test if statement is not None else None
     if not (isinstance(call, ast.Call) and len(call.args) == 2 and not call.keywords
             and ast.unparse(call.func) in ("torch.equal", "equal")):
