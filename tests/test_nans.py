@@ -512,7 +512,7 @@ def test_the_inspector_facade_watches_too(tiny_gpt2, tiny_ids):
     assert (info.value.report.module, info.value.report.op) == ("transformer.ln_f", "layer_norm")
 
 
-# ----------------------------------------------------------------------------- hints match values
+# ---------------------------------------------------------------------------- hints match values
 class MaskedScores(nn.Module):
     """Masked attention logits as a module output, filled with a huge finite value as
     Hugging Face (finfo.min), minGPT-style tutorials (-1e9) and others (-finfo.max) do."""
@@ -702,3 +702,69 @@ def test_a_backward_pow_overflow_in_fp16_is_overflow_not_log_sqrt():
     assert cause == "fp16_overflow" and "float16 holds at most 65504" in detail
     zero = _summary("forward input 0", "float16", lo=0.0, zeros=1)
     assert backward_cause("PowBackward0", "pow", False, [grad], [zero])[0] == "log_sqrt"
+
+
+# ------------------------------------------------------------------------ cost of the cheap tier
+def test_the_cheap_tier_adds_a_few_ops_per_step_whatever_the_depth(tiny_ids):
+    from benchmarks.groups import watch_op_count
+
+    extra = []
+    for n_layer in (1, 2, 8):
+        torch.manual_seed(0)
+        model = GPT2(GPT2Config.preset("tiny", n_layer=n_layer)).train()
+        plain, watched, _ = watch_op_count(model, tiny_ids)
+        extra.append(watched - plain)
+    assert extra[0] == extra[1] == extra[2] <= 16
+
+
+@pytest.mark.slow
+def test_gpt2_small_cheap_tier_adds_at_most_16_ops_and_holds_under_5_percent():
+    from benchmarks.groups import watch_op_count
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config.preset("gpt2")).train()
+    ids = torch.randint(0, 50257, (1, 64), generator=torch.Generator().manual_seed(0))
+    plain, watched, held = watch_op_count(model, ids)
+    assert watched - plain <= 16
+    assert held <= 0.05
+
+
+@pytest.fixture
+def small_batches(monkeypatch):
+    """A check budget of a few KiB: batches are reduced many times within one step."""
+    from torchlens_edu.nans import checks
+
+    monkeypatch.setattr(checks, "_MIN_BUDGET", 0)
+    held: list[int] = []
+    add = checks.Batch.add
+
+    def recording_add(batch, label, t, *args, **kwargs):
+        add(batch, label, t, *args, **kwargs)
+        held.append(batch._pending.bytes)
+        assert batch._pending.bytes <= batch.budget  # over it: reduced at once
+
+    monkeypatch.setattr(checks.Batch, "add", recording_add)
+    return held
+
+
+def test_faults_are_found_when_batches_are_reduced_midway(tiny_gpt2, tiny_ids, small_batches):
+    from torchlens_edu.nans.checks import memory_budget
+
+    assert memory_budget(tiny_gpt2) < 64 * 1024
+    with torch.no_grad():
+        tiny_gpt2.transformer.h[1].mlp.c_fc.weight[0, 0] = math.nan
+    with pytest.raises(NonFiniteError) as info, watch_nans(tiny_gpt2), explicit_attention():
+        tiny_gpt2(tiny_ids)
+    assert (info.value.report.module, info.value.report.op) == ("transformer.h.1.mlp.c_fc",
+                                                                "linear")
+    assert small_batches and max(small_batches) < 64 * 1024
+
+
+def test_a_backward_fault_is_found_when_batches_are_reduced_midway(x, small_batches):
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(6)], Net(nn.Linear(4, 4), "where"),
+                          nn.Linear(3, 3))
+    r = producer(model, x)
+    assert (r["phase"], r["module"], r["op"], r["kind"]) == ("backward", "6", "SqrtBackward0",
+                                                             "nan")
+    assert r["source"] == line_of("where")

@@ -116,19 +116,24 @@ class Batch(Generic[Owner]):
             signed: bool = False) -> None:
         if t.is_complex():
             t = torch.view_as_real(t.detach())  # |a + bi| could overflow where a, b do not
+        size = t.numel() * t.element_size()
+        if self._pending.bytes + size > self.budget:
+            self.reduce()  # the pending ones first: with t, never more than the budget
         key = (t.device, signed)
         self._pending.tensors[key].append(t)
         self._pending.indices[key].append(len(self.labels))
         self.labels.append(label)
         self.owners.append(owner)
         self.signed.append(signed)
-        self._pending.bytes += t.numel() * t.element_size()
+        self._pending.bytes += size
         if self._pending.bytes > self.budget:
-            self.reduce()
+            self.reduce()  # t alone is over the budget
 
     def reduce(self) -> None:
         """Reduce what is pending (one op per device and kind) and let go of the tensors."""
         pending, self._pending = self._pending, _Pending()
+        if not pending.tensors:
+            return
         for key, tensors in pending.tensors.items():
             with torch.no_grad():  # no graph (a ``detach`` per tensor would be an op each)
                 results = (torch._foreach_max(tensors) if key[1]
