@@ -768,3 +768,65 @@ def test_a_backward_fault_is_found_when_batches_are_reduced_midway(x, small_batc
     assert (r["phase"], r["module"], r["op"], r["kind"]) == ("backward", "6", "SqrtBackward0",
                                                              "nan")
     assert r["source"] == line_of("where")
+
+
+# ----------------------------------------------------------------------------- tle.replaying()
+def test_user_hooks_run_in_the_replay_and_can_tell(x):
+    torch.manual_seed(0)
+    model = Net(LogBlock())
+    calls: list[bool] = []
+    doubled = model.block.fc.register_forward_hook(lambda m, a, out: out * 2)  # changes values
+    model.block.register_forward_hook(lambda m, a, out: calls.append(tle.replaying()))
+    with pytest.raises(NonFiniteError) as info, watch_nans(model):
+        model(x)
+    assert calls == [False, True]  # run again by the replay, which says so
+    doubled.remove()
+    with torch.no_grad():
+        plain_min = float(model.block.fc(x).min())
+    assert info.value.report.inputs[0].min == pytest.approx(2 * plain_min)  # hook replayed
+    assert tle.replaying() is False
+    assert "replaying" in tle.__all__ and tle.replaying.__doc__
+
+
+def test_a_backward_replay_says_so_to_tensor_hooks(x):
+    class Where(nn.Module):
+        def __init__(self, seen: list[bool]) -> None:
+            super().__init__()
+            self.fc, self.seen = nn.Linear(4, 4), seen
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc(x)
+            out = torch.where(h > 0, torch.sqrt(h), 0.0)
+            out.register_hook(lambda g: self.seen.append(tle.replaying()))
+            return out
+
+    torch.manual_seed(0)
+    seen: list[bool] = []
+    r = producer(Where(seen), x)
+    assert r["op"] == "SqrtBackward0"
+    assert seen == [False, True]
+
+
+def test_our_observers_do_not_record_the_replay(tiny_gpt2, tiny_ids):
+    from torchlens_edu.capture import capture
+    from torchlens_edu.shapes import ShapeTracer
+
+    with torch.no_grad():
+        tiny_gpt2.transformer.ln_f.weight[0] = math.nan
+    with ShapeTracer(ops=True) as plain:
+        tiny_gpt2(tiny_ids)
+    indices: list[tuple[int, int]] = []
+    with ShapeTracer(ops=True) as tracer, tle.hooks(tiny_gpt2) as h, \
+            watch_nans(tiny_gpt2, mode="warn") as watch:
+        h.forward("transformer.h.0", lambda c: indices.append((h.forwards, c.call)))
+        tiny_gpt2(tiny_ids)
+    assert watch.reports[0].module == "transformer.ln_f"
+    assert indices == [(1, 0), (1, 0)]  # the replay ran the hook, numbered as the step
+    assert h.forwards == 1
+    assert [(e.kind, e.path, e.name) for e in tracer.trace.events] == [
+        (e.kind, e.path, e.name) for e in plain.trace.events]
+    with capture(tiny_gpt2, "transformer.h.*") as cache, watch_nans(tiny_gpt2, mode="warn"):
+        tiny_gpt2(tiny_ids)
+    assert cache.forwards == 1 and {call for _, call in cache} == {0}  # recorded once
+    assert torch.equal(cache["transformer.h.1"], tiny_gpt2.transformer.h[1](
+        cache["transformer.h.0"]))

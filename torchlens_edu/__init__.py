@@ -47,6 +47,7 @@ _EXPORTS: dict[str, str] = {
     "watch_nans": "nans",
     "NonFiniteError": "nans",
     "NonFiniteReport": "nans",
+    "replaying": "_core.replaying",
     # facade
     "inspect": "inspector",
     "Inspector": "inspector",
@@ -61,6 +62,7 @@ __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
     from torchlens_edu import debug
+    from torchlens_edu._core.replaying import replaying
     from torchlens_edu.asserts import ShapeError, assert_shape, shape_scope
     from torchlens_edu.capture import ActivationCache, CaptureTooLarge
     from torchlens_edu.debug import clear_stops, stop_at, stop_at_module

@@ -41,6 +41,7 @@ from torchlens_edu._core.console import render_html, render_text
 from torchlens_edu._core.formatting import did_you_mean, format_bytes, short_dtype
 from torchlens_edu._core.interrupts import safe_contextmanager
 from torchlens_edu._core.modules import Pattern, match_modules
+from torchlens_edu._core.replaying import replaying
 from torchlens_edu._core.tree import iter_tensors, map_tensors
 from torchlens_edu.dims import Dims, dims_argument
 from torchlens_edu.hookset import HookCall, HookSet, require_module
@@ -301,6 +302,8 @@ def capture(model: nn.Module, pattern: Pattern = "*", *, grads: bool = False,
 
     with HookSet(model) as hookset:
         def start(call: HookCall) -> None:  # the model's forward begins
+            if replaying():  # the NaN watch re-running this step: already recorded
+                return
             cache._entries.clear()
             cache._held = 0
             cache.forwards += 1
@@ -312,6 +315,8 @@ def capture(model: nn.Module, pattern: Pattern = "*", *, grads: bool = False,
                     raise CaptureTooLarge(_too_large(cache.estimate, limit, pattern, len(paths)))
 
         def record(call: HookCall) -> None:
+            if replaying():  # the NaN watch re-running this step: already recorded
+                return
             output = map_tensors(keep, call.output)
             entry = Activation(path=call.path, call=call.call, output=output)
             if inputs:
@@ -326,6 +331,8 @@ def capture(model: nn.Module, pattern: Pattern = "*", *, grads: bool = False,
             cache._entries[(call.path, call.call)] = entry
 
         def record_grad(call: HookCall) -> None:
+            if replaying():  # the NaN watch re-running this step: already recorded
+                return
             entry = cache._entries.get((call.path, call.call))
             if entry is not None and call.grad is not None and call.index < len(entry.grads):
                 grad = keep(call.grad)

@@ -43,6 +43,7 @@ from torch.utils.hooks import RemovableHandle
 
 from torchlens_edu._core.interrupts import arm, disarm, uninterruptible
 from torchlens_edu._core.modules import Pattern, match_modules, module_paths
+from torchlens_edu._core.replaying import replaying
 from torchlens_edu._core.tree import iter_tensors
 
 Kind = Literal["forward", "forward_pre", "backward"]
@@ -112,6 +113,7 @@ class HookSet:
         if any(isinstance(m, nn.DataParallel) for m in self.model.modules()):
             self._thread = None
         self.forwards = 0  # forwards of ``model`` seen since the hooks were added
+        self._replays = 0  # replays of a step by the NaN watch (tle.replaying())
 
     # -- adding hooks ---------------------------------------------------------------------
 
@@ -161,8 +163,9 @@ class HookSet:
         state = [-1, 0]
 
         def next_index() -> int:
-            if state[0] != self.forwards:
-                state[0], state[1] = self.forwards, 0
+            forward = self._forward_key()
+            if state[0] != forward:
+                state[0], state[1] = forward, 0
             state[1] += 1
             return state[1] - 1
 
@@ -232,12 +235,21 @@ class HookSet:
         self._tensor_handles.append(tensor.register_hook(on_grad))
 
     def _new_forward(self, module: nn.Module, args: tuple) -> None:
-        if self._sees_now():
+        if not self._sees_now():
+            return
+        if replaying():  # the NaN watch re-running a step: not a forward of the user's
+            self._replays += 1
+        else:
             self.forwards += 1
 
     def _sees_now(self) -> bool:
         """Whether the forward running now is one this set looks at."""
         return not self._paused and self._thread in (None, threading.get_ident())
+
+    def _forward_key(self) -> int:
+        """Which forward a call belongs to: a replay numbers its calls from 0 again, as the
+        step did, without counting as a forward (replays get keys below -1)."""
+        return -1 - self._replays if replaying() else self.forwards
 
     @contextmanager
     def paused(self) -> Iterator[None]:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -34,12 +36,24 @@ import torch.nn as nn
 from torchlens_edu.nans.report import Kind
 from torchlens_edu.printing.stats import is_fake
 
-__all__ = ["Batch", "Reading", "checkable", "memory_budget"]
+__all__ = ["Batch", "Reading", "checkable", "memory_budget", "unseen"]
 
 Owner = TypeVar("Owner")
 
 # the floor of the pending-memory budget: below it, batching saves more ops than it costs memory
 _MIN_BUDGET = 1 << 20
+
+
+@contextmanager
+def unseen() -> Iterator[None]:
+    """A block whose torch calls no ``TorchFunctionMode`` sees: the watch's own checks and hook
+    registrations are not the user's ops (an op trace around the watch must not list them).
+
+    >>> with unseen():
+    ...     _ = torch.ones(1) + 1
+    """
+    with torch._C.DisableTorchFunction():
+        yield
 
 
 def memory_budget(model: nn.Module) -> int:
@@ -114,6 +128,10 @@ class Batch(Generic[Owner]):
 
     def add(self, label: str, t: torch.Tensor, owner: Owner | None = None, *,
             signed: bool = False) -> None:
+        with unseen():
+            self._add(label, t, owner, signed)
+
+    def _add(self, label: str, t: torch.Tensor, owner: Owner | None, signed: bool) -> None:
         if t.is_complex():
             t = torch.view_as_real(t.detach())  # |a + bi| could overflow where a, b do not
         size = t.numel() * t.element_size()
@@ -135,7 +153,8 @@ class Batch(Generic[Owner]):
         if not pending.tensors:
             return
         for key, tensors in pending.tensors.items():
-            with torch.no_grad():  # no graph (a ``detach`` per tensor would be an op each)
+            # no graph (a ``detach`` per tensor would be an op each), unseen by op traces
+            with unseen(), torch.no_grad():
                 results = (torch._foreach_max(tensors) if key[1]
                            else torch._foreach_norm(tensors, math.inf))
             self._results.append((pending.indices[key], results))
@@ -151,7 +170,9 @@ class Batch(Generic[Owner]):
             where.extend(indices)
             found.extend(results)
         for where, found in by_device.values():
-            for i, value in zip(where, torch.stack(found).tolist(), strict=True):
+            with unseen():
+                stacked = torch.stack(found).tolist()
+            for i, value in zip(where, stacked, strict=True):
                 values[i] = value
         readings = [Reading(label=label, value=value, signed=signed, owner=owner)
                     for label, value, signed, owner in zip(

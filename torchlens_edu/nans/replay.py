@@ -16,6 +16,8 @@ forward with the same inputs and the same random state (dropout masks come out i
 
 The replay runs on the model's own parameters without changing them: no gradients are
 accumulated (``torch.autograd.grad``), buffers are restored, and the random state is put back.
+User hooks run again (a hook may change what the step computes); ``tle.replaying()`` is True
+meanwhile, so that hooks with side effects, and the toolkit's own observers, can skip it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from torch.overrides import TorchFunctionMode
 
 from torchlens_edu._core.frames import frame_location, user_frame
 from torchlens_edu._core.modules import module_paths
+from torchlens_edu._core.replaying import replay_scope
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.nans.backward import Creation, GraphWatch
 from torchlens_edu.nans.causes import forward_cause, hint_for, row_facts
@@ -227,7 +230,8 @@ class Replayer(TorchFunctionMode):
         buffers = [(b, b.detach().clone()) for b in self.target.buffers()]
         try:
             _set_rng(step.rng_cpu, step.rng_cuda)
-            with torch.set_grad_enabled(grad):
+            # tle.replaying() is True inside: hooks with side effects and our observers skip it
+            with replay_scope(backward=grad), torch.set_grad_enabled(grad):
                 yield
         finally:
             with torch.no_grad():

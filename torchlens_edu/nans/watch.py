@@ -35,11 +35,12 @@ from torchlens_edu._core.console import get_console
 from torchlens_edu._core.frames import user_source
 from torchlens_edu._core.interrupts import arm, disarm, uninterruptible, uninterruptible_enter
 from torchlens_edu._core.modules import module_paths
+from torchlens_edu._core.replaying import replay_scope
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.dims import Dims, dims_argument
 from torchlens_edu.nans.breakpoint import stop_at_producer
 from torchlens_edu.nans.causes import hint_for
-from torchlens_edu.nans.checks import Batch, Reading, checkable, memory_budget
+from torchlens_edu.nans.checks import Batch, Reading, checkable, memory_budget, unseen
 from torchlens_edu.nans.ranks import decode, encode, rank, share
 from torchlens_edu.nans.replay import Replayer, ReplayInputs, Stopped, save_rng
 from torchlens_edu.nans.report import (
@@ -198,7 +199,8 @@ class NanWatch:
             seen[id(t)] = weakref.ref(t)
             step.checks.add(path, t)
             if t.requires_grad:
-                t.register_hook(partial(self._on_grad, step, path))
+                with unseen():
+                    t.register_hook(partial(self._on_grad, step, path))
 
     def _on_end(self, module: nn.Module, args: tuple, output: Any) -> None:
         step = self._step
@@ -213,7 +215,8 @@ class NanWatch:
             return  # the forward itself raised: that error is the news
         for i, t in enumerate(t for t in iter_tensors(output) if _is_float(t)):
             if t.requires_grad:
-                t.register_hook(partial(self._keep_grad, step, i))
+                with unseen():
+                    t.register_hook(partial(self._keep_grad, step, i))
         bad = self._first_bad(step.checks.read())
         phase: Phase = "input" if bad is not None and bad.signed else "forward"
         self._verdict(step, phase, bad)
@@ -275,8 +278,10 @@ class NanWatch:
     # ------------------------------------------------------------------ verdict
     def _verdict(self, step: _Step | None, phase: Phase, bad: Reading | None) -> None:
         """Locate what this rank saw, agree with the other ranks, deliver if anyone is bad."""
-        report = None if bad is None or bad.kind is None else self._locate(
-            step, phase, bad.label, bad.kind)
+        report = None
+        if bad is not None and bad.kind is not None:
+            with replay_scope():  # all of the precise tier is unseen by the other observers
+                report = self._locate(step, phase, bad.label, bad.kind)
         codes = share(0 if report is None else encode(report.phase, report.kind))
         if report is None and any(codes):
             report = self._other_rank_report(codes)

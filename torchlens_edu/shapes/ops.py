@@ -22,6 +22,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from torchlens_edu._core.frames import is_toolkit_file, is_user_file
+from torchlens_edu._core.replaying import replaying
 
 # Calls that ask about a tensor instead of computing one: left out of the trace.
 _NOISE = frozenset({
@@ -150,7 +151,7 @@ class OpRecorder(TorchFunctionMode):
             self._tracer.op_failed(name or str(getattr(func, "__name__", repr(func))), args, kwargs,
                                    exc, user_site(sys._getframe(1)))
             raise
-        if name is not None:
+        if name is not None and not replaying():  # the NaN watch's re-run: already seen
             self._tracer.op_done(name, args, kwargs, result, sys._getframe(1))
         return result
 

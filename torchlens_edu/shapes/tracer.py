@@ -29,6 +29,7 @@ from torch.utils.hooks import RemovableHandle
 
 from torchlens_edu._core.interrupts import arm, disarm, uninterruptible, uninterruptible_enter
 from torchlens_edu._core.modules import Pattern, match_modules
+from torchlens_edu._core.replaying import replaying
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.dims import Dims, dims_argument
 from torchlens_edu.shapes import meta as _shape_meta
@@ -223,7 +224,7 @@ class ShapeTracer:
             if is_root and self._dims is None:
                 self._dims = Dims.infer(mod, [args, kwargs], self._overrides)
             parent = stack[-1].index if stack else -1
-            if not record:
+            if not record or replaying():  # the NaN watch's re-run of a step: already seen
                 stack.append(_OpenCall(path=path, recorded=False, index=parent))
             else:
                 call = calls.get(path, 0)
