@@ -192,6 +192,24 @@ def test_debug_script_error_shows_the_scripts_traceback(capsys, tmp_path):
     assert "runpy" not in err and "torchlens_edu" not in err  # only the learner's frames
 
 
+def test_debug_script_syntax_error_is_shown_as_python_shows_it(capsys, tmp_path):
+    script = tmp_path / "lesson.py"
+    script.write_text("x = (\n")
+    code, _, err = _run(capsys, "debug", str(script))
+    assert code == 1
+    assert err.startswith(f'  File "{script}", line 1\n    x = (\n')
+    assert err.rstrip().endswith("SyntaxError: '(' was never closed")
+    assert "Traceback" not in err and "runpy" not in err and "torchlens_edu" not in err
+
+
+@pytest.mark.parametrize("port", ["99999", "-5"])
+def test_debug_listen_port_out_of_range(capsys, port):
+    code, _, err = _run(capsys, "debug", "--listen", port, "--device", "cpu")
+    assert code == 2
+    assert f"argument --listen: a port is 0 to 65535 (0: any free port), got {port}" in \
+        _one_error(err)
+
+
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     script = tmp_path / "slow.py"
     script.write_text("import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\n"

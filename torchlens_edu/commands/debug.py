@@ -63,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
             hint = f" ({hint})" if hint else ""
             raise ValueError(f"unknown print preset {preset!r}{hint}; choose one of "
                              f"{', '.join(PRESETS)}")
+        if args.listen is not None and not 0 <= args.listen <= 65535:
+            raise ValueError(f"argument --listen: a port is 0 to 65535 (0: any free port), got "
+                             f"{args.listen}; VS Code's attach configuration uses 5678")
         if args.file and not os.path.isfile(args.file):
             raise ValueError(f"{args.file} is not a file; give the Python script to run")
         stops = debug.apply_arguments(args)
@@ -130,7 +133,10 @@ def _print_script_error(err: BaseException, path: str) -> None:
     script = os.path.abspath(path)
     while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) != script:
         tb = tb.tb_next  # runpy's and torchlens-edu's frames: not what the learner wrote
-    text = "".join(traceback.format_exception(type(err), err, tb or err.__traceback__))
+    if tb is None:  # it never ran (a SyntaxError): Python shows only the error and its line
+        text = "".join(traceback.format_exception_only(type(err), err))
+    else:
+        text = "".join(traceback.format_exception(type(err), err, tb))
     get_console(stderr=True).print(text.rstrip("\n"), markup=False, soft_wrap=True)
 
 
