@@ -1,9 +1,13 @@
 """``torchlens-edu vscode init [DIR]``: put torchlens_edu's launch configurations into a workspace.
 
 Writes ``DIR/.vscode/launch.json`` and ``settings.json`` from the copies shipped inside the
-package. An existing file (comments and trailing commas welcome) is merged, not replaced: your
-configurations, inputs and settings stay; ours are added next to them. A configuration of ours
-that you changed is kept as you wrote it unless ``--force``. Running it twice changes nothing.
+package. An existing file (comments and trailing commas welcome) is edited, never destroyed: your
+configurations, inputs, settings, comments and indentation stay; ours are added next to them,
+with their comments, in your file's indentation style. A configuration of ours that you changed
+is kept as you wrote it unless ``--force``, which saves your file first, byte for byte, as
+``launch.json.bak`` (``.bak.1``, ... : a backup is never overwritten). Links are followed,
+read-only files refused, mode, BOM and CRLF kept (see ``_files``). Running it twice changes
+nothing.
 
 >>> from torchlens_edu.cli import main
 >>> main(["vscode", "init", ".", "--dry-run"])  # doctest: +SKIP
@@ -45,7 +49,8 @@ def register(subparsers: Any) -> None:
                       help="the workspace folder (default: the current folder)")
     init.add_argument("--force", action="store_true",
                       help="replace configurations / settings of ours that were changed, and "
-                           "start afresh from a file that cannot be read (saved as *.bak)")
+                           "start afresh from a file that cannot be read (the file is saved "
+                           "first as NAME.bak, or NAME.bak.1, ... if that exists)")
     init.add_argument("--dry-run", action="store_true", help="say what would change; write nothing")
     init.set_defaults(func=run)
 
