@@ -830,3 +830,52 @@ def test_our_observers_do_not_record_the_replay(tiny_gpt2, tiny_ids):
     assert cache.forwards == 1 and {call for _, call in cache} == {0}  # recorded once
     assert torch.equal(cache["transformer.h.1"], tiny_gpt2.transformer.h[1](
         cache["transformer.h.0"]))
+
+
+# ----------------------------------------------------------------------------- narrow terminals
+def _wide_report():
+    from torchlens_edu.nans.report import NonFiniteReport, TensorSummary
+
+    def s(name: str, shape: str, nan: int, lo: float, hi: float) -> TensorSummary:
+        return TensorSummary(name=name, shape=shape, dtype="float32", nan=nan, posinf=0,
+                             neginf=0, zeros=0, min=lo, max=hi)
+
+    return NonFiniteReport(
+        phase="forward", module="transformer.h.11.mlp.c_fc", op="linear", kind="nan",
+        source=line_of("log"), cause="exploding", step=3,
+        hint="exploding values/learning rate: parameter transformer.h.11.mlp.c_fc.weight "
+             "already held nan before 'linear' used it",
+        inputs=[s("input 0", "(B=2, T=8, C=768)", 0, -4.673, 4.673),
+                s("parameter transformer.h.11.mlp.c_fc.weight", "(4C=3072, C=768)", 1,
+                  -0.08512, 0.09234)],
+        outputs=[s("output 0", "(B=2, T=8, 4C=3072)", 16, -12.34567, 1.2e-05)],
+        params=[s("transformer.h.11.mlp.c_fc.bias", "(4C=3072)", 0, -0.0123, 0.0234)])
+
+
+@pytest.mark.parametrize("width", [60, 80, 120])
+def test_the_report_fits_the_terminal_with_every_number_whole(width):
+    import io
+    import re
+
+    from rich.console import Console
+
+    report = _wide_report()
+    console = Console(width=width, file=io.StringIO(), no_color=True, color_system=None)
+    console.print(report)
+    text = console.file.getvalue()
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= width
+    assert "NaN made in forward: linear" in lines[0]  # the title, whole
+    tokens = set(re.findall(r"[-+]?\d[\w.+-]*", text))
+    for s in [*report.inputs, *report.outputs, *report.params]:
+        assert {f"{s.min:.4g}", f"{s.max:.4g}", str(s.nan)} <= tokens, s.name
+        # a name on one line: whole, or cut from the left with an ellipsis
+        name = f"param {s.name}" if s in report.params else s.name
+        cuts = [re.search(r"…([\w.]+)", line) for line in lines]
+        assert any(name in line or (cut is not None and name.endswith(cut.group(1)))
+                   for line, cut in zip(lines, cuts, strict=True)), name
+    weight = next(line for line in lines if "c_fc.weight" in line and "hint" not in line)
+    assert "transformer.h.11.mlp.c_fc.weight" in weight or "…" in weight
+    assert ("tensor" in text and "shape" in text) == (width >= 100)  # a table only if it fits
+    assert "min/max over the finite values" in text
+    assert "hint: exploding values/learning rate" in text

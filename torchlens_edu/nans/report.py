@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 import torch
 from rich import box
-from rich.console import Group
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.measure import Measurement
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -118,9 +119,12 @@ class NonFiniteReport:
             return f"{rank}{what} seen in {self.phase}{module}{where}, producer not found"
         return f"{rank}{what} made in {self.phase}{op}{where}{module}"
 
-    def __rich__(self) -> Panel:
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        # laid out for the width at hand: a narrow terminal (or a pipe, 80 columns) gets the
+        # tensors stacked, never a number cut short or a name wrapped over several lines
+        inner = max(options.max_width - 4, 20)  # the panel's border and padding
         head = Table.grid(padding=(0, 2))
-        head.add_column(style="bold")
+        head.add_column(style="bold", no_wrap=True)
         head.add_column(overflow="fold")  # a long path must wrap, never lose its ":LINE"
         rows = [("phase", self.phase), ("module", repr(self.module) + (" (root)" if not
                                                                        self.module else "")),
@@ -133,12 +137,22 @@ class NonFiniteReport:
             if value:
                 head.add_row(key, Text(value))
         parts: list[Any] = [head]
-        tensors = [(g, s) for g in ("inputs", "outputs", "params") for s in getattr(self, g)]
+        tensors = [(f"param {s.name}" if g == "params" else s.name, s)
+                   for g in ("inputs", "outputs", "params") for s in getattr(self, g)]
         if tensors:
-            parts.append(_tensor_table(tensors))
+            parts.append(_tensor_table(tensors, inner, console))
         parts.append(Text.assemble(("hint: ", "bold yellow"), self.hint))
-        return Panel(Group(*parts), title=Text(self.summary(), style="bold red"),
-                     title_align="left", border_style="red")
+        yield Panel(Group(*parts), title=Text(self._title(inner), style="bold red"),
+                    title_align="left", border_style="red")
+
+    def _title(self, width: int) -> str:
+        """What was made, in which phase, by which op (if it fits; the rows below say where)."""
+        what = {"nan": "NaN", "+inf": "+Inf", "-inf": "-Inf", "inf": "Inf"}.get(self.kind,
+                                                                                self.kind)
+        rank = f"[rank {self.rank}] " if self.rank is not None else ""
+        verb = "seen" if self.cause == "not_reproduced" else "made"
+        long = f"{rank}{what} {verb} in {self.phase}" + (f": {self.op}" if self.op else "")
+        return long if len(long) <= width - 2 else f"{what} {verb} in {self.phase}"
 
     def __str__(self) -> str:
         return render_text(self)
@@ -176,19 +190,81 @@ def _count(value: int | None) -> Text:
     return Text(str(value), style="bold red" if value else "")
 
 
-def _tensor_table(rows: list[tuple[str, TensorSummary]]) -> Table:
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
-                  caption="min/max over the finite values", caption_justify="left")
-    table.add_column("tensor", overflow="fold", min_width=14, ratio=3)
-    table.add_column("shape", overflow="fold", ratio=2)
-    table.add_column("dtype")
-    for title in ("NaN", "+Inf", "-Inf", "min", "max"):
-        table.add_column(title, justify="right")
-    for group, s in rows:
-        name = f"param {s.name}" if group == "params" else s.name
-        table.add_row(name, s.shape, s.dtype, _count(s.nan), _count(s.posinf), _count(s.neginf),
-                      _number(s.min), _number(s.max))
+_STAT_TITLES = ("NaN", "+Inf", "-Inf", "min", "max")
+_CAPTION = "min/max over the finite values"
+
+
+def _stats(s: TensorSummary) -> list[tuple[str, Text]]:
+    return [("NaN", _count(s.nan)), ("+Inf", _count(s.posinf)), ("-Inf", _count(s.neginf)),
+            ("min", Text(_number(s.min))), ("max", Text(_number(s.max)))]
+
+
+def shorten_left(name: str, width: int) -> str:
+    """``name`` in at most ``width`` characters, its path cut from the left, where a path is
+    least informative (``param …h.11.mlp.c_fc.weight``), preferably at a dot.
+
+    >>> shorten_left("param transformer.h.11.mlp.c_fc.weight", 28)
+    'param …h.11.mlp.c_fc.weight'
+    """
+    if len(name) <= width:
+        return name
+    prefix, _, path = name.rpartition(" ")
+    prefix = f"{prefix} " if prefix else ""
+    room = width - len(prefix) - 1  # the ellipsis
+    if room < 4:
+        return "…" + name[len(name) - width + 1:]
+    tail = path[len(path) - room:]
+    dot = tail.find(".")
+    if 0 <= dot < len(tail) - 4:
+        tail = tail[dot + 1:]
+    return f"{prefix}…{tail}"
+
+
+def _tensor_table(rows: list[tuple[str, TensorSummary]], width: int,
+                  console: Console) -> RenderableType:
+    """A table when its columns fit ``width`` with every number whole and names of at least
+    24 characters (paths shortened from the left); else one stacked block per tensor."""
+    fixed = _wide_table([("", s) for _, s in rows])
+    natural = Measurement.get(console, console.options.update(width=10_000), fixed).maximum
+    room = width - natural + len("tensor")  # what the name column may take
+    longest = max(len(name) for name, _ in rows)
+    if room >= min(longest, 24):  # enough to keep a path's last two or three parts
+        return _wide_table([(shorten_left(name, room), s) for name, s in rows])
+    return _stacked(rows, width)
+
+
+def _wide_table(rows: list[tuple[str, TensorSummary]]) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, caption=_CAPTION,
+                  caption_justify="left")
+    table.add_column("tensor", no_wrap=True)
+    table.add_column("shape", no_wrap=True)
+    table.add_column("dtype", no_wrap=True)
+    for title in _STAT_TITLES:
+        table.add_column(title, justify="right", no_wrap=True)
+    for name, s in rows:
+        table.add_row(name, s.shape, s.dtype, *(value for _, value in _stats(s)))
     return table
+
+
+def _stacked(rows: list[tuple[str, TensorSummary]], width: int) -> Group:
+    """Each tensor as a name line (the path shortened from the left), then its shape and
+    dtype, then its counts and range packed into as many lines as ``width`` needs; a line
+    breaks only between two ``label value`` pairs, so no number is ever split."""
+    lines: list[Text] = []
+    for name, s in rows:
+        lines.append(Text(shorten_left(name, width), style="bold"))
+        pairs = [Text(s.shape), Text(s.dtype)] + [Text.assemble(f"{label} ", value)
+                                                   for label, value in _stats(s)]
+        line = Text("  ")
+        for pair in pairs:
+            if line.cell_len > 2 and line.cell_len + 2 + pair.cell_len > width:
+                lines.append(line)
+                line = Text("  ")
+            line.append_text(Text("  ") if line.cell_len > 2 else Text(""))
+            line.append_text(pair)
+        lines.append(line)
+    lines.append(Text(f"({_CAPTION})", style="dim"))
+    return Group(*lines)
 
 
 def kind_of(summaries: list[TensorSummary]) -> Kind:
