@@ -186,7 +186,7 @@ def test_nothing_is_left_after_the_watched_tests():
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in MODEL.modules())
 """
 
-REPORT_LINES = ["*NonFiniteError*", "*NaN made in forward: log at *", "*module  '1'*",
+REPORT_LINES = ["*NonFiniteError: NaN made in forward: log at *", "*module  '1'*",
                 "*source  *.py:7 *", "*hint: log/sqrt of <= 0*"]
 
 
