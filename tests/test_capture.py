@@ -14,7 +14,6 @@ import torchlens_edu.shapes
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.capture import CaptureTooLarge, capture, parse_bytes
 
-
 # every module's values, cloned and compared: several seconds on the three largest models
 _SLOW_TO_CAPTURE = {"hf_gpt2", "gpt2_ours", "hooked_transformer"}
 
@@ -213,7 +212,8 @@ def test_threads_each_capture_their_own_forwards() -> None:
 
 
 class ValueDependent(nn.Module):
-    """Reads a value in its forward, which a shape-only (meta) run cannot do."""
+    """Reads a value of an activation in its forward, which a shape-only (meta) run cannot do
+    (the values of its inputs it could: they stay real)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -221,7 +221,8 @@ class ValueDependent(nn.Module):
         self.b = nn.Linear(64, 64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        steps = int(x.abs().sum().item() > -1) + 1
+        x = self.b(self.a(x))
+        steps = int(x.abs().sum().item() > -1)  # 1, read from an activation
         for _ in range(steps):
             x = self.b(self.a(x))
         return x

@@ -94,16 +94,19 @@ def test_mask_of_wrong_length():
     assert "was built for another length" in note
 
 
-def test_tensor_left_on_the_cpu_in_a_meta_run():
+def test_a_cpu_tensor_made_in_the_forward_meets_meta_ones_in_a_meta_run():
     class MakesMask(nn.Module):
-        def forward(self, x):
-            mask = torch.ones(x.shape[1], x.shape[1])  # forgot device=x.device
-            return x + mask
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
 
-    with pytest.raises(RuntimeError) as info:
-        trace_shapes(MakesMask(), torch.randn(2, 4, 4), meta=True)
-    note = _note(info.value)
-    assert "return x + mask" in note and "device=x.device" in note
+        def forward(self, x):
+            mask = torch.ones(x.shape[1], x.shape[1])  # no device=: on the CPU, real
+            return self.proj(x) + mask  # meta + real: the real one joins the meta side
+
+    trace = trace_shapes(MakesMask(), torch.randn(2, 4, 4), meta=True, ops=True)
+    plus = next(e for e in trace.events if e.name in ("+", "add"))
+    assert plus.input_shapes == [(2, 4, 4), (4, 4)] and plus.output_shapes == [(2, 4, 4)]
 
 
 @pytest.mark.gpu
@@ -118,15 +121,22 @@ def test_cpu_cuda_mix():
 
 def test_data_dependent_op_in_a_meta_run_is_named():
     class CountsTokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.score = nn.Linear(5, 5)
+
         def forward(self, ids):
-            n = int((ids > 0).sum().item())  # needs values
-            return ids[:, :n]
+            n = int((ids > 0).sum().item())  # the inputs' values: real in a meta run
+            kept = int((self.score(ids[:, :n].float()) > 0).sum().item())  # needs values
+            return ids[:, :kept]
 
     with pytest.raises(RuntimeError, match="meta") as info:
         trace_shapes(CountsTokens(), torch.ones(2, 5, dtype=torch.long), meta=True)
     note = _note(info.value)
-    assert "`item` failed" in note and "n = int((ids > 0).sum().item())" in note
-    assert "meta (shape-only) run has no values" in note
+    assert "`item` failed" in note
+    assert "kept = int((self.score(ids[:, :n].float()) > 0).sum().item())" in note
+    assert "`item` reads the values of a tensor computed from the weights" in note
+    assert "this line needs values: trace with meta=False on a small input" in note
 
 
 def test_errors_caught_inside_the_forward_keep_the_trace_consistent():

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from zoo import ZOO, ModelGuard, SharedHead
 
@@ -184,10 +185,82 @@ def test_meta_matches_real_shapes_across_the_zoo(entry):
     args, kwargs = entry.inputs()
     with torch.no_grad():
         real = trace_shapes(model, *args, **kwargs)
-        if entry.name == "hf_bert":  # its mask code reads a value: named, not a crash
-            with pytest.raises(RuntimeError) as info:
-                trace_shapes(model, *args, meta=True, **kwargs)
-            assert "meta (shape-only) run has no values" in "\n".join(info.value.__notes__)
-            return
         meta = trace_shapes(model, *args, meta=True, **kwargs)
     assert _by_key(meta) == _by_key(real)
+
+
+class ReadsItsInputs(nn.Module):
+    """Masking code in the style of Hugging Face's: it moves the mask to its activations'
+    device, reads its values (``.all()``, ``.item()``), builds positions on that device and
+    enters autocast there; ``check_values`` reads the values of an activation too."""
+
+    def __init__(self, check_values: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(16, 8)
+        self.fc = nn.Linear(8, 8)
+        self.check_values = check_values
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)  # (B, T, C)
+        pos = torch.arange(ids.shape[1], device=h.device)  # (T,)
+        assert pos.max().item() < 16
+        keep = mask.to(h.device, torch.bool)  # (B, T)
+        if keep.all():
+            keep = None
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            h = self.fc(h.float())
+        if keep is not None:
+            h = h.masked_fill(~keep[..., None], 0.0) + pos[:, None]
+        if self.check_values and h.abs().max().item() > 1e4:  # @needs_values
+            h = h / 2
+        return h
+
+
+def _padded() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 16, (2, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    return ids, mask
+
+
+def test_meta_trace_keeps_input_data_real_where_code_reads_it():
+    model = ReadsItsInputs()
+    ids, mask = _padded()
+    guard = ModelGuard(model)
+    for ops in (False, True):
+        meta = trace_shapes(model, ids, mask, meta=True, ops=ops)
+        assert _by_key(meta) == _by_key(trace_shapes(model, ids, mask, ops=ops))
+    assert meta.events[0].output_shapes == [(2, 5, 8)]
+    guard.check()
+    with torch.autocast("cpu", enabled=False):  # torch's autocast is its own again
+        pass
+    with pytest.raises(RuntimeError, match="unsupported scalarType"):
+        torch.autocast("meta")
+
+
+def test_a_meta_trace_names_the_line_that_needs_values():
+    ids, mask = _padded()
+    with pytest.raises(RuntimeError) as info:
+        trace_shapes(ReadsItsInputs(check_values=True), ids, mask, meta=True)
+    note = "\n".join(getattr(info.value, "__notes__", [str(info.value)]))
+    with open(__file__) as source:
+        line = next(n for n, text in enumerate(source, 1) if text.rstrip().endswith("@needs_values"))
+    assert f"test_shapes_meta.py:{line}" in note
+    assert "`item` reads the values of a tensor computed from the weights" in note
+    assert "this line needs values" in note
+
+
+def test_hugging_face_masking_code_runs_on_meta():
+    pytest.importorskip("transformers")
+    from zoo import ZOO_BY_NAME
+
+    ids, mask = _padded()
+    for name in ("hf_bert", "hf_llama", "hf_t5"):  # .all() on the padding mask, SDPA masks
+        model = ZOO_BY_NAME[name].build()
+        guard = ModelGuard(model)
+        kwargs = {"input_ids": ids, "attention_mask": mask}
+        if name == "hf_t5":
+            kwargs["decoder_input_ids"] = ids[:, :3]
+        meta = trace_shapes(model, meta=True, **kwargs)
+        assert _by_key(meta) == _by_key(trace_shapes(model, **kwargs)), name
+        guard.check()

@@ -198,13 +198,17 @@ def _expectation(failure: Failure, ops: list[_Operand], message: str, dims: Dims
     low = message.lower()
     if failure.meta and (failure.op in DATA_DEPENDENT or "meta" in low
                          or isinstance(failure.exc, NotImplementedError)):
-        if "device" in low:
-            return ("every tensor on the meta device in a shape-only run",
-                    "a tensor made inside the forward without device=... stays on the CPU: "
-                    "create it with device=x.device")
-        return (f"an op whose result shape does not depend on values; `{failure.op}` does, "
-                "and a meta (shape-only) run has no values",
-                "trace with meta=False on a small input, or keep this step out of the forward")
+        # Inputs and what is computed from them alone stay real in a meta run; what failed
+        # here read the values of a tensor that came from the weights.
+        op = f"`{failure.op}`" if failure.op else "this line"
+        if failure.op in DATA_DEPENDENT:
+            return (f"{op} reads the values of a tensor computed from the weights, and a meta "
+                    "(shape-only) run has shapes only",
+                    "this line needs values: trace with meta=False on a small input, or move "
+                    "the check out of the forward")
+        return (f"ops that run on meta tensors; {op} has no meta version or reads values",
+                "this line needs values or a real device: trace with meta=False on a small "
+                "input")
     if "device" in low and ("same device" in low or "expected device" in low
                             or "two devices" in low):
         devices = sorted({str(o.device) for o in ops if o.device is not None})

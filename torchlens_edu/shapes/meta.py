@@ -143,6 +143,141 @@ def is_twin_running() -> bool:
     return getattr(_twin_runs, "running", False)
 
 
+def meet_on_meta(args: tuple[Any, ...], kwargs: dict[str, Any]
+                 ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """When an op mixes meta and real tensors, the real ones as meta twins; else None.
+
+    A meta run keeps the inputs and what is computed from them alone real (token ids, an
+    attention mask and the checks code makes on it, ``mask.all()``), while the weights and
+    everything they touch are meta. Where the two meet (``scores + mask``) the real operand
+    joins the meta side: torch would refuse the mix. Lists are looked into one level
+    (``torch.cat([a, b])``).
+
+    >>> real, meta = torch.ones(2), torch.ones(2, device="meta")
+    >>> args, _ = meet_on_meta((meta, real), {})
+    >>> [t.device.type for t in args]
+    ['meta', 'meta']
+    >>> meet_on_meta((real, real), {}) is None
+    True
+    """
+    found_meta = found_real = False
+    for value in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(value, torch.Tensor):
+            if value.is_meta:
+                found_meta = True
+            else:
+                found_real = True
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                if isinstance(item, torch.Tensor):
+                    if item.is_meta:
+                        found_meta = True
+                    else:
+                        found_real = True
+    if not (found_meta and found_real):
+        return None
+    with torch._C.DisableTorchFunction():  # the move is ours, not one of the model's ops
+        return _moved(args), {name: _moved_one(value) for name, value in kwargs.items()}
+
+
+def _moved_one(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return to_meta(value)
+    if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
+        return type(value)(_moved(value)) if type(value) in (list, tuple) else value
+    return value
+
+
+def _moved(values: Any) -> tuple[Any, ...]:
+    return tuple(_moved_one(v) for v in values)
+
+
+# Factories whose values code may read (positions, masks, cache positions): made real when they
+# are small enough to cost nothing, wherever the code asked for its activations' device, "meta".
+_FACTORIES = frozenset({"arange", "range", "linspace", "logspace", "zeros", "ones", "full", "eye",
+                        "tensor", "as_tensor", "scalar_tensor", "tril_indices", "triu_indices"})
+_REAL_LIMIT = 1 << 20  # elements: a 1024 x 1024 mask
+
+
+def stays_real(name: str | None) -> bool:
+    """Whether :func:`keep_real` has anything to do for an op of this name."""
+    return name == "to" or name in _FACTORIES
+
+
+def keep_real(func: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+              home: torch.device) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` that keep real data real where code sends it to its activations'
+    device, which in a meta run is ``"meta"``: ``mask.to(x.device)`` keeps ``mask`` real (only
+    its dtype changes), and ``torch.arange(T, device=x.device)`` is made on ``home``, the
+    device the weights were on, when it is small. Such tensors become meta where they meet a
+    meta one (:func:`meet_on_meta`), so shapes are the same, and their values can still be read
+    (``mask.all()`` in Hugging Face's masking code).
+
+    >>> mask = torch.ones(2, 3)
+    >>> args, kwargs = keep_real(torch.Tensor.to, "to", (mask, "meta", torch.bool), {},
+    ...                          torch.device("cpu"))
+    >>> torch.Tensor.to(*args, **kwargs).device
+    device(type='cpu')
+    """
+    if name == "to":
+        tensor = args[0] if args else None
+        if not isinstance(tensor, torch.Tensor) or tensor.is_meta:
+            return args, kwargs
+        device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args[1:], **kwargs)
+        if device is None or device.type != "meta":
+            return args, kwargs
+        options: dict[str, Any] = {"non_blocking": non_blocking, "copy": kwargs.get("copy", False)}
+        if memory_format is not None:
+            options["memory_format"] = memory_format
+        return (tensor, tensor.device, dtype or tensor.dtype), options
+    device = kwargs.get("device")
+    if device is None or torch.device(device).type != "meta":
+        return args, kwargs
+    with torch._C.DisableTorchFunction():
+        shaped = func(*args, **kwargs)  # on meta: costs nothing, tells the size
+    if not isinstance(shaped, torch.Tensor) or shaped.numel() > _REAL_LIMIT:
+        return args, kwargs
+    return args, {**kwargs, "device": home}
+
+
+_autocast_lock = threading.Lock()
+_autocast_users = 0
+_autocast_init: Any = None
+
+
+@contextmanager
+def autocast_accepts_meta() -> Iterator[None]:
+    """While the block runs, ``torch.autocast(device_type="meta")`` is a CPU autocast.
+
+    Code that follows its tensors' device (``autocast(x.device.type, enabled=False)`` in
+    x-transformers' rotary embedding) would enter autocast on ``"meta"``, which torch refuses
+    ("unsupported scalarType"); meta tensors have no autocast kernels, so the CPU one is what
+    such a block does to them: nothing. Other device types are untouched. Thread-safe: the
+    patch stays while any meta run uses it, and torch's own ``__init__`` comes back after.
+
+    >>> with autocast_accepts_meta(), torch.autocast("meta", enabled=False):
+    ...     pass
+    """
+    global _autocast_users, _autocast_init
+    autocast = torch.amp.autocast_mode.autocast
+    with _autocast_lock:
+        if _autocast_users == 0:
+            _autocast_init = original = autocast.__init__
+
+            def __init__(self: Any, device_type: str, *args: Any, **kwargs: Any) -> None:
+                original(self, "cpu" if device_type == "meta" else device_type, *args, **kwargs)
+
+            autocast.__init__ = __init__  # type: ignore[method-assign]
+        _autocast_users += 1
+    try:
+        yield
+    finally:
+        with _autocast_lock:
+            _autocast_users -= 1
+            if _autocast_users == 0:
+                autocast.__init__ = _autocast_init  # type: ignore[method-assign]
+
+
 def op_flops(name: str, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> int:
     """FLOPs of one op from its shapes, with torch's formulas (``torch.utils.flop_counter``).
 

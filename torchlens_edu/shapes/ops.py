@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 
 from torchlens_edu._core.frames import is_toolkit_file, is_user_file
 from torchlens_edu._core.replaying import replaying
+from torchlens_edu.shapes.meta import keep_real, meet_on_meta, stays_real
 
 # Calls that ask about a tensor instead of computing one: left out of the trace.
 _NOISE = frozenset({
@@ -96,6 +97,9 @@ def tensors_out(result: Any) -> list[torch.Tensor]:
 class OpListener(Protocol):
     """Who hears about ops: the shape tracer (this module does not import it)."""
 
+    meta: bool  # a shape-only run: real operands are moved to meta where they meet meta ones
+    home: torch.device  # meta runs: where the weights were, for data the code sends to "meta"
+
     def op_done(self, name: str, args: Any, kwargs: dict[str, Any], result: Any,
                 frame: Any) -> None: ...
 
@@ -120,6 +124,7 @@ class OpRecorder(TorchFunctionMode):
         super().__init__()
         self._tracer = tracer
         self._names: dict[Any, str | None] = {}
+        self._meta = tracer.meta  # a meta run: real operands meet meta ones on meta
 
     def __exit__(self, *exc: Any) -> None:
         above = []  # modes pushed after this one and still there: they stay
@@ -145,6 +150,12 @@ class OpRecorder(TorchFunctionMode):
             name = self._names[func] = op_name(func)
         except TypeError:  # an unhashable callable: name it every time
             name = op_name(func)
+        if self._meta:
+            if stays_real(name):
+                args, kwargs = keep_real(func, name, args, kwargs, self._tracer.home)
+            moved = meet_on_meta(args, kwargs)
+            if moved is not None:
+                args, kwargs = moved
         try:
             result = func(*args, **kwargs)
         except Exception as exc:

@@ -125,6 +125,7 @@ class ShapeTracer:
         self._op_calls: dict[tuple[str, str], int] = {}  # (module path, op) -> calls so far
         self._hooked: set[int] = set()
         self._twins: dict[int, torch.Tensor] = {}  # meta runs: one twin per weight, all models
+        self.home = torch.device("cpu")  # meta runs: the weights' device, for data kept real
         self._dims: Dims | None = None
         self._exits = ExitStack()
         self._handles: list[RemovableHandle] = []  # module hooks: one list, removed last
@@ -158,7 +159,9 @@ class ShapeTracer:
                 from torchlens_edu.models.gpt2 import explicit_attention
 
                 self._exits.enter_context(explicit_attention())  # q, k, v, scores become visible
-            if self.ops or self.meta:  # meta runs need it too: to name a data-dependent op
+            if self.meta:  # code may enter autocast on its activations' device, "meta"
+                self._exits.enter_context(_shape_meta.autocast_accepts_meta())
+            if self.ops or self.meta:  # meta runs need it: real inputs meet meta weights there
                 self._exits.enter_context(_shape_ops.OpRecorder(self))
         except BaseException:
             self._exits.close()
@@ -183,6 +186,8 @@ class ShapeTracer:
         if id(root) in self._hooked:
             return
         if self.meta:
+            if not self._twins:
+                self.home = next((t.device for t in root.parameters() if not t.is_meta), self.home)
             self._exits.enter_context(_shape_meta.on_meta(root, self._twins))
         self._root_names.append(type(root).__name__)
         named = list(root.named_modules())
@@ -236,8 +241,6 @@ class ShapeTracer:
                     params=params))
                 stack.append(_OpenCall(path=path, recorded=True, index=len(events) - 1,
                                        started=clock(), flops_before=self._flops))
-            if is_root and meta:
-                return _shape_meta.inputs_to_meta(args, kwargs)
             return None
 
         def post(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
