@@ -244,7 +244,8 @@ def test_a_meta_trace_names_the_line_that_needs_values():
         trace_shapes(ReadsItsInputs(check_values=True), ids, mask, meta=True)
     note = "\n".join(getattr(info.value, "__notes__", [str(info.value)]))
     with open(__file__) as source:
-        line = next(n for n, text in enumerate(source, 1) if text.rstrip().endswith("@needs_values"))
+        line = next(n for n, text in enumerate(source, 1)
+                    if text.rstrip().endswith("@needs_values"))
     assert f"test_shapes_meta.py:{line}" in note
     assert "`item` reads the values of a tensor computed from the weights" in note
     assert "this line needs values" in note
