@@ -199,7 +199,7 @@ _FACTORIES = frozenset({"arange", "range", "linspace", "logspace", "zeros", "one
 _REAL_LIMIT = 1 << 20  # elements: a 1024 x 1024 mask
 
 
-def stays_real(name: str | None) -> bool:
+def stays_real(name: str) -> bool:
     """Whether :func:`keep_real` has anything to do for an op of this name."""
     return name == "to" or name in _FACTORIES
 
@@ -230,8 +230,8 @@ def keep_real(func: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any
         if memory_format is not None:
             options["memory_format"] = memory_format
         return (tensor, tensor.device, dtype or tensor.dtype), options
-    device = kwargs.get("device")
-    if device is None or torch.device(device).type != "meta":
+    target = kwargs.get("device")
+    if target is None or torch.device(target).type != "meta":
         return args, kwargs
     with torch._C.DisableTorchFunction():
         shaped = func(*args, **kwargs)  # on meta: costs nothing, tells the size

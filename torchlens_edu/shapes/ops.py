@@ -151,7 +151,7 @@ class OpRecorder(TorchFunctionMode):
         except TypeError:  # an unhashable callable: name it every time
             name = op_name(func)
         if self._meta:
-            if stays_real(name):
+            if name is not None and stays_real(name):
                 args, kwargs = keep_real(func, name, args, kwargs, self._tracer.home)
             moved = meet_on_meta(args, kwargs)
             if moved is not None:
