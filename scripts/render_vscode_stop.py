@@ -26,7 +26,7 @@ from rich.text import Text
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the DAP client lives with the tests that use it
 
-from dap_client import DAPClient, as_vscode_would, shipped_configuration, substitute  # noqa: E402
+from support.dap_client import DAPClient, as_vscode_would, shipped_configuration, substitute  # noqa: E402
 
 LOCALS = ("q", "k", "v", "scores", "att", "mask", "B", "T", "C", "nh", "hs", "past")
 CONSOLE = ("q.shape", "att[0, 0, :6, :6]", "att.sum(-1)[0, 0, :4]")

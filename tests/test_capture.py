@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from zoo import ZOO, ZOO_BY_NAME, ModelGuard, ZooEntry, reference_outputs
 
 import torchlens_edu as tle
 import torchlens_edu.capture
 import torchlens_edu.shapes
+from support.zoo import ZOO, ZOO_BY_NAME, ModelGuard, ZooEntry, reference_outputs
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.capture import CaptureTooLarge, capture, parse_bytes
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-import hf_checkpoints as hfc
 import pytest
 import torch
 
+from support import hf_checkpoints as hfc
 from torchlens_edu.cli import main
 from torchlens_edu.models import GPT2, get_tokenizer
 

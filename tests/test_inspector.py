@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from zoo import ZOO, ZOO_BY_NAME, ModelGuard, ZooEntry
 
 import torchlens_edu as tle
+from support.zoo import ZOO, ZOO_BY_NAME, ModelGuard, ZooEntry
 from torchlens_edu._core.modules import PatternError
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.hookset import HookSet

@@ -65,7 +65,7 @@ def test_cell_magic_with_options_and_quoted_values(shell, capsys):
 
 
 def test_meta_cell_gives_a_module_shared_by_two_parents_its_weights_back(shell):
-    from zoo import ModelGuard, SharedHead
+    from support.zoo import ModelGuard, SharedHead
 
     shell.user_ns["shared"] = model = SharedHead()
     guard = ModelGuard(model)

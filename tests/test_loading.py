@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import hf_checkpoints as hfc
 import pytest
 import torch
 
+from support import hf_checkpoints as hfc
 from torchlens_edu.models import GPT2, GPT2Config
 from torchlens_edu.models.devices import DeviceUnavailableError, resolve_device
 from torchlens_edu.models.loading import (

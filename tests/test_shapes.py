@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 import torch.nn as nn
-from zoo import ZOO, reference_outputs
 
 import torchlens_edu as tle
+from support.zoo import ZOO, reference_outputs
 from torchlens_edu._core.modules import PatternError
 from torchlens_edu.models import gpt2 as gpt2_module
 from torchlens_edu.shapes import ShapeTracer, trace_shapes

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-from zoo import ZOO, ModelGuard, SharedHead
 
+from support.zoo import ZOO, ModelGuard, SharedHead
 from torchlens_edu.models import GPT2, GPT2Config, explicit_attention
 from torchlens_edu.shapes import trace_shapes
 from torchlens_edu.shapes.meta import on_meta, op_flops

@@ -1,5 +1,6 @@
 """A real debugger session, headless: the shipped launch configurations driven through debugpy's
-adapter exactly as VS Code drives them (see dap_client.py), asserting what the learner sees."""
+adapter exactly as VS Code drives them (see support/dap_client.py), asserting what the learner
+sees."""
 
 from __future__ import annotations
 
@@ -17,14 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from dap_client import (
+
+from support.dap_client import (
     DAPClient,
     as_vscode_would,
     shipped_configuration,
     source_path,
     substitute,
 )
-
 from torchlens_edu.printing import describe
 
 GPT2_PY = (Path(__file__).parents[1] / "torchlens_edu" / "models" / "gpt2.py").resolve()
