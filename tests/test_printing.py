@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import math
 import os
 import subprocess
@@ -135,14 +134,6 @@ def test_uninstall_refuses_to_clobber_a_later_patch() -> None:
         torch.Tensor.__repr__ = printing._summary_repr  # type: ignore[method-assign]
         tle.uninstall()
     assert torch.Tensor.__repr__ is original
-
-
-@pytest.mark.parametrize("module", ["printing.stats", "printing.summary_line", "printing.options",
-                                    "printing.table", "printing.attention"])
-def test_docstring_examples_run(module: str) -> None:
-    mod = __import__(f"torchlens_edu.{module}", fromlist=["_"])
-    result = doctest.testmod(mod, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0 and result.attempted > 0
 
 
 def _in_threads(work: Callable[[int], None], n: int = 4) -> list[BaseException]:

@@ -58,7 +58,16 @@ _ESTIMATES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int | None]] = \
 
 
 class CaptureTooLarge(MemoryError):
-    """The capture would hold more memory than its limit (``max_bytes``)."""
+    """The capture would hold more memory than its limit (``max_bytes``).
+
+    >>> m = nn.Linear(4, 4)
+    >>> try:
+    ...     with capture(m, "*", max_bytes=16):
+    ...         _ = m(torch.zeros(2, 4))
+    ... except CaptureTooLarge as err:
+    ...     print(str(err).split(".")[0])
+    capturing '*' (1 modules) would hold 32 B in one forward, above the limit of 16 B
+    """
 
 
 @dataclass(kw_only=True)

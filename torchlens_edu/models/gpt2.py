@@ -35,6 +35,13 @@ class KVCache:
 
     Writing into a fixed buffer (instead of ``torch.cat`` at every step) keeps generation
     linear in the number of tokens.
+
+    >>> m = GPT2(GPT2Config.preset("tiny")).eval()
+    >>> cache = KVCache(m.config, 1, device=torch.device("cpu"), dtype=torch.float32)
+    >>> _ = m(torch.zeros(1, 4, dtype=torch.long), cache)  # the prompt: 4 tokens
+    >>> _ = m(torch.zeros(1, 1, dtype=torch.long), cache)  # one more, reading the 4 cached
+    >>> cache.length
+    5
     """
 
     def __init__(self, config: GPT2Config, batch_size: int, *, device: torch.device,

@@ -195,6 +195,13 @@ def apply_env_preset() -> None:
     """Apply ``$TORCHLENS_EDU_PRINT`` (a preset name), as ``import torchlens_edu`` does.
 
     A wrong name warns instead of breaking the import (e.g. inside a VS Code launch config).
+
+    >>> os.environ[ENV_VAR] = "edu"
+    >>> with printoptions():  # puts the current options back afterwards
+    ...     apply_env_preset()
+    ...     get_printoptions()["threshold"]
+    30
+    >>> del os.environ[ENV_VAR]
     """
     name = os.environ.get(ENV_VAR, "").strip()
     if not name:
