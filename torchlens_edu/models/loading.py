@@ -227,7 +227,10 @@ def _read_state_dict(weights: Path, advance: Callable[..., None]
     else:
         state = _load_bin(weights)
         shapes = {k: tuple(v.shape) for k, v in state.items()}
-        get = state.pop  # each original tensor is freed once its (transposed) copy is made
+
+        def get(key: str) -> torch.Tensor:
+            return state.pop(key)  # each original is freed once its (transposed) copy is made
+
     transpose = not _linear_layout(shapes)
     advance(total=len(shapes))
     for key in shapes:

@@ -35,7 +35,8 @@ ENDOFTEXT = "<|endoftext|>"
 class Tokenizer(Protocol):
     """What every tokenizer here offers."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     @property
     def vocab_size(self) -> int: ...
