@@ -150,7 +150,11 @@ class Dims(Mapping[str, int]):
         return cls(sizes)
 
     def merged(self, other: Mapping[str, int]) -> Dims:
-        """A copy where ``other``'s names win."""
+        """A copy where ``other``'s names win.
+
+        >>> Dims({"B": 2, "T": 8}).merged({"T": 16, "C": 32})
+        Dims(B=2, T=16, C=32)
+        """
         return Dims({**self._sizes, **dict(other)})
 
     def __getitem__(self, name: str) -> int:
@@ -166,7 +170,11 @@ class Dims(Mapping[str, int]):
         return "Dims(" + ", ".join(f"{k}={v}" for k, v in self._sizes.items()) + ")"
 
     def names_for(self, size: int) -> list[str]:
-        """All names whose size is ``size``, strongest first."""
+        """All names whose size is ``size``, strongest first.
+
+        >>> Dims({"T": 64, "hs": 64, "C": 768}).names_for(64)
+        ['T', 'hs']
+        """
         return [name for name, value in self._sizes.items() if value == size]
 
     def labels(self, shape: Sequence[int]) -> list[str]:
@@ -204,7 +212,11 @@ class Dims(Mapping[str, int]):
         return names
 
     def format(self, shape: Sequence[int] | torch.Size, *, brackets: str = "()") -> str:
-        """``(B=2, T=16, C=768)``; with ``brackets="[]"`` for one-line summaries."""
+        """``(B=2, T=16, C=768)``; with ``brackets="[]"`` for one-line summaries.
+
+        >>> Dims({"B": 2, "T": 16}).format((2, 16, 5), brackets="[]")
+        '[B=2, T=16, 5]'
+        """
         return brackets[0] + ", ".join(self.labels(shape)) + brackets[1]
 
 

@@ -108,7 +108,12 @@ class NonFiniteReport:
         return data
 
     def summary(self) -> str:
-        """One line: what was made where, e.g. ``NaN in forward: log at model.py:12 (h.0.attn)``."""
+        """One line: what was made where.
+
+        >>> NonFiniteReport(phase="forward", module="h.0", op="log", kind="nan",
+        ...                 source="model.py:12", hint="").summary()
+        "NaN made in forward: log at model.py:12 (module 'h.0')"
+        """
         what = {"nan": "NaN", "+inf": "+Inf", "-inf": "-Inf", "inf": "Inf"}.get(self.kind,
                                                                                 self.kind)
         where = f" at {_short(self.source)}" if self.source else ""

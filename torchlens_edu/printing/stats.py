@@ -81,10 +81,15 @@ class TensorStats:
 
     @property
     def finite(self) -> int | None:
-        """How many values are neither NaN nor ±Inf."""
-        if None in (self.numel, self.nan, self.posinf, self.neginf):
+        """How many values are neither NaN nor ±Inf (None when the counts were not computed).
+
+        >>> tensor_stats(torch.tensor([1.0, float("inf"), float("nan")])).finite
+        1
+        """
+        numel, nan, posinf, neginf = self.numel, self.nan, self.posinf, self.neginf
+        if numel is None or nan is None or posinf is None or neginf is None:
             return None
-        return self.numel - self.nan - self.posinf - self.neginf  # type: ignore[operator]
+        return numel - nan - posinf - neginf
 
 
 def tensor_stats(t: torch.Tensor) -> TensorStats:

@@ -60,8 +60,8 @@ def format_stats(s: TensorStats, dtype: torch.dtype) -> str:
     if s.mean is not None:
         if s.numel == 1 and s.min is not None:
             parts.append("=" + _num(s.min, dtype))
-        elif dtype == torch.bool:
-            parts.append(f"True:{s.numel - s.zeros}/{s.numel}")  # type: ignore[operator]
+        elif dtype == torch.bool and s.numel is not None and s.zeros is not None:
+            parts.append(f"True:{s.numel - s.zeros}/{s.numel}")
         elif s.min == s.max:
             value = "zeros" if s.min == 0 else _num(s.min, dtype)
             parts.append(("" if s.finite == s.numel else "finite ") + f"all {value}")

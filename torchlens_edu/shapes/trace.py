@@ -37,17 +37,36 @@ class ShapeTrace:
     roots: list[str] = field(default_factory=list)
 
     def modules(self, pattern: str = "*") -> list[ShapeEvent]:
-        """Module events whose path matches a glob (``"transformer.h.*.attn"``)."""
+        """Module events whose path matches a glob (``"transformer.h.*.attn"``).
+
+        >>> import torchlens_edu as tle
+        >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+        >>> [e.path for e in tle.trace_shapes(m, torch.zeros(2, 4)).modules("*")]
+        ['', '0', '1']
+        """
         return [e for e in self.events
                 if e.kind == "module" and fnmatch.fnmatchcase(e.path, pattern)]
 
     def ops_at(self, pattern: str = "*") -> list[ShapeEvent]:
-        """Op events that ran inside modules whose path matches a glob."""
+        """Op events that ran inside modules whose path matches a glob.
+
+        >>> import torchlens_edu as tle
+        >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+        >>> [e.name for e in tle.trace_shapes(m, torch.zeros(2, 4), ops=True).ops_at("0")]
+        ['linear']
+        """
         return [e for e in self.events if e.kind == "op" and fnmatch.fnmatchcase(e.path, pattern)]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: ``{"events": [{"kind", "path", "name", "call", "inputs", "outputs",
-        "dims", "source"}]}``; ``dims`` holds the named axes of the inputs and outputs."""
+        "dims", "source"}]}``; ``dims`` holds the named axes of the inputs and outputs.
+
+        >>> import torchlens_edu as tle
+        >>> m = torch.nn.Linear(4, 2)
+        >>> event = tle.trace_shapes(m, torch.zeros(3, 4), dims={"B": 3}).to_dict()["events"][0]
+        >>> event["inputs"], event["dims"]
+        ([[3, 4]], {'inputs': [['B=3', '4']], 'outputs': [['B=3', '2']]})
+        """
         events = []
         for e in self.events:
             events.append({
@@ -61,7 +80,14 @@ class ShapeTrace:
         return {"events": events}
 
     def diff(self, other: ShapeTrace) -> TraceDiff:
-        """What changed from this trace to ``other``: a :class:`TraceDiff` (falsy when equal)."""
+        """What changed from this trace to ``other``: a :class:`TraceDiff` (falsy when equal).
+
+        >>> import torchlens_edu as tle
+        >>> m = torch.nn.Linear(4, 2)
+        >>> a, b = (tle.trace_shapes(m, torch.zeros(n, 4)) for n in (2, 3))
+        >>> bool(a.diff(a)), len(a.diff(b))
+        (False, 1)
+        """
         return TraceDiff.between(self.events, self.dims, other.events, other.dims)
 
     def __rich__(self) -> Any:
@@ -69,7 +95,12 @@ class ShapeTrace:
                           meta=self.meta, error=self.error)
 
     def to_text(self, width: int = 100) -> str:
-        """The tree as plain text (no colours), ``width`` characters wide."""
+        """The tree as plain text (no colours), ``width`` characters wide.
+
+        >>> import torchlens_edu as tle
+        >>> print(tle.trace_shapes(torch.nn.ReLU(), torch.zeros(2)).to_text(60).splitlines()[0])
+        ShapeTrace of ReLU: 1 events (modules)
+        """
         return render_text(self, width=width)
 
     def __str__(self) -> str:
