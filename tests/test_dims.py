@@ -15,7 +15,6 @@ def test_gpt2_config_roles():
                     "4C": 3072}
 
 
-@pytest.mark.slow
 def test_hugging_face_config_roles():
     transformers = pytest.importorskip("transformers")
     llama = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,

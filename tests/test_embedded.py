@@ -99,7 +99,6 @@ def test_has_an_induction_head(model: GPT2, tok) -> None:
     assert score > 0.5, f"best induction head h.{layer} head {head}: {score:.2f}"
 
 
-@pytest.mark.slow
 def test_generates_real_words(model: GPT2, tok, words: list[str]) -> None:
     vocabulary = set(words)
 

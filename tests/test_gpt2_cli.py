@@ -37,7 +37,6 @@ def _generate(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.mark.slow
 def test_greedy_output_is_the_models_continuation(bpe_model_dir, capsys):
     code, out, err = _generate(capsys, "Hello world", "--model", str(bpe_model_dir),
                                "--max-new-tokens", "8", "--temperature", "0", "--device", "cpu")
@@ -103,7 +102,6 @@ def test_cuda_without_cuda(char_model_dir, capsys):
     assert code == 1 and "CUDA is not available" in err
 
 
-@pytest.mark.slow
 def test_empty_prompt_starts_after_endoftext(bpe_model_dir, capsys):
     code, out, err = _generate(capsys, "", "--model", str(bpe_model_dir), "--max-new-tokens", "3",
                                "--temperature", "0")

@@ -243,7 +243,6 @@ def test_torchscript_modules_are_refused_with_a_clear_message() -> None:
             h.forward("sub.*", lambda c: None)
 
 
-@pytest.mark.slow
 def test_compiled_modules_say_what_works() -> None:
     inner = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
     compiled = torch.compile(inner, backend="eager")

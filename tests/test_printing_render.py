@@ -31,7 +31,6 @@ def _causal(B: int, nh: int, T: int, seed: int = 0) -> torch.Tensor:
     return scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf")).softmax(-1)
 
 
-@pytest.mark.slow
 @fast
 @given(tensors(), st.booleans(), st.booleans())
 def test_show_never_raises(t: torch.Tensor, heatmap: bool, color: bool) -> None:

@@ -135,7 +135,6 @@ def test_stats_equal_torch_reductions_when_chunked(t: torch.Tensor) -> None:
         _assert_matches(tensor_stats(t), t)
 
 
-@pytest.mark.slow
 @fast
 @given(tensors([torch.float32, torch.float64], ["contiguous", "transposed", "strided"]))
 def test_accelerator_float_path_equals_the_chunked_path(t: torch.Tensor) -> None:
@@ -170,7 +169,6 @@ def test_accelerator_chunks_grow_with_the_card(card_gib: int, chunk: int) -> Non
 @fast
 @given(st.sampled_from([torch.float32, torch.float64]), st.integers(1, 3000),
        st.sampled_from([0.0, 0.3]), st.sampled_from([-3.0, 0.0, 500.0]), st.integers(0, 99))
-@pytest.mark.slow
 def test_float_fast_path_equals_torch(dtype: torch.dtype, n: int, zero_share: float,
                                       offset: float, seed: int) -> None:
     # the single-pass CPU path (no NaN/Inf): the one the benchmark and most users hit

@@ -105,7 +105,6 @@ def _names(labels: list[list[str]]) -> list[list[str]]:
     return [[label.split("=")[0] for label in shape] for shape in labels]
 
 
-@pytest.mark.slow
 def test_gpt2_xl_meta_shapes_are_a_small_run_scaled_by_the_same_names():
     small = GPT2(GPT2Config(vocab_size=300, n_positions=64, n_embd=96, n_layer=2, n_head=4))
     with torch.device("meta"):

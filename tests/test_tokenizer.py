@@ -41,7 +41,6 @@ def test_endoftext_in_text_is_plain_text():
     assert tok.decode([tok.eot_token]) == "<|endoftext|>"
 
 
-@pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(st.text())
 def test_gpt2_round_trips_any_unicode(text):
