@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"We plant +inf in one weight of h.{target}.mlp.c_fc, as a too-large "
                   "learning-rate step would, and run a forward under watch_nans (it catches NaN "
                   "and ±Inf alike):")
-    weight = model.transformer.h[target].mlp.c_fc.weight
+    weight = model.get_parameter(f"transformer.h.{target}.mlp.c_fc.weight")
     with _planted_inf(weight), insp.watch_nans(mode="raise"):
         try:
             model(idx)

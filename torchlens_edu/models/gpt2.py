@@ -161,6 +161,23 @@ class Block(nn.Module):
         return x
 
 
+class Trunk(nn.ModuleDict):
+    """``transformer``: the embeddings, the blocks and the final LayerNorm, under Hugging Face's
+    names so that checkpoints load key for key. A ModuleDict that declares what it holds, so a
+    type checker knows ``transformer.wte`` is an Embedding.
+
+    >>> trunk = GPT2(GPT2Config.preset("tiny")).transformer
+    >>> list(trunk), trunk.wte.embedding_dim
+    (['wte', 'wpe', 'drop', 'h', 'ln_f'], 32)
+    """
+
+    wte: nn.Embedding  # token embeddings
+    wpe: nn.Embedding  # learned position embeddings
+    drop: nn.Dropout
+    h: nn.ModuleList  # the blocks, in order
+    ln_f: nn.LayerNorm
+
+
 class GPT2(nn.Module):
     """The GPT-2 language model: token ids ``(B, T)`` in, next-token logits ``(B, T, V)`` out.
 
@@ -172,7 +189,7 @@ class GPT2(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
+        self.transformer = Trunk(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
             wpe=nn.Embedding(config.n_positions, config.n_embd),  # learned position embeddings
             drop=nn.Dropout(config.dropout),
@@ -291,8 +308,9 @@ class GPT2(nn.Module):
     def with_attn_impl(self, impl: AttnImpl) -> GPT2:
         """Switch every attention layer to ``impl`` (in place) and return the model."""
         self.config = replace(self.config, attn_impl=impl)
-        for block in self.transformer.h:
-            block.attn.attn_impl = impl
+        for module in self.transformer.h.modules():
+            if isinstance(module, CausalSelfAttention):
+                module.attn_impl = impl
         return self
 
 
