@@ -192,6 +192,19 @@ def test_debug_script_error_shows_the_scripts_traceback(capsys, tmp_path):
     assert "runpy" not in err and "torchlens_edu" not in err  # only the learner's frames
 
 
+def test_debug_script_error_stays_uncaught_under_a_debugger(monkeypatch, tmp_path):
+    """VS Code stops at uncaught exceptions: under a debugger the script's own error is not
+    turned into a message, even a ValueError that the CLI would shorten for its own input."""
+    from torchlens_edu._core import debugger
+
+    monkeypatch.setattr(debugger, "debugger_attached", lambda: True)
+    script = tmp_path / "lesson.py"
+    script.write_text("raise ValueError('my bug')\n")
+    with pytest.raises(ValueError, match="my bug") as raised:
+        main(["debug", str(script)])
+    assert raised.traceback[-1].path == script  # raised where the learner wrote it
+
+
 def test_debug_script_syntax_error_is_shown_as_python_shows_it(capsys, tmp_path):
     script = tmp_path / "lesson.py"
     script.write_text("x = (\n")

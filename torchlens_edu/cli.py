@@ -5,7 +5,8 @@ Each subcommand lives in ``torchlens_edu/commands/<name>.py`` and exposes
 messages: a bad command line, a :class:`~torchlens_edu.commands.CommandError` and the library's
 own errors about the user's input (files, devices, names, values) are one line on stderr and
 an exit code; Ctrl-C is ``interrupted`` and exit code 130. Anything else is a bug in
-torchlens-edu and keeps its traceback.
+torchlens-edu and keeps its traceback, as does an error of the user's own script under a
+debugger (so that VS Code stops at it as uncaught).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from torchlens_edu.commands import EXIT_FAILED, EXIT_USAGE, CommandError
+from torchlens_edu.commands import EXIT_FAILED, EXIT_USAGE, CommandError, is_from_user_code
 
 _COMMANDS = ("debug", "demo", "generate", "trace", "vscode")
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
@@ -61,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report(str(err))
         return err.exit_code
     except Exception as err:
-        message = _known_error(err)
+        message = None if is_from_user_code(err) else _known_error(err)
         if message is None:
             raise  # a bug in torchlens-edu: its traceback is what a report needs
         _report(message)

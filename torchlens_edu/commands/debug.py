@@ -17,7 +17,7 @@ import runpy
 import sys
 from typing import Any
 
-from torchlens_edu.commands import EXIT_USAGE, CommandError, _inputs
+from torchlens_edu.commands import EXIT_USAGE, CommandError, _inputs, from_user_code
 
 DEFAULT_PROMPT = "The old man looked at the sea and said"
 DESCRIPTION = ("What the VS Code launch configurations run. Without a file: GPT-2 (the embedded "
@@ -96,6 +96,8 @@ def _run_script(path: str, script_args: list[str]) -> int:
     """Run ``path`` as ``python path args...`` would, with the same exit code and messages."""
     import bdb
 
+    from torchlens_edu._core.debugger import debugger_attached
+
     old_argv, old_path0 = sys.argv, sys.path[0]
     sys.argv = [path, *script_args]
     sys.path[0] = os.path.dirname(os.path.abspath(path))  # as `python path` would
@@ -106,6 +108,9 @@ def _run_script(path: str, script_args: list[str]) -> int:
     except bdb.BdbQuit:
         raise  # quitting pdb at a stop is not the script's error
     except Exception as err:  # the script's own error: its traceback, from its own frames
+        if debugger_attached():  # VS Code stops at uncaught errors: keep this one uncaught
+            from_user_code(err)
+            raise
         _print_script_error(err, path)
         return 1
     finally:
