@@ -4,6 +4,8 @@ skipped, and how they are switched on and off. (tests/test_vscode_dap.py drives 
 from __future__ import annotations
 
 import importlib.util
+import io
+import re
 import sys
 from pathlib import Path
 
@@ -33,13 +35,15 @@ def _no_stops(monkeypatch):
 
 @pytest.fixture
 def paused(monkeypatch):
-    """Stand-in for a debugger: records the frame each ``breakpoint()`` would pause in."""
+    """Stand-in for a debugger: records the frame each pause would stop in (a module stop's
+    ``breakpoint()`` stops in its caller; a stop point names the model's frame)."""
     frames = []
 
     def hook(*args, **kwargs):
         frames.append(sys._getframe(1))  # the caller of breakpoint(): where a debugger stops
 
     monkeypatch.setattr(sys, "breakpointhook", hook)
+    monkeypatch.setattr(debug, "_pause_in", frames.append)
     return frames
 
 
@@ -81,6 +85,7 @@ def test_without_debugger_or_terminal_the_stop_is_skipped_once(tiny_gpt2, tiny_i
                                                              monkeypatch):
     monkeypatch.setattr(sys, "breakpointhook", sys.__breakpointhook__)  # plain pdb
     monkeypatch.setenv(debug.ENV_VAR, "attention")
+    debug.read_env()  # as `import torchlens_edu` does when the variable is set
     with torch.no_grad():
         out = tiny_gpt2(tiny_ids)
         tiny_gpt2(tiny_ids)
@@ -195,3 +200,114 @@ def test_listening_without_a_client_skips_the_stop(tmp_path):
     assert "listening on 127.0.0.1:" in done.stderr
     assert done.stderr.count("skipped the stop point 'attention'") == 1
     assert "no debugger is attached yet" in done.stderr and "⏸" not in done.stderr
+
+
+def _line_of(text: str) -> int:
+    return next(i for i, line in enumerate(GPT2_PY.read_text().splitlines(), 1) if text in line)
+
+
+def test_attention_stop_opens_pdb_on_the_line_after_the_hook_point(tiny_gpt2, tiny_ids, capsys,
+                                                                    monkeypatch):
+    # real pdb, driven through stdin: it stops in gpt2.py's attention frame, not in a hook
+    monkeypatch.setattr(sys, "breakpointhook", sys.__breakpointhook__)
+    monkeypatch.delenv("PYTHONBREAKPOINT", raising=False)
+    monkeypatch.setattr(debug, "_stdin_interactive", lambda: True)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(
+        "p sorted(set(locals()) & {'q', 'k', 'v', 'scores', 'att'})\n"
+        "p tuple(att.shape), self.layer_idx\nc\n"))
+    with tle.stop_at("attention", layer=1), torch.no_grad():
+        out = tiny_gpt2(tiny_ids)
+    assert sys.gettrace() is None  # pdb's `c` left no tracer behind
+    assert out.shape == (2, 8, 256)
+    printed = capsys.readouterr().out
+    assert f"gpt2.py({_line_of('att = self.attn_dropout(att)')})forward()" in printed
+    assert "['att', 'k', 'q', 'scores', 'v']" in printed
+    assert "((2, 2, 8, 8), 1)" in printed
+    assert printed.count("(Pdb)") == 3  # one stop (layer 1 only), three commands
+
+
+def test_stops_hook_the_model_only_while_requested(tiny_gpt2, tiny_ids, paused):
+    hooks = torch.nn.modules.module._global_forward_hooks
+    before = len(hooks)
+    with tle.stop_at("attention", layer=0):
+        assert len(hooks) == before + 1  # one process-wide hook, whatever the number of stops
+        with tle.stop_at("attention", layer=1):
+            assert len(hooks) == before + 1
+    assert len(hooks) == before  # no stop, no hook: the fast path is back
+    with pytest.raises(KeyboardInterrupt), tle.stop_at("attention"):
+        raise KeyboardInterrupt
+    assert len(hooks) == before
+
+
+def test_env_stop_garbage_warns_once_and_never_breaks_a_forward(tiny_gpt2, tiny_ids, capsys,
+                                                               monkeypatch):
+    monkeypatch.setenv(debug.ENV_VAR, "garbage")
+    debug.read_env()
+    debug.read_env()  # the same value again: read once
+    with torch.no_grad():
+        assert tiny_gpt2(tiny_ids).shape == (2, 8, 256)
+    assert tiny_gpt2.generate(tiny_ids[:1, :3], 2, temperature=0).shape == (1, 5)
+    assert tle.trace_shapes(tiny_gpt2, tiny_ids).events
+    err = capsys.readouterr().err
+    assert err.count("ignoring $TORCHLENS_EDU_STOP='garbage'") == 1
+    assert "unknown stop point 'garbage'" in err
+    assert "Valid forms: attention, attention:layer=L or attention:layer=L,head=H" in err
+    assert not debug.requested_stops()
+
+
+def test_env_stop_out_of_range_says_the_valid_range(tiny_gpt2, tiny_ids, paused, capsys,
+                                                   monkeypatch):
+    monkeypatch.setenv(debug.ENV_VAR, "attention:layer=7;attention:head=9")
+    debug.read_env()
+    with torch.no_grad():
+        tiny_gpt2(tiny_ids)
+        tiny_gpt2(tiny_ids)
+    err = capsys.readouterr().err
+    assert err.count("attention:layer=7 never stops: the model has 2 layers, so layer is 0 "
+                     "to 1") == 1
+    assert err.count("attention:head=9 names no head: the model has 2 heads, so head is 0 "
+                     "to 1") == 1
+    assert len(paused) == 4  # the head=9 stop still pauses: two forwards, two layers each
+
+
+def test_clear_stops_also_clears_the_stop_from_the_environment(tiny_gpt2, tiny_ids, paused,
+                                                               monkeypatch):
+    monkeypatch.setenv(debug.ENV_VAR, "attention:layer=0")
+    debug.read_env()
+    with torch.no_grad():
+        tiny_gpt2(tiny_ids)
+    assert len(paused) == 1
+    debug.clear_stops()  # lesson 05 does this after its first forward
+    with torch.no_grad():
+        tiny_gpt2(tiny_ids)
+        tle.trace_shapes(tiny_gpt2, tiny_ids, ops=True)
+    assert len(paused) == 1  # the variable still holds the value, but it was cleared
+    assert not debug.requested_stops()
+    monkeypatch.setenv(debug.ENV_VAR, "attention:layer=1")  # a new value is a new request
+    assert debug.requested_stops() == [debug.StopRequest("attention", layer=1)]
+
+
+def test_cli_stop_out_of_range_is_a_clear_error(capsys):
+    pytest.importorskip("tiktoken")
+    assert main(["debug", "--stop", "attention:layer=7", "--device", "cpu"]) == 2
+    assert ("--stop attention:layer=7 never stops: the model has 4 layers, so layer is 0 to 3"
+            in capsys.readouterr().err)
+    assert main(["debug", "--stop", "attention:layer=1,head=9", "--device", "cpu"]) == 2
+    assert "the model has 4 heads, so head is 0 to 3" in capsys.readouterr().err
+    assert not debug.requested_stops()  # nothing left behind
+
+
+def test_attention_stop_under_another_debugger_says_how_far_up(tiny_gpt2, tiny_ids, monkeypatch,
+                                                               capsys):
+    # a breakpointhook we cannot aim (IPython's, PyCharm's): it pauses in our frame, and the
+    # message says how many frames up the model's locals are
+    frames = []
+    monkeypatch.setattr(sys, "breakpointhook", lambda: frames.append(sys._getframe(1)))
+    with tle.stop_at("attention", layer=0), torch.no_grad():
+        tiny_gpt2(tiny_ids)
+    assert len(frames) == 1
+    up = int(re.search(r"type `up (\d+)`", capsys.readouterr().err).group(1))
+    frame = frames[0]
+    for _ in range(up):
+        frame = frame.f_back
+    assert Path(frame.f_code.co_filename) == GPT2_PY and {"q", "att"} <= set(frame.f_locals)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import threading
+
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from torchlens_edu.models import GPT2, GPT2Config, KVCache, explicit_attention
 
@@ -147,3 +153,113 @@ def test_last_only_logits_equal_the_last_position_of_the_full_logits(tiny_gpt2, 
     last = tiny_gpt2(tiny_ids, last_only=True)  # (B, 1, V)
     assert last.shape == (tiny_ids.shape[0], 1, full.shape[-1])
     torch.testing.assert_close(last[:, 0], full[:, -1])
+
+
+def _fused_kernel_refused(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fused kernel ran while someone observed attention")
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", refuse)
+
+
+def test_hook_points_hold_nothing_and_show_the_attention_pattern(tiny_gpt2, tiny_ids):
+    assert not any(".attn.q" in k or ".attn.att" in k for k in tiny_gpt2.state_dict())
+    attn = tiny_gpt2.transformer.h[1].attn
+    seen = {}
+    handles = [getattr(attn, name).register_forward_hook(
+        lambda m, a, out, name=name: seen.__setitem__(name, out)) for name in
+        ("q", "k", "v", "scores", "att")]
+    with torch.no_grad():
+        tiny_gpt2(tiny_ids)
+    for handle in handles:
+        handle.remove()
+    assert seen["q"].shape == seen["k"].shape == (2, 2, 8, 16)  # (B, nh, T, hs)
+    assert seen["att"].shape == seen["scores"].shape == (2, 2, 8, 8)  # (B, nh, T, Tk)
+    assert torch.allclose(seen["att"], seen["scores"].softmax(-1))
+    assert torch.allclose(seen["att"].sum(-1), torch.ones(2, 2, 8))
+
+
+def test_a_hook_point_hook_may_change_the_tensor(tiny_gpt2, tiny_ids):
+    # TransformerLens-style patching: uniform attention over the visible keys in layer 0
+    def uniform(module, args, att):
+        return (att > 0).float() / (att > 0).sum(-1, keepdim=True)
+
+    with torch.no_grad():
+        before = tiny_gpt2(tiny_ids)
+        handle = tiny_gpt2.transformer.h[0].attn.att.register_forward_hook(uniform)
+        try:
+            patched = tiny_gpt2(tiny_ids)
+        finally:
+            handle.remove()
+    assert (patched - before).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("observer", ["point hook", "point pre-hook", "global hook", "tracer",
+                                      "function mode"])
+def test_observers_get_the_explicit_path(tiny_gpt2, tiny_ids, monkeypatch, observer):
+    expected = tiny_gpt2(tiny_ids)
+    _fused_kernel_refused(monkeypatch)
+    points = [block.attn.att for block in tiny_gpt2.transformer.h]  # each layer decides alone
+    with contextlib.ExitStack() as stack:
+        if observer == "point hook":
+            for att in points:
+                stack.callback(att.register_forward_hook(lambda *a: None).remove)
+        elif observer == "point pre-hook":
+            for att in points:
+                stack.callback(att.register_forward_pre_hook(lambda *a: None).remove)
+        elif observer == "global hook":
+            stack.callback(nn.modules.module.register_module_forward_hook(lambda *a: None).remove)
+        elif observer == "tracer":  # a debugger or coverage tool: sys.settrace
+            previous = sys.gettrace()
+            sys.settrace(lambda *a: None)
+            stack.callback(sys.settrace, previous)
+        else:
+            stack.enter_context(_PassThrough())  # an op-level observer
+        got = tiny_gpt2(tiny_ids)
+    assert (got - expected).abs().max() < 1e-5
+
+
+class _PassThrough(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_without_observers_the_fused_kernel_runs(tiny_gpt2, tiny_ids):
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(F, "scaled_dot_product_attention", counting)
+        tiny_gpt2(tiny_ids)
+        with torch.device("cpu"):  # a DeviceContext is a TorchFunctionMode that watches nothing
+            tiny_gpt2(tiny_ids)
+    assert len(calls) == 4  # two layers, two forwards
+
+
+def test_explicit_attention_is_per_thread_and_restored_on_errors(tiny_gpt2, tiny_ids,
+                                                                 monkeypatch):
+    from torchlens_edu.models import gpt2 as gpt2_module
+
+    inside, outside = threading.Event(), threading.Event()
+    seen = []
+
+    def other_thread():
+        inside.wait(10)
+        seen.append(gpt2_module._explicit.get())
+        outside.set()
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    with explicit_attention():
+        inside.set()
+        outside.wait(10)
+        assert gpt2_module._explicit.get()
+    thread.join(10)
+    assert seen == [False]  # the other thread kept the fast path
+    with pytest.raises(KeyboardInterrupt), explicit_attention():
+        raise KeyboardInterrupt
+    assert not gpt2_module._explicit.get()

@@ -66,9 +66,9 @@ def test_op_events_show_q_k_v_view_transpose_with_their_source_lines(tiny_gpt2, 
 
 
 def test_explicit_attention_is_forced_only_while_tracing_ops(tiny_gpt2, tiny_ids):
-    assert gpt2_module._force_explicit == 0
+    assert not gpt2_module._explicit.get()
     trace = trace_shapes(tiny_gpt2, tiny_ids)
-    assert gpt2_module._force_explicit == 0
+    assert not gpt2_module._explicit.get()
     assert not any(e.kind == "op" for e in trace.events)
 
 

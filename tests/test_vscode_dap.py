@@ -123,6 +123,29 @@ def test_current_file_configuration_with_a_stop_in_the_file(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_breakpoint_on_the_explicit_path_is_hit_without_any_toolkit_call(tmp_path):
+    """F5 with VS Code's plain "Python File" configuration on a script that only builds and
+    runs the model: the debugger alone makes attention take the explicit path."""
+    script = tmp_path / "plain.py"
+    script.write_text(TINY_SCRIPT)
+    softmax = next(i for i, text in enumerate(GPT2_PY.read_text().splitlines(), 1)
+                   if "F.softmax(scores, dim=-1)" in text)
+    launch = {"name": "Python File", "type": "debugpy", "request": "launch",
+              "program": str(script), "cwd": str(tmp_path), "console": "integratedTerminal",
+              "justMyCode": False, "pythonArgs": ["-Xfrozen_modules=off"]}
+    with DAPClient.launch_adapter() as dap:
+        dap.initialize()
+        dap.start(launch, breakpoints={GPT2_PY: [softmax]})
+        thread, frame = dap.stopped()
+        assert source_path(frame) == GPT2_PY and frame["line"] == softmax, dap.diagnostics()
+        assert dap.evaluate("scores.shape", frame["id"]) == "torch.Size([1, 2, 5, 5])"
+        assert dap.evaluate("self.layer_idx", frame["id"]) == "0"
+        dap.request("setBreakpoints", {"source": {"path": str(GPT2_PY)}, "breakpoints": []})
+        _finish(dap, thread)
+        assert "logits (1, 5, 256)" in dap.terminal_output
+
+
+@pytest.mark.slow
 def test_stop_at_module_on_a_hugging_face_model(tmp_path):
     pytest.importorskip("transformers")
     script = tmp_path / "hf_lesson.py"

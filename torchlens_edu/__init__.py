@@ -90,6 +90,9 @@ if os.environ.get("TORCHLENS_EDU_PRINT"):  # e.g. from a VS Code launch config: 
 
     apply_env_preset()
 
+if os.environ.get("TORCHLENS_EDU_STOP"):  # a stop point asked for by environment: switch it on
+    importlib.import_module("torchlens_edu.debug").read_env()
+
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:

@@ -1,35 +1,42 @@
 """Stop points: places where a debugger (or pdb) pauses, with the interesting tensors as locals.
 
-- Named stop points in the bundled models: GPT-2's attention carries
-  ``if debug.should_stop("attention", layer=...): breakpoint()`` right after the softmax.
-  Inert unless asked for, by environment (``TORCHLENS_EDU_STOP=attention`` or
-  ``TORCHLENS_EDU_STOP=attention:layer=3,head=1``; several joined with ``;``), by
-  :func:`stop_at`, or by ``torchlens-edu debug --stop attention:layer=3``.
+- Named stop points in the bundled models: ``attention`` pauses in GPT-2's attention forward on
+  the line after its ``att`` hook point (right after the softmax), with ``q``, ``k``, ``v``,
+  ``scores`` and ``att`` as locals. Off unless asked for: by environment
+  (``TORCHLENS_EDU_STOP=attention`` or ``TORCHLENS_EDU_STOP=attention:layer=3,head=1``; several
+  joined with ``;``; read when ``torchlens_edu`` is imported and whenever a stop is asked for
+  or cleared), by :func:`stop_at`, or by ``torchlens-edu debug --stop attention:layer=3``.
+  The model knows nothing of this module: while a stop is requested, one process-wide forward
+  hook (``torch.nn.modules.module.register_module_forward_hook``) watches for hook points, and
+  any module hook makes GPT-2 take its explicit attention path. No stop, no hook.
 - Any module of any model: :func:`stop_at_module` pauses after its forward (or backward) in a
   frame whose locals are ``module``, ``inputs``, ``output`` (or the gradients).
 - :func:`listen`: a debugpy server on 127.0.0.1 that VS Code attaches to.
 
-Where it pauses: with a debugger attached, in the frame that calls ``breakpoint()`` (debugpy
-installs ``sys.breakpointhook`` and stops in its caller). Without one, pdb opens there when
-stdin is a terminal; otherwise (CI, pipes) the stop is skipped with one message: never a hang.
+Where it pauses: a stop point pauses in the model's own frame (debugpy and pdb are told which
+frame); a module stop in the hook that calls ``breakpoint()``. Without a debugger, pdb opens
+when stdin is a terminal; otherwise (CI, pipes) the stop is skipped with one message: never a
+hang.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import threading
 from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass
+from types import FrameType
 from typing import Any, Literal
 
 import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
 
 from torchlens_edu._core.console import get_console
 from torchlens_edu._core.debugger import debugger_attached
 from torchlens_edu._core.formatting import did_you_mean
-from torchlens_edu._core.modules import Pattern, match_modules
+from torchlens_edu._core.frames import user_frame
+from torchlens_edu._core.modules import Pattern, is_hook_point, match_modules
 
 ENV_VAR = "TORCHLENS_EDU_STOP"
 
@@ -37,6 +44,8 @@ ENV_VAR = "TORCHLENS_EDU_STOP"
 STOP_POINTS: dict[str, str] = {
     "attention": "q, k, v (B, nh, T, hs), scores and att (B, nh, T, Tk) are the locals",
 }
+_VALID_FORMS = ("attention, attention:layer=L or attention:layer=L,head=H "
+                "(several joined with ';')")
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,20 @@ class StopRequest:
                    if v is not None]
         return self.point + (":" + ",".join(options) if options else "")
 
+    def out_of_range(self, *, n_layer: int, n_head: int) -> str | None:
+        """What is wrong with this stop in a model of that size; None when nothing is.
+
+        >>> StopRequest("attention", layer=7).out_of_range(n_layer=4, n_head=4)
+        'attention:layer=7 never stops: the model has 4 layers, so layer is 0 to 3'
+        """
+        if self.layer is not None and self.layer >= n_layer:
+            return (f"{self} never stops: the model has {n_layer} layers, so layer is 0 to "
+                    f"{n_layer - 1}")
+        if self.head is not None and self.head >= n_head:
+            return (f"{self} names no head: the model has {n_head} heads, so head is 0 to "
+                    f"{n_head - 1}")
+        return None
+
 
 class StopHandle:
     """A stop requested with :func:`stop_at`: ``.remove()`` it, or use it as a context manager.
@@ -80,12 +103,16 @@ class StopHandle:
 
     def __init__(self, request: StopRequest) -> None:
         self.request = request
-        _requests.append(request)
+        with _lock:
+            _requests.append(request)
+            _watch_hook_points()
 
     def remove(self) -> None:
         """Forget this stop (no-op when already removed)."""
-        if self.request in _requests:
-            _requests.remove(self.request)
+        with _lock:
+            if self.request in _requests:
+                _requests.remove(self.request)
+            _watch_hook_points()
 
     def __enter__(self) -> StopHandle:
         return self
@@ -97,8 +124,12 @@ class StopHandle:
         return f"StopHandle({self.request})"
 
 
+_lock = threading.RLock()  # guards the request lists and the global hook's registration
 _requests: list[StopRequest] = []
-_warned: set[str] = set()  # stop points already reported as skipped (one message each)
+_env_requests: list[StopRequest] = []  # from $TORCHLENS_EDU_STOP, until clear_stops()
+_env_seen = ""  # the value of $TORCHLENS_EDU_STOP read last: each value is applied once
+_hook: RemovableHandle | None = None  # the global forward hook, registered while stops exist
+_warned: set[str] = set()  # messages already given (one each)
 
 
 def parse_stops(value: str) -> list[StopRequest]:
@@ -127,58 +158,168 @@ def stop_at(point: str, *, layer: int | None = None, head: int | None = None) ->
 
     >>> stop = stop_at("attention", layer=3); stop.remove()
     """
+    read_env()
     return StopHandle(StopRequest(point, layer=layer, head=head))
 
 
 def clear_stops() -> None:
-    """Forget every stop requested through :func:`stop_at`.
+    """Forget every stop: those from :func:`stop_at` and ``--stop``, and the one read from
+    ``$TORCHLENS_EDU_STOP`` (it comes back only if the variable is set to a new value).
 
     >>> clear_stops()
     """
-    _requests.clear()
+    with _lock:
+        read_env()
+        _requests.clear()
+        _env_requests.clear()
+        _watch_hook_points()
 
 
-@functools.lru_cache(maxsize=8)
-def _env_stops(value: str) -> tuple[StopRequest, ...]:
-    # the stop check runs in every attention forward: parse the variable once per value
-    return tuple(parse_stops(value))
+def read_env() -> None:
+    """Apply ``$TORCHLENS_EDU_STOP`` if it changed since it was last read (``import
+    torchlens_edu`` calls this). A value that cannot be read warns once with the valid forms
+    and requests nothing: a typo in a launch configuration never breaks a forward.
+
+    >>> read_env()
+    """
+    global _env_seen
+    value = os.environ.get(ENV_VAR, "").strip()
+    with _lock:
+        if value == _env_seen:
+            return
+        _env_seen = value
+        try:
+            requests = parse_stops(value)
+        except ValueError as err:
+            requests = []
+            _say(f"[yellow]torchlens_edu: ignoring ${ENV_VAR}={value!r}[/]: {err}. "
+                 f"Valid forms: {_VALID_FORMS}")
+        _env_requests[:] = requests
+        _watch_hook_points()
+
+
+def _all_requests() -> list[StopRequest]:
+    with _lock:
+        return [*_requests, *_env_requests]
 
 
 def _matching(point: str, layer: int | None) -> list[StopRequest]:
-    env = os.environ.get(ENV_VAR, "").strip()
-    if not _requests and not env:
-        return []
-    requests = [*_requests, *(_env_stops(env) if env else ())]
-    return [r for r in requests if r.point == point and (r.layer is None or r.layer == layer)]
+    return [r for r in _all_requests()
+            if r.point == point and (r.layer is None or r.layer == layer)]
+
+
+def requested_stops() -> list[StopRequest]:
+    """Every stop requested now (by :func:`stop_at`, ``--stop`` or the environment).
+
+    >>> requested_stops()
+    []
+    """
+    read_env()
+    return _all_requests()
 
 
 def stop_requested(point: str, *, layer: int | None = None) -> bool:
-    """True when a stop at ``point`` (for this layer) is requested. Cheap when none is.
+    """True when a stop at ``point`` (for this layer) is requested.
 
     >>> stop_requested("attention", layer=0)
     False
     """
+    read_env()
     return bool(_matching(point, layer))
 
 
-def should_stop(point: str, *, layer: int | None = None) -> bool:
-    """The check on a stop-point line: True when a stop is requested here *and* pausing can
-    work (a debugger is attached, or pdb has a terminal). Otherwise False, after saying once
-    why the stop was skipped.
+def _watch_hook_points() -> None:
+    """Register the global forward hook while any stop is requested, remove it when none is.
+    (Called with ``_lock`` held.)"""
+    global _hook
+    wanted = bool(_requests or _env_requests)
+    if wanted and _hook is None:
+        _hook = nn.modules.module.register_module_forward_hook(_at_hook_point)
+    elif not wanted and _hook is not None:
+        _hook.remove()
+        _hook = None
 
-    >>> should_stop("attention", layer=0)
-    False
-    """
-    matching = _matching(point, layer)
-    if not matching:
-        return False
-    if not _can_pause(f"stop point {point!r}"):  # said once per point, not once per layer
-        return False
-    where = f"stop point {point!r}" + (f" (layer {layer})" if layer is not None else "")
+
+def _at_hook_point(module: nn.Module, args: Any, output: Any) -> None:
+    """Torch's global forward hook, registered only while a stop is requested: pause when the
+    ``att`` hook point of an attention forward that a stop asks for has run."""
+    if not is_hook_point(module):
+        config = getattr(module, "config", None)  # a whole model, e.g. GPT2, finished
+        if config is not None:
+            _warn_out_of_range(config)
+        return None
+    frame = user_frame(sys._getframe(1))  # the forward that called the hook point
+    if frame is None:
+        return None
+    owner = frame.f_locals.get("self")
+    if owner is None or getattr(owner, "att", None) is not module:
+        return None  # another hook point (q, k, ...) or another model's
+    layer = getattr(owner, "layer_idx", None)
+    matching = _matching("attention", layer)
+    if not matching or not _can_pause("stop point 'attention'"):  # said once, not per layer
+        return None
+    where = "stop point 'attention'" + (f" (layer {layer})" if layer is not None else "")
     heads = sorted({r.head for r in matching if r.head is not None})
     hint = "".join(f"; head {h}: att[:, {h}]" for h in heads)
-    _say(f"[bold]⏸ {where}[/]: {STOP_POINTS[point]}{hint}")
-    return True
+    _say(f"[bold]⏸ {where}[/]: {STOP_POINTS['attention']}{hint}")
+    _pause_in(frame)
+    return None
+
+
+def _warn_out_of_range(config: Any) -> None:
+    """A stop for layer 7 of a 4-layer model would silently never fire: say so, once."""
+    n_layer, n_head = getattr(config, "n_layer", None), getattr(config, "n_head", None)
+    if not (isinstance(n_layer, int) and isinstance(n_head, int)):
+        return
+    for request in _all_requests():
+        reason = request.out_of_range(n_layer=n_layer, n_head=n_head)
+        if reason is not None and reason not in _warned:
+            _warned.add(reason)
+            _say(f"[yellow]torchlens_edu: {reason}[/]")
+
+
+def _pause_in(frame: FrameType) -> None:
+    """Pause in ``frame`` at its next line, not in the hook that is running now."""
+    hook_module = getattr(sys.breakpointhook, "__module__", None) or ""
+    if hook_module.startswith(("debugpy", "pydevd")) and "pydevd" in sys.modules:
+        # what debugpy's breakpoint() does, with the frame given instead of its caller's
+        sys.modules["pydevd"].settrace(suspend=True, trace_only_current_thread=True,
+                                       patch_multiprocessing=False, stop_at_frame=frame,
+                                       notify_stdin=False)
+    elif sys.breakpointhook is sys.__breakpointhook__ and _breakpoint_env() in _PDB:
+        _pdb_in(frame)
+    elif sys.breakpointhook is sys.__breakpointhook__ and _breakpoint_env() == "0":
+        return  # breakpoint() is switched off by the user's choice
+    else:  # another debugger owns breakpoint(): it pauses here; say how far up the model is
+        up = 0
+        outer: FrameType | None = sys._getframe()
+        while outer is not None and outer is not frame:
+            up, outer = up + 1, outer.f_back
+        _say(f"[dim]the model's frame is {up} frames up: type `up {up}` in the debugger[/]")
+        sys.breakpointhook()
+
+
+_PDB = ("", "pdb.set_trace", "pdb")  # $PYTHONBREAKPOINT values that mean plain pdb
+
+
+def _breakpoint_env() -> str:
+    return os.environ.get("PYTHONBREAKPOINT", "").strip()
+
+
+def _pdb_in(frame: FrameType) -> None:
+    """``pdb.set_trace`` aimed at ``frame``: it stops on the next line of ``frame`` (as ``next``
+    would), not in the hooks and torch code between here and there."""
+    import pdb
+
+    debugger = pdb.Pdb()
+    debugger.reset()
+    outer: FrameType | None = frame
+    while outer is not None:  # what Bdb.set_trace does for its own caller
+        outer.f_trace = debugger.trace_dispatch
+        debugger.botframe = outer
+        outer = outer.f_back
+    debugger.set_next(frame)
+    sys.settrace(debugger.trace_dispatch)
 
 
 def _can_pause(where: str) -> bool:

@@ -32,7 +32,7 @@ from rich.tree import Tree
 
 from torchlens_edu._core.console import render_html, render_text
 from torchlens_edu._core.formatting import format_count
-from torchlens_edu._core.modules import Pattern, match_modules, module_paths
+from torchlens_edu._core.modules import Pattern, is_hook_point, match_modules, module_paths
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.capture import ActivationCache, capture
 from torchlens_edu.dims import Dims, dims_argument
@@ -236,7 +236,10 @@ def _grow(node: Tree, module: nn.Module, path: str, dims: Dims, seen: dict[int, 
         if not p.requires_grad:
             line.append("  frozen", "dim")
         node.add(line)
-    children = list(module.named_children())
+    children = [(n, c) for n, c in module.named_children() if not is_hook_point(c)]
+    points = [n for n, c in module.named_children() if is_hook_point(c)]
+    if points:  # identities, not layers: one line says what can be captured here
+        node.add(Text(f"hook points: {', '.join(points)}", "dim"))
     shown = 0
     while shown < len(children):
         name, child = children[shown]
@@ -304,7 +307,7 @@ class ModelSummary:
         self.rows: list[tuple[str, str, int, list[torch.Size], int]] = [
             (paths.get(layer.module, layer.var_name), layer.class_name, layer.depth,
              outputs.get(layer.module, []), _own_total(layer.module))
-            for layer in layers if layer.depth <= depth]
+            for layer in layers if layer.depth <= depth and not is_hook_point(layer.module)]
 
     def __iter__(self) -> Iterator[tuple[str, str, int, list[torch.Size], int]]:
         return iter(self.rows)

@@ -225,10 +225,15 @@ class DAPClient:
             "supportsVariableType": True, "supportsVariablePaging": True,
             "supportsRunInTerminalRequest": True, "locale": "en"})
 
-    def start(self, config: dict[str, Any]) -> dict:
-        """``launch`` or ``attach`` with a configuration, through ``configurationDone``."""
+    def start(self, config: dict[str, Any], breakpoints: dict[Path, list[int]] | None = None
+              ) -> dict:
+        """``launch`` or ``attach`` with a configuration, through ``configurationDone``;
+        ``breakpoints``: file -> lines, set as a learner sets them in the editor."""
         seq = self.send(config["request"], config)
         self.event("initialized")
+        for path, lines in (breakpoints or {}).items():
+            self.request("setBreakpoints", {"source": {"path": str(path)},
+                                            "breakpoints": [{"line": n} for n in lines]})
         self.request("setExceptionBreakpoints", {"filters": []})
         self.request("configurationDone")
         return self.response(seq)

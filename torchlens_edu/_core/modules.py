@@ -4,6 +4,11 @@ Patterns are ``fnmatch`` globs over dotted paths (``transformer.h.*.attn``, ``*.
 ``lm_head``) or predicates ``(path, module) -> bool``. The root module's path is ``""``.
 A pattern that matches nothing is an error that suggests close paths: a silent miss is the
 worst outcome for someone who typed ``transformer.h.*.atn``.
+
+Hook points (identity modules that only name a tensor, such as the bundled GPT-2's
+``attn.att``) are matched by a glob only when its last part names them without wildcards:
+``transformer.h.*.attn.att`` finds the attention patterns, while ``*`` and ``*.attn.*`` keep
+meaning the model's real layers.
 """
 
 from __future__ import annotations
@@ -37,13 +42,29 @@ def match_modules(model: nn.Module, pattern: Pattern, *, required: bool = True
     if callable(pattern):
         found = [(path, module) for path, module in named if pattern(path, module)]
     elif isinstance(pattern, str):
-        found = [(path, module) for path, module in named if fnmatch.fnmatchcase(path, pattern)]
+        names_points = not _WILDCARDS.intersection(pattern.rsplit(".", 1)[-1])
+        found = [(path, module) for path, module in named if fnmatch.fnmatchcase(path, pattern)
+                 and (names_points or not is_hook_point(module))]
     else:
         raise TypeError(f"a module pattern is a glob string such as 'transformer.h.*.attn' or a "
                         f"function (path, module) -> bool, not {type(pattern).__name__}")
     if required and not found:
         raise PatternError(_no_match_message(pattern, [path for path, _ in named]))
     return found
+
+
+def is_hook_point(module: nn.Module) -> bool:
+    """True for an identity module that exists to be observed (``is_hook_point = True`` on its
+    class, as on ``torchlens_edu.models.hook_points.HookPoint``): summaries, traces and
+    wildcard patterns leave these out.
+
+    >>> is_hook_point(nn.Identity())
+    False
+    """
+    return getattr(type(module), "is_hook_point", False) is True
+
+
+_WILDCARDS = frozenset("*?[")
 
 
 def _no_match_message(pattern: Pattern, paths: list[str]) -> str:

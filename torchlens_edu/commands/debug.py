@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
             with printoptions(preset):
                 return _run_script(args.file, args.script_args)
         model, tokenizer = _load(args)
+        _check_range(stops, model.config)
         ids = _inputs.prompt_ids(args.prompt, tokenizer, model.config)
         with printoptions(preset):
             return _run_gpt2(args, model, tokenizer, ids)
@@ -90,6 +91,14 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
     model = GPT2.from_pretrained(args.model, device=resolve_device(args.device), progress=False)
     return model.eval(), get_tokenizer(args.model)
+
+
+def _check_range(stops: list[Any], config: Any) -> None:
+    """``--stop attention:layer=7`` on a 4-layer model: an error that says the valid range."""
+    for stop in stops:
+        reason = stop.request.out_of_range(n_layer=config.n_layer, n_head=config.n_head)
+        if reason is not None:
+            raise CommandError(f"--stop {reason}", exit_code=EXIT_USAGE)
 
 
 def _run_script(path: str, script_args: list[str]) -> int:
@@ -155,7 +164,7 @@ def _run_gpt2(args: argparse.Namespace, model: Any, tok: Any, ids: list[int]) ->
 
     console = get_console()
     idx = torch.tensor([ids], device=model.device)  # (B=1, T)
-    if not any(debug.stop_requested("attention", layer=i) for i in range(model.config.n_layer)):
+    if not debug.requested_stops():
         console.print("[dim]no stop point asked for: add --stop attention:layer=0 (or set "
                       f"{debug.ENV_VAR}) to pause inside attention[/]", soft_wrap=True)
     with torch.no_grad():

@@ -11,8 +11,10 @@ Attention has two paths that give the same numbers:
 - ``explicit``: q, k, v, scores, mask, softmax weights and weighted sum, one named local per
   line: what you step through with F10 in the debugger.
 - ``sdpa``: ``F.scaled_dot_product_attention``, the fast fused kernel.
-``attn_impl="auto"`` (the default) takes the fast path unless a stop point or an op-level trace
-wants to look inside attention.
+``attn_impl="auto"`` (the default) takes the fast path unless someone may look inside: a hook
+on one of attention's hook points (``attn.q``, ``attn.k``, ``attn.v``, ``attn.scores``,
+``attn.att``), a global module hook, a debugger or tracer, or an op-level ``TorchFunctionMode``
+(see ``hook_points.py``). So a breakpoint you set on the explicit path is hit under a debugger.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torchlens_edu import debug
 from torchlens_edu.models.config import AttnImpl, GPT2Config
+from torchlens_edu.models.hook_points import HookPoint, observed
 
 
 class KVCache:
@@ -61,21 +64,22 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
-_force_explicit = 0  # > 0 while an observer (op-level trace) asks to see inside attention
+# True inside explicit_attention(); a context variable, so other threads keep the fast path
+_explicit: ContextVar[bool] = ContextVar("torchlens_edu_explicit_attention", default=False)
 
 
 @contextmanager
 def explicit_attention() -> Iterator[None]:
-    """Within this block, ``attn_impl="auto"`` takes the explicit, step-through path.
+    """Within this block (in this thread), ``attn_impl="auto"`` takes the explicit,
+    step-through path.
 
     >>> with explicit_attention(): pass
     """
-    global _force_explicit
-    _force_explicit += 1
+    token = _explicit.set(True)
     try:
         yield
     finally:
-        _force_explicit -= 1
+        _explicit.reset(token)  # the value before the block, also after an error or Ctrl-C
 
 
 class CausalSelfAttention(nn.Module):
@@ -89,6 +93,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
+        # hook points of the explicit path: identities that observers hook (no parameters)
+        self.q, self.k, self.v = HookPoint(), HookPoint(), HookPoint()
+        self.scores, self.att = HookPoint(), HookPoint()
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape  # (B, T, C)
@@ -102,13 +109,12 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.append(self.layer_idx, k, v)  # (B, nh, Tk, hs), Tk = past + T
 
         if self._use_explicit():
+            q, k, v = self.q(q), self.k(k), self.v(v)  # hook points: observers see them here
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, Tk)
             mask = _causal_mask(T, past, x.device)  # (T, Tk): True where a query may look
-            scores = scores.masked_fill(~mask, float("-inf"))  # (B, nh, T, Tk)
-            att = F.softmax(scores, dim=-1)  # (B, nh, T, Tk): each row sums to 1
-            if debug.should_stop("attention", layer=self.layer_idx):
-                breakpoint()  # stop point: q, k, v, scores and att are the locals here
-            att = self.attn_dropout(att)  # (B, nh, T, Tk)
+            scores = self.scores(scores.masked_fill(~mask, float("-inf")))  # (B, nh, T, Tk)
+            att = self.att(F.softmax(scores, dim=-1))  # (B, nh, T, Tk): each row sums to 1
+            att = self.attn_dropout(att)  # (B, nh, T, Tk); a stop point pauses on this line
             y = att @ v  # (B, nh, T, hs)
         else:
             p = self.attn_dropout.p if self.training else 0.0
@@ -126,7 +132,7 @@ class CausalSelfAttention(nn.Module):
     def _use_explicit(self) -> bool:
         if self.attn_impl != "auto":
             return self.attn_impl == "explicit"
-        return _force_explicit > 0 or debug.stop_requested("attention", layer=self.layer_idx)
+        return _explicit.get() or observed((self.q, self.k, self.v, self.scores, self.att))
 
 
 def _causal_mask(T: int, past: int, device: torch.device) -> torch.Tensor:

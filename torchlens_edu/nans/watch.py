@@ -34,7 +34,7 @@ import torch.nn as nn
 from torchlens_edu._core.console import get_console
 from torchlens_edu._core.frames import user_source
 from torchlens_edu._core.interrupts import arm, disarm, uninterruptible, uninterruptible_enter
-from torchlens_edu._core.modules import module_paths
+from torchlens_edu._core.modules import is_hook_point, module_paths
 from torchlens_edu._core.replaying import replay_scope
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.dims import Dims, dims_argument
@@ -142,7 +142,8 @@ class NanWatch:
         try:
             self._handles.append(root.register_forward_pre_hook(self._on_start, with_kwargs=True))
             for module in self._paths:
-                self._handles.append(module.register_forward_hook(self._on_module))
+                if not is_hook_point(module):  # an identity: its input was checked already
+                    self._handles.append(module.register_forward_hook(self._on_module))
             self._handles.append(root.register_forward_hook(self._on_end, always_call=True))
             for name, param in params_to_probe(root):
                 self._handles.append(param.register_post_accumulate_grad_hook(

@@ -97,6 +97,7 @@ def tensors_out(result: Any) -> list[torch.Tensor]:
 class OpListener(Protocol):
     """Who hears about ops: the shape tracer (this module does not import it)."""
 
+    ops: bool  # whether op events are recorded (else only counted: FLOPs of a meta run)
     meta: bool  # a shape-only run: real operands are moved to meta where they meet meta ones
     home: torch.device  # meta runs: where the weights were, for data the code sends to "meta"
 
@@ -123,6 +124,9 @@ class OpRecorder(TorchFunctionMode):
     def __init__(self, tracer: OpListener) -> None:
         super().__init__()
         self._tracer = tracer
+        # Models that look for op-level observers (the bundled GPT-2's attention) show their
+        # explicit path only when ops are recorded: a shape-only run measures the real path.
+        self.observes_ops = tracer.ops
         self._names: dict[Any, str | None] = {}
         self._meta = tracer.meta  # a meta run: real operands meet meta ones on meta
 

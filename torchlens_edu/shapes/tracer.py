@@ -28,7 +28,7 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from torchlens_edu._core.interrupts import arm, disarm, uninterruptible, uninterruptible_enter
-from torchlens_edu._core.modules import Pattern, match_modules
+from torchlens_edu._core.modules import Pattern, is_hook_point, match_modules
 from torchlens_edu._core.replaying import replaying
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.dims import Dims, dims_argument
@@ -155,12 +155,10 @@ class ShapeTracer:
             if self._discover:
                 self._exits.callback(nn.modules.module.register_module_forward_pre_hook(
                     self._discover_root).remove)
-            if self.ops:
-                from torchlens_edu.models.gpt2 import explicit_attention
-
-                self._exits.enter_context(explicit_attention())  # q, k, v, scores become visible
             if self.meta:  # code may enter autocast on its activations' device, "meta"
                 self._exits.enter_context(_shape_meta.autocast_accepts_meta())
+            # With ops, a model that looks for op-level observers (the bundled GPT-2's
+            # attention) takes its explicit path: q, k, v, scores and att become visible ops.
             if self.ops or self.meta:  # meta runs need it: real inputs meet meta weights there
                 self._exits.enter_context(_shape_ops.OpRecorder(self))
         except BaseException:
@@ -200,14 +198,19 @@ class ShapeTracer:
             record = path in selected
             if not (record or self.ops or self.meta):
                 continue  # nothing to record and no op needs to know it is inside this module
+            if is_hook_point(module) and not record:
+                continue  # an identity with no ops inside; a hook would make it "observed"
             self._hook(module, path, record, counts.get(path, 0), is_root=module is root)
 
     def _selected(self, root: nn.Module, named: list[tuple[str, nn.Module]]) -> set[str]:
-        chosen = {path for path, _ in named}
+        # hook points (identities that only name a tensor) are shown when include names them
+        points = {path for path, module in named if is_hook_point(module)}
+        chosen = {path for path, _ in named} - points
         if self.include is not None:
             tops = [p for p, _ in match_modules(root, self.include, required=False)]
             chosen = {p for p in chosen
                       if any(not t or p == t or p.startswith(t + ".") for t in tops)}
+            chosen |= points.intersection(tops)
         if self.depth is not None:
             depths = _call_depths(named)
             chosen = {p for p in chosen if depths[p] <= self.depth}
@@ -395,8 +398,8 @@ def trace_shapes(model: nn.Module, *inputs: Any, ops: bool = False, meta: bool =
                  dims: Mapping[str, int] | None = None, **forward_kwargs: Any) -> ShapeTrace:
     """Run ``model(*inputs, **forward_kwargs)`` once and return the shapes it produced.
 
-    - ``ops``: also every torch op, with its module and source line (GPT-2's attention takes
-      its explicit path, so q, k, v, scores and weights appear).
+    - ``ops``: also every torch op, with its module and source line (the bundled GPT-2's
+      attention takes its explicit path, so q, k, v, scores and weights appear).
     - ``meta``: shapes only, on meta tensors: no weight is read or copied; FLOPs and activation
       memory per event.
     - ``depth``: modules down to this call depth (the model is 0, GPT-2's blocks are 1;
