@@ -18,8 +18,8 @@ import torch.nn as nn
 from rich.console import Console
 
 import torchlens_edu as tle
-from torchlens_edu.commands.demo import attention_weights, previous_token_head
 from torchlens_edu.models import GPT2, get_tokenizer
+from torchlens_edu.models.analysis import attention_weights, previous_token_head
 
 OUT = Path("docs/images")
 WIDTH = 100

@@ -10,14 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchlens_edu.commands.demo import (
-    TEMPERATURE,
-    TOP_K,
-    attention_weights,
-    induction_head,
-    previous_token_head,
-)
+from torchlens_edu.commands.demo import TEMPERATURE, TOP_K
 from torchlens_edu.models import GPT2, get_tokenizer
+from torchlens_edu.models.analysis import attention_weights, induction_head, previous_token_head
 from torchlens_edu.models.tokenizer import EMBEDDED_DIR
 
 SENTENCE = ("It is a truth universally acknowledged, that a single man in possession of a good "

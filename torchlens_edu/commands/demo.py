@@ -12,7 +12,6 @@ after every layer, a short generation, and an Inf being caught at its source and
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -60,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torchlens_edu as tle
     from torchlens_edu._core.console import get_console
+    from torchlens_edu.models.analysis import induction_head, previous_token_head
 
     console = get_console()
     errors = get_console(stderr=True)
@@ -91,7 +91,10 @@ def run(args: argparse.Namespace) -> int:
     shown = idx[:, -HEATMAP_TOKENS:]  # (B=1, T'), T' <= HEATMAP_TOKENS
     if shown.shape[1] < idx.shape[1]:
         console.print(f"(the last {HEATMAP_TOKENS} tokens of the prompt)")
-    att = attention_weights(model, shown)[:, 0]  # (L, nh, T', T')
+    with insp.capture("transformer.h.*.attn.att") as cache, torch.no_grad():  # hook points
+        model(shown)
+    att = torch.stack([cache[f"transformer.h.{i}.attn.att"][0]
+                       for i in range(C.n_layer)])  # (L, nh, T', T'): every layer's pattern
     layer, head, score = previous_token_head(att)
     console.print(f"layer {layer}, head {head} puts {score:.0%} of its weight on the previous "
                   "token" + (": a 'previous-token head', a building block of induction (copying)"
@@ -146,75 +149,6 @@ def _load(name: str | None, device: str) -> tuple[GPT2, Tokenizer, str | None]:
     if name is None:
         return load_best_available(device=device)
     return GPT2.from_pretrained(name, device=device), get_tokenizer(name), None
-
-
-def attention_weights(model: GPT2, idx: torch.Tensor) -> torch.Tensor:
-    """Every layer's attention pattern ``(L, B, nh, T, T)`` for token ids ``idx`` ``(B, T)``.
-
-    GPT-2 never returns its attention weights, so we capture what it does return, each layer's
-    ``c_attn`` output (q, k and v side by side), and redo the two lines of attention maths.
-
-    >>> import torch
-    >>> from torchlens_edu.models import GPT2, GPT2Config
-    >>> m = GPT2(GPT2Config.preset("tiny")).eval()
-    >>> attention_weights(m, torch.zeros(1, 5, dtype=torch.long)).shape
-    torch.Size([2, 1, 2, 5, 5])
-    """
-    import torch
-
-    from torchlens_edu.capture import capture
-
-    nh = model.config.n_head
-    with capture(model, "transformer.h.*.attn.c_attn") as cache, torch.no_grad():
-        model(idx)
-    layers = []
-    for layer in range(model.config.n_layer):
-        qkv = cache[f"transformer.h.{layer}.attn.c_attn"]  # (B, T, 3C)
-        B, T, C3 = qkv.shape
-        q, k, _ = (t.reshape(B, T, nh, -1).transpose(1, 2) for t in qkv.split(C3 // 3, dim=2))
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, nh, T, T)
-        mask = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
-        layers.append(scores.masked_fill(~mask, float("-inf")).softmax(-1))  # (B, nh, T, T)
-    return torch.stack(layers)  # (L, B, nh, T, T)
-
-
-def previous_token_head(att: torch.Tensor) -> tuple[int, int, float]:
-    """``(layer, head, score)`` of the head that looks most at the previous token.
-
-    ``att``: ``(L, nh, T, T)``; the score is the mean weight on key ``t - 1`` from query ``t``.
-
-    >>> import torch
-    >>> previous_token_head(torch.diag(torch.ones(3), -1).expand(2, 3, 4, 4))  # (L, nh, T, T)
-    (0, 0, 1.0)
-    """
-    import torch
-
-    T = att.shape[-1]
-    prev = att[..., torch.arange(1, T), torch.arange(T - 1)].mean(-1)  # (L, nh)
-    best = int(prev.argmax())
-    layer, head = divmod(best, att.shape[1])
-    return layer, head, float(prev[layer, head])
-
-
-def induction_head(model: GPT2, tok: Tokenizer, n: int = 40) -> tuple[int, int, float]:
-    """``(layer, head, score)`` of the head that best copies: on a random string of ``n``
-    letters repeated once, the mean weight of query ``n + i`` on key ``i + 1``.
-
-    >>> from torchlens_edu.models import GPT2, get_tokenizer
-    >>> m, tok = GPT2.from_pretrained("embedded", progress=False), get_tokenizer("embedded")
-    >>> induction_head(m, tok)  # doctest: +ELLIPSIS
-    (1, 3, 0.8...)
-    """
-    import torch
-
-    # one token per letter, also for GPT-2's BPE (which would merge "abc")
-    letters = torch.tensor([tok.encode(c)[0] for c in " abcdefghijklmnopqrstuvwxyz"])
-    pick = torch.randint(len(letters), (n,), generator=torch.Generator().manual_seed(0))
-    idx = torch.cat([letters[pick], letters[pick]])[None].to(model.device)  # (1, 2n)
-    att = attention_weights(model, idx)[:, 0]  # (L, nh, 2n, 2n)
-    score = att[..., torch.arange(n, 2 * n - 1), torch.arange(1, n)].mean(-1)  # (L, nh)
-    layer, head = divmod(int(score.argmax()), score.shape[1])
-    return layer, head, float(score[layer, head])
 
 
 def _generate(console: Console, model: GPT2, tok: Tokenizer, idx: torch.Tensor,
