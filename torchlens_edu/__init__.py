@@ -47,7 +47,7 @@ _EXPORTS: dict[str, str] = {
     "watch_nans": "nans",
     "NonFiniteError": "nans",
     "NonFiniteReport": "nans",
-    "replaying": "_core.replaying",
+    "replaying": "_core.replay_state",
     # facade
     "inspect": "inspector",
     "Inspector": "inspector",
@@ -62,7 +62,7 @@ __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
     from torchlens_edu import debug
-    from torchlens_edu._core.replaying import replaying
+    from torchlens_edu._core.replay_state import replaying
     from torchlens_edu.asserts import ShapeError, assert_shape, shape_scope
     from torchlens_edu.capture import ActivationCache, CaptureTooLarge
     from torchlens_edu.debug import clear_stops, stop_at, stop_at_module

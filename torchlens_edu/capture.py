@@ -41,7 +41,7 @@ from torchlens_edu._core.console import render_html, render_text
 from torchlens_edu._core.formatting import did_you_mean, format_bytes, short_dtype
 from torchlens_edu._core.interrupts import safe_contextmanager
 from torchlens_edu._core.modules import Pattern, match_modules
-from torchlens_edu._core.replaying import replaying
+from torchlens_edu._core.replay_state import replaying
 from torchlens_edu._core.tree import iter_tensors, map_tensors
 from torchlens_edu.dims import Dims, dims_argument
 from torchlens_edu.hookset import HookCall, HookSet, require_module

@@ -43,7 +43,7 @@ from torch.utils.hooks import RemovableHandle
 
 from torchlens_edu._core.interrupts import arm, disarm, uninterruptible
 from torchlens_edu._core.modules import Pattern, match_modules, module_paths
-from torchlens_edu._core.replaying import replaying
+from torchlens_edu._core.replay_state import replaying
 from torchlens_edu._core.tree import iter_tensors
 
 Kind = Literal["forward", "forward_pre", "backward"]

@@ -39,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 
 from torchlens_edu._core.frames import frame_location, user_frame
 from torchlens_edu._core.modules import module_paths
-from torchlens_edu._core.replaying import replay_scope
+from torchlens_edu._core.replay_state import replay_scope
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.nans.backward import Creation, GraphWatch
 from torchlens_edu.nans.causes import forward_cause, hint_for, row_facts

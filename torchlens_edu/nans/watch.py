@@ -35,7 +35,7 @@ from torchlens_edu._core.console import get_console
 from torchlens_edu._core.frames import user_source
 from torchlens_edu._core.interrupts import arm, disarm, uninterruptible, uninterruptible_enter
 from torchlens_edu._core.modules import is_hook_point, module_paths
-from torchlens_edu._core.replaying import replay_scope
+from torchlens_edu._core.replay_state import replay_scope
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.dims import Dims, dims_argument
 from torchlens_edu.nans.breakpoint import stop_at_producer

@@ -22,7 +22,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from torchlens_edu._core.frames import is_toolkit_file, is_user_file
-from torchlens_edu._core.replaying import replaying
+from torchlens_edu._core.replay_state import replaying
 from torchlens_edu.shapes.meta import keep_real, meet_on_meta, stays_real
 
 # Calls that ask about a tensor instead of computing one: left out of the trace.

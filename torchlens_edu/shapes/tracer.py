@@ -29,7 +29,7 @@ from torch.utils.hooks import RemovableHandle
 
 from torchlens_edu._core.interrupts import arm, disarm, uninterruptible, uninterruptible_enter
 from torchlens_edu._core.modules import Pattern, is_hook_point, match_modules
-from torchlens_edu._core.replaying import replaying
+from torchlens_edu._core.replay_state import replaying
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.dims import Dims, dims_argument
 from torchlens_edu.shapes import meta as _shape_meta
