@@ -252,7 +252,7 @@ def test_a_meta_trace_names_the_line_that_needs_values():
 
 def test_hugging_face_masking_code_runs_on_meta():
     pytest.importorskip("transformers")
-    from zoo import ZOO_BY_NAME
+    from support.zoo import ZOO_BY_NAME
 
     ids, mask = _padded()
     for name in ("hf_bert", "hf_llama", "hf_t5"):  # .all() on the padding mask, SDPA masks
