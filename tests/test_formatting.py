@@ -3,6 +3,8 @@ that show them: bytes in binary units, counts as model cards write them, FLOPs w
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -69,3 +71,17 @@ def test_unknown_preset_says_which_one_was_meant() -> None:
     with pytest.raises(ValueError, match=r"unknown print preset 'edo' \(did you mean 'edu'\?\); "
                                          r"choose one of"), tle.printoptions("edo"):
         pass
+
+
+def test_one_helper_per_job() -> None:
+    """No module writes bytes, dtype names, did-you-means or debugger checks on its own again."""
+    root = Path(tle.__file__).parent
+    own = {"_core/formatting.py", "_core/debugger.py"}
+    patterns = {"difflib": "did_you_mean", '"kB"': "format_bytes", '"MB"': "format_bytes",
+                '.dtype).removeprefix("torch.")': "dtype_name",
+                ".dtype).removeprefix('torch.')": "dtype_name",
+                "is_client_connected": "debugger_attached"}
+    found = [f"{path.relative_to(root)}: {pattern} (use {helper})"
+             for path in sorted(root.rglob("*.py")) if str(path.relative_to(root)) not in own
+             for pattern, helper in patterns.items() if pattern in path.read_text("utf-8")]
+    assert found == []

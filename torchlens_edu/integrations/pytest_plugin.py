@@ -348,7 +348,9 @@ def _short(x: Any) -> str:
         return repr(x)
     if x.numel() <= 6 and _has_values(x):
         return " ".join(repr(x).split())
-    return f"Tensor{list(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+    from torchlens_edu._core.formatting import dtype_name  # torch is loaded by now
+
+    return f"Tensor{list(x.shape)} {dtype_name(x.dtype)}"
 
 
 def _summary(x: Any) -> str:

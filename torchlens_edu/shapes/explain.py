@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from torchlens_edu._core.formatting import dtype_name
 from torchlens_edu._core.frames import is_user_file, source_location
 from torchlens_edu.dims import Dims
 from torchlens_edu.shapes.meta import DATA_DEPENDENT
@@ -81,7 +82,7 @@ def explain(failure: Failure, trace: Any, roots: list[nn.Module]) -> str:
         for o in operands:
             device = f" {o.device}" if o.device is not None else ""
             lines.append(f"    {o.name:<{width}}  {dims.format(o.shape)}  "
-                         f"{str(o.dtype).removeprefix('torch.')}{device}")
+                         f"{dtype_name(o.dtype)}{device}")
     if expected:
         lines.append(f"  expected: {expected}")
     if hint:
@@ -285,7 +286,7 @@ def _broadcast_expectation(ops: list[_Operand], dims: Dims) -> tuple[str, str]:
 
 
 def _dtype_expectation(ops: list[_Operand], low: str) -> tuple[str, str]:
-    kinds = ", ".join(f"{o.name}: {str(o.dtype).removeprefix('torch.')}" for o in ops)
+    kinds = ", ".join(f"{o.name}: {dtype_name(o.dtype)}" for o in ops)
     if "indices" in low:
         return ("integer indices (torch.long) for an embedding or index op",
                 "token ids must be integers: use ids.long()")
@@ -294,10 +295,10 @@ def _dtype_expectation(ops: list[_Operand], low: str) -> tuple[str, str]:
     floats = [o for o in ops if o.dtype.is_floating_point]
     ints = [o for o in ops if not o.dtype.is_floating_point and o.dtype != torch.bool]
     if floats and ints:
-        target = str(floats[0].dtype).removeprefix("torch.")
+        target = dtype_name(floats[0].dtype)
         return (f"operands of one dtype ({kinds})",
                 f"convert the integer tensor: {ints[0].name}.to(torch.{target})")
     if len({o.dtype for o in ops}) > 1:
-        target = str(ops[-1].dtype).removeprefix("torch.")
+        target = dtype_name(ops[-1].dtype)
         return f"operands of one dtype ({kinds})", f"convert one of them, e.g. .to(torch.{target})"
     return "another dtype", ""
