@@ -132,7 +132,14 @@ class ActivationCache:
         return self.activation(*key if isinstance(key, tuple) else (key,)).output
 
     def activation(self, path: str, call: int | None = None) -> Activation:
-        """The :class:`Activation` of ``path`` (``call`` required when it ran several times)."""
+        """The :class:`Activation` of ``path`` (``call`` required when it ran several times).
+
+        >>> m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        >>> with capture(m, "*", grads=True, inputs=True) as cache:
+        ...     m(torch.ones(3, 4)).sum().backward()
+        >>> cache.activation("0").output.shape
+        torch.Size([3, 8])
+        """
         calls = [a for (p, _), a in self._entries.items() if p == path]
         if not calls:
             raise KeyError(self._missing(path))
@@ -149,11 +156,28 @@ class ActivationCache:
     def grad(self, path: str, call: int | None = None) -> Any:
         """Gradient of the loss w.r.t. ``path``'s output (after ``backward()``; ``grads=True``).
 
-        Shaped like the output; ``None`` where no gradient arrived."""
+        Shaped like the output; ``None`` where no gradient arrived.
+
+        >>> m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        >>> with capture(m, "*", grads=True, inputs=True) as cache:
+        ...     m(torch.ones(3, 4)).sum().backward()
+        >>> cache.grad("2")
+        tensor([[1.],
+                [1.],
+                [1.]])
+        """
         return self.activation(path, call).grad
 
     def inputs(self, path: str, call: int | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """``(args, kwargs)`` the module was called with (needs ``inputs=True``)."""
+        """``(args, kwargs)`` the module was called with (needs ``inputs=True``).
+
+        >>> m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        >>> with capture(m, "*", grads=True, inputs=True) as cache:
+        ...     m(torch.ones(3, 4)).sum().backward()
+        >>> args, kwargs = cache.inputs("1")
+        >>> args[0].shape, kwargs
+        (torch.Size([3, 8]), {})
+        """
         entry = self.activation(path, call)
         if entry.args is None:
             raise KeyError("inputs were not captured: use capture(..., inputs=True)")
@@ -181,17 +205,47 @@ class ActivationCache:
         return len(self._entries)
 
     def keys(self) -> list[tuple[str, int]]:
+        """``(path, call)`` of every captured call, in the order they finished.
+
+        >>> m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        >>> with capture(m, "*", grads=True, inputs=True) as cache:
+        ...     m(torch.ones(3, 4)).sum().backward()
+        >>> cache.keys()
+        [('0', 0), ('1', 0), ('2', 0), ('', 0)]
+        """
         return list(self._entries)
 
     def items(self) -> list[tuple[tuple[str, int], Any]]:
+        """``((path, call), output)`` of every captured call.
+
+        >>> m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        >>> with capture(m, "*", grads=True, inputs=True) as cache:
+        ...     m(torch.ones(3, 4)).sum().backward()
+        >>> [(key, out.shape) for key, out in cache.items()][0]
+        (('0', 0), torch.Size([3, 8]))
+        """
         return [(key, a.output) for key, a in self._entries.items()]
 
     def paths(self) -> list[str]:
-        """Captured module paths, in call order, each once."""
+        """Captured module paths, in the order their calls finished, each once.
+
+        >>> m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        >>> with capture(m, "*", grads=True, inputs=True) as cache:
+        ...     m(torch.ones(3, 4)).sum().backward()
+        >>> cache.paths()
+        ['0', '1', '2', '']
+        """
         return list(dict.fromkeys(p for p, _ in self._entries))
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"path": output}``; modules called several times as ``"path#call"``."""
+        """``{"path": output}``; modules called several times as ``"path#call"``.
+
+        >>> m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        >>> with capture(m, "*", grads=True, inputs=True) as cache:
+        ...     m(torch.ones(3, 4)).sum().backward()
+        >>> list(cache.to_dict())
+        ['0', '1', '2', '']
+        """
         counts: dict[str, int] = {}
         for path, _ in self._entries:
             counts[path] = counts.get(path, 0) + 1
@@ -200,7 +254,14 @@ class ActivationCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the tensors held (outputs, inputs, gradients)."""
+        """Bytes of the tensors held (outputs, inputs, gradients).
+
+        >>> m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        >>> with capture(m, "*", grads=True, inputs=True) as cache:
+        ...     m(torch.ones(3, 4)).sum().backward()
+        >>> cache.nbytes
+        720
+        """
         total = 0
         for a in self._entries.values():
             held = [*a.tensors, *(g for g in a.grads if g is not None)]

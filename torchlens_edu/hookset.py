@@ -119,19 +119,42 @@ class HookSet:
 
     def forward(self, pattern: Pattern, fn: HookFn) -> list[str]:
         """Run ``fn(call)`` after each matching module's forward; a non-None result replaces
-        the output. Returns the matched module paths."""
+        the output. Returns the matched module paths.
+
+        >>> m = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+        >>> with hooks(m) as h:
+        ...     h.forward("0", lambda call: torch.ones_like(call.output))
+        ...     m(torch.zeros(1, 2))
+        ['0']
+        tensor([[1., 1., 1.]])
+        """
         return self._add("forward", pattern, fn)
 
     def forward_pre(self, pattern: Pattern, fn: HookFn) -> list[str]:
         """Run ``fn(call)`` before each matching module's forward. A non-None result replaces
         the inputs: a tensor replaces the first positional argument, a tuple the positional
-        arguments, and a pair ``(args_tuple, kwargs_dict)`` both."""
+        arguments, and a pair ``(args_tuple, kwargs_dict)`` both.
+
+        >>> m = nn.Sequential(nn.Identity(), nn.ReLU())
+        >>> with hooks(m) as h:
+        ...     h.forward_pre("1", lambda call: call.args[0] + 1)
+        ...     m(torch.zeros(1, 2))
+        ['1']
+        tensor([[1., 1.]])
+        """
         return self._add("forward_pre", pattern, fn)
 
     def backward(self, pattern: Pattern, fn: HookFn) -> list[str]:
         """Run ``fn(call)`` when the gradient of a matching module's output is computed
         (``call.grad``); a non-None result replaces that gradient. Outputs of forwards run
-        with grad disabled get no backward hooks."""
+        with grad disabled get no backward hooks.
+
+        >>> m = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+        >>> with hooks(m) as h:
+        ...     _ = h.backward("0", lambda call: print(call.path, tuple(call.grad.shape)))
+        ...     m(torch.ones(1, 2)).sum().backward()
+        0 (1, 3)
+        """
         return self._add("backward", pattern, fn)
 
     @uninterruptible
@@ -286,7 +309,13 @@ class HookSet:
 
     @uninterruptible
     def remove(self) -> None:
-        """Remove every hook this set added (module hooks and gradient hooks); idempotent."""
+        """Remove every hook this set added (module hooks and gradient hooks); idempotent.
+
+        >>> h = hooks(nn.Linear(2, 2))
+        >>> _ = h.forward("*", print)
+        >>> h.remove(); h.remove(); h.active
+        False
+        """
         self._removed = True
         for handle in (*self._handles, *self._tensor_handles):
             handle.remove()
@@ -297,7 +326,14 @@ class HookSet:
 
     @property
     def active(self) -> bool:
-        """True while the hooks are installed."""
+        """True while the hooks are installed.
+
+        >>> with hooks(nn.Linear(2, 2)) as h:
+        ...     h.active
+        True
+        >>> h.active
+        False
+        """
         return not self._removed
 
     def __enter__(self) -> HookSet:
@@ -308,7 +344,12 @@ class HookSet:
         self.remove()
 
     def paths(self) -> dict[nn.Module, str]:
-        """Module -> dotted path, for every module of the model (computed once)."""
+        """Module -> dotted path, for every module of the model (computed once).
+
+        >>> m = nn.Sequential(nn.Linear(2, 2))
+        >>> hooks(m).paths()[m[0]]
+        '0'
+        """
         if self._paths is None:
             self._paths = module_paths(self.model)
         return self._paths

@@ -101,18 +101,33 @@ class Inspector:
     # -- what is in the model -----------------------------------------------------------
 
     def parameters(self) -> ParamCount:
-        """Parameter counts, explaining weight tying."""
+        """Parameter counts, explaining weight tying.
+
+        >>> insp = inspect(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+        >>> insp.parameters().unique
+        58
+        """
         return count_parameters(self.model)
 
     def modules(self, pattern: Pattern = "*") -> list[tuple[str, nn.Module]]:
-        """``(path, module)`` pairs matching a glob or predicate, in model order."""
+        """``(path, module)`` pairs matching a glob or predicate, in model order.
+
+        >>> insp = inspect(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+        >>> [path for path, _ in insp.modules("*")]
+        ['', '0', '1', '2']
+        """
         return match_modules(self.model, pattern)
 
     def summary(self, *inputs: Any, depth: int = 3, **forward_kwargs: Any) -> ModelSummary:
         """A torchinfo table: every module to ``depth`` with its output shape (when inputs are
         given: one forward in eval mode under ``no_grad``; train/eval flags are restored) in
         named dims and its parameters, and a footer that explains the parameter count
-        (weight tying)."""
+        (weight tying).
+
+        >>> insp = inspect(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+        >>> insp.summary(torch.zeros(3, 4)).rows[1]
+        ('0', 'Linear', 1, [torch.Size([3, 8])], 40)
+        """
         import torchinfo.torchinfo as torchinfo
 
         modes = {m: m.training for m in self.model.modules()}
@@ -156,32 +171,62 @@ class Inspector:
     # -- the tools, bound to this model ---------------------------------------------------
 
     def hooks(self) -> HookSet:
-        """A :class:`~torchlens_edu.hookset.HookSet` on the model (use it in a ``with`` block)."""
+        """A :class:`~torchlens_edu.hookset.HookSet` on the model (use it in a ``with`` block).
+
+        >>> insp = inspect(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+        >>> with insp.hooks() as h:
+        ...     h.forward("2", lambda call: None)
+        ['2']
+        """
         return HookSet(self.model)
 
     def capture(self, pattern: Pattern = "*", **options: Any
                 ) -> AbstractContextManager[ActivationCache]:
         """``with insp.capture("transformer.h.*.attn", grads=True) as cache: ...``; see
-        :func:`torchlens_edu.capture.capture` for the options."""
+        :func:`torchlens_edu.capture.capture` for the options.
+
+        >>> insp = inspect(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+        >>> with insp.capture("0") as cache:
+        ...     _ = insp.model(torch.zeros(3, 4))
+        >>> cache.activation("0").output.shape
+        torch.Size([3, 8])
+        """
         options.setdefault("dims", self._overrides)
         return capture(self.model, pattern, **options)
 
     def trace(self, *inputs: Any, **options: Any) -> Any:
-        """Shapes of one forward: :func:`torchlens_edu.shapes.trace_shapes`."""
+        """Shapes of one forward: :func:`torchlens_edu.shapes.trace_shapes`.
+
+        >>> insp = inspect(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+        >>> insp.trace(torch.zeros(3, 4)).events[0].output_shapes
+        [(3, 2)]
+        """
         from torchlens_edu.shapes.tracer import trace_shapes
 
         options.setdefault("dims", self._overrides)
         return trace_shapes(self.model, *inputs, **options)
 
     def watch_nans(self, **options: Any) -> Any:
-        """Stop at the first NaN/Inf: :func:`torchlens_edu.nans.watch_nans`."""
+        """Stop at the first NaN/Inf: :func:`torchlens_edu.nans.watch_nans`.
+
+        >>> insp = inspect(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+        >>> with insp.watch_nans() as watch:
+        ...     _ = insp.model(torch.zeros(3, 4))
+        >>> watch.reports
+        []
+        """
         from torchlens_edu.nans.watch import watch_nans
 
         options.setdefault("dims", self._overrides)
         return watch_nans(self.model, **options)
 
     def stop_at(self, pattern: Pattern, **options: Any) -> Any:
-        """Pause in the debugger at a module: :func:`torchlens_edu.debug.stop_at_module`."""
+        """Pause in the debugger at a module: :func:`torchlens_edu.debug.stop_at_module`.
+
+        >>> insp = inspect(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+        >>> stop = insp.stop_at("2")  # the next forward pauses when the last Linear returns
+        >>> stop.remove()
+        """
         from torchlens_edu.debug import stop_at_module
 
         return stop_at_module(self.model, pattern, **options)
