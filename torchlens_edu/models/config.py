@@ -61,17 +61,35 @@ class GPT2Config:
 
     @classmethod
     def presets(cls) -> list[str]:
-        """The names :meth:`preset` accepts."""
+        """The names :meth:`preset` accepts.
+
+        >>> GPT2Config.presets()[:4]
+        ['gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl']
+        """
         return list(_PRESETS)
 
     @property
     def head_size(self) -> int:
+        """hs: the width of one attention head.
+
+        >>> GPT2Config.preset("gpt2").head_size
+        64
+        """
         return self.n_embd // self.n_head
 
     @property
     def mlp_width(self) -> int:
+        """The MLP's hidden width: ``n_inner``, or 4C when it is None.
+
+        >>> GPT2Config.preset("gpt2").mlp_width
+        3072
+        """
         return self.n_inner or 4 * self.n_embd
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (the Hugging Face ``config.json`` subset we use)."""
+        """JSON-ready fields (the Hugging Face ``config.json`` subset we use).
+
+        >>> GPT2Config.preset("tiny").to_dict()["n_layer"]
+        2
+        """
         return asdict(self)

@@ -57,7 +57,14 @@ class KVCache:
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this call's k, v for ``layer``; return every key/value so far (B, nh, Tk, hs)."""
+        """Store this call's k, v for ``layer``; return every key/value so far (B, nh, Tk, hs).
+
+        >>> config = GPT2Config.preset("tiny")  # nh=2, hs=16
+        >>> cache = KVCache(config, 1, device=torch.device("cpu"), dtype=torch.float32)
+        >>> k, v = cache.append(0, torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16))
+        >>> k.shape
+        torch.Size([1, 2, 3, 16])
+        """
         start, end = self.length, self.length + k.shape[2]
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
@@ -216,13 +223,23 @@ class GPT2(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where the weights are.
+
+        >>> GPT2(GPT2Config.preset("tiny")).device
+        device(type='cpu')
+        """
         return self.transformer.wte.weight.device
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *,
                 last_only: bool = False) -> torch.Tensor:
         """Logits ``(B, T, V)`` for token ids ``(B, T)``; with ``last_only``, ``(B, 1, V)`` for
         the last position only (all that generation needs: the (T, C) x (C, V) matmul for
-        every position is the biggest cost of a prompt's first step)."""
+        every position is the biggest cost of a prompt's first step).
+
+        >>> m = GPT2(GPT2Config.preset("tiny")).eval()
+        >>> m(torch.zeros(2, 5, dtype=torch.long), last_only=True).shape
+        torch.Size([2, 1, 256])
+        """
         _check_ids(idx, self.config)
         T = idx.shape[1]  # idx: (B, T)
         past = cache.length if cache is not None else 0
@@ -306,13 +323,22 @@ class GPT2(nn.Module):
         return load_pretrained(cls, name_or_path, device=device, dtype=dtype, progress=progress)
 
     def num_params(self, *, count_tied_once: bool = True) -> int:
-        """Parameter count; the tied ``lm_head``/``wte`` matrix counts once by default."""
+        """Parameter count; the tied ``lm_head``/``wte`` matrix counts once by default.
+
+        >>> m = GPT2(GPT2Config.preset("tiny"))
+        >>> m.num_params(), m.num_params(count_tied_once=False)  # wte is 256 x 32 = 8192
+        (35712, 43904)
+        """
         if count_tied_once:
             return sum(p.numel() for p in self.parameters())  # parameters() skips repeats
         return sum(p.numel() for _, p in self.named_parameters(remove_duplicate=False))
 
     def with_attn_impl(self, impl: AttnImpl) -> GPT2:
-        """Switch every attention layer to ``impl`` (in place) and return the model."""
+        """Switch every attention layer to ``impl`` (in place) and return the model.
+
+        >>> GPT2(GPT2Config.preset("tiny")).with_attn_impl("explicit").config.attn_impl
+        'explicit'
+        """
         self.config = replace(self.config, attn_impl=impl)
         for module in self.transformer.h.modules():
             if isinstance(module, CausalSelfAttention):

@@ -101,7 +101,12 @@ class NonFiniteReport:
     params: list[TensorSummary] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data for programs: phase, module, op, kind, source, rank, hint and details."""
+        """Plain data for programs: phase, module, op, kind, source, rank, hint and details.
+
+        >>> NonFiniteReport(phase="input", module="", op="", kind="nan", source="",
+        ...                 hint="check the data").to_dict()["hint"]
+        'check the data'
+        """
         data = {k: v for k, v in vars(self).items() if k not in ("inputs", "outputs", "params")}
         for group in ("inputs", "outputs", "params"):
             data[group] = [s.to_dict() for s in getattr(self, group)]

@@ -114,7 +114,11 @@ class TensorView(RichView):
         self.stats: TensorStats = tensor_stats(t)
 
     def title(self) -> str:
-        """The ``describe`` line, from the statistics computed once for this view."""
+        """The ``describe`` line, from the statistics computed once for this view.
+
+        >>> TensorView(torch.zeros(2, 3)).title()
+        'Tensor[2, 3] f32 cpu n=6 (24 B) all zeros NaN:0'
+        """
         head = describe(self.tensor, dims=self.dims, stats=False)
         return f"{head} {format_stats(self.stats, self.tensor.dtype)}"
 

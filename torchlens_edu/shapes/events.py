@@ -54,20 +54,47 @@ class ShapeEvent:
 
     @property
     def source(self) -> str:
-        """``"path/to/file.py:LINE"`` of the user's line, or ``""``."""
+        """``"path/to/file.py:LINE"`` of the user's line, or ``""``.
+
+        >>> import torchlens_edu as tle
+        >>> event = tle.trace_shapes(torch.nn.Linear(4, 2), torch.zeros(3, 4)).events[0]
+        >>> event.source == f"{event.filename}:{event.line}" and event.line > 0
+        True
+        """
         return f"{self.filename}:{self.line}" if self.filename else ""
 
     @property
     def input_shapes(self) -> list[tuple[int, ...]]:
+        """The shapes of the tensors that went in.
+
+        >>> import torchlens_edu as tle
+        >>> tle.trace_shapes(torch.nn.Linear(4, 2), torch.zeros(3, 4)).events[0].input_shapes
+        [(3, 4)]
+        """
         return [tuple(shape) for shape, _ in self.inputs]
 
     @property
     def output_shapes(self) -> list[tuple[int, ...]]:
+        """The shapes of the tensors that came out.
+
+        >>> import torchlens_edu as tle
+        >>> tle.trace_shapes(torch.nn.Linear(4, 2), torch.zeros(3, 4)).events[0].output_shapes
+        [(3, 2)]
+        """
         return [tuple(shape) for shape, _ in self.outputs]
 
     @property
     def broadcast(self) -> bool:
-        """An element-wise op whose result is larger than every operand: ``(4,) - (4, 1)``."""
+        """An element-wise op whose result is larger than every operand: ``(4,) - (4, 1)``.
+
+        >>> import torchlens_edu as tle
+        >>> class Center(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x - x.mean(-1)  # meant keepdim=True: (4, 1) - (4,) is (4, 4)
+        >>> trace = tle.trace_shapes(Center(), torch.zeros(4, 1), ops=True)
+        >>> [(e.name, e.broadcast) for e in trace.events if e.kind == "op"]
+        [('mean', False), ('sub', True)]
+        """
         if self.kind != "op" or self.name not in _ELEMENTWISE or len(self.inputs) < 2:
             return False
         biggest = max(math.prod(shape) for shape, _ in self.inputs)

@@ -348,7 +348,14 @@ class ShapeTracer:
 
     @property
     def trace(self) -> ShapeTrace:
-        """The events so far (also after a failure)."""
+        """The events so far (also after a failure).
+
+        >>> m = torch.nn.Linear(4, 2)
+        >>> with ShapeTracer(m) as tracer:
+        ...     _ = m(torch.zeros(3, 4))
+        >>> len(tracer.trace)
+        1
+        """
         dims = self._dims or Dims.infer(self._roots[0] if self._roots else None, (),
                                         self._overrides)
         error = self._failure.explanation if self._failure is not None else ""
