@@ -1,7 +1,10 @@
 """Find the user's line of code: the first frame outside torch and torchlens_edu's machinery.
 
 The bundled models (``torchlens_edu/models``), demos and tests count as *user* code: a learner
-stepping through ``gpt2.py`` wants to see ``gpt2.py:57``, not a line of our hooks.
+stepping through ``gpt2.py`` wants to see ``gpt2.py:57``, not a line of our hooks. So do model
+libraries (transformers, x-transformers): their lines are the model's. Tensor-plumbing
+libraries do not (einops, einx, opt_einsum, and the ``<string>`` code such libraries generate
+and run): ``rearrange(x, ...)`` belongs to the user's line that called it.
 """
 
 from __future__ import annotations
@@ -22,19 +25,32 @@ _STDLIB_DIR = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
 # site-packages can live inside the stdlib folder: libraries there (transformers...) are user code
 _SITE_DIRS = tuple({os.path.abspath(sysconfig.get_paths()[k]) + os.sep
                     for k in ("purelib", "platlib")})
-_SKIP_PREFIXES = ("<frozen ",)
+# code compiled without a file: frozen modules, what exec() runs (einx's generated functions,
+# dataclasses' __init__), torch.fx's generated forward
+_SKIP_PREFIXES = ("<frozen ", "<string>", "<eval_with_key>")
+# libraries that move tensors around on behalf of the line that called them
+_PLUMBING = ("einops", "einx", "opt_einsum", "torch_einops_utils", "jaxtyping", "beartype",
+             "typeguard")
+_PLUMBING_DIRS = tuple(os.path.join(site, name) + os.sep
+                       for site in _SITE_DIRS for name in _PLUMBING)
 _IPYTHON_7_CELL = re.compile(r"<ipython-input-(\d+)-[0-9a-f]+>$")  # IPython 8+ maps its names
 
 
 def is_user_file(filename: str) -> bool:
-    """True for code a learner wrote or reads (their scripts, notebooks, Hugging Face models,
-    our bundled models); False for torch, the standard library and our own observers."""
+    """True for code a learner wrote or reads (their scripts, notebooks, Hugging Face and
+    x-transformers models, our bundled models); False for torch, the standard library, our own
+    observers and tensor-plumbing libraries (einops, einx, opt_einsum, generated ``<string>``
+    code). Called once per file name by the callers that run per op (they cache it).
+
+    >>> is_user_file("<string>"), is_user_file("train.py"), is_user_file(torch.__file__)
+    (False, True, False)
+    """
     if filename.startswith(_SKIP_PREFIXES):
         return False
     path = os.path.abspath(filename)
     if path.startswith(_MODELS_DIR):
         return True
-    if path.startswith((_PACKAGE_DIR + os.sep, _TORCH_DIR)):
+    if path.startswith((_PACKAGE_DIR + os.sep, _TORCH_DIR, *_PLUMBING_DIRS)):
         return False
     return path.startswith(_SITE_DIRS) or not path.startswith(_STDLIB_DIR)
 
