@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn as nn
 
 from torchlens_edu.dims import Dims, dims_from_config, dims_from_inputs, format_shape
 from torchlens_edu.models import GPT2, GPT2Config
@@ -67,7 +68,40 @@ def test_position_settles_the_batch_axis_and_then_the_others():
     dims = Dims({"B": 2, "nh": 2, "T": 8, "hs": 16})
     assert dims.format((2, 2, 8, 16)) == "(B=2, nh=2, T=8, hs=16)"
     assert dims.labels((2, 8)) == ["B=2", "T=8"]
-    assert dims.format((4, 2)) == "(4, 2:B|nh)"  # no position rule applies
+    assert dims.format((4, 2)) == "(4, nh=2)"  # B is the first axis or none
+
+
+def test_a_size_two_axis_after_the_first_is_never_the_batch():
+    dims = Dims({"B": 2, "T": 10})
+    assert dims.format((2, 3, 10, 4, 2)) == "(B=2, 3, T=10, 4, 2)"  # was (B=2, 3, T=10, 4, B=2)
+    assert dims.format((3, 2)) == "(3, 2)"
+
+
+def test_models_without_a_config_get_names_from_their_modules():
+    from torchlens_edu.dims import dims_from_modules
+
+    class Attention(nn.Module):  # the Annotated Transformer's names: h heads of d_k
+        def __init__(self) -> None:
+            super().__init__()
+            self.h, self.d_k, self.heads = 4, 8, 4
+            self.proj = nn.Linear(32, 32)
+
+    model = nn.ModuleDict({"tok_emb": nn.Embedding(100, 32), "pos_emb": nn.Embedding(16, 32),
+                           "attn": Attention(), "up": nn.Linear(32, 64),
+                           "down": nn.Linear(64, 32), "head": nn.Linear(32, 100)})
+    assert dims_from_modules(model) == {"V": 100, "C": 32, "ctx": 16, "nh": 4, "hs": 8,
+                                        "3C": 96, "ff": 64}
+    dims = Dims.infer(model, [torch.zeros(2, 5, dtype=torch.long)])
+    assert dims.format((2, 4, 5, 8)) == "(B=2, nh=4, T=5, hs=8)"
+    assert dims.format((2, 5, 64)) == "(B=2, T=5, ff=64)"
+
+
+def test_heads_that_differ_between_modules_get_no_name():
+    from torchlens_edu.dims import dims_from_modules
+
+    encoder, decoder = nn.Module(), nn.Module()
+    encoder.num_heads, decoder.num_heads = 4, 8
+    assert "nh" not in dims_from_modules(nn.ModuleList([encoder, decoder]))
 
 
 def test_size_one_axes_are_not_named_except_a_batch_of_one():

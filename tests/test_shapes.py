@@ -198,3 +198,10 @@ def test_shape_tracer_traces_any_block_of_code(tiny_gpt2, tiny_ids):
 def test_public_names():
     assert tle.trace_shapes is trace_shapes
     assert tle.ShapeTrace.__name__ == "ShapeTrace"
+
+
+def test_include_keeps_the_batch_and_token_names(tiny_gpt2, tiny_ids):
+    trace = trace_shapes(tiny_gpt2, tiny_ids, include="transformer.h.0.mlp")
+    assert all(e.path.startswith("transformer.h.0.mlp") for e in trace.events)
+    assert trace.dims["B"] == 2 and trace.dims["T"] == 8  # were missing: the root was unhooked
+    assert trace.dims.format(trace.events[0].input_shapes[0]) == "(B=2, T=8, C=32)"

@@ -178,3 +178,85 @@ def test_the_last_frame_of_an_op_error_is_the_users_line():
     assert (last.name, last.line) == ("forward", "return torch.softmax(x @ torch.zeros(3, 2), "
                                                  "dim=-1)  # the failing line")
     assert last.filename == __file__
+
+
+class HeadsAttention(nn.Module):
+    """Attention without a config (sizes are attributes, as tutorials write them) with one of
+    the bugs learners make: k/v heads not repeated for grouped-query attention, q left
+    (B, T, nh, hs), einsum over mismatched heads, a reshape to the wrong size."""
+
+    def __init__(self, bug: str) -> None:
+        super().__init__()
+        self.bug = bug
+        self.n_head, self.n_kv_head, self.head_dim = 4, 2, 16
+        self.q_proj, self.k_proj = nn.Linear(32, 64), nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.bug == "gqa":
+            return q @ k.transpose(-2, -1)  # @gqa
+        if self.bug == "heads_last":
+            k = k.repeat_interleave(2, dim=1)
+            q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # forgot .transpose(1, 2)
+            return q @ k.transpose(-2, -1)  # @heads_last
+        if self.bug == "einsum":
+            return torch.einsum("bhid,bhjd->bhij", q, k)  # @einsum
+        if self.bug == "minus_one":
+            return q.reshape(B, T, -1, 3 * self.head_dim)  # @minus_one
+        return q.transpose(1, 2).reshape(B, T, C)  # @merge
+
+
+def _explained(bug: str, **options) -> list[str]:
+    with pytest.raises(RuntimeError) as info:
+        trace_shapes(HeadsAttention(bug), torch.randn(2, 5, 32), **options)
+    note = _note(info.value)
+    with open(__file__) as source:
+        line = next(n for n, text in enumerate(source, 1) if text.rstrip().endswith(f"@{bug}"))
+    assert f"test_shapes_errors.py:{line}" in note
+    return [text.strip() for text in note.splitlines()]
+
+
+@pytest.mark.parametrize("options", [{"ops": True}, {"meta": True}], ids=["ops", "meta"])
+def test_grouped_query_heads_not_repeated_is_a_batch_axis_mismatch(options):
+    lines = _explained("gqa", **options)
+    assert "q                    (B=2, nh=4, T=5, hs=16)" in " ".join(lines)
+    assert "k.transpose(-2, -1)  (B=2, nkv=2, hs=16, T=5)" in " ".join(lines)
+    assert ("expected: a @ b needs batch axes (all but the last two) that broadcast, each equal "
+            "or 1: axis -3: nh=4 vs nkv=2") in lines
+    assert ("hint: k.transpose(-2, -1) has 2x fewer heads than q (grouped-query attention): "
+            "repeat its heads first, e.g. k.transpose(-2, -1).repeat_interleave(2, dim=-3)") in lines
+    assert not any("a's last axis" in text for text in lines)  # hs == hs: never the complaint
+
+
+def test_heads_left_after_the_tokens_is_named_with_the_transpose_that_fixes_it():
+    lines = _explained("heads_last", ops=True)
+    assert ("expected: a @ b needs batch axes (all but the last two) that broadcast, each equal "
+            "or 1: axis -3: T=5 vs nh=4") in lines
+    assert ("hint: q has its heads on the wrong axis (e.g. (B, T, nh, hs) instead of "
+            "(B, nh, T, hs)): q.transpose(1, 2) after the view") in lines
+
+
+@pytest.mark.parametrize("options", [{}, {"ops": True}, {"meta": True}],
+                         ids=["modules", "ops", "meta"])
+def test_einsum_is_explained_by_its_subscripts(options):
+    lines = _explained("einsum", **options)
+    assert ("expected: einsum('bhid,bhjd->bhij'): subscript h is one size in every operand, "
+            "but it is nh=4 in q and nkv=2 in k") in lines
+    assert ("hint: k has 2x fewer along h than q (grouped-query attention?): repeat it first, "
+            "e.g. k.repeat_interleave(2, dim=1)") in lines
+
+
+@pytest.mark.parametrize("options", [{}, {"ops": True}], ids=["modules", "ops"])
+def test_reshape_says_which_size_was_given_and_which_was_needed(options):
+    lines = _explained("minus_one", **options)
+    assert ("expected: sizes next to -1 that divide q (B=2, nh=4, T=5, hs=16)'s 640 elements: "
+            "(2, 5, -1, 48) leaves -1 = 640 / 480, not a whole number") in lines
+    assert not any("compute one axis with -1" in text for text in lines)  # it already does
+    lines = _explained("merge", **options)
+    given = "(2, 5, 32) holds 320"
+    assert any(text.startswith("expected: as many elements as ") and text.endswith(
+        f": 640; {given}") for text in lines)
+    assert ("hint: to merge the trailing axes let -1 compute the last size: (2, 5, -1) gives "
+            "(B=2, T=5, 64)") in lines

@@ -64,7 +64,64 @@ def dims_from_config(config: Any) -> dict[str, int]:
         ff = sizes.pop("ff", None) or 4 * C
         sizes["4C" if ff == 4 * C else "ff"] = ff
     if sizes.get("nkv") == nh:
-        sizes.pop("nkv")
+        sizes.pop("nkv", None)
+    return sizes
+
+
+# role -> attribute names a module's own code gives it (minGPT, x-transformers, tutorials)
+_MODULE_FIELDS: dict[str, tuple[str, ...]] = {
+    "nh": ("n_head", "num_heads", "heads", "n_heads", "num_attention_heads", "nhead"),
+    "hs": ("head_dim", "dim_head", "d_head", "head_size", "d_k"),
+    "nkv": ("kv_heads", "n_kv_head", "n_kv_heads", "num_key_value_heads", "num_kv_heads"),
+}
+_POSITION_NAMES = ("wpe", "pos", "position")
+
+
+def dims_from_modules(model: Any) -> dict[str, int]:
+    """Named sizes read off the modules themselves, for models without a config: the token
+    embedding gives ``V`` and ``C`` (the largest ``nn.Embedding``), a position embedding
+    (``wpe``, ``pos_emb``...) gives ``ctx``, attributes such as ``n_head``, ``heads``,
+    ``num_heads``, ``dim_head`` give ``nh``, ``hs`` and ``nkv`` (when every module that has one
+    agrees), and the widening ``nn.Linear`` of an MLP gives ``4C`` or ``ff``.
+
+    >>> import torch.nn as nn
+    >>> model = nn.ModuleDict({"wte": nn.Embedding(100, 32), "wpe": nn.Embedding(16, 32),
+    ...                        "fc": nn.Linear(32, 128)})
+    >>> dims_from_modules(model)
+    {'V': 100, 'C': 32, 'ctx': 16, '3C': 96, '4C': 128}
+    """
+    import torch.nn as nn
+
+    if not isinstance(model, nn.Module):
+        return {}
+    named = list(model.named_modules())
+    sizes: dict[str, int] = {}
+    embeddings = [(path, m) for path, m in named if isinstance(m, nn.Embedding)]
+    positional = [(p, m) for p, m in embeddings if any(n in p.rsplit(".", 1)[-1].lower()
+                                                       for n in _POSITION_NAMES)]
+    tokens = [(p, m) for p, m in embeddings if (p, m) not in positional]
+    if tokens:
+        _, token = max(tokens, key=lambda pm: pm[1].num_embeddings)
+        sizes["V"], sizes["C"] = token.num_embeddings, token.embedding_dim
+    if positional and positional[0][1].embedding_dim == sizes.get("C"):
+        sizes["ctx"] = positional[0][1].num_embeddings
+    for role, fields in _MODULE_FIELDS.items():
+        found = {_first_int(m, fields) for _, m in named} - {None}
+        if len(found) == 1:  # one value everywhere: a name; two (encoder vs decoder): none
+            sizes[role] = found.pop()  # type: ignore[assignment]
+    C, nh = sizes.get("C"), sizes.get("nh")
+    if C and nh and "hs" not in sizes and C % nh == 0:
+        sizes["hs"] = C // nh
+    if C:
+        sizes["3C"] = 3 * C
+        widths = [m.out_features for _, m in named if isinstance(m, nn.Linear)
+                  and m.in_features == C and m.out_features > C
+                  and m.out_features not in (3 * C, sizes.get("V"))]
+        if widths:
+            ff = max(set(widths), key=widths.count)
+            sizes["4C" if ff == 4 * C else "ff"] = ff
+    if sizes.get("nkv") == nh:
+        sizes.pop("nkv", None)
     return sizes
 
 
@@ -136,7 +193,8 @@ class Dims(Mapping[str, int]):
     @classmethod
     def infer(cls, model: Any = None, inputs: Sequence[Any] = (),
               overrides: Mapping[str, int] | None = None) -> Dims:
-        """Names from the user's overrides, then the inputs, then the model's config.
+        """Names from the user's overrides, then the inputs, then the model's config, then its
+        modules (embedding and linear sizes, head-count attributes) for what the config lacks.
 
         >>> from torchlens_edu.models import GPT2, GPT2Config
         >>> m = GPT2(GPT2Config.preset("tiny"))
@@ -144,7 +202,8 @@ class Dims(Mapping[str, int]):
         8
         """
         sizes: dict[str, int] = dict(overrides or {})
-        for source in (dims_from_inputs(*inputs), dims_from_config(_config_of(model))):
+        for source in (dims_from_inputs(*inputs), dims_from_config(_config_of(model)),
+                       dims_from_modules(model)):
             for name, size in source.items():
                 sizes.setdefault(name, size)
         return cls(sizes)
@@ -205,6 +264,8 @@ class Dims(Mapping[str, int]):
     def _candidates(self, shape: list[int], axis: int) -> list[str]:
         size = shape[axis]
         names = self.names_for(size)
+        if axis > 0 and "B" in names:  # the batch axis comes first: a later 2 is not B
+            names = [n for n in names if n != "B"]
         if size == 1:
             return ["B"] if axis == 0 and names[:1] == ["B"] else []
         if len(names) > 1:

@@ -15,7 +15,7 @@ import linecache
 import math
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -27,6 +27,7 @@ from torchlens_edu._core.frames import is_user_file, source_location
 from torchlens_edu.dims import Dims
 from torchlens_edu.shapes.meta import DATA_DEPENDENT
 
+_NAMESPACES = frozenset({"torch", "F", "nn.functional", "torch.nn.functional", "torch.linalg"})
 _HAS_NOTES = sys.version_info >= (3, 11)  # a test turns it off to try the 3.10 path
 _MATMUL = frozenset({"@", "matmul", "bmm", "mm", "mv", "baddbmm", "addmm", "addmv", "einsum"})
 
@@ -40,6 +41,7 @@ class Failure:
     operands: list[torch.Tensor] = field(default_factory=list)
     module: str | None = None
     site: tuple[str, int] | None = None  # the user's line, when the op recorder saw it
+    equation: str = ""  # einsum's subscripts, when the op recorder saw the call
     meta: bool = False
     explanation: str = ""
 
@@ -59,6 +61,11 @@ def explain(failure: Failure, trace: Any, roots: list[nn.Module]) -> str:
     code = linecache.getline(filename, line).strip() if filename else ""
     named = _tensors_on_line(frame, code) if frame is not None else {}
     operands = [_operand(t, _name_of(t, named, roots)) for t in failure.operands]
+    texts = _operand_texts(code, failure.op)  # an expression such as k.transpose(-2, -1)
+    operands = [replace(o, name=texts[i]) if o.name == "tensor" and i < len(texts) else o
+                for i, o in enumerate(operands)]
+    if failure.op == "einsum" or not failure.equation:
+        failure.equation = failure.equation or _einsum_equation(code)
     if not operands:  # a module-level trace: a failing layer's inputs, or the line's tensors
         operands = _leaf_operands(failure.module, trace, roots)
     on_line = not operands
@@ -146,6 +153,27 @@ def _tensors_on_line(frame: FrameType, code: str) -> dict[str, torch.Tensor]:
     return found
 
 
+def _operand_texts(code: str, op: str | None) -> list[str]:
+    """The source text of the failing call's operands on the line (``k.transpose(-2, -1)`` in
+    ``q @ k.transpose(-2, -1)``), in the order torch sees them; ``[]`` when unclear."""
+    try:
+        tree = ast.parse(code.rstrip(":").strip() or "None")
+    except SyntaxError:
+        return []
+    for node in ast.walk(tree):
+        if op in ("@", "matmul") and isinstance(node, ast.BinOp) and \
+                isinstance(node.op, ast.MatMult):
+            return [ast.unparse(node.left), ast.unparse(node.right)]
+        if isinstance(node, ast.Call) and op is not None and \
+                getattr(node.func, "attr", getattr(node.func, "id", None)) == op:
+            args = [ast.unparse(a) for a in node.args if not isinstance(a, ast.Constant)]
+            owner = node.func.value if isinstance(node.func, ast.Attribute) else None
+            if owner is not None and ast.unparse(owner) not in _NAMESPACES:
+                return [ast.unparse(owner), *args]  # a method: x.reshape(B, T, C)
+            return args  # a function: torch.einsum("...", q, k)
+    return []
+
+
 def _module_attr(obj: Any, attr: str) -> Any:
     if not isinstance(obj, nn.Module):
         return None
@@ -219,6 +247,8 @@ def _expectation(failure: Failure, ops: list[_Operand], message: str, dims: Dims
     if "dtype" in low or "scalar type" in low or "floattensor" in low:
         return _dtype_expectation(ops, low)
     name = failure.op or ""
+    if name == "einsum" or "einsum()" in low:
+        return _einsum_expectation(failure.equation, ops, message, dims)
     if "cannot be multiplied" in low or "batch2 tensor" in low or name in _MATMUL:
         return _matmul_expectation(name, ops, dims)
     if "must match the size of tensor" in low:
@@ -231,9 +261,10 @@ def _expectation(failure: Failure, ops: list[_Operand], message: str, dims: Dims
         got = f"a tensor with {ndim} axes, but the code uses axis {asked}" if match else ""
         return (got or "a batch axis in front", "a batch axis is probably missing: add it with "
                 "x.unsqueeze(0) or x[None]" if missing or not match else "")
-    if "is invalid for input of size" in low:
-        return ("view/reshape keeps the number of elements: the new shape's product must equal "
-                "the input's numel", "compute one axis with -1, e.g. x.view(B, T, nh, -1)")
+    reshape = re.search(r"shape '\[([-\d, ]*)\]' is invalid for input of size (\d+)", message)
+    if reshape:
+        given = [int(v) for v in reshape.group(1).split(",") if v.strip()]
+        return _reshape_expectation(given, int(reshape.group(2)), ops, dims)
     if "view size is not compatible" in low:
         return ("a contiguous tensor for .view() (transpose/permute made it non-contiguous)",
                 "use .reshape(...) or .contiguous().view(...)")
@@ -248,6 +279,26 @@ def _label(dims: Dims, shape: tuple[int, ...], axis: int) -> str:
     return dims.labels(shape)[axis] if shape and -len(shape) <= axis < len(shape) else "?"
 
 
+def _matmul_ok(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Whether ``a @ b`` works for these shapes (2-D and more)."""
+    if len(a) < 2 or len(b) < 2 or a[-1] != b[-2]:
+        return False
+    return not _batch_clashes(a, b)
+
+
+def _batch_clashes(a: tuple[int, ...], b: tuple[int, ...]) -> list[int]:
+    """Axes (negative, from the right) of the batch part (all but the last two) that do not
+    broadcast: sizes differ and neither is 1."""
+    return [-k for k in range(3, min(len(a), len(b)) + 1)
+            if a[-k] != b[-k] and 1 not in (a[-k], b[-k])]
+
+
+def _swapped(shape: tuple[int, ...], i: int, j: int) -> tuple[int, ...]:
+    out = list(shape)
+    out[i], out[j] = out[j], out[i]
+    return tuple(out)
+
+
 def _matmul_expectation(name: str, ops: list[_Operand], dims: Dims) -> tuple[str, str]:
     if len(ops) < 2:
         return "", ""
@@ -258,13 +309,113 @@ def _matmul_expectation(name: str, ops: list[_Operand], dims: Dims) -> tuple[str
                 "put the features on the last axis, or build the layer for this size")
     if len(a.shape) < 1 or len(b.shape) < 2:
         return "", ""
-    expected = (f"a @ b needs a's last axis ({_label(dims, a.shape, -1)}) to equal b's "
-                f"second-to-last axis ({_label(dims, b.shape, -2)})")
+    inner = (f"a's last axis ({_label(dims, a.shape, -1)}) to equal b's second-to-last axis "
+             f"({_label(dims, b.shape, -2)})")
+    clashes = _batch_clashes(a.shape, b.shape)
+    if clashes:  # the matrices may fit: the axes in front of them do not
+        axes = "; ".join(f"axis {k}: {_label(dims, a.shape, k)} vs {_label(dims, b.shape, k)}"
+                         for k in clashes)
+        expected = ("a @ b needs batch axes (all but the last two) that broadcast, each equal "
+                    f"or 1: {axes}")
+        if a.shape[-1] != b.shape[-2]:
+            expected += f"; and {inner}"
+        return expected, _batch_hint(a, b, clashes)
+    expected = f"a @ b needs {inner}"
     if a.shape[-1] == b.shape[-1]:
         return expected, f"{b.name}'s last axis matches: did you mean {b.name}.transpose(-2, -1)?"
     if len(a.shape) >= 2 and a.shape[-2] == b.shape[-2]:
         return expected, f"did you mean {a.name}.transpose(-2, -1) @ {b.name}?"
     return expected, ""
+
+
+def _batch_hint(a: _Operand, b: _Operand, clashes: list[int]) -> str:
+    """A fix that makes the shapes work, when one is simple: a head axis moved to the front,
+    or k/v heads repeated for grouped-query attention."""
+    for who, swap in ((a, lambda s: (_swapped(s, -3, -2), b.shape)),
+                      (b, lambda s: (a.shape, _swapped(s, -3, -1)))):
+        if len(who.shape) >= 4 and _matmul_ok(*swap(who.shape)):
+            axes = "(1, 2)" if len(who.shape) == 4 else "(-3, -2)"
+            return (f"{who.name} has its heads on the wrong axis (e.g. (B, T, nh, hs) instead "
+                    f"of (B, nh, T, hs)): {who.name}.transpose{axes} after the view")
+    if clashes == [-3] and len(a.shape) >= 4:
+        big, small = sorted((a, b), key=lambda o: o.shape[-3], reverse=True)
+        if small.shape[-3] and big.shape[-3] % small.shape[-3] == 0:
+            group = big.shape[-3] // small.shape[-3]
+            return (f"{small.name} has {group}x fewer heads than {big.name} (grouped-query "
+                    f"attention): repeat its heads first, e.g. "
+                    f"{small.name}.repeat_interleave({group}, dim=-3)")
+    return ""
+
+
+def _einsum_equation(code: str) -> str:
+    """The subscripts of the first ``einsum("...", ...)`` on a line of code, or ``""``."""
+    found = re.search(r"einsum\(\s*[rbuf]?[\"']([^\"']+)[\"']", code)
+    return found.group(1) if found else ""
+
+
+def _einsum_expectation(equation: str, ops: list[_Operand], message: str, dims: Dims
+                        ) -> tuple[str, str]:
+    """einsum failures by their subscripts: which letter means two sizes, in which operands."""
+    spec = equation.replace(" ", "")
+    inputs = spec.split("->")[0].split(",") if spec else []
+    if inputs and "." not in spec and len(inputs) == len(ops):
+        for term, op in zip(inputs, ops, strict=True):
+            if len(term) != len(op.shape):
+                return (f"einsum('{equation}'): '{term}' names {len(term)} axes, but {op.name} "
+                        f"has {len(op.shape)} {dims.format(op.shape)}",
+                        "one letter per axis: add or drop letters (or reshape the operand)")
+        seen: dict[str, tuple[_Operand, int]] = {}
+        for term, op in zip(inputs, ops, strict=True):
+            for axis, letter in enumerate(term):
+                size = op.shape[axis]
+                if letter not in seen or seen[letter][0].shape[seen[letter][1]] == 1:
+                    seen[letter] = (op, axis)
+                    continue
+                first, first_axis = seen[letter]
+                before = first.shape[first_axis]
+                if size not in (before, 1):
+                    expected = (f"einsum('{equation}'): subscript {letter} is one size in every "
+                                f"operand, but it is {_label(dims, first.shape, first_axis)} in "
+                                f"{first.name} and {_label(dims, op.shape, axis)} in {op.name}")
+                    hint = ""
+                    big, small = max(before, size), min(before, size)
+                    if big % small == 0:
+                        fewer = op if size < before else first
+                        more = first if fewer is op else op
+                        at = axis if fewer is op else first_axis
+                        hint = (f"{fewer.name} has {big // small}x fewer along {letter} than "
+                                f"{more.name} (grouped-query attention?): repeat it first, e.g. "
+                                f"{fewer.name}.repeat_interleave({big // small}, dim={at})")
+                    return expected, hint
+    clash = re.search(r"subscript (\w) has size (\d+) for operand (\d+) which does not "
+                      r"broadcast with previously seen size (\d+)", message)
+    if clash:
+        letter, size, index, before = clash.groups()
+        return (f"einsum subscript {letter} to be one size: it is {before} in an earlier operand "
+                f"and {size} in operand {index}", "")
+    return "", ""
+
+
+def _reshape_expectation(given: list[int], numel: int, ops: list[_Operand], dims: Dims
+                         ) -> tuple[str, str]:
+    """view/reshape: the sizes given, the number of elements they hold and the input's."""
+    source = next((o for o in ops if math.prod(o.shape) == numel), None)
+    of_input = f"{source.name} {dims.format(source.shape)}" if source else "the input"
+    shown = "(" + ", ".join(map(str, given)) + ")"
+    known = math.prod(v for v in given if v != -1)
+    if -1 in given:
+        return (f"sizes next to -1 that divide {of_input}'s {numel} elements: {shown} leaves -1 "
+                f"= {numel} / {known}, not a whole number",
+                "-1 is computed from the other sizes, so one of those is wrong: compare them with "
+                f"{of_input}")
+    expected = f"as many elements as {of_input}: {numel}; {shown} holds {known}"
+    lead = given[:-1]
+    if lead and numel % math.prod(lead) == 0:
+        merged = (*lead, numel // math.prod(lead))
+        return expected, (f"to merge the trailing axes let -1 compute the last size: "
+                          f"({', '.join(map(str, lead))}, -1) gives "
+                          f"{dims.format(merged)}")
+    return expected, f"the sizes must multiply to {numel}"
 
 
 def _broadcast_expectation(ops: list[_Operand], dims: Dims) -> tuple[str, str]:

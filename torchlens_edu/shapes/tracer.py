@@ -196,8 +196,9 @@ class ShapeTracer:
                 continue
             self._hooked.add(id(module))
             record = path in selected
-            if not (record or self.ops or self.meta):
-                continue  # nothing to record and no op needs to know it is inside this module
+            if not (record or self.ops or self.meta or module is root):
+                continue  # nothing to record, no op needs to know it is inside this module,
+                # and it is not the root (whose inputs name B and T, whatever is included)
             if is_hook_point(module) and not record:
                 continue  # an identity with no ops inside; a hook would make it "observed"
             self._hook(module, path, record, counts.get(path, 0), is_root=module is root)
@@ -329,7 +330,9 @@ class ShapeTracer:
             return  # the same error passing up through an outer op
         ins = _shape_ops.tensors_in(args, kwargs)
         path, parent = self._where()
-        self._failure = Failure(exc=exc, op=name, operands=ins, module=path, site=site)
+        equation = args[0] if name == "einsum" and args and isinstance(args[0], str) else ""
+        self._failure = Failure(exc=exc, op=name, operands=ins, module=path, site=site,
+                                equation=equation)
         if self.records_ops():
             call = self._op_calls.get((path, name), 0)
             filename, line = site or ("", 0)
