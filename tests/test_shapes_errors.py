@@ -226,7 +226,8 @@ def test_grouped_query_heads_not_repeated_is_a_batch_axis_mismatch(options):
     assert ("expected: a @ b needs batch axes (all but the last two) that broadcast, each equal "
             "or 1: axis -3: nh=4 vs nkv=2") in lines
     assert ("hint: k.transpose(-2, -1) has 2x fewer heads than q (grouped-query attention): "
-            "repeat its heads first, e.g. k.transpose(-2, -1).repeat_interleave(2, dim=-3)") in lines
+            "repeat its heads first, e.g. k.transpose(-2, -1).repeat_interleave(2, dim=-3)"
+            ) in lines
     assert not any("a's last axis" in text for text in lines)  # hs == hs: never the complaint
 
 

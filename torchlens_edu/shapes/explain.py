@@ -390,9 +390,9 @@ def _einsum_expectation(equation: str, ops: list[_Operand], message: str, dims: 
     clash = re.search(r"subscript (\w) has size (\d+) for operand (\d+) which does not "
                       r"broadcast with previously seen size (\d+)", message)
     if clash:
-        letter, size, index, before = clash.groups()
-        return (f"einsum subscript {letter} to be one size: it is {before} in an earlier operand "
-                f"and {size} in operand {index}", "")
+        subscript, got, index, earlier = clash.groups()
+        return (f"einsum subscript {subscript} to be one size: it is {earlier} in an earlier "
+                f"operand and {got} in operand {index}", "")
     return "", ""
 
 
