@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from support.zoo import ZOO, ModelGuard, SharedHead
+from support.zoo import ZOO, ZOO_BY_NAME, ModelGuard, SharedHead
 from torchlens_edu.models import GPT2, GPT2Config, explicit_attention
 from torchlens_edu.shapes import trace_shapes
 from torchlens_edu.shapes.meta import on_meta, op_flops
@@ -252,8 +252,6 @@ def test_a_meta_trace_names_the_line_that_needs_values():
 
 def test_hugging_face_masking_code_runs_on_meta():
     pytest.importorskip("transformers")
-    from support.zoo import ZOO_BY_NAME
-
     ids, mask = _padded()
     for name in ("hf_bert", "hf_llama", "hf_t5"):  # .all() on the padding mask, SDPA masks
         model = ZOO_BY_NAME[name].build()
