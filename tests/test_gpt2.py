@@ -263,3 +263,82 @@ def test_explicit_attention_is_per_thread_and_restored_on_errors(tiny_gpt2, tiny
     with pytest.raises(KeyboardInterrupt), explicit_attention():
         raise KeyboardInterrupt
     assert not gpt2_module._explicit.get()
+
+
+@pytest.mark.parametrize(("kwargs", "words"), [
+    (dict(max_new_tokens=-5), "max_new_tokens=-5 must be an integer >= 0"),
+    (dict(max_new_tokens=2.5), "max_new_tokens=2.5 must be an integer >= 0"),
+    (dict(temperature=float("nan")), "temperature=nan must be a finite number >= 0"),
+    (dict(temperature=float("inf")), "temperature=inf must be a finite number >= 0"),
+    (dict(top_k=1.5), "top_k=1.5 must be a positive number"),
+    (dict(seed=2**70), r"seed=1180591620717411303424 must be an integer in \[-2\*\*63, 2\*\*64\)"),
+])
+def test_generation_arguments_are_refused_at_the_call(tiny_gpt2, tiny_ids, kwargs, words):
+    kwargs = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(ValueError, match=words):
+        tiny_gpt2.generate(tiny_ids, **kwargs)
+    with pytest.raises(ValueError, match=words):
+        tiny_gpt2.stream(tiny_ids, **kwargs)  # at the call, before any next()
+
+
+def test_zero_new_tokens_is_the_prompt(tiny_gpt2, tiny_ids):
+    assert torch.equal(tiny_gpt2.generate(tiny_ids, 0), tiny_ids)
+
+
+def test_prompt_longer_than_the_context_is_an_error_not_the_prompt(tiny_gpt2):
+    with pytest.raises(ValueError, match=r"the prompt has 70 tokens, more than the context of 64: "
+                                         r"keep the last 64 with idx\[:, -64:\]"):
+        tiny_gpt2.generate(torch.zeros(1, 70, dtype=torch.long), 5)
+
+
+def test_empty_prompt_is_a_clear_error(tiny_gpt2):
+    empty = torch.zeros(1, 0, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"no token ids \(shape \(1, 0\)\): give at least one"):
+        tiny_gpt2.generate(empty, 5)
+    with pytest.raises(ValueError, match="no token ids"):
+        tiny_gpt2(empty)
+
+
+@pytest.mark.parametrize(("bad", "shown"), [(256, 256), (50256, 50256), (-1, -1)])
+def test_token_id_outside_the_vocabulary_names_both_sizes(tiny_gpt2, bad, shown):
+    ids = torch.tensor([[1, 2, bad]])
+    words = (rf"token id {shown} is outside this model's vocabulary of 256 ids \(0\.\.255\).*"
+             r"use get_tokenizer\(model\)")
+    with pytest.raises(ValueError, match=words):
+        tiny_gpt2(ids)
+    with pytest.raises(ValueError, match=words):
+        tiny_gpt2.generate(ids.int(), 3)
+
+
+def test_vocabulary_check_is_invisible_to_op_traces(tiny_gpt2, tiny_ids):
+    class Names(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    with Names() as seen:
+        tiny_gpt2(tiny_ids)
+    assert "aminmax" not in seen.names and "embedding" in seen.names
+
+
+@pytest.mark.parametrize(("kwargs", "words"), [
+    (dict(n_head=0), r"n_head=0 must be a positive integer \(the number of attention heads\)"),
+    (dict(vocab_size="abc"), "vocab_size='abc' must be a positive integer"),
+    (dict(n_layer=-2), "n_layer=-2 must be a positive integer"),
+    (dict(n_positions=True), "n_positions=True must be a positive integer"),
+    (dict(n_embd=0), "n_embd=0 must be a positive integer"),
+    (dict(n_inner=0), r"n_inner=0 must be a positive integer \(the MLP width"),
+    (dict(n_embd=30, n_head=4), "n_embd=30 must be divisible by n_head=4"),
+    (dict(dropout=1.0), r"dropout=1\.0 must be a probability in \[0, 1\)"),
+    (dict(dropout=-0.1), r"dropout=-0\.1 must be a probability"),
+    (dict(dropout=float("nan")), "dropout=nan must be a probability"),
+    (dict(layer_norm_epsilon=0.0), "layer_norm_epsilon=0.0 must be a small positive number"),
+    (dict(attn_impl="flash"), "attn_impl='flash': choose 'auto', 'explicit' or 'sdpa'"),
+])
+def test_config_validates_itself_naming_the_field(kwargs, words):
+    with pytest.raises(ValueError, match="^GPT2Config: " + words):
+        GPT2Config(**kwargs)

@@ -7,6 +7,7 @@ from one) both depend on this file, and not on each other.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from numbers import Integral, Real
 from typing import Any, Literal
 
 AttnImpl = Literal["auto", "explicit", "sdpa"]
@@ -21,6 +22,26 @@ _PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, vocab_size=256, n_positions=64),
     "small-test": dict(n_layer=4, n_head=4, n_embd=64, vocab_size=512, n_positions=128),
 }
+
+
+# The integer sizes every config needs, with what each one counts (for error messages).
+_SIZES = {
+    "vocab_size": "the number of token ids",
+    "n_positions": "the context length",
+    "n_embd": "the width C of the residual stream",
+    "n_layer": "the number of blocks",
+    "n_head": "the number of attention heads",
+}
+
+
+def _is_real(value: object) -> bool:
+    """A real number that is not a bool (``True`` is an int to Python, not a size to us)."""
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _check_positive_int(name: str, value: object, meaning: str) -> None:
+    if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"GPT2Config: {name}={value!r} must be a positive integer ({meaning})")
 
 
 @dataclass
@@ -42,11 +63,25 @@ class GPT2Config:
     attn_impl: AttnImpl = "auto"
 
     def __post_init__(self) -> None:
+        # A bad size would otherwise surface far away (a ZeroDivisionError in attention, an
+        # nn.Embedding error at build time): name the field and its value here, once.
+        for name, meaning in _SIZES.items():
+            _check_positive_int(name, getattr(self, name), meaning)
+        if self.n_inner is not None:
+            _check_positive_int("n_inner", self.n_inner, "the MLP width, or None for 4 * n_embd")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} "
-                             "so that every head gets the same size hs = n_embd // n_head")
+            raise ValueError(f"GPT2Config: n_embd={self.n_embd} must be divisible by "
+                             f"n_head={self.n_head} so that every head gets the same size "
+                             "hs = n_embd // n_head")
+        if not _is_real(self.dropout) or not 0 <= self.dropout < 1:
+            raise ValueError(f"GPT2Config: dropout={self.dropout!r} must be a probability in "
+                             "[0, 1): the share of activations zeroed in training")
+        if not _is_real(self.layer_norm_epsilon) or not 0 < self.layer_norm_epsilon < 1:
+            raise ValueError(f"GPT2Config: layer_norm_epsilon={self.layer_norm_epsilon!r} must "
+                             "be a small positive number (GPT-2 uses 1e-5)")
         if self.attn_impl not in ("auto", "explicit", "sdpa"):
-            raise ValueError(f"attn_impl={self.attn_impl!r}: choose 'auto', 'explicit' or 'sdpa'")
+            raise ValueError(f"GPT2Config: attn_impl={self.attn_impl!r}: choose 'auto', "
+                             "'explicit' or 'sdpa'")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> GPT2Config:

@@ -28,6 +28,7 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._guards import detect_fake_mode
 
 from torchlens_edu.models.config import AttnImpl, GPT2Config
 from torchlens_edu.models.hook_points import HookPoint, observed
@@ -275,27 +276,33 @@ class GPT2(nn.Module):
         return torch.cat(list(self.stream(idx, max_new_tokens, temperature=temperature,
                                           top_k=top_k, seed=seed, use_cache=use_cache)), dim=1)
 
-    @torch.no_grad()
     def stream(self, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                top_k: int | None = None, seed: int | None = None,
                use_cache: bool = True) -> Iterator[torch.Tensor]:
         """Like :meth:`generate`, but yields ``idx`` first and then each new token ``(B, 1)``.
+
+        Bad arguments raise here, at the call, not at the first ``next()``.
 
         >>> m = GPT2(GPT2Config.preset("tiny")).eval()
         >>> [t.shape[1] for t in m.stream(torch.zeros(1, 2, dtype=torch.long), 2, temperature=0)]
         [2, 1, 1]
         """
         _check_ids(idx, self.config)
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy)")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k={top_k} must be a positive number of candidates or None")
+        ctx = self.config.n_positions
+        if idx.shape[1] > ctx:
+            raise ValueError(f"the prompt has {idx.shape[1]} tokens, more than the context of "
+                             f"{ctx}: keep the last {ctx} with idx[:, -{ctx}:]")
+        _check_sampling(max_new_tokens, temperature, top_k, seed)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=idx.device).manual_seed(seed)
-        yield idx
-        ctx = self.config.n_positions
         steps = min(max_new_tokens, ctx - idx.shape[1])  # stop cleanly when the context is full
+        return self._stream(idx, steps, float(temperature), top_k, generator, use_cache)
+
+    @torch.no_grad()
+    def _stream(self, idx: torch.Tensor, steps: int, temperature: float, top_k: int | None,
+                generator: torch.Generator | None, use_cache: bool) -> Iterator[torch.Tensor]:
+        yield idx
         if steps <= 0:
             return
         param = self.transformer.wte.weight
@@ -356,6 +363,39 @@ def _check_ids(idx: torch.Tensor, config: GPT2Config) -> None:
     if idx.dtype not in (torch.long, torch.int):  # what nn.Embedding accepts
         raise TypeError(f"token ids must be torch.long (or torch.int), got {idx.dtype}; "
                         "use idx.long()")
+    if idx.numel() == 0:
+        raise ValueError(f"no token ids (shape {tuple(idx.shape)}): give at least one token, "
+                         "e.g. torch.tensor([tokenizer.encode(text)]) with a non-empty text")
+    if idx.is_meta or torch.compiler.is_compiling() or detect_fake_mode((idx,)) is not None:
+        return  # shapes only (meta, fake tensors, a compile trace): no values to check
+    # An id outside the vocabulary is an IndexError deep in nn.Embedding on CPU and a
+    # device-side assert on CUDA. One reduction finds it; hidden from torch-function modes so
+    # that an op-level trace shows the model's ops, not this check.
+    with torch._C.DisableTorchFunction():
+        low, high = (int(v) for v in torch.aminmax(idx))
+    if low < 0 or high >= config.vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"token id {bad} is outside this model's vocabulary of "
+                         f"{config.vocab_size} ids (0..{config.vocab_size - 1}); were the ids "
+                         "made by another model's tokenizer? use get_tokenizer(model)")
+
+
+def _check_sampling(max_new_tokens: object, temperature: object, top_k: object,
+                    seed: object) -> None:
+    """Refuse what would otherwise silently return the prompt or fail inside torch."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or (
+            max_new_tokens < 0):
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+    if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+            or not math.isfinite(temperature) or temperature < 0):
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 "
+                         "(0 means greedy, 1 samples from the model's own distribution)")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)
+                              or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} must be a positive number of candidates or None")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
+                             or not -2**63 <= seed < 2**64):
+        raise ValueError(f"seed={seed!r} must be an integer in [-2**63, 2**64) or None")
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None,
