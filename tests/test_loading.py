@@ -381,3 +381,107 @@ def test_cuda_loading_matches_cpu(saved, hf_models):
     prompt = ids[:, :4].cuda()
     assert torch.equal(m.generate(prompt, 10, temperature=0),
                        m.generate(prompt, 10, temperature=0, use_cache=False))
+
+
+# ------------------------------------------------------------------------------ every bad file
+
+
+def _copy(saved, tmp_path, fmt="safetensors"):
+    src = saved["2L-32C-2h", fmt]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for file in src.iterdir():
+        (bad / file.name).write_bytes(file.read_bytes())
+    return bad
+
+
+def test_errors_users_catch_are_public():
+    import torchlens_edu.models as models
+
+    for name in ("CheckpointError", "WeightsNotFoundError", "DeviceUnavailableError"):
+        assert name in models.__all__ and getattr(models, name).__doc__
+    assert models.CheckpointError is CheckpointError
+    assert models.WeightsNotFoundError is WeightsNotFoundError
+
+
+@pytest.mark.parametrize("text", [b"hello there\n", b"<!DOCTYPE html>", b"",
+                                  b"version https://git-lfs.github.com/spec/v1\n"])
+def test_a_text_file_as_bin_names_the_file(tmp_path, text):
+    weights = tmp_path / "pytorch_model.bin"
+    weights.write_bytes(text)
+    with pytest.raises(CheckpointError, match=rf"{weights} is not a PyTorch checkpoint: it starts "
+                                              r"with b'.*not with the zip archive torch\.save"):
+        GPT2.from_pretrained(weights, progress=False)
+
+
+@pytest.mark.parametrize("head", [b"\x80\x02garbage", b"PK\x03\x04garbage"])
+def test_a_broken_torch_file_is_damaged_not_code(tmp_path, head):
+    weights = tmp_path / "pytorch_model.bin"
+    weights.write_bytes(head)
+    with pytest.raises(CheckpointError, match=rf"{weights} is damaged or incomplete"):
+        GPT2.from_pretrained(weights, progress=False)
+
+
+def test_config_json_holding_a_list(saved, tmp_path):
+    bad = _copy(saved, tmp_path)
+    (bad / "config.json").write_text("[1, 2, 3]")
+    with pytest.raises(CheckpointError, match=rf"{bad / 'config.json'} holds a JSON list, not "
+                                              "the object of a model config"):
+        GPT2.from_pretrained(bad, progress=False)
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    (dict(n_head=0), r"n_head=0 must be a positive integer \(the number of attention heads\)"),
+    (dict(vocab_size="abc"), "vocab_size='abc' must be an integer"),
+    (dict(n_layer=2.5), "n_layer=2.5 must be an integer"),
+    (dict(n_embd=True), "n_embd=True must be an integer"),
+    (dict(n_head=3), "n_embd=32 must be divisible by n_head=3"),
+    (dict(n_positions=None, n_ctx=-4), "n_ctx=-4 must be a positive integer"),
+    (dict(resid_pdrop=1.5), r"resid_pdrop=1\.5 must be a probability in \[0, 1\)"),
+    (dict(layer_norm_epsilon="tiny"), "layer_norm_epsilon='tiny' must be a number"),
+    (dict(n_head=None), "lacks the field 'n_head'"),
+])
+def test_bad_config_values_name_the_file_and_key(saved, tmp_path, change, words):
+    bad = _copy(saved, tmp_path)
+    hfc.rewrite_config(bad, **change)
+    config = bad / "config.json"
+    with pytest.raises(CheckpointError, match=rf"^{config}:? {words}"):
+        GPT2.from_pretrained(bad, progress=False)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_integer_weights_name_the_file_and_key(hf_models, tmp_path, fmt):
+    from safetensors.torch import save_file
+
+    hf = hf_models["2L-32C-2h"]
+    state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    state["transformer.h.1.attn.c_attn.bias"] = state["transformer.h.1.attn.c_attn.bias"].int()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    hf.config.to_json_file(bad / "config.json")
+    weights = bad / ("model.safetensors" if fmt == "safetensors" else "pytorch_model.bin")
+    if fmt == "safetensors":
+        save_file(state, weights)
+    else:
+        torch.save(state, weights)
+    with pytest.raises(CheckpointError, match=rf"^{weights} does not fit GPT2\(.*weights that are "
+                                              r"not floating point: transformer\.h\.1\.attn\."
+                                              r"c_attn\.bias: torch\.int32"):
+        GPT2.from_pretrained(bad, progress=False)
+
+
+def test_shape_and_key_errors_name_the_file(saved, tmp_path):
+    bad = _copy(saved, tmp_path)
+    hfc.rewrite_config(bad, vocab_size=101)
+    with pytest.raises(CheckpointError, match=rf"^{bad / 'model.safetensors'} does not fit GPT2"):
+        GPT2.from_pretrained(bad, progress=False)
+
+
+def test_an_impossible_inferred_config_names_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "w.safetensors"  # embeddings only, no blocks: n_layer would be 0
+    save_file({"wte.weight": torch.zeros(10, 64), "wpe.weight": torch.zeros(8, 64)}, weights)
+    with pytest.raises(CheckpointError, match=rf"^{weights}: the config inferred from its tensor "
+                                              r"shapes is impossible \(n_layer=0 must be"):
+        GPT2.from_pretrained(weights, progress=False)

@@ -6,7 +6,14 @@ import torch
 
 
 class DeviceUnavailableError(RuntimeError):
-    """A device was asked for that this machine (or this build of torch) does not have."""
+    """A device was asked for that this machine (or this build of torch) does not have.
+
+    >>> from torchlens_edu.models import GPT2, DeviceUnavailableError
+    >>> try:
+    ...     device = resolve_device("cuda")
+    ... except DeviceUnavailableError:
+    ...     device = resolve_device("cpu")
+    """
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

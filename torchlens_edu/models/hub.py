@@ -23,7 +23,15 @@ _GET_WEIGHTS = ("To get them, run `huggingface-cli download {name}` (or `hf down
 
 
 class WeightsNotFoundError(FileNotFoundError):
-    """The weights are neither cached nor downloadable (offline, or no network)."""
+    """The weights are neither cached nor downloadable (offline, or no network); the message
+    says how to get them.
+
+    >>> from torchlens_edu.models import GPT2, WeightsNotFoundError
+    >>> try:  # doctest: +SKIP
+    ...     model = GPT2.from_pretrained("gpt2", progress=False)
+    ... except WeightsNotFoundError:
+    ...     model = GPT2.from_pretrained("embedded", progress=False)
+    """
 
 
 def _hub_cache_dir() -> str:

@@ -45,7 +45,19 @@ _SKIPPED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")  # HF's causal-mask bu
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as GPT-2: damaged file, wrong keys or shapes, ..."""
+    """A checkpoint that cannot be loaded as GPT-2: a damaged or foreign file, a bad
+    ``config.json``, wrong keys, shapes or dtypes. The message names the file and the key.
+
+    >>> import pathlib, tempfile
+    >>> from torchlens_edu.models import GPT2, CheckpointError
+    >>> text = pathlib.Path(tempfile.mkdtemp()) / "model.bin"
+    >>> _ = text.write_text("not weights")
+    >>> try:
+    ...     GPT2.from_pretrained(text, progress=False)
+    ... except CheckpointError as err:
+    ...     print("not a PyTorch checkpoint" in str(err))
+    True
+    """
 
 
 def load_pretrained(cls: type[M], name_or_path: str | os.PathLike[str], *,
@@ -65,7 +77,7 @@ def load_pretrained(cls: type[M], name_or_path: str | os.PathLike[str], *,
         config = cfg if cfg is not None else _config_from_file(weights)
     with _progress(progress, f"loading {Path(weights).name}") as advance:
         state = _read_state_dict(weights, advance)
-        model = _build(cls, config, state, device=target, dtype=dtype)
+        model = _build(cls, config, state, source=weights, device=target, dtype=dtype)
     return model.eval()
 
 
@@ -122,9 +134,12 @@ def config_from_hf(path: str | os.PathLike[str]) -> GPT2Config:
     12
     """
     try:
-        raw: dict[str, Any] = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"cannot read the model config {path}: {err}") from err
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(raw).__name__}, not the object of a "
+                              'model config ({"n_layer": 12, "n_head": 12, ...})')
     if raw.get("model_type", "gpt2") != "gpt2":
         raise CheckpointError(f"{path} describes a {raw['model_type']!r} model, not GPT-2")
     activation = raw.get("activation_function", "gelu_new")
@@ -138,31 +153,60 @@ def config_from_hf(path: str | os.PathLike[str]) -> GPT2Config:
                    if key in raw and raw[key] != ok}
     if unsupported:
         raise CheckpointError(f"{path}: settings this GPT-2 does not implement: {unsupported}")
+    context_key = "n_positions" if raw.get("n_positions") is not None else "n_ctx"
+    fields = {
+        "vocab_size": _field(raw, "vocab_size", int, path),
+        "n_positions": _field(raw, context_key, int, path, default=1024),
+        "n_embd": _field(raw, "n_embd", int, path),
+        "n_layer": _field(raw, "n_layer", int, path),
+        "n_head": _field(raw, "n_head", int, path),
+        "n_inner": _field(raw, "n_inner", int, path, default=None),
+        "layer_norm_epsilon": _field(raw, "layer_norm_epsilon", float, path, default=1e-5),
+        "dropout": _field(raw, "resid_pdrop", float, path, default=0.0),
+    }
     try:
-        return GPT2Config(
-            vocab_size=int(raw["vocab_size"]),
-            n_positions=int(raw.get("n_positions") or raw.get("n_ctx") or 1024),
-            n_embd=int(raw["n_embd"]),
-            n_layer=int(raw["n_layer"]),
-            n_head=int(raw["n_head"]),
-            n_inner=raw.get("n_inner"),
-            layer_norm_epsilon=float(raw.get("layer_norm_epsilon", 1e-5)),
-            dropout=float(raw.get("resid_pdrop", 0.0)),
-        )
-    except KeyError as err:
-        raise CheckpointError(f"{path} lacks the field {err.args[0]!r}") from err
+        return GPT2Config(**fields)
+    except ValueError as err:  # "GPT2Config: n_head=0 must be ...": name the file and its key
+        message = str(err).removeprefix("GPT2Config: ")
+        if message.startswith("n_positions="):
+            message = context_key + message.removeprefix("n_positions")
+        elif message.startswith("dropout="):
+            message = "resid_pdrop" + message.removeprefix("dropout")
+        raise CheckpointError(f"{path}: {message}") from err
+
+
+_MISSING = object()
+
+
+def _field(raw: dict[str, Any], key: str, kind: type[int] | type[float], path: object, *,
+           default: Any = _MISSING) -> Any:
+    """``raw[key]`` as an ``int`` or ``float``, or a CheckpointError naming the file and key.
+    A JSON null counts as absent (Hugging Face writes ``"n_inner": null``)."""
+    value = raw.get(key)
+    if value is None:
+        if default is _MISSING:
+            raise CheckpointError(f"{path} lacks the field {key!r}")
+        return default
+    accepted = (int,) if kind is int else (int, float)
+    if not isinstance(value, accepted) or isinstance(value, bool):
+        wanted = "an integer" if kind is int else "a number"
+        raise CheckpointError(f"{path}: {key}={value!r} must be {wanted}")
+    return kind(value)
 
 
 def _config_from_file(weights: Path) -> GPT2Config:
     """Infer the config from tensor shapes (the head count from GPT-2's head size of 64)."""
     shapes = _read_shapes(weights)
     get = {_our_key(k): v for k, v in shapes.items() if not _SKIPPED.search(k)}
-    try:
-        V, C = get["transformer.wte.weight"]
-        n_positions = get["transformer.wpe.weight"][0]
-    except KeyError as err:
-        raise CheckpointError(f"{weights} is not a GPT-2 checkpoint: it has no {err.args[0]!r}; "
-                              f"its first keys are {list(shapes)[:5]}") from err
+    for key in ("transformer.wte.weight", "transformer.wpe.weight"):
+        if key not in get:
+            raise CheckpointError(f"{weights} is not a GPT-2 checkpoint: it has no {key!r}; "
+                                  f"its first keys are {list(shapes)[:5]}")
+        if len(get[key]) != 2:
+            raise CheckpointError(f"{weights}: {key} has shape {get[key]}; an embedding is a "
+                                  "matrix (rows, n_embd)")
+    V, C = get["transformer.wte.weight"]
+    n_positions = get["transformer.wpe.weight"][0]
     n_layer = len({k.split(".")[2] for k in get if k.startswith("transformer.h.")})
     c_fc = get.get("transformer.h.0.mlp.c_fc.weight", (C, 4 * C))
     inner = c_fc[0] if _linear_layout(shapes) else c_fc[1]
@@ -170,8 +214,13 @@ def _config_from_file(weights: Path) -> GPT2Config:
         raise CheckpointError(f"cannot infer the number of heads of {weights} (n_embd={C} is not "
                               "a multiple of 64): put its config.json next to it or pass "
                               "config=GPT2Config(...)")
-    return GPT2Config(vocab_size=V, n_positions=n_positions, n_embd=C, n_layer=n_layer,
-                      n_head=C // 64, n_inner=None if inner == 4 * C else inner)
+    try:
+        return GPT2Config(vocab_size=V, n_positions=n_positions, n_embd=C, n_layer=n_layer,
+                          n_head=C // 64, n_inner=None if inner == 4 * C else inner)
+    except ValueError as err:  # e.g. no blocks at all: n_layer=0
+        raise CheckpointError(f"{weights}: the config inferred from its tensor shapes is "
+                              f"impossible ({str(err).removeprefix('GPT2Config: ')}); put its "
+                              "config.json next to it") from err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,19 +294,36 @@ def _read_state_dict(weights: Path, advance: Callable[..., None]
 
 
 def _load_bin(weights: Path) -> dict[str, torch.Tensor]:
+    _check_torch_file(weights)
     try:
         obj = torch.load(str(weights), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "global" not in str(err).lower():  # a broken pickle, not a refused class
+            raise _damaged(weights, err) from err
         raise CheckpointError(
             f"{weights} is not a weights-only checkpoint: unpickling it would run code stored in "
             "the file, which torchlens-edu never does. Load it yourself only if you trust its "
             "source, then save the state_dict with safetensors.torch.save_file") from err
-    except (OSError, RuntimeError, EOFError) as err:
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError, IndexError) as err:
+        # torch's weights-only unpickler reports a broken stream in any of these
         raise _damaged(weights, err) from err
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{weights} does not hold a state_dict (a mapping of names to "
                               f"tensors) but a {type(obj).__name__}")
     return obj
+
+
+def _check_torch_file(weights: Path) -> None:
+    """A ``torch.save`` file is a zip archive (since torch 1.6) or, older, a pickle (``\\x80``)."""
+    try:
+        with weights.open("rb") as f:
+            head = f.read(16)
+    except OSError as err:
+        raise CheckpointError(f"cannot read {weights}: {err}") from err
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        raise CheckpointError(f"{weights} is not a PyTorch checkpoint: it starts with {head!r}, "
+                              "not with the zip archive torch.save writes. Is it the right file "
+                              "(a text file, an HTML error page, a git-lfs pointer)?")
 
 
 def _damaged(weights: Path, err: BaseException) -> CheckpointError:
@@ -266,13 +332,14 @@ def _damaged(weights: Path, err: BaseException) -> CheckpointError:
 
 
 def _build(cls: type[M], config: GPT2Config, state: Iterator[tuple[str, torch.Tensor]], *,
-           device: torch.device, dtype: torch.dtype | None) -> M:
+           source: Path, device: torch.device, dtype: torch.dtype | None) -> M:
     with torch.device("meta"):
         model = cls(config)  # shapes only, no memory
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     loaded: dict[str, torch.Tensor] = {}
     lm_head: torch.Tensor | None = None
     wrong_shape: list[str] = []
+    wrong_dtype: list[str] = []
     unexpected: list[str] = []
     for key, tensor in state:
         if key not in expected:
@@ -281,8 +348,10 @@ def _build(cls: type[M], config: GPT2Config, state: Iterator[tuple[str, torch.Te
         if tuple(tensor.shape) != expected[key]:
             wrong_shape.append(f"{key}: checkpoint {tuple(tensor.shape)}, model {expected[key]}")
             continue
-        if tensor.is_floating_point():
-            tensor = tensor.to(dtype or torch.float32)
+        if not tensor.is_floating_point():
+            wrong_dtype.append(f"{key}: {tensor.dtype}")
+            continue
+        tensor = tensor.to(dtype or torch.float32)
         tensor = tensor.to(device).contiguous()
         if key == "lm_head.weight":
             lm_head = tensor  # tied to wte: checked below, not loaded twice
@@ -291,15 +360,17 @@ def _build(cls: type[M], config: GPT2Config, state: Iterator[tuple[str, torch.Te
     missing = sorted(set(expected) - set(loaded) - {"lm_head.weight"})
     problems = [f"missing keys: {_names(missing)}" if missing else "",
                 f"unexpected keys: {_names(unexpected)}" if unexpected else "",
-                f"shape mismatches: {'; '.join(wrong_shape[:6])}" if wrong_shape else ""]
+                f"shape mismatches: {'; '.join(wrong_shape[:6])}" if wrong_shape else "",
+                f"weights that are not floating point: {'; '.join(wrong_dtype[:6])}"
+                if wrong_dtype else ""]
     if any(problems):
-        raise CheckpointError("the checkpoint does not fit GPT2(" + _short(config) + "): "
+        raise CheckpointError(f"{source} does not fit GPT2(" + _short(config) + "): "
                               + " | ".join(p for p in problems if p)
                               + ". Check that config.json belongs to these weights")
     wte = loaded["transformer.wte.weight"]
     if lm_head is not None and not torch.equal(lm_head, wte):
-        raise CheckpointError("the checkpoint's lm_head.weight differs from transformer.wte.weight;"
-                              " GPT-2 ties them, so these weights are not GPT-2's")
+        raise CheckpointError(f"{source}: lm_head.weight differs from transformer.wte.weight; "
+                              "GPT-2 ties them, so these weights are not GPT-2's")
     loaded["lm_head.weight"] = wte
     model.load_state_dict(loaded, strict=True, assign=True)
     tied = model.get_submodule("transformer.wte").weight
