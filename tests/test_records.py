@@ -14,6 +14,8 @@ from torchlens_edu import debug
 from torchlens_edu.capture import Activation
 from torchlens_edu.hookset import HookCall
 from torchlens_edu.inspector import ParamCount
+from torchlens_edu.models import GPT2Config
+from torchlens_edu.models.tokenizer import CharTokenizer
 from torchlens_edu.nans.backward import Creation
 from torchlens_edu.nans.replay import ReplayInputs
 from torchlens_edu.nans.report import NonFiniteReport, Producer, TensorSummary
@@ -21,10 +23,12 @@ from torchlens_edu.printing.stats import TensorStats
 from torchlens_edu.shapes.events import ShapeEvent
 from torchlens_edu.shapes.explain import Failure
 from torchlens_edu.shapes.render import ShapeChange
+from torchlens_edu.shapes.trace import ShapeTrace
 from torchlens_edu.shapes.tracer import ShapeTracer
 
-RECORDS = [ShapeEvent, ShapeChange, Failure, NonFiniteReport, Producer, TensorSummary, Creation,
-           ReplayInputs, HookCall, Activation, ParamCount, TensorStats]
+RECORDS = [ShapeEvent, ShapeTrace, ShapeChange, Failure, NonFiniteReport, Producer, TensorSummary,
+           Creation, ReplayInputs, HookCall, Activation, ParamCount, TensorStats, GPT2Config,
+           CharTokenizer]
 
 
 @pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.__name__)

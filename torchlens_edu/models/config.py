@@ -44,7 +44,7 @@ def _check_positive_int(name: str, value: object, meaning: str) -> None:
         raise ValueError(f"GPT2Config: {name}={value!r} must be a positive integer ({meaning})")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GPT2Config:
     """Hyper-parameters of a GPT-2. Field names follow Hugging Face's ``GPT2Config``.
 

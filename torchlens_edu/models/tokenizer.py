@@ -82,7 +82,7 @@ class GPT2Tokenizer:
         return f"GPT2Tokenizer(vocab_size={self.vocab_size})"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CharTokenizer:
     """One token per character, for small models trained on one text.
 

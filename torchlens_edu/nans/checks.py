@@ -95,7 +95,7 @@ class Reading(Generic[Owner]):
         return "inf"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class _Pending:
     """Tensors waiting for their batch's reduction, grouped by device and reduction."""
 

@@ -15,7 +15,7 @@ from torchlens_edu.shapes.events import ShapeEvent
 from torchlens_edu.shapes.render import TraceDiff, trace_tree
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ShapeTrace:
     """The result of a trace: events in call order, the named dims, and the failure if any.
 

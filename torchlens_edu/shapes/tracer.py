@@ -362,8 +362,8 @@ class ShapeTracer:
         dims = self._dims or Dims.infer(self._roots[0] if self._roots else None, (),
                                         self._overrides)
         error = self._failure.explanation if self._failure is not None else ""
-        return ShapeTrace(list(self._events), dims, ops=self.ops, meta=self.meta, error=error,
-                          roots=list(self._root_names))
+        return ShapeTrace(events=list(self._events), dims=dims, ops=self.ops, meta=self.meta,
+                          error=error, roots=list(self._root_names))
 
     def _explain(self, exc: Exception) -> None:
         failure = self._failure if self._failure is not None and self._failure.exc is exc else None
