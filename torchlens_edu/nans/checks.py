@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from torchlens_edu.nans.report import Kind
-from torchlens_edu.printing.stats import is_fake
+from torchlens_edu.nans.shards import has_values, local
 
 __all__ = ["Batch", "Reading", "checkable", "memory_budget", "unseen"]
 
@@ -69,9 +69,10 @@ def memory_budget(model: nn.Module) -> int:
 
 
 def checkable(t: torch.Tensor) -> bool:
-    """A dense float tensor with values (meta and fake tensors, a shape trace's, have none)."""
+    """A dense float tensor with values to read on this rank (see :func:`has_values`)."""
+    t = local(t)
     return ((t.is_floating_point() or t.is_complex()) and t.layout == torch.strided
-            and t.numel() > 0 and not t.is_meta and not is_fake(t))
+            and t.numel() > 0 and has_values(t))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,6 +133,7 @@ class Batch(Generic[Owner]):
             self._add(label, t, owner, signed)
 
     def _add(self, label: str, t: torch.Tensor, owner: Owner | None, signed: bool) -> None:
+        t = local(t)  # a DTensor's own shard: checks never start a collective
         if t.is_complex():
             t = torch.view_as_real(t.detach())  # |a + bi| could overflow where a, b do not
         size = t.numel() * t.element_size()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import os
 import sys
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -56,6 +57,7 @@ _MOVES = frozenset({
     "triu", "diagonal", "as_strided"})
 # factories whose output is uninitialised memory: judged when it is read, not when made
 _UNINITIALISED = frozenset({"empty", "empty_like", "new_empty", "empty_strided"})
+_DISTRIBUTED = f"{os.sep}torch{os.sep}distributed{os.sep}"
 _REVERSED = {"__rdiv__": "div", "__rtruediv__": "div", "__rsub__": "sub", "__rpow__": "pow",
              "__rmatmul__": "matmul", "__radd__": "add", "__rmul__": "mul"}
 
@@ -139,6 +141,8 @@ class Replayer(TorchFunctionMode):
         super().__init__()
         self.watched, self.target, self.kinds, self.dims = watched, target, kinds, dims
         self.allowed_modules: set[str] = set()
+        self.finish = False  # run a forward replay to its end (see _found)
+        self.first: Producer | None = None
         self.on_stop: Callable[[FrameType | None], None] | None = None
         self._reset(track=False, record=False, stop_at=None)
 
@@ -171,12 +175,13 @@ class Replayer(TorchFunctionMode):
             # an additive attention mask comes in holding -inf on purpose
             state = _State(kinds=kinds, allowed=kinds <= {"-inf"}, label=f"model input {i}")
             self.states[id(t)] = (weakref.ref(t), t._version, state if kinds else _CLEAN)
+        self.first = None
         try:
             with self._replaying(step, grad=False):
                 self._run(step)
         except Found as found:
             return found.producer
-        return None
+        return self.first
 
     def stop_at_call(self, step: ReplayInputs, index: int) -> Stopped | None:
         """Replay until call ``index`` and stop there (``on_stop`` runs in the user's frame)."""
@@ -275,22 +280,39 @@ class Replayer(TorchFunctionMode):
         for t in _floats(output):
             state = self._state(t)
             if state.origin is not None:
-                raise Found(state.origin)
-            if state.label and not state.allowed:  # e.g. a module that returns its parameter
-                raise Found(self._forward_producer(
+                self._found(state.origin)
+            elif state.label and not state.allowed:  # e.g. a module returning its parameter
+                self._found(self._forward_producer(
                     self.count, "", [], [t], [(t, state)], path=path))
-            if state.kinds:
+            elif state.kinds:
                 self.allowed_modules.add(path)
+
+    def _found(self, producer: Producer) -> None:
+        """Stop at the producer; or, where the forward runs collectives (FSDP gathers each
+        module's parameters), note the first and run on, so that every rank's replay enters the
+        same collectives."""
+        if not self.finish:
+            raise Found(producer)
+        if self.first is None:
+            self.first = producer
 
     def _state(self, t: torch.Tensor) -> _State:
         entry = self.states.get(id(t))
         if entry is not None and entry[0]() is t and entry[1] == t._version:
             return entry[2]
         kinds = bad_kinds(t, self.kinds)
-        label = self.labels.get(id(t), "a tensor made outside torch calls")
+        label = self.labels.get(id(t)) or self._live_label(t)
         state = _State(kinds=kinds, label=label) if kinds else _CLEAN
         self._set(t, state)
         return state
+
+    def _live_label(self, t: torch.Tensor) -> str:
+        """A parameter registered only now (FSDP puts the gathered, unsharded parameters in
+        the modules during their forward), else a tensor made outside torch calls."""
+        for name, p in self.watched.named_parameters():
+            if p is t:
+                return f"parameter {name}"
+        return "a tensor made outside torch calls"
 
     def _set(self, t: torch.Tensor, state: _State) -> None:
         self.states[id(t)] = (weakref.ref(t), t._version, state)
@@ -301,6 +323,10 @@ class Replayer(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if self.busy or not name or name in ("__get__", "__set__"):  # .shape, .grad, ...
+            return func(*args, **kwargs)
+        if _DISTRIBUTED in sys._getframe(1).f_code.co_filename:
+            # FSDP's own calls (gathering parameters into buffers it frees again): not the
+            # user's ops, and their tensors may have no storage to read
             return func(*args, **kwargs)
         index = self.count
         self.count += 1

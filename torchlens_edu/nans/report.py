@@ -26,6 +26,7 @@ from rich.text import Text
 from torchlens_edu._core.console import render_html, render_text
 from torchlens_edu._core.formatting import dtype_name
 from torchlens_edu.dims import format_shape
+from torchlens_edu.nans.shards import has_values, local
 
 Phase = Literal["input", "forward", "backward"]  # where a non-finite value showed up
 # "inf": an Inf of either sign, as the cheap tier sees it (largest magnitude) when no replay
@@ -58,6 +59,7 @@ class TensorSummary:
         """
         from torchlens_edu.printing import tensor_stats
 
+        t = local(t)  # a DTensor: this rank's shard (the report says which rank)
         s = tensor_stats(t)
         return cls(name=name, shape=format_shape(tuple(t.shape), dims), dtype=dtype_name(t.dtype),
                    nan=s.nan, posinf=s.posinf, neginf=s.neginf, zeros=s.zeros, min=s.min,
@@ -127,6 +129,9 @@ class NonFiniteReport:
         rank = f"[rank {self.rank}] " if self.rank is not None else ""
         if self.cause == "not_reproduced":  # seen, but no producer to name: say just that
             return f"{rank}{what} seen in {self.phase}{module}{where}, producer not found"
+        if self.cause == "other_rank":  # this rank stops for another's finding
+            at = f"; this rank stopped at {_short(self.source)}" if self.source else ""
+            return f"{rank}{what} found by another rank in the {self.phase}{at}"
         return f"{rank}{what} made in {self.phase}{op}{where}{module}"
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
@@ -160,7 +165,8 @@ class NonFiniteReport:
         what = {"nan": "NaN", "+inf": "+Inf", "-inf": "-Inf", "inf": "Inf"}.get(self.kind,
                                                                                 self.kind)
         rank = f"[rank {self.rank}] " if self.rank is not None else ""
-        verb = "seen" if self.cause == "not_reproduced" else "made"
+        verb = {"not_reproduced": "seen", "other_rank": "found by another rank"}.get(
+            self.cause, "made")
         long = f"{rank}{what} {verb} in {self.phase}" + (f": {self.op}" if self.op else "")
         return long if len(long) <= width - 2 else f"{what} {verb} in {self.phase}"
 
@@ -294,10 +300,10 @@ def bad_kinds(t: torch.Tensor, kinds: frozenset[Kind] = ALL_KINDS) -> frozenset[
     >>> sorted(bad_kinds(torch.tensor([1.0, float("-inf"), float("nan")])))
     ['-inf', 'nan']
     """
-    t = t.detach()
+    t = local(t).detach()  # a DTensor: this rank's shard, no collective
     if t.is_complex():
         t = torch.view_as_real(t)
-    if t.numel() == 0 or bool(torch.isfinite(t).all()):
+    if t.numel() == 0 or not has_values(t) or bool(torch.isfinite(t).all()):
         return frozenset()
     found: set[Kind] = set()
     if "nan" in kinds and bool(torch.isnan(t).any()):

@@ -121,6 +121,8 @@ class NanWatch:
         # DistributedDataParallel's forward starts collectives: replay the module inside it
         target = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self._replayer = Replayer(model, target, self.kinds, self.dims)
+        # FSDP gathers parameters inside the forward: replays must run on every rank or none
+        self._collective_forward = self._replayer.finish = _uses_fsdp(model)
         self._allow_inf: set[str] = set()  # module paths seen to output -inf on purpose
         self._handles: list[Any] = []
         self._active = False
@@ -278,16 +280,46 @@ class NanWatch:
 
     # ------------------------------------------------------------------ verdict
     def _verdict(self, step: _Step | None, phase: Phase, bad: Reading | None) -> None:
-        """Locate what this rank saw, agree with the other ranks, deliver if anyone is bad."""
+        """Locate what this rank saw, agree with the other ranks, deliver if anyone is bad.
+
+        Under FSDP a forward runs collectives (it gathers the parameters), so a replay on one
+        rank alone would wait forever for the others: the ranks first share what their cheap
+        tier saw, and then every rank replays the forward or none does.
+        """
         report = None
-        if bad is not None and bad.kind is not None:
-            with replay_scope():  # all of the precise tier is unseen by the other observers
+        seen = bad is not None and bad.kind is not None
+        if self._collective_forward:
+            first = share(encode(phase, bad.kind) if bad is not None and bad.kind else 0)
+            if not any(first):
+                return
+            replay_all = any(decode(c)[0] == "forward" for c in first if c)
+        else:
+            replay_all = False
+        with replay_scope():  # all of the precise tier is unseen by the other observers
+            if bad is not None and bad.kind is not None:
                 report = self._locate(step, phase, bad.label, bad.kind)
+            if replay_all and step is not None and not (seen and phase == "forward"):
+                self._replay_along(step)
         codes = share(0 if report is None else encode(report.phase, report.kind))
         if report is None and any(codes):
             report = self._other_rank_report(codes)
-        if report is not None:
+        if report is None:
+            return
+        if phase == "backward" and self._collective_forward:
+            # after FSDP's own end-of-backward callback (queued before this one), which
+            # reshards the parameters: raising first would leave them gathered for good
+            torch.autograd.Variable._execution_engine.queue_callback(
+                partial(self._deliver, report, step))
+        else:
             self._deliver(report, step)
+
+    def _replay_along(self, step: _Step) -> None:
+        """Join another rank's forward replay (its parameter gathers need every rank)."""
+        self._replaying = True
+        try:
+            self._replayer.forward(step.replay)
+        finally:
+            self._replaying = False
 
     def _other_rank_report(self, codes: list[int]) -> NonFiniteReport:
         phase, kind = decode(next(c for c in codes if c))
@@ -317,6 +349,11 @@ class NanWatch:
                     "input", "the values were non-finite before the model ran; check the data "
                     "pipeline (or what fed this input), the model is not at fault"),
                 cause="input", step=step.index, inputs=[summary])
+        if phase == "backward" and self._collective_forward:
+            return self._unreproduced(phase, label, kind, step.source, step.index, why=(
+                "under FSDP the backward is not replayed (its gradient reduce-scatters would "
+                "run again, on some ranks only); the module named is the one whose output's "
+                "gradient held it"))
         self._replaying = True
         try:
             if phase == "forward":
@@ -334,8 +371,8 @@ class NanWatch:
         step.producer = producer
         return _to_report(producer, step)
 
-    def _unreproduced(self, phase: Phase, label: str, kind: Kind, source: str, index: int
-                      ) -> NonFiniteReport:
+    def _unreproduced(self, phase: Phase, label: str, kind: Kind, source: str, index: int,
+                      why: str = "") -> NonFiniteReport:
         """The cheap tier saw a non-finite value that the replay did not make again.
 
         This still raises (in ``mode="raise"``): the cheap tier reads each tensor's largest
@@ -350,13 +387,13 @@ class NanWatch:
         what = {"nan": "NaN", "inf": "an Inf"}.get(kind, kind)
         return NonFiniteReport(
             phase=phase, module=module, op="", kind=kind, source=source, rank=rank(),
-            hint=hint_for(
-                "not_reproduced", f"the check after the step found {what} in "
-                f"{label or 'the root module'!r}'s {phase} values, but replaying the step to "
-                "find the op that made it did not make it again (a non-deterministic op, "
-                "state that changed since, or a gradient from outside the watched forward); "
-                "rerun with torch.use_deterministic_algorithms(True), or watch the code after "
-                "the model"),
+            hint=hint_for("not_reproduced", f"the check after the step found {what} in "
+                          f"{label or 'the root module'!r}'s {phase} values, but " + (why or (
+                              "replaying the step to find the op that made it did not make "
+                              "it again (a non-deterministic op, state that changed since, or "
+                              "a gradient from outside the watched forward); rerun with "
+                              "torch.use_deterministic_algorithms(True), or watch the code "
+                              "after the model"))),
             cause="not_reproduced", step=index)
 
     def _deliver(self, report: NonFiniteReport, step: _Step | None) -> None:
@@ -382,6 +419,14 @@ class NanWatch:
         finally:
             self._replaying = False
             self._replayer.on_stop = None
+
+
+def _uses_fsdp(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a build without torch.distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def params_to_probe(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
