@@ -65,3 +65,12 @@ def test_no_module_is_named_like_a_public_function() -> None:
         p.name for p in (ROOT / "torchlens_edu").rglob("*") if p.is_dir()}
     public = {n for n in tle.__all__ if callable(getattr(tle, n))} | set(models.__all__)
     assert not names & public, sorted(names & public)
+
+
+def test_models_import_nothing_of_the_toolkit_including_packages_added_later() -> None:
+    """The forbidden contract names today's packages; this asks grimp for everything models/
+    reaches, so a package added later (compare/, ...) is covered too."""
+    grimp = pytest.importorskip("grimp")
+    graph = grimp.build_graph("torchlens_edu", cache_dir=None)
+    reached = graph.find_upstream_modules("torchlens_edu.models", as_package=True)
+    assert not {m for m in reached if m.startswith("torchlens_edu")}, sorted(reached)
