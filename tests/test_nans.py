@@ -879,3 +879,37 @@ def test_the_report_fits_the_terminal_with_every_number_whole(width):
     assert ("tensor" in text and "shape" in text) == (width >= 100)  # a table only if it fits
     assert "min/max over the finite values" in text
     assert "hint: exploding values/learning rate" in text
+
+
+def test_threads_each_watch_their_own_forwards(tiny_gpt2) -> None:
+    """Issue 16.5, for the NaN watch: four threads watching one model mixed up each other's
+    steps (IndexError, zip() length errors)."""
+    import sys
+    import threading
+
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def work(i: int) -> None:
+        ids = torch.full((1, 3 + i), i)
+        start.wait()
+        try:
+            for _ in range(10):
+                with watch_nans(tiny_gpt2) as watch:
+                    torch.autograd.grad(tiny_gpt2(ids).sum(), tiny_gpt2.transformer.wte.weight)
+                assert watch.reports == []
+        except BaseException as error:  # shown by the assertion below
+            errors.append(error)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch often: the forwards interleave
+    try:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert not tiny_gpt2._forward_hooks and not tiny_gpt2._forward_pre_hooks

@@ -21,6 +21,7 @@ Two tiers:
 from __future__ import annotations
 
 import sys
+import threading
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -97,6 +98,9 @@ def _is_float(t: torch.Tensor) -> bool:
 class NanWatch:
     """The context manager :func:`watch_nans` returns; ``.reports`` lists what it found.
 
+    It watches the forwards of the thread that made it (and the backward passes they start),
+    so that several threads may each watch one model.
+
     >>> model = torch.nn.Linear(2, 2)
     >>> with NanWatch(model) as watch:
     ...     _ = model(torch.ones(1, 2))
@@ -127,6 +131,7 @@ class NanWatch:
         self._handles: list[Any] = []
         self._active = False
         self._replaying = False
+        self._thread = threading.get_ident()  # forwards of other threads are theirs to watch
         self._calls = 0
         self._step: _Step | None = None
         self._nested = 0
@@ -170,9 +175,11 @@ class NanWatch:
         disarm(self)
 
     # ------------------------------------------------------------------ cheap tier: forward
-    def _on_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._replaying:
+    def _on_start(self, module: nn.Module, args: tuple, *rest: Any) -> None:
+        # *rest: torch may call a kwargs hook without kwargs while another thread adds it
+        if self._replaying or threading.get_ident() != self._thread:
             return
+        (kwargs,) = rest
         if self._step is not None:  # the model calls itself: one step, checked at the end
             self._nested += 1
             return
@@ -189,7 +196,7 @@ class NanWatch:
 
     def _on_module(self, module: nn.Module, args: tuple, output: Any) -> None:
         step = self._step
-        if step is None or self._replaying:
+        if step is None or self._replaying or threading.get_ident() != self._thread:
             return
         path = self._paths.get(module, "")
         seen = step.seen
@@ -207,7 +214,7 @@ class NanWatch:
 
     def _on_end(self, module: nn.Module, args: tuple, output: Any) -> None:
         step = self._step
-        if step is None or self._replaying:
+        if step is None or self._replaying or threading.get_ident() != self._thread:
             return
         if self._nested:
             self._nested -= 1
