@@ -205,6 +205,8 @@ def _repair(model: nn.Module) -> None:
         options.uninstall()
     tle.set_printoptions("default")
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    torch.set_grad_enabled(True)
+    torch.set_anomaly_enabled(False)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,23 @@ such call returns. The forward itself is never held: Ctrl-C stops a long run at 
 
 How: while an observer is attached (:func:`arm`), and during every ``@uninterruptible`` call, a
 SIGINT handler is installed that looks at the interrupted frames. If one of them is an
-``@uninterruptible`` call, it notes the interrupt; otherwise it calls the previous handler
-(``KeyboardInterrupt`` at once, as without us). Only the main thread receives SIGINT, and only
+``@uninterruptible`` call, it notes the interrupt; if one is the enter or exit of someone
+else's context manager (a ``contextlib`` one, such as the one torch pops its function modes
+with during every traced op, or ``torch.no_grad``), it sends the interrupt again a millisecond
+later, when that block is whole; otherwise it calls the previous handler (``KeyboardInterrupt``
+at once, as without us). Only the main thread receives SIGINT, and only
 there can a handler be installed: elsewhere these are plain calls. When the last observer is
 detached, the previous handler is put back (unless someone replaced ours meanwhile).
+
+Code that runs *during* the forward (an observer's hook) stays interruptible, so it must not
+hold global state in a Python context manager: ``with torch.no_grad():`` left grad mode off
+when the Ctrl-C landed on the first line of its ``__exit__``. :func:`call_without_grad` is
+the airtight replacement.
 """
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import functools
 import signal
@@ -25,6 +34,8 @@ import threading
 from collections.abc import Callable, Iterator
 from types import CodeType, FrameType
 from typing import Any, ParamSpec, TypeVar
+
+import torch
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -40,7 +51,33 @@ def _on_sigint(signum: int, frame: FrameType | None) -> None:
     if _in_uninterruptible(frame):
         _pending = True
         return
+    if _in_foreign_enter_or_exit(frame):
+        threading.Timer(_AGAIN_AFTER_S, _thread.interrupt_main).start()
+        return
     _previous(signum, frame)
+
+
+_AGAIN_AFTER_S = 0.001  # a context manager's enter or exit is long done by then
+
+
+def _foreign_codes() -> frozenset[CodeType]:
+    """Enter/exit code of context managers that hold global state and are not ours."""
+    holders: list[Any] = [contextlib._GeneratorContextManager, torch.no_grad, torch.enable_grad,
+                          torch.set_grad_enabled, torch.inference_mode]
+    return frozenset(method.__code__ for holder in holders for cls in holder.__mro__
+                     for name in ("__init__", "__enter__", "__exit__")
+                     if cls is not object and hasattr(method := vars(cls).get(name), "__code__"))
+
+
+_FOREIGN = _foreign_codes()
+
+
+def _in_foreign_enter_or_exit(frame: FrameType | None) -> bool:
+    while frame is not None:
+        if frame.f_code in _FOREIGN:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _in_uninterruptible(frame: FrameType | None) -> bool:
@@ -83,6 +120,20 @@ def _raise_pending() -> None:
     handler = _previous if _previous is not None else signal.getsignal(signal.SIGINT)
     if callable(handler) and handler is not _on_sigint:
         handler(signal.SIGINT, None)
+
+
+def call_without_grad(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """``fn(*args, **kwargs)`` with autograd off; grad mode comes back whatever interrupts it.
+
+    >>> call_without_grad(torch.ones(1, requires_grad=True).mul, 2).requires_grad
+    False
+    """
+    previous = torch.is_grad_enabled()
+    try:  # set inside the try, restored by a C call first thing in finally: no gap for Ctrl-C
+        torch._C._set_grad_enabled(False)
+        return fn(*args, **kwargs)
+    finally:
+        torch._C._set_grad_enabled(previous)
 
 
 def arm(owner: object) -> None:

@@ -33,6 +33,7 @@ from typing import Generic, TypeVar
 import torch
 import torch.nn as nn
 
+from torchlens_edu._core.interrupts import call_without_grad
 from torchlens_edu.nans.report import Kind
 from torchlens_edu.nans.shards import has_values, local
 
@@ -155,10 +156,11 @@ class Batch(Generic[Owner]):
         if not pending.tensors:
             return
         for key, tensors in pending.tensors.items():
-            # no graph (a ``detach`` per tensor would be an op each), unseen by op traces
-            with unseen(), torch.no_grad():
-                results = (torch._foreach_max(tensors) if key[1]
-                           else torch._foreach_norm(tensors, math.inf))
+            # no graph (a ``detach`` per tensor would be an op each), unseen by op traces; not
+            # ``torch.no_grad()``: a Ctrl-C at the first line of its __exit__ left grad mode off
+            with unseen():
+                results = (call_without_grad(torch._foreach_max, tensors) if key[1]
+                           else call_without_grad(torch._foreach_norm, tensors, math.inf))
             self._results.append((pending.indices[key], results))
 
     def read(self) -> list[Reading[Owner]]:

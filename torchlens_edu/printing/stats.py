@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from torchlens_edu._core.interrupts import call_without_grad
+
 HIST_BINS = 8
 _SAMPLE = 4096  # elements drawn for the histogram
 # elements per chunk: on CPU small enough that a chunk's passes stay in the L2 cache; on
@@ -103,20 +105,25 @@ def tensor_stats(t: torch.Tensor) -> TensorStats:
     """
     if not isinstance(t, torch.Tensor):
         return TensorStats(note=f"not a tensor ({type(t).__name__})")
-    with unobserved(), torch.no_grad():
-        try:
-            numel = t.numel()
-        except Exception as err:  # e.g. tensor subclasses with symbolic sizes
-            return TensorStats(note=f"size unknown: {type(err).__name__}: {err}")
-        no_data = _why_no_data(t)
-        if no_data:
-            return TensorStats(numel=numel, note=no_data)
-        if numel == 0:
-            return TensorStats(numel=0, nan=0, posinf=0, neginf=0, zeros=0, note="empty")
-        try:
-            return _compute(t.detach(), numel)
-        except Exception as err:  # the contract is "never raises": say what failed instead
-            return TensorStats(numel=numel, note=f"stats failed: {type(err).__name__}: {err}")
+    with unobserved():
+        return call_without_grad(_stats, t)
+
+
+def _stats(t: torch.Tensor) -> TensorStats:
+    """``tensor_stats`` itself, run with autograd off and modes hidden."""
+    try:
+        numel = t.numel()
+    except Exception as err:  # e.g. tensor subclasses with symbolic sizes
+        return TensorStats(note=f"size unknown: {type(err).__name__}: {err}")
+    no_data = _why_no_data(t)
+    if no_data:
+        return TensorStats(numel=numel, note=no_data)
+    if numel == 0:
+        return TensorStats(numel=0, nan=0, posinf=0, neginf=0, zeros=0, note="empty")
+    try:
+        return _compute(t.detach(), numel)
+    except Exception as err:  # the contract is "never raises": say what failed instead
+        return TensorStats(numel=numel, note=f"stats failed: {type(err).__name__}: {err}")
 
 
 @contextlib.contextmanager
