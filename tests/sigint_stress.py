@@ -102,13 +102,16 @@ def snapshot(model: nn.Module) -> dict[str, Any]:
 class Interrupter:
     """One SIGINT after ``delay`` seconds: a real timer signal, or a thread's interrupt_main."""
 
+    sent = False  # whether the SIGINT went out (then a KeyboardInterrupt must follow)
+
     def __init__(self, delay: float, use_thread: bool) -> None:
         self.delay, self.use_thread = delay, use_thread
         self._timer: threading.Timer | None = None
+        Interrupter.sent = False
 
     def start(self) -> None:
         if self.use_thread:
-            self._timer = threading.Timer(self.delay, _thread.interrupt_main)
+            self._timer = threading.Timer(self.delay, _interrupt_main)
             self._timer.start()
         else:
             signal.setitimer(signal.ITIMER_REAL, max(self.delay, 1e-6))
@@ -122,7 +125,13 @@ class Interrupter:
 
 
 def _alarm(signum: int, frame: Any) -> None:
+    Interrupter.sent = True
     os.kill(os.getpid(), signal.SIGINT)  # a real, asynchronous SIGINT
+
+
+def _interrupt_main() -> None:
+    Interrupter.sent = True
+    _thread.interrupt_main()
 
 
 def orders(rng: random.Random) -> Iterator[list[str]]:
@@ -172,11 +181,17 @@ def main(runs: int, seed: int) -> dict[str, Any]:
                 nest(names, model, body)
             finally:
                 interrupter.stop()
-            time.sleep(0.002)  # a signal already on its way lands here, not in the checks
+            waited = 0.0
+            while Interrupter.sent and waited < 2:  # sent, and held a moment: it lands here
+                time.sleep(0.001)
+                waited += 0.001
+            time.sleep(0.001)  # an alarm that fired just now sends its SIGINT here
         except KeyboardInterrupt:
             got_interrupt = True
         except BaseException as error:  # what must never happen: anything but Ctrl-C
             wrong.append({"run": run, "order": names, "error": repr(error)})
+        if Interrupter.sent and not got_interrupt:  # held, and never raised
+            wrong.append({"run": run, "order": names, "error": "Ctrl-C lost"})
         interrupted += got_interrupt
         model.zero_grad(set_to_none=True)
         now = snapshot(model)
