@@ -93,3 +93,70 @@ def _nest(held: list, order: list[str], model: torch.nn.Module, ids: torch.Tenso
 
 def _same(got: int, expected: int) -> None:
     assert got == expected, f"a hook saw another thread's batch: T={got}, not {expected}"
+
+
+def test_a_ctrl_c_during_an_uninterruptible_call_is_raised_when_it_returns() -> None:
+    import _thread
+    import signal
+
+    from torchlens_edu._core.interrupts import uninterruptible
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("Python's SIGINT handler is not installed here")
+    steps: list[int] = []
+
+    @uninterruptible
+    def attach() -> None:
+        _thread.interrupt_main()
+        for step in range(3):  # each call checks for signals: the Ctrl-C waits
+            steps.append(step)
+
+    with pytest.raises(KeyboardInterrupt):
+        attach()
+    assert steps == [0, 1, 2]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_enter_interrupted_by_ctrl_c_exits_before_raising() -> None:
+    import _thread
+    import signal
+
+    from torchlens_edu._core.interrupts import uninterruptible_enter
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("Python's SIGINT handler is not installed here")
+    calls: list[str] = []
+
+    class Observer:
+        @uninterruptible_enter
+        def __enter__(self) -> Observer:
+            calls.append("attached")
+            _thread.interrupt_main()
+            calls.append("still attaching")
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            calls.append("detached")
+
+    with pytest.raises(KeyboardInterrupt), Observer():
+        calls.append("body")  # never: the with block does not start
+    assert calls == ["attached", "still attaching", "detached"]
+
+
+def test_op_recorders_closed_out_of_order_each_take_themselves_off() -> None:
+    """TorchFunctionMode.__exit__ pops the top mode, whichever it is: closing two op traces
+    out of order left the first one recording, and could pop from an empty stack."""
+    from torchlens_edu.shapes import ShapeTracer
+
+    first, second = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    a, b = ShapeTracer(first, ops=True), ShapeTracer(second, ops=True)
+    x = torch.zeros(1, 2)
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    second(x)
+    b.__exit__(None, None, None)
+    assert [e.name for e in b.trace.events if e.kind == "op"] == ["linear"]
+    assert a.trace.events == []
+    assert torch._C._len_torch_function_stack() == 0
+    a.__exit__(None, None, None)  # a second exit: nothing to pop, no error
