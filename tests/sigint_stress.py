@@ -143,7 +143,7 @@ def orders(rng: random.Random) -> Iterator[list[str]]:
         yield rng.sample(OBSERVERS, rng.randint(1, len(OBSERVERS)))
 
 
-def main(runs: int, seed: int) -> dict[str, Any]:
+def main(runs: int, seed: int, order: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     model = GPT2(GPT2Config.preset("tiny"))
@@ -171,7 +171,8 @@ def main(runs: int, seed: int) -> dict[str, Any]:
         durations[body] = sorted(times)[2]
     clean = snapshot(model)
     interrupted, leaks, wrong = 0, [], []
-    for run, names in zip(range(runs), orders(rng), strict=False):
+    chosen = itertools.repeat(order) if order else orders(rng)
+    for run, names in zip(range(runs), chosen, strict=False):
         body = forward_backward if run % 4 < 2 else nothing
         interrupter = Interrupter(rng.uniform(0, 1.1 * durations[body]), use_thread=run % 2 == 1)
         got_interrupt = False
@@ -228,5 +229,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--order", help="one nesting order for every run, e.g. trace,hooks,nans")
     args = parser.parse_args()
-    print(json.dumps(main(args.runs, args.seed)))
+    print(json.dumps(main(args.runs, args.seed, args.order.split(",") if args.order else None)))

@@ -44,17 +44,22 @@ _armed: set[int] = set()  # ids of attached observers (main thread)
 _previous: Any = None  # the SIGINT handler ours replaced; None while ours is not installed
 _pending = False  # a Ctrl-C arrived inside an uninterruptible call
 _CODES: set[CodeType] = set()  # the frames of an uninterruptible call: wrappers and the call
+# ids of the frames of the outermost uninterruptible call (and its wrapper) once it has raised
+# what it held and is returning: a Ctrl-C there would be held with nobody left to raise it, so
+# it is sent again once they have returned. (ids: holding the frames would keep their locals.)
+_returning: tuple[int, int] = (0, 0)
 
 
 def _on_sigint(signum: int, frame: FrameType | None) -> None:
     global _pending
-    if _in_uninterruptible(frame):
+    frame = frame if frame is not None else sys._getframe(1)
+    held = _held_by(frame)
+    if held == "ours":
         _pending = True
-        return
-    if _in_foreign_enter_or_exit(frame):
+    elif held == "later":
         threading.Timer(_AGAIN_AFTER_S, _thread.interrupt_main).start()
-        return
-    _previous(signum, frame)
+    else:
+        _previous(signum, frame)
 
 
 _AGAIN_AFTER_S = 0.001  # a context manager's enter or exit is long done by then
@@ -72,12 +77,19 @@ def _foreign_codes() -> frozenset[CodeType]:
 _FOREIGN = _foreign_codes()
 
 
-def _in_foreign_enter_or_exit(frame: FrameType | None) -> bool:
+def _held_by(frame: FrameType | None) -> str:
+    """"ours" (an uninterruptible call raises it when it returns), "later" (send it again in a
+    moment: a call is returning, or someone else's context manager is entering or exiting),
+    or "" (raise it now)."""
+    later = False
     while frame is not None:
-        if frame.f_code in _FOREIGN:
-            return True
+        if id(frame) in _returning:
+            return "later"  # the outermost call (or its wrapper) is on its way out
+        if frame.f_code in _CODES:
+            return "ours"
+        later = later or frame.f_code in _FOREIGN
         frame = frame.f_back
-    return False
+    return "later" if later else ""
 
 
 def _in_uninterruptible(frame: FrameType | None) -> bool:
@@ -162,19 +174,29 @@ def _uninterruptible_call(fn: Callable[..., Any], undo: Callable[[Any], Any] | N
     # The SIGINT handler recognises this function's frames: keep all the work inside it.
     if not _on_main_thread():
         return fn(*args, **kwargs)
+    global _returning
     _install()
     outermost = not _in_uninterruptible(sys._getframe(2))  # above the decorator's wrapper
+    if outermost:
+        _returning = (0, 0)
     try:
         result = fn(*args, **kwargs)
     except BaseException:
         if outermost:
+            _returning = _frame_ids()
             _finish()
         raise
     if outermost and _pending and undo is not None:
         undo(args[0])  # __enter__ succeeded but will raise: detach before it does
     if outermost:
+        _returning = _frame_ids()  # a Ctrl-C from here on goes to our caller
         _finish()
     return result
+
+
+def _frame_ids() -> tuple[int, int]:
+    call = sys._getframe(1)  # _uninterruptible_call; its f_back is the decorator's wrapper
+    return id(call), id(call.f_back)
 
 
 _CODES.add(_uninterruptible_call.__code__)
