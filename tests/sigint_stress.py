@@ -2,8 +2,8 @@
 
 Run by ``tests/test_stress.py`` in a subprocess (SIGINT goes to this process only), or by hand
 for more runs: ``python tests/sigint_stress.py --runs 3000``. Prints one JSON line: how many
-runs were interrupted, and every run that left state behind or raised something other than
-``KeyboardInterrupt``.
+runs were interrupted, and every run that left state behind (with where the interrupt was
+raised), raised something other than ``KeyboardInterrupt`` or lost the Ctrl-C.
 
 Each run nests some of the observers (capture, hooks, trace_shapes ops=True, watch_nans,
 printoptions, installed) in one order (every order of all six comes up in 720 runs), runs a
@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
@@ -176,6 +177,7 @@ def main(runs: int, seed: int, order: list[str] | None = None) -> dict[str, Any]
         body = forward_backward if run % 4 < 2 else nothing
         interrupter = Interrupter(rng.uniform(0, 1.1 * durations[body]), use_thread=run % 2 == 1)
         got_interrupt = False
+        where: list[str] = []  # where the KeyboardInterrupt was raised, for a leak's record
         try:
             try:
                 interrupter.start()
@@ -187,8 +189,9 @@ def main(runs: int, seed: int, order: list[str] | None = None) -> dict[str, Any]
                 time.sleep(0.001)
                 waited += 0.001
             time.sleep(0.001)  # an alarm that fired just now sends its SIGINT here
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             got_interrupt = True
+            where = [f"{f.name}:{f.lineno}" for f in traceback.extract_tb(interrupt.__traceback__)]
         except BaseException as error:  # what must never happen: anything but Ctrl-C
             wrong.append({"run": run, "order": names, "error": repr(error)})
         if Interrupter.sent and not got_interrupt:  # held, and never raised
@@ -200,8 +203,8 @@ def main(runs: int, seed: int, order: list[str] | None = None) -> dict[str, Any]
         if any(not torch.equal(v, weights[k]) for k, v in model.state_dict().items()):
             left["weights"] = ("unchanged", "changed")
         if left:
-            leaks.append({"run": run, "order": names, "left": {k: [repr(a), repr(b)] for k, (a, b)
-                                                               in left.items()}})
+            leaks.append({"run": run, "order": names, "raised at": where[-8:],
+                          "left": {k: [repr(a), repr(b)] for k, (a, b) in left.items()}})
             _repair(model)
     return {"runs": runs, "interrupted": interrupted, "leaks": leaks, "wrong": wrong}
 
