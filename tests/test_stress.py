@@ -1,8 +1,9 @@
 """Nothing left behind: Ctrl-C at random moments in nested observers, and observers in threads.
 
 Issue 16.6 measured 38 of 3,000 Ctrl-Cs leaving hooks, the op recorder's torch-function mode or
-print options behind, and 13 turning into "pop from empty mode stack". ``sigint_stress.py`` is
-the harness (run it by hand for more runs); here it runs a few hundred times.
+print options behind, and 13 turning into "pop from empty mode stack".
+``support/sigint_stress.py`` is the harness (run it by hand for more runs); here it runs a few
+hundred times.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import threading
 
 import pytest
 import torch
-from sigint_stress import OBSERVERS, observer, snapshot
 
+from support.sigint_stress import OBSERVERS, observer, snapshot
 from torchlens_edu.models import GPT2, GPT2Config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -27,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def test_ctrl_c_at_random_moments_leaves_nothing_behind() -> None:
     runs = 240
     env = {**os.environ, "PYTHONPATH": os.path.dirname(HERE)}
-    done = subprocess.run([sys.executable, os.path.join(HERE, "sigint_stress.py"),
+    done = subprocess.run([sys.executable, os.path.join(HERE, "support", "sigint_stress.py"),
                            "--runs", str(runs), "--seed", "0"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,7 +1,7 @@
 """Ctrl-C at random moments inside nested observers; then check that nothing was left behind.
 
 Run by ``tests/test_stress.py`` in a subprocess (SIGINT goes to this process only), or by hand
-for more runs: ``python tests/sigint_stress.py --runs 3000``. Prints one JSON line: how many
+for more runs: ``python tests/support/sigint_stress.py --runs 3000``. Prints one JSON line: how many
 runs were interrupted, and every run that left state behind (with where the interrupt was
 raised), raised something other than ``KeyboardInterrupt`` or lost the Ctrl-C.
 
@@ -33,7 +33,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the repository root (this file is tests/support/sigint_stress.py), for a run by hand
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torchlens_edu as tle
 from torchlens_edu.models import GPT2, GPT2Config
