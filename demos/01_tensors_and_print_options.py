@@ -3,7 +3,8 @@
 What to look at:
 1. torch's default print of a (1, 8, 64) activation: long, and ``sci_mode`` can flip every
    number to 1.2345e-02 style when values span a wide range.
-2. ``tle.printoptions("edu")``: 4 decimals, 4 edge items, summarised above 30 elements. The
+2. ``tle.printoptions("edu")``: 4 decimals, 4 edge items, summarised above 30 elements, and
+   never e-notation (``sci_mode=False``), the same preset the debugger's stops use. The
    ``with`` block puts back the *exact* previous options afterwards (check the last print).
 3. ``tle.describe(t)``: one line with the shape in named dims (B, T, C), dtype, device, mean,
    std, range, a sparkline histogram and the NaN count. This is the line to print in a loop.
@@ -30,7 +31,7 @@ console.print(str(x[0, :2]))
 console.print(Rule('2. with tle.printoptions("edu")'))
 with tle.printoptions("edu"):
     console.print(str(x[0, :2]))
-with tle.printoptions("edu", precision=2, sci_mode=False):
+with tle.printoptions("edu", precision=2):  # a preset, and one option changed on top of it
     console.print(str(x[0, :2, -6:]))
 
 console.print(Rule("3. tle.describe: one line per tensor"))

@@ -311,3 +311,18 @@ def test_attention_stop_under_another_debugger_says_how_far_up(tiny_gpt2, tiny_i
     for _ in range(up):
         frame = frame.f_back
     assert Path(frame.f_code.co_filename) == GPT2_PY and {"q", "att"} <= set(frame.f_locals)
+
+
+def test_the_attention_stop_prints_as_lesson_01_does(monkeypatch, capsys):
+    # real pdb at `torchlens-edu debug`'s stop: its default preset is lesson 01's "edu", so a
+    # learner's `p att[0, 0, :4, :4]` reads 0.6480, not 6.4804e-01
+    monkeypatch.setattr(sys, "breakpointhook", sys.__breakpointhook__)
+    monkeypatch.delenv("PYTHONBREAKPOINT", raising=False)
+    monkeypatch.setattr(debug, "_stdin_interactive", lambda: True)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("p att[0, 0, :4, :4]\np att[0, 0, -1]\nc\n"))
+    assert main(["debug", "--device", "cpu", "--stop", "attention:layer=0"]) == 0
+    printed = capsys.readouterr().out
+    square, row = printed.split("(Pdb)")[1:3]  # the last query's row spans 1e-06 .. 0.5
+    assert re.search(r"0\.\d{4}", square) and "e-" not in square and "e-" not in row, printed
+    lesson = (Path(__file__).parents[1] / "demos" / "01_tensors_and_print_options.py").read_text()
+    assert 'tle.printoptions("edu")' in lesson and "sci_mode=False" in lesson

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,18 +24,54 @@ def _opts() -> dict:
 def test_set_printoptions_returns_previous_and_keeps_sci_mode() -> None:
     before = _opts()
     try:
-        torch.set_printoptions(sci_mode=False)
+        torch.set_printoptions(sci_mode=True)
         old = tle.set_printoptions("edu")
-        assert old["sci_mode"] is False
+        assert old["sci_mode"] is True
         now = _opts()
         assert (now["precision"], now["edgeitems"], now["threshold"]) == (4, 4, 30)
-        assert now["sci_mode"] is False  # torch.set_printoptions would have reset it to None
+        assert now["sci_mode"] is False  # the preset sets it, whatever was there
         assert 80 <= now["linewidth"] <= 160
+        torch.set_printoptions(sci_mode=True)
         tle.set_printoptions(precision=2)
         assert _opts()["threshold"] == 30  # options not named stay as they are
+        assert _opts()["sci_mode"] is True  # torch.set_printoptions would have reset it to None
     finally:
         tle.set_printoptions(**before)
     assert _opts() == before
+
+
+@pytest.mark.parametrize("preset", list(printing.PRESETS))
+def test_every_preset_sets_every_option_whatever_was_set_before(preset: str) -> None:
+    seen = []
+    for sci_mode in (True, False, None):
+        with tle.printoptions(precision=7, edgeitems=1, threshold=5, linewidth=200,
+                              sci_mode=sci_mode), tle.printoptions(preset) as applied:
+            seen.append(applied)
+    assert seen[0] == seen[1] == seen[2]
+    assert set(printing.PRESETS[preset]) == set(_opts())
+
+
+def test_edu_prints_attention_weights_in_fixed_point() -> None:
+    # values spanning 1e-5 .. 0.65: torch's automatic notation prints 6.4804e-01
+    att = torch.tensor([[1.0, 0.0], [0.6480, 0.3520], [0.5, 1e-5]])
+    with tle.printoptions("default"):
+        assert "6.4800e-01" in str(att)
+    with tle.printoptions("edu"):
+        assert "0.6480" in str(att) and "e-" not in str(att)
+
+
+def test_the_readme_documents_every_field_of_every_preset() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for preset, options in printing.PRESETS.items():
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `{preset}` |")),
+                   None)
+        assert row is not None, f"README.md has no row for the {preset!r} preset"
+        with tle.printoptions(preset) as applied:
+            for name in options:
+                value = applied[name]
+                shown = "terminal" if name == "linewidth" and callable(options[name]) else (
+                    "inf" if value == math.inf else str(value))
+                assert f"{name}={shown}" in row, (preset, name, row)
 
 
 @pytest.mark.parametrize("preset", list(printing.PRESETS))

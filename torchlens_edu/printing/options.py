@@ -50,13 +50,20 @@ def _terminal_width() -> int:
     return max(80, min(shutil.get_terminal_size((100, 24)).columns, 160))
 
 
-# name -> options (callables are evaluated when the preset is applied: the terminal can change)
+# name -> every one of torch's five print options, so that a preset prints the same whatever was
+# set before it (callables are evaluated when the preset is applied: the terminal can change).
+# README.md ("Seeing tensors") lists them; a test keeps the two in step.
 PRESETS: dict[str, dict[str, Any]] = {
-    # few values per axis, summarised early: the shape of the data, not a wall of numbers
-    "edu": {"precision": 4, "edgeitems": 4, "threshold": 30, "linewidth": _terminal_width},
-    "short": {"precision": 2, "edgeitems": 2, "threshold": 16, "linewidth": _terminal_width},
+    # few values per axis, summarised early, and always fixed-point: 0.6480, never 6.4804e-01
+    # (torch switches a whole tensor to e-notation when its values span a wide range, which is
+    # exactly what attention weights and activations do)
+    "edu": {"precision": 4, "edgeitems": 4, "threshold": 30, "linewidth": _terminal_width,
+            "sci_mode": False},
+    "short": {"precision": 2, "edgeitems": 2, "threshold": 16, "linewidth": _terminal_width,
+              "sci_mode": False},
+    # every value, in torch's automatic notation (a 1e-9 stays visible instead of 0.0000)
     "full": {"precision": 4, "edgeitems": 3, "threshold": math.inf,
-             "linewidth": _terminal_width},
+             "linewidth": _terminal_width, "sci_mode": None},
     # torch's own defaults (its "default" profile)
     "default": {"precision": 4, "edgeitems": 3, "threshold": 1000, "linewidth": 80,
                 "sci_mode": None},
@@ -119,6 +126,13 @@ def _check_option(name: str, value: Any) -> None:
 
 def set_printoptions(preset: str | None = None, **overrides: Any) -> dict[str, Any]:
     """Apply a preset (``"edu"``, ``"short"``, ``"full"``, ``"default"``) and/or single options.
+
+    A preset sets all five options. ``"edu"``: precision=4, edgeitems=4, threshold=30,
+    linewidth=the terminal's width (80 to 160; 100 when output is not a terminal),
+    sci_mode=False (fixed-point, never e-notation). ``"short"``: the same with precision=2,
+    edgeitems=2, threshold=16. ``"full"``: precision=4, edgeitems=3, threshold=inf (never
+    summarised), the terminal's width, sci_mode=None (torch decides). ``"default"``: torch's
+    own defaults (4, 3, 1000, 80, None).
 
     Options you do not name keep their current value (``sci_mode`` too, unlike
     ``torch.set_printoptions``). Returns the previous options: ``set_printoptions(**old)``
