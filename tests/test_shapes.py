@@ -205,3 +205,20 @@ def test_include_keeps_the_batch_and_token_names(tiny_gpt2, tiny_ids):
     assert all(e.path.startswith("transformer.h.0.mlp") for e in trace.events)
     assert trace.dims["B"] == 2 and trace.dims["T"] == 8  # were missing: the root was unhooked
     assert trace.dims.format(trace.events[0].input_shapes[0]) == "(B=2, T=8, C=32)"
+
+
+def test_diff_of_a_length_change_says_so_first(tiny_gpt2):
+    a = trace_shapes(tiny_gpt2, torch.zeros(1, 13, dtype=torch.long), ops=True)
+    b = trace_shapes(tiny_gpt2, torch.zeros(1, 19, dtype=torch.long), ops=True)
+    diff = a.diff(b)
+    text = str(diff)
+    assert text.splitlines()[0] == "T: 13 -> 19"
+    assert f"all {len(diff)} events have the same shapes in named dims" in text
+    assert "shape differences" not in text and len(text.splitlines()) == 2  # not 99 rows
+    assert diff.to_dict()["dims"] == [{"name": "T", "before": 13, "after": 19}]
+    # a change the dims do not explain is still listed, after the dims
+    shallow = trace_shapes(tiny_gpt2, torch.zeros(1, 19, dtype=torch.long), depth=1)
+    mixed = str(trace_shapes(tiny_gpt2, torch.zeros(1, 13, dtype=torch.long), depth=2)
+                .diff(shallow))
+    assert mixed.startswith("T: 13 -> 19") and "shape differences beyond that" in mixed
+    assert "transformer.h.0.attn CausalSelfAttention" in mixed

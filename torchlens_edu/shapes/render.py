@@ -242,6 +242,7 @@ class ShapeChange:
     call: int
     before: str
     after: str
+    only_dims: bool = False  # the same shapes in named dims: only a dim's size changed (T)
 
 
 class TraceDiff:
@@ -254,8 +255,10 @@ class TraceDiff:
     [('changed', '(3, 4) -> (3, 2)', '(5, 4) -> (5, 2)')]
     """
 
-    def __init__(self, changes: list[ShapeChange]) -> None:
+    def __init__(self, changes: list[ShapeChange], *,
+                 dims: Sequence[tuple[str, int | None, int | None]] = ()) -> None:
         self.changes = changes
+        self.dims = list(dims)  # (name, size before, size after) of each dim that changed
 
     @classmethod
     def between(cls, old_events: Sequence[ShapeEvent], old_dims: Dims,
@@ -263,6 +266,9 @@ class TraceDiff:
         """Compare two traces' events (``ShapeTrace.diff`` calls this), each with its dims."""
         before = {_key(e): e for e in old_events}
         after = {_key(e): e for e in new_events}
+        dims = [(name, old_dims.get(name), new_dims.get(name))
+                for name in dict.fromkeys([*old_dims, *new_dims])
+                if old_dims.get(name) != new_dims.get(name)]
         changes = []
         for key in [*before, *(k for k in after if k not in before)]:
             old, new = before.get(key), after.get(key)
@@ -273,9 +279,12 @@ class TraceDiff:
             kind, path, name, call = key
             change: Literal["added", "removed", "changed"] = (
                 "removed" if new is None else "added" if old is None else "changed")
+            only_dims = bool(dims) and change == "changed" and (
+                _names_only(old_text) == _names_only(new_text))
             changes.append(ShapeChange(change=change, kind=kind, path=path, name=name,
-                                       call=call, before=old_text, after=new_text))
-        return cls(changes)
+                                       call=call, before=old_text, after=new_text,
+                                       only_dims=only_dims))
+        return cls(changes, dims=dims)
 
     def __bool__(self) -> bool:
         return bool(self.changes)
@@ -284,22 +293,41 @@ class TraceDiff:
         return len(self.changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: ``{"changes": [{"change", "kind", "path", "name", "call", ...}]}``."""
-        return {"changes": [vars(c).copy() for c in self.changes]}
+        """JSON-ready: ``{"dims": [{"name", "before", "after"}], "changes": [{"change", "kind",
+        "path", "name", "call", ...}]}``."""
+        return {"dims": [{"name": n, "before": b, "after": a} for n, b, a in self.dims],
+                "changes": [vars(c).copy() for c in self.changes]}
 
     def __rich__(self) -> Any:
         if not self.changes:
             return Text("The two traces have the same shapes everywhere.", style="green")
-        table = Table(title=f"{len(self.changes)} shape differences", title_justify="left")
-        for column in ("", "event", "before", "after"):
-            table.add_column(column)
-        marks = {"added": ("+", "green"), "removed": ("-", "red"), "changed": ("~", "yellow")}
-        for c in self.changes:
-            mark, style = marks[c.change]
-            call = f" #{c.call}" if c.call else ""
-            table.add_row(Text(mark, style), f"{c.path or '(model)'} {c.name}{call}", c.before,
-                          c.after)
-        return Group(table)
+        parts: list[Any] = []
+        if self.dims:  # the cause first: `T: 13 -> 19`, then only what it does not explain
+            sizes = ", ".join(f"{name}: {'-' if old is None else old} -> "
+                              f"{'-' if new is None else new}" for name, old, new in self.dims)
+            parts.append(Text(sizes, style="bold"))
+        explained = sum(c.only_dims for c in self.changes)
+        if explained:
+            count = (f"all {explained} events" if explained == len(self.changes)
+                     else f"{explained} of {len(self.changes)} events")
+            parts.append(Text(f"{count} have the same shapes in named dims: only those sizes "
+                              "changed there", style="dim"))
+        rest = [c for c in self.changes if not c.only_dims]
+        if rest:
+            table = Table(title=f"{len(rest)} shape differences" + (" beyond that" if explained
+                                                                    else ""),
+                          title_justify="left")
+            for column in ("", "event", "before", "after"):
+                table.add_column(column)
+            marks = {"added": ("+", "green"), "removed": ("-", "red"),
+                     "changed": ("~", "yellow")}
+            for c in rest:
+                mark, style = marks[c.change]
+                call = f" #{c.call}" if c.call else ""
+                table.add_row(Text(mark, style), f"{c.path or '(model)'} {c.name}{call}",
+                              c.before, c.after)
+            parts.append(table)
+        return Group(*parts)
 
     def __str__(self) -> str:
         return render_text(self)
@@ -313,3 +341,9 @@ def _key(event: ShapeEvent) -> tuple[Literal["module", "op"], str, str, int]:
 
 def _event_shapes(event: ShapeEvent, dims: Dims) -> str:
     return f"{_specs_text(event.inputs, dims)} -> {_specs_text(event.outputs, dims)}"
+
+
+def _names_only(shapes: str) -> str:
+    """``(B=1, T=13, 4C=512)`` -> ``(B, T, 4C)``: shapes in named dims, sizes left out (a size
+    without a name stays a number, so a change there still counts)."""
+    return re.sub(r"\b\d+:(?=[A-Za-z])", "", re.sub(r"(\w+)=\d+", r"\1", shapes))
