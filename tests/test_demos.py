@@ -24,7 +24,7 @@ EXPECTED = {
     "03": ["hs=64", "did you mean k.transpose(-2, -1)?"],
     "04": ["made in forward: log", "made in backward: SqrtBackward0"],
     "05": ["no stop requested", "max |explicit - fast|"],
-    "06": ["cache.length", "use_cache=True"],
+    "06": ["cache.length", "use_cache=True", "tokens/s (median of 5)", "faster here (medians)"],
     "07": ["LlamaForCausalLM", "attention"],
 }
 
