@@ -91,6 +91,11 @@ def test_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
                             resources={"metadata": {"path": str(DEMOS)}}).execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
+    # no warnings (rich's 'install "ipywidgets"', tqdm's IProgress) and nothing on stderr
+    assert not [o for o in outputs if o.output_type == "stream" and o.name == "stderr"], outputs
+    texts = [o.get("text", "") + "".join(map(str, o.get("data", {}).values())) for o in outputs]
+    assert not [t for t in texts if "Warning" in t or "ipywidgets" in t], texts
+    assert all(o.get("data", {}).get("text/plain", "x").strip() for o in outputs)  # no blanks
     html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
     assert "ShapeTrace" in html and "attention" in html  # rich output rendered as HTML
 

@@ -11,7 +11,12 @@ import os
 import socket
 import urllib.parse
 import urllib.request
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from torchlens_edu.models.progress import progress
 
 _HUB_TIMEOUT_S = 5.0  # a dead network fails fast instead of hanging
 _GET_WEIGHTS = ("To get them, run `huggingface-cli download {name}` (or `hf download {name}`) "
@@ -53,18 +58,21 @@ def cached_snapshot(repo_id: str, files: tuple[str, ...]) -> Path | None:
     """The cached snapshot folder of ``repo_id`` holding config.json and one of ``files``, or
     None; never touches the network.
 
+    It reads the cache's layout (``models--ORG--NAME/refs/main`` names the snapshot under
+    ``snapshots/``) instead of asking huggingface_hub: importing its download code imports
+    tqdm, which warns in a notebook without ipywidgets, and the offline path needs none of it.
+
     >>> cached_snapshot("gpt2", ("model.safetensors",))  # doctest: +SKIP
     PosixPath('/home/me/.cache/huggingface/hub/models--gpt2/snapshots/607a30d...')
     """
-    from huggingface_hub import try_to_load_from_cache
-
-    cache = _hub_cache_dir()
-    config = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache)
-    if not isinstance(config, str):
+    repo = Path(_hub_cache_dir()) / ("models--" + repo_id.replace("/", "--"))
+    try:
+        revision = (repo / "refs" / "main").read_text().strip()
+    except OSError:  # never downloaded (or not readable): not cached
         return None
-    for filename in files:
-        if isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=cache), str):
-            return Path(config).parent
+    snapshot = repo / "snapshots" / revision
+    if (snapshot / "config.json").is_file() and any((snapshot / f).is_file() for f in files):
+        return snapshot
     return None
 
 
@@ -81,8 +89,7 @@ def hub_snapshot(repo_id: str, files: tuple[str, ...]) -> Path:
         raise WeightsNotFoundError(f"GPT-2 weights {repo_id!r} are not in the Hugging Face cache "
                                    f"({cache}) and HF_HUB_OFFLINE=1 forbids downloading them. "
                                    + _GET_WEIGHTS.format(name=repo_id))
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import RemoteEntryNotFoundError
+    from huggingface_hub import constants
 
     def not_found(why: str) -> WeightsNotFoundError:
         return WeightsNotFoundError(f"GPT-2 weights {repo_id!r} are not in the Hugging Face cache "
@@ -95,21 +102,46 @@ def hub_snapshot(repo_id: str, files: tuple[str, ...]) -> Path:
     unreachable = _unreachable(endpoint)
     if unreachable:
         raise not_found(f"{endpoint} is unreachable: {unreachable}")
-    try:
-        config = hf_hub_download(repo_id, "config.json", cache_dir=cache, endpoint=endpoint,
-                                 etag_timeout=_HUB_TIMEOUT_S)
-        for filename in files:
-            try:
-                hf_hub_download(repo_id, filename, cache_dir=cache, endpoint=endpoint,
-                                etag_timeout=_HUB_TIMEOUT_S)
-                return Path(config).parent
-            except RemoteEntryNotFoundError:
-                continue
-    except RemoteEntryNotFoundError as err:
-        raise WeightsNotFoundError(f"the hub repo {repo_id!r} has no config.json: {err}") from err
-    except (OSError, ValueError) as err:  # unknown repo, refused, timed out, gated, ...
-        raise not_found(f"{type(err).__name__}: {str(err).splitlines()[0]}") from err
+    with warnings.catch_warnings():  # tqdm's, in a notebook without ipywidgets: not ours to show
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import RemoteEntryNotFoundError
+    with _hub_bars_off(), progress(f"downloading {repo_id} from {endpoint}", show_after_s=0):
+        try:
+            config = hf_hub_download(repo_id, "config.json", cache_dir=cache,
+                                     endpoint=endpoint, etag_timeout=_HUB_TIMEOUT_S)
+            for filename in files:
+                try:
+                    hf_hub_download(repo_id, filename, cache_dir=cache, endpoint=endpoint,
+                                    etag_timeout=_HUB_TIMEOUT_S)
+                    return Path(config).parent
+                except RemoteEntryNotFoundError:
+                    continue
+        except RemoteEntryNotFoundError as err:
+            raise WeightsNotFoundError(f"the hub repo {repo_id!r} has no config.json: {err}"
+                                       ) from err
+        except (OSError, ValueError) as err:  # unknown repo, refused, timed out, gated, ...
+            raise not_found(f"{type(err).__name__}: {str(err).splitlines()[0]}") from err
     raise WeightsNotFoundError(f"the hub repo {repo_id!r} has none of {', '.join(files)}")
+
+
+@contextmanager
+def _hub_bars_off() -> Iterator[None]:
+    """huggingface_hub's tqdm bars off for the block (ours is the rich one), and on again after
+    if they were on."""
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+
+    were_off = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not were_off:
+            enable_progress_bars()
 
 
 def _unreachable(endpoint: str) -> str | None:

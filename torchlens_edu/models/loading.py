@@ -24,7 +24,6 @@ import os
 import pickle
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,6 +34,7 @@ from torchlens_edu.models import tokenizer as _tokenizer
 from torchlens_edu.models.config import GPT2Config
 from torchlens_edu.models.devices import resolve_device
 from torchlens_edu.models.hub import WeightsNotFoundError, hub_snapshot
+from torchlens_edu.models.progress import progress as show_progress
 
 M = TypeVar("M", bound=nn.Module)  # the model class to build: GPT2 (this file never imports it)
 
@@ -75,7 +75,7 @@ def load_pretrained(cls: type[M], name_or_path: str | os.PathLike[str], *,
     weights, cfg = _resolve(name_or_path)
     if config is None:
         config = cfg if cfg is not None else _config_from_file(weights)
-    with _progress(progress, f"loading {Path(weights).name}") as advance:
+    with show_progress(f"loading {Path(weights).name}", enabled=progress) as advance:
         state = _read_state_dict(weights, advance)
         model = _build(cls, config, state, source=weights, device=target, dtype=dtype)
     return model.eval()
@@ -386,25 +386,3 @@ def _names(keys: list[str], limit: int = 8) -> str:
 def _short(config: GPT2Config) -> str:
     return (f"n_layer={config.n_layer}, n_head={config.n_head}, n_embd={config.n_embd}, "
             f"vocab_size={config.vocab_size}, n_positions={config.n_positions}")
-
-
-@contextmanager
-def _progress(enabled: bool, description: str) -> Iterator[Callable[..., None]]:
-    """A transient rich progress bar on stderr, as ``advance()``; ``advance(total=n)`` sizes it."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    # models/ depends on torch (and rich) only, so not on the toolkit's console helper
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   console=Console(stderr=True, highlight=False), transient=True,
-                   disable=not enabled)
-    task = bar.add_task(description, total=None)
-
-    def advance(total: int | None = None) -> None:
-        if total is not None:
-            bar.update(task, total=total)
-        else:
-            bar.advance(task)
-
-    with bar:
-        yield advance
