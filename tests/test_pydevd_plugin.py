@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PLUGIN = Path(__file__).parents[1] / "pydevd_plugins" / "extensions" / \
     "pydevd_plugin_torchlens_edu.py"
 
@@ -56,6 +58,7 @@ def _probe(*args: str, env_print: str | None = None) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_plugin_is_inert_in_a_program_that_never_imports_torchlens_edu():
     out = _probe("import")
     assert "before str: None" in out and "before hover: None" in out
@@ -68,6 +71,7 @@ def test_plugin_is_inert_in_a_program_that_never_imports_torchlens_edu():
     assert "after children are pydevd's own: False" in out
 
 
+@pytest.mark.slow
 def test_plugin_acts_when_a_launch_configuration_asks_for_it():
     out = _probe(env_print="edu")
     assert "before str: Tensor[2, 3] f32" in out
