@@ -304,3 +304,30 @@ def test_a_hook_returning_the_wrong_type_is_removed_like_a_raising_hook(kind: st
     if hasattr(info.value, "__notes__"):
         assert "removed all hooks of this HookSet" in info.value.__notes__[0]
     guard.check()
+
+
+def test_a_matched_module_that_never_runs_is_named_with_the_reason(capsys) -> None:
+    class UsesTheWeightOnly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.unembed = nn.Linear(4, 10)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.embed(ids) @ self.unembed.weight.T  # its forward is never called
+
+    model = UsesTheWeightOnly()
+    with tle.hooks(model) as h:
+        h.forward("unembed", lambda c: None)
+        assert h.never_called() == []  # the model has not run yet: nothing to say
+        model(torch.zeros(1, 3, dtype=torch.long))
+        assert h.never_called() == [("unembed", (
+            "its forward was never called: the model skips it on this input, or uses its "
+            "parameters directly (e.g. F.linear(x, unembed.weight)) instead of calling it"))]
+    err = " ".join(capsys.readouterr().err.split())
+    assert "hooks on 1 matched module never ran in 1 forward of UsesTheWeightOnly: unembed:" in err
+    with tle.hooks(model) as h:
+        h.forward("*", lambda c: None)  # the root and embed ran: no complaint about the rest
+        model(torch.zeros(1, 3, dtype=torch.long))
+        assert h.never_called() == []
+    assert capsys.readouterr().err == ""

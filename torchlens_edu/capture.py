@@ -122,6 +122,7 @@ class ActivationCache:
         self.forwards = 0  # forwards seen; the cache holds the latest
         self.estimate: int | None = None  # bytes the shape-only run predicted
         self.note = ""  # why there is no estimate, when there is none
+        self.never_called: list[tuple[str, str]] = []  # matched modules that never ran: why
         self._entries: dict[tuple[str, int], Activation] = {}
         self._held = 0  # bytes captured in this forward, for the limit
 
@@ -185,7 +186,10 @@ class ActivationCache:
 
     def _missing(self, path: str) -> str:
         paths = sorted({p for p, _ in self._entries})
-        if not paths:
+        never = dict(self.never_called)
+        if path in never:
+            return f"'{path}' matched but was never called: {never[path]}"
+        if not paths and not self.forwards:
             return (f"nothing captured yet for '{path}': run the model inside the `with` block "
                     "(the cache fills during the forward)")
         hint = did_you_mean(path, paths, n=3, cutoff=0.5, quote=False, start=True)
@@ -302,7 +306,11 @@ class ActivationCache:
         notes = [self.note] if self.note else []
         if any(a.modified_in_place for a in self._entries.values()):
             notes.append("* changed in place by the model after the capture: use clone=True")
-        if not self._entries:
+        if not self._entries and self.never_called:
+            runs = f"{self.forwards} forward{'s' if self.forwards > 1 else ''}"
+            notes.append(f"empty: the model ran {runs}, but no matched module was called: "
+                         + "; ".join(f"{path} ({why})" for path, why in self.never_called[:4]))
+        elif not self._entries:
             notes.append("empty: run the model inside the `with` block")
         table.caption = "\n".join(notes) or None
         return table
@@ -409,8 +417,12 @@ def capture(model: nn.Module, pattern: Pattern = "*", *, grads: bool = False,
                 _guard(cache, [grad], limit, pattern, len(paths))
                 entry.grads[call.index] = grad
 
+        def end(call: HookCall) -> None:  # the model's forward is done: who never ran?
+            cache.never_called = hookset.never_called()
+
         hookset.forward_pre("", start)
         hookset.forward(pattern, record)
+        hookset.forward("", end)
         if grads:
             hookset.backward(pattern, record_grad)
         yield cache

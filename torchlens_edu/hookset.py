@@ -113,6 +113,8 @@ class HookSet:
         if any(isinstance(m, nn.DataParallel) for m in self.model.modules()):
             self._thread = None
         self.forwards = 0  # forwards of ``model`` seen since the hooks were added
+        self._matched: list[tuple[str, list[tuple[str, nn.Module]]]] = []  # pattern, modules
+        self._ran: set[nn.Module] = set()  # hooked modules that were called at least once
         self._replays = 0  # replays of a step by the NaN watch (tle.replaying())
 
     # -- adding hooks ---------------------------------------------------------------------
@@ -171,6 +173,7 @@ class HookSet:
         if not self._handles:  # first hook: count calls per forward of the whole model
             self._handles.append(self.model.register_forward_pre_hook(
                 self._new_forward, prepend=True))
+        self._matched.append((_pattern_text(pattern), matched))
         for path, module in matched:
             fns = self._fns.get((module, kind))
             if fns is None:
@@ -184,8 +187,10 @@ class HookSet:
         # One dispatcher per (module, kind). ``state`` = [forward number, calls in it]: the
         # call index restarts at each forward of the hooked model without a reset loop.
         state = [-1, 0]
+        ran = self._ran
 
         def next_index() -> int:
+            ran.add(module)
             forward = self._forward_key()
             if state[0] != forward:
                 state[0], state[1] = forward, 0
@@ -305,6 +310,43 @@ class HookSet:
                                f"{call.call}; torchlens_edu removed all hooks of this HookSet)")
             raise
 
+    def never_called(self) -> list[tuple[str, str]]:
+        """``(path, why)`` for matched modules that never ran while the model did: those of each
+        pattern none of whose modules ran (``"*"`` also matches containers, which never run
+        while their children do). Empty before the model's first forward.
+
+        >>> import torch.nn as nn
+        >>> m = nn.ModuleDict({"fc": nn.Linear(2, 2)})
+        >>> m.forward = lambda x: m.fc(x)  # a container whose child is called directly
+        >>> with hooks(m) as h:
+        ...     _ = h.forward("", lambda c: None)
+        ...     _ = m(torch.zeros(1, 2))
+        ...     h.never_called()
+        []
+        """
+        if not self.forwards:
+            return []
+        missed: dict[str, str] = {}
+        for _, matched in self._matched:
+            if matched and not any(module in self._ran for _, module in matched):
+                for path, module in matched:
+                    missed.setdefault(path, never_called_because(module, path))
+        return list(missed.items())
+
+    def _say_never_called(self) -> None:
+        never = self.never_called()
+        if not never:
+            return
+        from torchlens_edu._core.console import get_console
+
+        n, runs = len(never), self.forwards
+        lines = [f"torchlens_edu: hooks on {n} matched module{'s' if n > 1 else ''} never ran "
+                 f"in {runs} forward{'s' if runs > 1 else ''} of {type(self.model).__name__}:"]
+        lines += [f"  {path or '<model>'}: {why}" for path, why in never[:8]]
+        if n > 8:
+            lines.append(f"  ... and {n - 8} more")
+        get_console(stderr=True).print("\n".join(lines), markup=False, highlight=False)
+
     # -- removing ---------------------------------------------------------------------------
 
     @uninterruptible
@@ -341,7 +383,11 @@ class HookSet:
 
     @uninterruptible  # a Ctrl-C at its first line would skip remove()
     def __exit__(self, *exc: object) -> None:
-        self.remove()
+        try:
+            self.remove()
+        finally:
+            if exc[0] is None:  # a silent miss, said once the block is done
+                self._say_never_called()
 
     def paths(self) -> dict[nn.Module, str]:
         """Module -> dotted path, for every module of the model (computed once).
@@ -364,6 +410,25 @@ class HookSet:
         state = "active" if self.active else "removed"
         hooked = ", ".join(f"{kind}:{path or '<model>'}" for path, kind, _ in self)
         return f"HookSet({type(self.model).__name__}, {state}{', ' if hooked else ''}{hooked})"
+
+
+def never_called_because(module: nn.Module, path: str) -> str:
+    """Why a module's hooks may not fire although the model ran.
+
+    >>> never_called_because(nn.ModuleList(), "h").split(";")[1]
+    " its children are (hook 'h.*')"
+    """
+    if type(module).forward is nn.Module.forward or isinstance(
+            module, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)):
+        return (f"a {type(module).__name__}: a container has no forward of its own and is never "
+                f"called; its children are (hook '{path + '.' if path else ''}*')")
+    return (f"its forward was never called: the model skips it on this input, or uses its "
+            f"parameters directly (e.g. F.linear(x, {path or 'module'}.weight)) instead of "
+            "calling it")
+
+
+def _pattern_text(pattern: Pattern) -> str:
+    return pattern if isinstance(pattern, str) else getattr(pattern, "__name__", repr(pattern))
 
 
 def hooks(model: nn.Module) -> HookSet:

@@ -249,7 +249,8 @@ def _expectation(failure: Failure, ops: list[_Operand], message: str, dims: Dims
     name = failure.op or ""
     if name == "einsum" or "einsum()" in low:
         return _einsum_expectation(failure.equation, ops, message, dims)
-    if "cannot be multiplied" in low or "batch2 tensor" in low or name in _MATMUL:
+    if ("cannot be multiplied" in low or "batch2 tensor" in low or "same reduction dim" in low
+            or name in _MATMUL or name == "linear"):  # the last: meta kernels' own words
         return _matmul_expectation(name, ops, dims)
     if "must match the size of tensor" in low:
         return _broadcast_expectation(ops, dims)
