@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn as nn
 from corpus import CORPUS, CORPUS_BY_NAME, C, Specimen
-from support.zoo import ModelGuard
 
 import torchlens_edu as tle
+from support.zoo import ModelGuard
 from torchlens_edu._core.frames import is_user_file
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.nans import NonFiniteError, watch_nans
