@@ -203,6 +203,8 @@ def test_nan_on_one_rank_is_reported_with_its_rank_and_nobody_hangs(tmp_path):
         inf = r["fsdp_inf_shard"]
         assert (inf["module"], inf["op"], inf["cause"]) == ("blocks.1.fc", "linear", "exploding")
         assert "parameter blocks.1.fc.weight" in inf["hint"]
+    assert "it is in this rank's shard (rank 1)" in r1["fsdp_inf_shard"]["hint"]
+    assert "another rank's shard holds it" in r0["fsdp_inf_shard"]["hint"]
     back = r0["fsdp_backward"]
     assert (back["rank"], back["phase"], back["cause"]) == (0, "backward", "not_reproduced")
     assert back["module"] == "blocks.0.fc"  # the first module whose output gradient held it

@@ -44,6 +44,7 @@ from torchlens_edu._core.replay_state import replay_scope
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.nans.backward import Creation, GraphWatch
 from torchlens_edu.nans.causes import forward_cause, hint_for, row_facts
+from torchlens_edu.nans.ranks import rank
 from torchlens_edu.nans.report import Found, Kind, Producer, TensorSummary, bad_kinds, kind_of
 
 # ops that only move or view data: they pass non-finite values along, they never make them
@@ -142,6 +143,7 @@ class Replayer(TorchFunctionMode):
         self.watched, self.target, self.kinds, self.dims = watched, target, kinds, dims
         self.allowed_modules: set[str] = set()
         self.finish = False  # run a forward replay to its end (see _found)
+        self.shards: dict[str, torch.Tensor] = {}
         self.first: Producer | None = None
         self.on_stop: Callable[[FrameType | None], None] | None = None
         self._reset(track=False, record=False, stop_at=None)
@@ -170,6 +172,9 @@ class Replayer(TorchFunctionMode):
     def forward(self, step: ReplayInputs) -> Producer | None:
         """The producer of the first non-finite value that reached a module boundary."""
         self._reset(track=True, record=False, stop_at=None)
+        # sharded parameters (DTensors) as they are between forwards, before FSDP gathers them
+        self.shards = {name: p for name, p in self.watched.named_parameters()
+                       if isinstance(getattr(p, "_local_tensor", None), torch.Tensor)}
         for i, t in enumerate(_floats((step.args, step.kwargs))):
             kinds = bad_kinds(t, self.kinds)
             # an additive attention mask comes in holding -inf on purpose
@@ -306,6 +311,17 @@ class Replayer(TorchFunctionMode):
         self._set(t, state)
         return state
 
+    def _shard_note(self, label: str) -> str:
+        """Under FSDP every rank gathers the whole parameter: say whose shard holds the bad
+        values (this rank's, or another's), read from this rank's shard alone."""
+        sharded = self.shards.get(label.removeprefix("parameter "))
+        if sharded is None:
+            return ""
+        here = rank()
+        if bad_kinds(sharded, self.kinds):
+            return f"; it is in this rank's shard (rank {here})"
+        return f"; this rank's shard (rank {here}) is finite: another rank's shard holds it"
+
     def _live_label(self, t: torch.Tensor) -> str:
         """A parameter registered only now (FSDP puts the gathered, unsharded parameters in
         the modules during their forward), else a tensor made outside torch calls."""
@@ -410,7 +426,7 @@ class Replayer(TorchFunctionMode):
                 f"{label} already held {kind_of(ins)} before {_display(name) or module!r} used "
                 f"it: an earlier step wrote it (an optimizer step with too large a learning "
                 f"rate or without gradient clipping, or a bad checkpoint); this {what} was not "
-                "made non-finite in this forward"))
+                "made non-finite in this forward" + self._shard_note(label)))
         else:
             op = _display(name)
             cause, detail = forward_cause(op, ins, outs, masked, row_facts(op, *call))
