@@ -141,3 +141,61 @@ def test_bad_names_and_files(tmp_path):
     bad.write_text('{"type": "bpe"}')
     with pytest.raises(ValueError, match="is not a character tokenizer"):
         CharTokenizer.from_file(bad)
+
+
+# ------------------------------------------------------------------------------ a model's own
+
+
+def test_a_loaded_model_hands_out_its_own_tokenizer(char_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from torchlens_edu.models import GPT2, GPT2Config
+
+    embedded = GPT2.from_pretrained("embedded", progress=False)
+    assert embedded.name_or_path == "embedded" and get_tokenizer(embedded).name == "embedded"
+    # a directory with weights and a character tokenizer.json
+    model = GPT2(GPT2Config(vocab_size=7, n_positions=16, n_embd=64, n_layer=1, n_head=1))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()
+               if k != "lm_head.weight"}, char_dir / "model.safetensors")
+    loaded = GPT2.from_pretrained(char_dir / "model.safetensors", progress=False)
+    tok = get_tokenizer(loaded)
+    assert isinstance(tok, CharTokenizer) and tok.vocab_size == 7
+    # a model built from GPT-2's config uses GPT-2's BPE; any other has no tokenizer of its own
+    assert isinstance(get_tokenizer(GPT2(GPT2Config(n_layer=1, n_embd=64, n_head=1))),
+                      GPT2Tokenizer)
+    with pytest.raises(ValueError, match=r"built from a config with vocab_size=7, not loaded "
+                                         r"from weights.*BPE has 50257 tokens"):
+        get_tokenizer(model)
+    with pytest.raises(TypeError, match=r"expects a model .* got int"):
+        get_tokenizer(3)
+
+
+def test_a_tokenizer_bigger_than_the_model_is_refused(char_dir):
+    from safetensors.torch import save_file
+
+    from torchlens_edu.models import GPT2, GPT2Config
+
+    model = GPT2(GPT2Config(vocab_size=5, n_positions=16, n_embd=64, n_layer=1, n_head=1))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()
+               if k != "lm_head.weight"}, char_dir / "model.safetensors")
+    loaded = GPT2.from_pretrained(char_dir, progress=False)
+    with pytest.raises(ValueError, match=r"has 7 tokens, more than the model's vocabulary of 5: "
+                                         "it is not this model's tokenizer"):
+        get_tokenizer(loaded)
+
+
+def test_readme_gpt2_snippet_runs_with_the_embedded_model(capsys):
+    """The README says the snippet also takes "embedded": it must run as written with it."""
+    import re
+    from pathlib import Path
+
+    import torch
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### A readable GPT-2 that loads the real weights", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert 'GPT2.from_pretrained("gpt2"' in code and "get_tokenizer(model)" in code
+    code = code.replace('GPT2.from_pretrained("gpt2"', 'GPT2.from_pretrained("embedded"')
+    exec(compile(code, "README.md", "exec"), {"torch": torch})
+    printed = capsys.readouterr().out
+    assert printed.startswith("The meaning of life is") and len(printed) > 30

@@ -203,6 +203,7 @@ class GPT2(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
         self.config = config
+        self.name_or_path: str | None = None  # where from_pretrained loaded the weights from
         self.transformer = Trunk(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
             wpe=nn.Embedding(config.n_positions, config.n_embd),  # learned position embeddings

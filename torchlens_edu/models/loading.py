@@ -25,7 +25,7 @@ import pickle
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn as nn
@@ -78,6 +78,10 @@ def load_pretrained(cls: type[M], name_or_path: str | os.PathLike[str], *,
     with show_progress(f"loading {Path(weights).name}", enabled=progress) as advance:
         state = _read_state_dict(weights, advance)
         model = _build(cls, config, state, source=weights, device=target, dtype=dtype)
+    # Where the weights came from, as Hugging Face's models record it: get_tokenizer(model)
+    # finds the matching tokenizer there ("embedded", or the directory of the weights).
+    source = "embedded" if os.fspath(name_or_path) == "embedded" else str(weights)
+    cast(Any, model).name_or_path = source  # a GPT2 declares it; M is any nn.Module to mypy
     return model.eval()
 
 

@@ -58,6 +58,7 @@ class GPT2Tokenizer:
 
     name = "gpt2"
     eot_token = 50256  # <|endoftext|>
+    vocab_size_of_gpt2 = 50257
 
     def __init__(self, vocab_dir: Path = GPT2_VOCAB_DIR) -> None:
         self._enc = _gpt2_encoding(str(vocab_dir))
@@ -140,15 +141,22 @@ class CharTokenizer:
         return cls(vocab=tuple(spec["vocab"]), unk=spec.get("unk"), name=name)
 
 
-def get_tokenizer(name: str | os.PathLike[str] = "gpt2") -> GPT2Tokenizer | CharTokenizer:
-    """The tokenizer for a model: ``"gpt2"`` (also ``gpt2-medium`` etc.), ``"embedded"``, or a
-    model directory (its character ``tokenizer.json`` if it has one, else GPT-2's BPE).
+def get_tokenizer(source: str | os.PathLike[str] | HasConfig = "gpt2"
+                  ) -> GPT2Tokenizer | CharTokenizer:
+    """The tokenizer for a model: the model itself (the tokenizer of the weights it was loaded
+    from), ``"gpt2"`` (also ``gpt2-medium`` etc.), ``"embedded"``, or a model directory (its
+    character ``tokenizer.json`` if it has one, else GPT-2's BPE).
 
     >>> tok = get_tokenizer()
     >>> tok.decode(tok.encode("naïve café 🤗"))
     'naïve café 🤗'
+    >>> from torchlens_edu.models import GPT2
+    >>> get_tokenizer(GPT2.from_pretrained("embedded", progress=False)).name
+    'embedded'
     """
-    name = os.fspath(name)
+    if not isinstance(source, (str, os.PathLike)):
+        return _model_tokenizer(source)
+    name = os.fspath(source)
     path = Path(name)
     if name == "embedded":
         if not (EMBEDDED_DIR / "tokenizer.json").is_file():
@@ -163,7 +171,45 @@ def get_tokenizer(name: str | os.PathLike[str] = "gpt2") -> GPT2Tokenizer | Char
         return GPT2Tokenizer()
     if "gpt2" in name.lower():  # gpt2, gpt2-xl, openai-community/gpt2, ...
         return GPT2Tokenizer()
-    raise ValueError(f"unknown tokenizer {name!r}: use 'gpt2', 'embedded' or a model directory")
+    raise ValueError(f"unknown tokenizer {name!r}: use a model, 'gpt2', 'embedded' or a model "
+                     "directory")
+
+
+class _Config(Protocol):
+    @property
+    def vocab_size(self) -> int: ...
+
+
+class HasConfig(Protocol):
+    """A model with a ``config`` (a :class:`GPT2`; its ``name_or_path`` says where it was loaded
+    from)."""
+
+    @property
+    def config(self) -> _Config: ...
+
+
+def _model_tokenizer(model: HasConfig) -> GPT2Tokenizer | CharTokenizer:
+    """The tokenizer of the weights ``model`` was loaded from, checked against its vocabulary."""
+    config = getattr(model, "config", None)
+    vocab_size = getattr(config, "vocab_size", None)
+    if not isinstance(vocab_size, int):
+        raise TypeError(f"get_tokenizer expects a model (a GPT2), a name or a directory, got "
+                        f"{type(model).__name__}")
+    source: str | None = getattr(model, "name_or_path", None)
+    if source is None:  # built from a config, not loaded: only GPT-2's own vocabulary fits
+        if vocab_size != GPT2Tokenizer.vocab_size_of_gpt2:
+            raise ValueError(f"this model was built from a config with vocab_size={vocab_size}, "
+                             "not loaded from weights, so it has no tokenizer of its own; GPT-2's "
+                             f"BPE has {GPT2Tokenizer.vocab_size_of_gpt2} tokens. Use token ids "
+                             f"below {vocab_size}, or get_tokenizer('embedded') with the "
+                             "embedded model")
+        return GPT2Tokenizer()
+    tokenizer = get_tokenizer(source)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer found for {source} has {tokenizer.vocab_size} tokens, "
+                         f"more than the model's vocabulary of {vocab_size}: it is not this "
+                         "model's tokenizer; put the right tokenizer.json next to the weights")
+    return tokenizer
 
 
 def _is_char_spec(path: Path) -> bool:
@@ -212,4 +258,5 @@ def _gpt2_encoding(vocab_dir: str):  # -> tiktoken.Encoding (imported lazily)
         else:
             os.environ["TIKTOKEN_CACHE_DIR"] = saved
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257)
+                             special_tokens={ENDOFTEXT: GPT2Tokenizer.eot_token},
+                             explicit_n_vocab=GPT2Tokenizer.vocab_size_of_gpt2)
