@@ -342,3 +342,23 @@ def test_vocabulary_check_is_invisible_to_op_traces(tiny_gpt2, tiny_ids):
 def test_config_validates_itself_naming_the_field(kwargs, words):
     with pytest.raises(ValueError, match="^GPT2Config: " + words):
         GPT2Config(**kwargs)
+
+
+def test_init_scales_the_residual_projections_as_gpt2_does():
+    """GPT-2 paper 2.3 (and nanoGPT): the projections into the residual stream get std
+    0.02 / sqrt(2 * n_layer); every other matrix 0.02; biases 0; LayerNorms 1."""
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=8, n_head=4, n_embd=256, vocab_size=1000, n_positions=128)
+    model = GPT2(config)
+    residual_std = 0.02 / (2 * config.n_layer) ** 0.5  # 0.005
+    params = dict(model.named_parameters())
+    for suffix, std in (("attn.c_proj.weight", residual_std), ("mlp.c_proj.weight", residual_std),
+                        ("attn.c_attn.weight", 0.02), ("mlp.c_fc.weight", 0.02),
+                        ("wte.weight", 0.02), ("wpe.weight", 0.02)):
+        weights = torch.cat([p.flatten() for name, p in params.items() if name.endswith(suffix)])
+        assert weights.numel() >= 30_000  # the std within 2 % is 5 standard errors
+        assert abs(weights.std().item() / std - 1) < 0.02, suffix
+        assert abs(weights.mean().item()) < 0.05 * std, suffix
+    assert all(p.abs().max() == 0 for name, p in params.items() if name.endswith(".bias")
+               and not name.split(".")[-2].startswith("ln"))
+    assert all(torch.all(p == 1) for name, p in params.items() if name.endswith("ln_1.weight"))

@@ -215,9 +215,17 @@ class GPT2(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # tied: the same (V, C) matrix
         if not any(p.is_meta for p in self.parameters()):
             self.apply(self._init_weights)
+            # GPT-2 paper, section 2.3: the projections that write into the residual stream
+            # (attn.c_proj, mlp.c_proj; 2 per block) get std 0.02 / sqrt(2 * n_layer), so the
+            # stream's variance does not grow with depth. As nanoGPT does.
+            residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+            for module in self.transformer.h.modules():
+                if isinstance(module, (CausalSelfAttention, MLP)):
+                    nn.init.normal_(module.c_proj.weight, mean=0.0, std=residual_std)
 
     def _init_weights(self, module: nn.Module) -> None:
-        # GPT-2's initialisation: N(0, 0.02), zero biases, unit LayerNorm.
+        # GPT-2's initialisation: N(0, 0.02), zero biases, unit LayerNorm (the residual
+        # projections are then scaled down in __init__).
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
