@@ -191,7 +191,7 @@ def test_a_hook_point_hook_may_change_the_tensor(tiny_gpt2, tiny_ids):
             patched = tiny_gpt2(tiny_ids)
         finally:
             handle.remove()
-    assert (patched - before).abs().max() > 1e-3
+    assert (patched - before).abs().max() > 1e-4  # an unpatched run is identical (0)
 
 
 @pytest.mark.parametrize("observer", ["point hook", "point pre-hook", "global hook", "tracer",
