@@ -227,6 +227,12 @@ def _repair(model: nn.Module) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     torch.set_grad_enabled(True)
     torch.set_anomaly_enabled(False)
+    from torchlens_edu._core import interrupts
+    from torchlens_edu.models import gpt2
+
+    interrupts._armed.clear()  # the leaked observer will never detach
+    if hasattr(gpt2, "_force_explicit"):
+        gpt2._force_explicit = 0
 
 
 if __name__ == "__main__":

@@ -106,10 +106,11 @@ def _on_main_thread() -> bool:
 
 def _install() -> None:
     global _previous
-    if _previous is not None:
-        return
     current = signal.getsignal(signal.SIGINT)
-    if callable(current) and current is not _on_sigint:  # SIG_DFL / SIG_IGN: nothing to hold
+    if current is _on_sigint:
+        return
+    # not ours (never installed, or replaced since: then the replacement is what we hold for)
+    if callable(current):  # SIG_DFL / SIG_IGN: nothing to hold
         signal.signal(signal.SIGINT, _on_sigint)
         _previous = current
 
@@ -186,10 +187,10 @@ def _uninterruptible_call(fn: Callable[..., Any], undo: Callable[[Any], Any] | N
             _returning = _frame_ids()
             _finish()
         raise
-    if outermost and _pending and undo is not None:
-        undo(args[0])  # __enter__ succeeded but will raise: detach before it does
     if outermost:
-        _returning = _frame_ids()  # a Ctrl-C from here on goes to our caller
+        _returning = _frame_ids()  # a Ctrl-C from here on goes to our caller, not to _pending
+        if _pending and undo is not None:
+            undo(args[0])  # __enter__ succeeded but will raise: detach before it does
         _finish()
     return result
 
