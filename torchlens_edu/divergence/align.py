@@ -1,0 +1,137 @@
+"""Which module of the model under test answers to which module of the reference.
+
+Three ways, tried in this order, and the comparison says which one it used:
+
+- ``map``: globs from reference paths to model paths, ``{"h.*.attn.c_attn": "blocks.*.qkv"}``
+  (each ``*`` is one path part and carries over in order); a list of model globs on the right,
+  ``["blocks.*.q", "blocks.*.k", "blocks.*.v"]``, is one fused reference module split in parts
+  whose outputs are side by side on the last axis;
+- by module path, when the names agree (a copy of GPT-2 under Hugging Face's names);
+- by structure: the order of module calls with the shapes of their outputs, when neither fits
+  (a clean copy that names its modules differently).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+PathMap = Mapping[str, Union[str, Sequence[str]]]
+
+
+@dataclass(kw_only=True)
+class ModuleCall:
+    """One call of one module during a recorded forward."""
+
+    path: str  # "" is the model itself
+    index: int  # the how-manieth call of this module (a module can run several times)
+    parent: int | None  # position of the enclosing call in the recording, None for the root
+    inputs: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+    finished: int = -1  # completion order: children finish before their parent
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """``(path, index)``: the call, as alignment knows it."""
+        return self.path, self.index
+
+
+def _glob_regex(glob: str) -> re.Pattern[str]:
+    return re.compile("^" + r"\.".join("([^.]+)" if part == "*" else re.escape(part)
+                                        for part in glob.split(".")) + "$")
+
+
+def _fill(glob: str, parts: Sequence[str]) -> str:
+    filled = iter(parts)
+    return ".".join(next(filled, "*") if part == "*" else part for part in glob.split("."))
+
+
+def translate(path: str, path_map: PathMap | None) -> list[str] | None:
+    """The model path(s) that a reference ``path`` becomes under ``path_map`` (None: unmapped).
+
+    >>> translate("h.3.attn.c_attn", {"h.*.attn.c_attn": "blocks.*.qkv"})
+    ['blocks.3.qkv']
+    >>> translate("h.0.attn.c_attn", {"h.*.attn.c_attn": ["b.*.q", "b.*.k", "b.*.v"]})
+    ['b.0.q', 'b.0.k', 'b.0.v']
+    """
+    for source, target in (path_map or {}).items():
+        found = _glob_regex(source).match(path)
+        if found:
+            targets = [target] if isinstance(target, str) else list(target)
+            return [_fill(glob, found.groups()) for glob in targets]
+    return None
+
+
+def pair_tensors(values: Sequence[torch.Tensor], references: Sequence[torch.Tensor]
+                 ) -> list[tuple[int, int]]:
+    """Pair the tensors of two outputs of different structure (``(logits, loss)`` against bare
+    ``logits``): equal shapes first, in order; when no shape is shared, the first of each side
+    (a shape difference, which the comparison reports as such).
+
+    >>> a, b = torch.zeros(1, 4, 8), torch.zeros(())
+    >>> pair_tensors([a, b], [a])
+    [(0, 0)]
+    """
+    pairs, used = [], set()
+    for i, value in enumerate(values):
+        for j, reference in enumerate(references):
+            if j not in used and value.shape == reference.shape:
+                pairs.append((i, j))
+                used.add(j)
+                break
+    if not pairs and values and references:
+        pairs.append((0, 0))
+    return pairs
+
+
+@dataclass(kw_only=True)
+class Alignment:
+    """Pairs of call positions (model -> reference) and how they were found."""
+
+    how: str  # "map", "path" or "structure"
+    pairs: dict[int, int]  # model call position -> reference call position
+    parts: dict[int, list[int]]  # a model call that stands for a fused reference module -> the
+    # model calls (itself first) whose outputs, side by side on the last axis, are that output
+
+
+def align(calls: Sequence[ModuleCall], references: Sequence[ModuleCall],
+          path_map: PathMap | None = None) -> Alignment:
+    """Align two recordings (see the module docstring)."""
+    by_key = {call.key: position for position, call in enumerate(calls)}
+    pairs: dict[int, int] = {}
+    parts: dict[int, list[int]] = {}
+    for ref_position, ref in enumerate(references):
+        targets = translate(ref.path, path_map) or [ref.path]
+        found = [by_key[target, ref.index] for target in targets if (target, ref.index) in by_key]
+        if len(found) != len(targets):
+            continue
+        # a fused reference module is compared where its last part has finished
+        last = max(found, key=lambda position: calls[position].finished)
+        pairs[last] = ref_position
+        if len(found) > 1:
+            parts[last] = found
+    named = sum(1 for call in calls if call.path) or 1
+    matched = sum(1 for position in pairs if calls[position].path)
+    if matched * 2 >= named:
+        return Alignment(how="map" if path_map else "path", pairs=pairs, parts=parts)
+    return Alignment(how="structure", pairs=_by_structure(calls, references), parts={})
+
+
+def _signature(call: ModuleCall) -> tuple[object, ...]:
+    return tuple(tuple(t.shape) for t in call.outputs)
+
+
+def _by_structure(calls: Sequence[ModuleCall], references: Sequence[ModuleCall]
+                  ) -> dict[int, list[int]]:
+    pairs: dict[int, list[int]] = {0: [0]} if calls and references else {}  # the roots
+    matcher = difflib.SequenceMatcher(None, [_signature(c) for c in calls],
+                                      [_signature(r) for r in references], autojunk=False)
+    for block in matcher.get_matching_blocks():
+        for offset in range(block.size):
+            pairs[block.a + offset] = block.b + offset
+    return pairs

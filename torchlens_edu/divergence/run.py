@@ -1,0 +1,285 @@
+"""Run the model and the reference on the same inputs and find the first divergence.
+
+Module level first: forward hooks record every module call's inputs and outputs (copies),
+under the same RNG state on both sides (``fork_rng`` + ``manual_seed``, so the user's own RNG
+stream is left as it was). The first aligned module, in the order modules *finish*, whose
+output differs beyond the tolerance is where the difference shows; walking up to the
+innermost enclosing call whose inputs still agreed gives the module whose own code made it.
+Then, inside that call only, the op-level pass (ops.py) names the op and the line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from torchlens_edu._core.tree import iter_tensors
+from torchlens_edu.dims import _config_of, dims_from_config, dims_from_inputs
+from torchlens_edu.divergence.align import Alignment, ModuleCall, PathMap, align, pair_tensors
+from torchlens_edu.divergence.ops import OpBlame, blame, record_ops
+from torchlens_edu.divergence.result import Comparison, Divergence, Drift
+from torchlens_edu.divergence.tolerance import TensorDiff, Tolerance, measure
+
+_SEED = 0
+
+
+@dataclass(kw_only=True)
+class _Recording:
+    calls: list[ModuleCall]
+    live: list[list[torch.Tensor]]  # backward runs: each call's outputs, still in the graph
+    output: Any
+
+
+def _copies(value: Any) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in iter_tensors(value)]
+
+
+def _seeded(model: nn.Module, forward: Callable[[], Any]) -> Any:
+    """``forward()`` from the same RNG state every time; the caller's RNG state is restored."""
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(_SEED)
+        return forward()
+
+
+def _record(model: nn.Module, forward: Callable[[], Any], *, keep_graph: bool) -> _Recording:
+    calls: list[ModuleCall] = []
+    live: list[list[torch.Tensor]] = []
+    stack: list[int] = []
+    counts: dict[str, int] = {}
+    finished = 0
+
+    def make_hooks(path: str) -> tuple[Callable[..., None], Callable[..., None]]:
+        def enter(module: nn.Module, args: Any, kwargs: Any) -> None:
+            calls.append(ModuleCall(path=path, index=counts.get(path, 0),
+                                    parent=stack[-1] if stack else None,
+                                    inputs=_copies((args, kwargs)), outputs=[]))
+            live.append([])
+            counts[path] = counts.get(path, 0) + 1
+            stack.append(len(calls) - 1)
+
+        def leave(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            nonlocal finished
+            if not stack or calls[stack[-1]].path != path:
+                return  # the forward failed before this call began (always_call)
+            call = calls[stack.pop()]
+            call.outputs = _copies(output)
+            call.finished = finished
+            finished += 1
+            if keep_graph:
+                live[-1 if not stack else calls.index(call)] = [
+                    t for t in iter_tensors(output) if t.requires_grad]
+        return enter, leave
+
+    with ExitStack() as hooks:
+        for path, module in model.named_modules():
+            enter, leave = make_hooks(path)
+            hooks.callback(module.register_forward_pre_hook(enter, with_kwargs=True).remove)
+            hooks.callback(module.register_forward_hook(leave, with_kwargs=True,
+                                                        always_call=True).remove)
+        with torch.set_grad_enabled(keep_graph):
+            output = _seeded(model, forward)
+    return _Recording(calls=calls, live=live, output=output)
+
+
+def _outputs_of(calls: Sequence[ModuleCall], alignment: Alignment, position: int
+                ) -> list[torch.Tensor]:
+    parts = alignment.parts.get(position)
+    if parts is None:
+        return calls[position].outputs
+    return [torch.cat([calls[p].outputs[0] for p in parts], dim=-1)]  # a split fused projection
+
+
+def _worst(values: Sequence[torch.Tensor], references: Sequence[torch.Tensor],
+           tolerance: Tolerance) -> TensorDiff | None:
+    worst = None
+    for i, j in pair_tensors(values, references):
+        diff = measure(values[i], references[j], tolerance)
+        if worst is None or (diff.differs, diff.max_abs) > (worst.differs, worst.max_abs):
+            worst = diff
+    return worst
+
+
+def _agree(values: Sequence[torch.Tensor], references: Sequence[torch.Tensor],
+           tolerance: Tolerance) -> bool:
+    diff = _worst(values, references, tolerance)
+    return diff is None or not diff.differs
+
+
+def compare(model: nn.Module, reference: nn.Module, *inputs: Any, rtol: float | None = None,
+            atol: float | None = None, backward: bool = False,
+            map: PathMap | None = None) -> Comparison:  # noqa: A002 (the issue's name)
+    """Run ``model`` and ``reference`` on ``inputs`` and name the first place they differ.
+
+    The modules are aligned by ``map`` (reference glob -> model glob), by path, or by structure;
+    the first differing module is searched for the op and line that made the difference. The
+    models are run as they are (train/eval mode untouched); ``backward=True`` also compares
+    the gradients of a fixed random projection of the output.
+
+    >>> import torch.nn as nn
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <...>
+    >>> ref = nn.Sequential(nn.Linear(4, 4), nn.Softmax(dim=-1))
+    >>> mine = nn.Sequential(nn.Linear(4, 4), nn.Softmax(dim=0))
+    >>> mine.load_state_dict(ref.state_dict())
+    <All keys matched successfully>
+    >>> first = compare(mine, ref, torch.randn(3, 4)).first
+    >>> first.module, first.op
+    ('1', 'softmax')
+    """
+    if not isinstance(model, nn.Module) or not isinstance(reference, nn.Module):
+        raise TypeError("compare(model, reference, *inputs): both models must be nn.Modules, "
+                        f"got {type(model).__name__} and {type(reference).__name__}")
+    tolerance = Tolerance(rtol=rtol, atol=atol)
+    mine = _record(model, lambda: model(*inputs), keep_graph=backward)
+    theirs = _record(reference, lambda: reference(*inputs), keep_graph=backward)
+    alignment = align(mine.calls, theirs.calls, map)
+    rows: list[Drift] = []
+    first_position: int | None = None
+    first_diff: TensorDiff | None = None
+    notes: list[str] = []
+    for position in sorted(alignment.pairs, key=lambda p: mine.calls[p].finished):
+        ref = theirs.calls[alignment.pairs[position]]
+        diff = _worst(_outputs_of(mine.calls, alignment, position), ref.outputs, tolerance)
+        if diff is None:
+            continue
+        rows.append(Drift(module=mine.calls[position].path, reference_module=ref.path,
+                          max_abs=diff.max_abs, max_rel=diff.max_rel, status=diff.status))
+        if diff.differs and first_position is None:
+            first_position, first_diff = position, diff
+    if any(t.is_floating_point() for t in iter_tensors(mine.output)) and not rows:
+        raise ValueError("the outputs of the model and the reference could not be aligned: "
+                         "no module call of one matches the other; pass map={reference glob: "
+                         "model glob}")
+    first = None
+    if first_position is not None and first_diff is not None:
+        first = _locate(model, reference, inputs, mine.calls, theirs.calls, alignment,
+                        first_position, first_diff, tolerance)
+    gradients: list[Drift] = []
+    if backward:
+        gradients, gradient_first = _compare_gradients(model, reference, mine, theirs, alignment,
+                                                       tolerance)
+        first = first or gradient_first
+    for name, side in (("model", model), ("reference", reference)):
+        if any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in side.modules()):
+            notes.append(f"the {name} is in training mode with active dropout: both ran from "
+                         f"the same seed, but call .eval() to compare without it")
+    dims = dims_from_config(_config_of(model)) or dims_from_config(_config_of(reference))
+    return Comparison(first=first, alignment=alignment.how, aligned_modules=len(alignment.pairs),
+                      modules=rows, gradients=gradients, rtol=rtol, atol=atol, notes=notes,
+                      dims={**dims_from_inputs(*inputs), **dims})
+
+
+def _locate(model: nn.Module, reference: nn.Module, inputs: tuple[Any, ...],
+            calls: list[ModuleCall], references: list[ModuleCall], alignment: Alignment,
+            position: int, diff: TensorDiff, tolerance: Tolerance) -> Divergence:
+    """Walk up to the innermost aligned call whose inputs agreed, then blame an op inside."""
+    blamed = position
+    while True:
+        ref = references[alignment.pairs[blamed]]
+        if _agree(calls[blamed].inputs, ref.inputs, tolerance):
+            break
+        parent = calls[blamed].parent
+        while parent is not None and parent not in alignment.pairs:
+            parent = calls[parent].parent
+        if parent is None:
+            break
+        blamed = parent
+    call, ref = calls[blamed], references[alignment.pairs[blamed]]
+    inputs_differed = not _agree(call.inputs, ref.inputs, tolerance)
+    found: OpBlame | None = None
+    if not inputs_differed and blamed not in alignment.parts:
+        ops = record_ops(model, lambda: _seeded(model, lambda: _no_grad(model, inputs)), call.key)
+        ref_ops = record_ops(reference, lambda: _seeded(reference,
+                                                        lambda: _no_grad(reference, inputs)),
+                             ref.key)
+        found = blame(ops, ref_ops, tolerance)
+    shown = (found.diff if found is not None and found.diff is not None else
+             _worst(_outputs_of(calls, alignment, blamed), ref.outputs, tolerance) or diff)
+    if found is None:
+        return Divergence(kind="shape" if shown.status == "shape" else "module",
+                          module=call.path, reference_module=ref.path, op=None,
+                          reference_op=None, source="", reference_source="",
+                          shape=shown.shape, reference_shape=shown.reference_shape,
+                          max_abs=shown.max_abs, max_rel=shown.max_rel,
+                          worst_index=shown.worst_index, inputs_differed=inputs_differed,
+                          detail=f"the output of `{call.path or 'the model'}` differs; no "
+                                 f"single op inside it could be blamed")
+    return Divergence(kind=found.kind, module=call.path, reference_module=ref.path, op=found.op,
+                      reference_op=found.reference_op or None, source=found.source,
+                      reference_source=found.reference_source, shape=shown.shape,
+                      reference_shape=shown.reference_shape, max_abs=shown.max_abs,
+                      max_rel=shown.max_rel, worst_index=shown.worst_index,
+                      inputs_differed=found.inputs_differed, detail=found.detail)
+
+
+def _no_grad(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
+    with torch.no_grad():
+        return model(*inputs)
+
+
+def _compare_gradients(model: nn.Module, reference: nn.Module, mine: _Recording,
+                       theirs: _Recording, alignment: Alignment, tolerance: Tolerance
+                       ) -> tuple[list[Drift], Divergence | None]:
+    """Gradients of one scalar (a fixed random projection of the first aligned output tensor)
+    with respect to every parameter, by aligned name, first differing in backward order."""
+    pairs = pair_tensors(list(iter_tensors(mine.output)), list(iter_tensors(theirs.output)))
+    if not pairs:
+        return [], None
+    out = list(iter_tensors(mine.output))[pairs[0][0]]
+    ref_out = list(iter_tensors(theirs.output))[pairs[0][1]]
+    if out.shape != ref_out.shape or not out.requires_grad or not ref_out.requires_grad:
+        return [], None
+    generator = torch.Generator(device="cpu").manual_seed(_SEED)
+    weights = torch.randn(out.shape, generator=generator).to(out.device, out.dtype)
+    named = dict(model.named_parameters())
+    ref_named = dict(reference.named_parameters())
+    names = _aligned_parameters(named, ref_named, mine.calls, theirs.calls, alignment)
+    grads = torch.autograd.grad((out * weights).sum(), [named[n] for n, _ in names],
+                                allow_unused=True)
+    ref_grads = torch.autograd.grad((ref_out * weights.to(ref_out.dtype)).sum(),
+                                    [ref_named[r] for _, r in names], allow_unused=True)
+    rows: list[Drift] = []
+    first = None
+    for (name, ref_name), grad, ref_grad in reversed(list(zip(names, grads, ref_grads))):
+        if grad is None or ref_grad is None:
+            continue
+        if grad.shape != ref_grad.shape and grad.shape == ref_grad.T.shape:
+            ref_grad = ref_grad.T  # Hugging Face's Conv1D keeps its weight as (in, out)
+        diff = measure(grad, ref_grad, tolerance)
+        rows.append(Drift(module=name, reference_module=ref_name, max_abs=diff.max_abs,
+                          max_rel=diff.max_rel, status=diff.status))
+        if diff.differs and first is None:
+            first = Divergence(kind="gradient", module=name.rpartition(".")[0],
+                               reference_module=ref_name.rpartition(".")[0], op=None,
+                               reference_op=None, source="", reference_source="",
+                               shape=diff.shape, reference_shape=diff.reference_shape,
+                               max_abs=diff.max_abs, max_rel=diff.max_rel,
+                               worst_index=diff.worst_index, inputs_differed=False,
+                               detail=f"the gradient of `{name}` is the first (in backward "
+                                      f"order) that differs from the reference's `{ref_name}`")
+    return rows, first
+
+
+def _aligned_parameters(named: dict[str, nn.Parameter], ref_named: dict[str, nn.Parameter],
+                        calls: list[ModuleCall], references: list[ModuleCall],
+                        alignment: Alignment) -> list[tuple[str, str]]:
+    """``(model name, reference name)`` of parameters, in model order: same names, else the
+    direct parameters of aligned modules in order."""
+    if all(name in ref_named for name in named):
+        return [(name, name) for name in named]
+    modules = {calls[p].path: references[r].path for p, r in alignment.pairs.items()}
+    found = []
+    for name in named:
+        owner, _, leaf = name.rpartition(".")
+        ref_owner = modules.get(owner)
+        if ref_owner is not None:
+            ref_name = f"{ref_owner}.{leaf}" if ref_owner else leaf
+            if ref_name in ref_named:
+                found.append((name, ref_name))
+    return found
