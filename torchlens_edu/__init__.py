@@ -48,6 +48,10 @@ _EXPORTS: dict[str, str] = {
     "NonFiniteError": "nans",
     "NonFiniteReport": "nans",
     "replaying": "_core.replay_state",
+    # where two models differ
+    "compare": "divergence",
+    "copy_weights": "divergence",
+    "Comparison": "divergence",
     # facade
     "inspect": "inspector",
     "Inspector": "inspector",
@@ -67,6 +71,7 @@ if TYPE_CHECKING:
     from torchlens_edu.capture import ActivationCache, CaptureTooLarge
     from torchlens_edu.debug import clear_stops, stop_at, stop_at_module
     from torchlens_edu.dims import Dims, format_shape
+    from torchlens_edu.divergence import Comparison, compare, copy_weights
     from torchlens_edu.hookset import HookCall, HookSet, hooks
     from torchlens_edu.inspector import Inspector, inspect
     from torchlens_edu.nans.watch import NonFiniteError, NonFiniteReport, watch_nans

@@ -49,7 +49,7 @@ class Attention(nn.Module):
         else:
             mask = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
         scores = scores.masked_fill(~mask, float("-inf"))
-        if self.bug == "softmax_axis":
+        if self.bug == "softmax_axis":  # noqa: SIM108 (the bug has a line of its own)
             att = F.softmax(scores, dim=-2)  # bug: softmax_axis
         else:
             att = F.softmax(scores, dim=-1)  # (B, nh, T, T)
@@ -70,7 +70,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)
-        if self.bug == "erf_gelu":
+        if self.bug == "erf_gelu":  # noqa: SIM108 (the bug has a line of its own)
             h = F.gelu(h)  # bug: erf_gelu
         else:
             h = F.gelu(h, approximate="tanh")

@@ -17,11 +17,11 @@ import difflib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import TypeAlias
 
 import torch
 
-PathMap = Mapping[str, Union[str, Sequence[str]]]
+PathMap: TypeAlias = Mapping[str, "str | Sequence[str]"]
 
 
 @dataclass(kw_only=True)

@@ -107,7 +107,7 @@ def _outputs_diff(a: OpCall, b: OpCall, tolerance: Tolerance) -> TensorDiff | No
     worst = None
     for i, j in pair_tensors(a.outputs, b.outputs):
         diff = measure(a.outputs[i], b.outputs[j], tolerance)
-        if worst is None or diff.differs and not worst.differs or diff.max_abs > worst.max_abs:
+        if worst is None or (diff.differs, diff.max_abs) > (worst.differs, worst.max_abs):
             worst = diff
     return worst
 
@@ -115,7 +115,7 @@ def _outputs_diff(a: OpCall, b: OpCall, tolerance: Tolerance) -> TensorDiff | No
 def _differing_input(a: OpCall, b: OpCall, tolerance: Tolerance) -> int | None:
     if len(a.inputs) != len(b.inputs):
         return 0
-    for i, (x, y) in enumerate(zip(a.inputs, b.inputs)):
+    for i, (x, y) in enumerate(zip(a.inputs, b.inputs, strict=True)):
         if measure(x, y, tolerance).differs:
             return i
     return None

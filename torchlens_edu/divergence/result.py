@@ -122,7 +122,10 @@ class Comparison:
             worst = max(drifting, key=lambda row: row.max_abs)
             yield Text(f"drift (legal, within the tolerance): largest at "
                        f"{worst.module or '(model)'}, max abs {worst.max_abs:.2e}", style="yellow")
-        if self.modules:
+        if self.modules and all(row.status == "same" for row in self.modules):
+            yield Text(f"all {len(self.modules)} aligned module outputs hold the same numbers "
+                       f"(torch.testing's tolerance)", style="green")
+        elif self.modules:
             rows = self.modules
             differing = [i for i, row in enumerate(rows) if row.status in ("differs", "shape")]
             if differing and len(rows) - differing[0] > 2:  # after it, everything differs
@@ -132,7 +135,10 @@ class Comparison:
                            f"on what it passed on", style="dim")
             else:
                 yield _table("module", "reference", rows)
-        if self.gradients:
+        if self.gradients and all(row.status == "same" for row in self.gradients):
+            yield Text(f"all {len(self.gradients)} parameter gradients hold the same numbers",
+                       style="green")
+        elif self.gradients:
             yield _table("parameter (gradient)", "", self.gradients)
         for note in self.notes:
             yield Text(f"note: {note}", style="dim")
@@ -156,7 +162,8 @@ class Comparison:
         else:
             lines.append(Text(f"  output     {shape}: max abs {first.max_abs:.3e}, max rel "
                               f"{first.max_rel:.3e}, worst at index {first.worst_index}"))
-        lines.append(Text(f"  inputs     {'already differed' if first.inputs_differed else 'agreed'}"))
+        inputs = "already differed" if first.inputs_differed else "agreed"
+        lines.append(Text(f"  inputs     {inputs}"))
         lines.append(Text(f"  why        {first.detail}"))
         return Group(*lines)
 
@@ -171,7 +178,7 @@ def _table(title: str, reference_title: str, rows: list[Drift]) -> Table:
     shown = rows
     if len(rows) > _TABLE_ROWS:
         shown = [row for row in rows if row.status != "same"][:_TABLE_ROWS - 1]
-        shown = shown + [rows[-1]] if rows[-1] not in shown else shown
+        shown = [*shown, rows[-1]] if rows[-1] not in shown else shown
     table = Table(title=None if len(shown) == len(rows)
                   else f"{len(shown)} of {len(rows)} rows (the others are the same)")
     table.add_column(title, overflow="fold")

@@ -24,6 +24,7 @@ from torchlens_edu.divergence.align import Alignment, ModuleCall, PathMap, align
 from torchlens_edu.divergence.ops import OpBlame, blame, record_ops
 from torchlens_edu.divergence.result import Comparison, Divergence, Drift
 from torchlens_edu.divergence.tolerance import TensorDiff, Tolerance, measure
+from torchlens_edu.divergence.weights import transposes
 
 _SEED = 0
 
@@ -113,7 +114,7 @@ def _agree(values: Sequence[torch.Tensor], references: Sequence[torch.Tensor],
 
 def compare(model: nn.Module, reference: nn.Module, *inputs: Any, rtol: float | None = None,
             atol: float | None = None, backward: bool = False,
-            map: PathMap | None = None) -> Comparison:  # noqa: A002 (the issue's name)
+            map: PathMap | None = None) -> Comparison:
     """Run ``model`` and ``reference`` on ``inputs`` and name the first place they differ.
 
     The modules are aligned by ``map`` (reference glob -> model glob), by path, or by structure;
@@ -244,12 +245,15 @@ def _compare_gradients(model: nn.Module, reference: nn.Module, mine: _Recording,
                                 allow_unused=True)
     ref_grads = torch.autograd.grad((ref_out * weights.to(ref_out.dtype)).sum(),
                                     [ref_named[r] for _, r in names], allow_unused=True)
+    ref_modules = dict(reference.named_modules())
     rows: list[Drift] = []
     first = None
-    for (name, ref_name), grad, ref_grad in reversed(list(zip(names, grads, ref_grads))):
+    compared = list(zip(names, grads, ref_grads, strict=True))
+    for (name, ref_name), grad, ref_grad in reversed(compared):
         if grad is None or ref_grad is None:
             continue
-        if grad.shape != ref_grad.shape and grad.shape == ref_grad.T.shape:
+        owner = ref_name.rpartition(".")[0]
+        if transposes(ref_name, ref_modules.get(owner), ref_grad, "auto"):
             ref_grad = ref_grad.T  # Hugging Face's Conv1D keeps its weight as (in, out)
         diff = measure(grad, ref_grad, tolerance)
         rows.append(Drift(module=name, reference_module=ref_name, max_abs=diff.max_abs,

@@ -8,6 +8,7 @@ tier they *differ*: a bug, such as a missing ``1 / sqrt(hs)``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -69,9 +70,26 @@ class TensorDiff:
         return self.status in ("differs", "shape")
 
 
+def _core(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape without its leading 1s: what broadcasting sees."""
+    start = 0
+    while start < len(shape) and shape[start] == 1:
+        start += 1
+    return shape[start:]
+
+
+def _with_shapes(diff: TensorDiff, shape: tuple[int, ...], reference_shape: tuple[int, ...]
+                 ) -> TensorDiff:
+    return dataclasses.replace(diff, shape=shape, reference_shape=reference_shape,
+                               worst_index=None)
+
+
 def measure(value: torch.Tensor, reference: torch.Tensor, tolerance: Tolerance) -> TensorDiff:
     """Compare ``value`` with ``reference`` elementwise (see :class:`TensorDiff`)."""
     shape, ref_shape = tuple(value.shape), tuple(reference.shape)
+    if shape != ref_shape and _core(shape) == _core(ref_shape):  # (T, C) against (1, T, C):
+        value, reference = value.reshape(_core(shape)), reference.reshape(_core(ref_shape))
+        return _with_shapes(measure(value, reference, tolerance), shape, ref_shape)  # broadcast
     if shape != ref_shape:
         return TensorDiff(shape=shape, reference_shape=ref_shape, max_abs=float("inf"),
                           max_rel=float("inf"), worst_index=None, status="shape")
