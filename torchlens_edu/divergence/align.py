@@ -42,8 +42,9 @@ class ModuleCall:
 
 
 def _glob_regex(glob: str) -> re.Pattern[str]:
+    """``glob`` at the start of a path; what follows it (``.attn.c_attn``) is kept."""
     return re.compile("^" + r"\.".join("([^.]+)" if part == "*" else re.escape(part)
-                                        for part in glob.split(".")) + "$")
+                                        for part in glob.split(".")) + r"(\..+)?$")
 
 
 def _fill(glob: str, parts: Sequence[str]) -> str:
@@ -58,12 +59,15 @@ def translate(path: str, path_map: PathMap | None) -> list[str] | None:
     ['blocks.3.qkv']
     >>> translate("h.0.attn.c_attn", {"h.*.attn.c_attn": ["b.*.q", "b.*.k", "b.*.v"]})
     ['b.0.q', 'b.0.k', 'b.0.v']
+    >>> translate("transformer.h.2.mlp", {"transformer.h": "layers"})  # a prefix carries the rest
+    ['layers.2.mlp']
     """
     for source, target in (path_map or {}).items():
         found = _glob_regex(source).match(path)
         if found:
+            *parts, rest = found.groups()
             targets = [target] if isinstance(target, str) else list(target)
-            return [_fill(glob, found.groups()) for glob in targets]
+            return [_fill(glob, parts) + (rest or "") for glob in targets]
     return None
 
 
@@ -116,7 +120,8 @@ def align(calls: Sequence[ModuleCall], references: Sequence[ModuleCall],
         if len(found) > 1:
             parts[last] = found
     named = sum(1 for call in calls if call.path) or 1
-    matched = sum(1 for position in pairs if calls[position].path)
+    covered = set(pairs).union(*parts.values())
+    matched = sum(1 for position in covered if calls[position].path)
     if matched * 2 >= named:
         return Alignment(how="map" if path_map else "path", pairs=pairs, parts=parts)
     return Alignment(how="structure", pairs=_by_structure(calls, references), parts={})
@@ -127,11 +132,14 @@ def _signature(call: ModuleCall) -> tuple[object, ...]:
 
 
 def _by_structure(calls: Sequence[ModuleCall], references: Sequence[ModuleCall]
-                  ) -> dict[int, list[int]]:
-    pairs: dict[int, list[int]] = {0: [0]} if calls and references else {}  # the roots
+                  ) -> dict[int, int]:
+    pairs: dict[int, int] = {}
     matcher = difflib.SequenceMatcher(None, [_signature(c) for c in calls],
                                       [_signature(r) for r in references], autojunk=False)
     for block in matcher.get_matching_blocks():
         for offset in range(block.size):
             pairs[block.a + offset] = block.b + offset
+    if calls and references:  # the roots answer to each other whatever their outputs
+        pairs = {mine: theirs for mine, theirs in pairs.items() if mine and theirs}
+        pairs[0] = 0
     return pairs

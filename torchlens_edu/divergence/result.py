@@ -153,7 +153,7 @@ class Comparison:
         if first.op:
             lines.append(Text(f"  op         {first.op}   at {first.source or '?'}"))
         if first.reference_op or first.reference_source:
-            lines.append(Text(f"  reference  {first.reference_op or '-'}   at "
+            lines.append(Text(f"  reference  {first.reference_op or '(no counterpart)'}   at "
                               f"{first.reference_source or '?'}"))
         shape = format_shape(first.shape, self.dims)
         if first.shape != first.reference_shape:
@@ -188,7 +188,7 @@ def _table(title: str, reference_title: str, rows: list[Drift]) -> Table:
     table.add_column("max rel", justify="right")
     table.add_column("status")
     for row in shown:
-        cells = [row.module or "(model)"]
+        cells: list[str | Text] = [row.module or "(model)"]
         if reference_title:
             cells.append(row.reference_module or "(model)")
         cells += [f"{row.max_abs:.2e}", f"{row.max_rel:.2e}",

@@ -1,0 +1,305 @@
+"""tle.compare / tle.copy_weights: planted bugs in a learner's GPT, each found at its op and line."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import torchlens_edu as tle
+from tests.support import learner_gpt
+from tests.support.learner_gpt import LearnerConfig, LearnerGPT, bug_line, pair
+from torchlens_edu.divergence import WeightsMismatchError
+
+
+def line_of(text: str) -> str:
+    """``learner_gpt.py:LINE`` of the first line of learner_gpt.py that contains ``text``."""
+    with open(learner_gpt.__file__) as source:
+        for number, line in enumerate(source, start=1):
+            if text in line:
+                return f"learner_gpt.py:{number}"
+    raise LookupError(text)
+
+
+@pytest.fixture
+def idx() -> torch.Tensor:
+    return torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+
+
+def test_identical_models_agree(idx: torch.Tensor) -> None:
+    model, reference = pair("")
+    result = tle.compare(model, reference, idx)
+    assert result.first is None and result.agree
+    assert result.alignment == "path"
+    assert "the models agree within the tolerance" in str(result)
+
+
+@pytest.mark.parametrize(("bug", "module", "op"), [
+    ("mask_off_by_one", "transformer.h.0.attn", "tril"),
+    ("softmax_axis", "transformer.h.0.attn", "softmax"),
+    ("dropout_active", "transformer.h.0.attn", "dropout"),
+])
+def test_the_op_that_made_the_difference_is_named_with_its_line(
+        idx: torch.Tensor, bug: str, module: str, op: str) -> None:
+    model, reference = pair(bug)
+    first = tle.compare(model, reference, idx).first
+    assert first is not None
+    assert (first.kind, first.module, first.op) == ("op", module, op)
+    assert first.source == bug_line(bug)
+    assert not first.inputs_differed
+    assert f"`{op}` at {bug_line(bug)}: its inputs agree and its output does not" == first.detail
+
+
+def test_a_missing_attention_scale_is_blamed_on_its_line(idx: torch.Tensor) -> None:
+    model, reference = pair("no_scale")
+    result = tle.compare(model, reference, idx)
+    first = result.first
+    assert first is not None and first.kind == "missing-op"
+    assert first.module == "transformer.h.0.attn"
+    assert first.source == bug_line("no_scale")  # the line that lost its `/ sqrt(hs)`
+    assert first.reference_op == "div"
+    assert first.reference_source == line_of("/ math.sqrt(hs)")
+    text = str(result)
+    assert "first difference: transformer.h.0.attn (missing-op)" in text
+    assert f"your model skips `div`, which the reference does at {line_of('/ math.sqrt(hs)')}" \
+        in text
+
+
+def test_position_embeddings_not_added(idx: torch.Tensor) -> None:
+    model, reference = pair("no_positions")
+    first = tle.compare(model, reference, idx).first
+    assert first is not None
+    assert (first.kind, first.module, first.reference_op) == ("missing-op", "", "add")
+    assert first.source == bug_line("no_positions")
+    assert first.reference_source == line_of("drop(tok_emb + pos_emb)")
+
+
+def test_layernorm_eps_changed(idx: torch.Tensor) -> None:
+    model, reference = pair("layernorm_eps")
+    first = tle.compare(model, reference, idx).first
+    assert first is not None
+    assert (first.kind, first.module, first.op) == ("op", "transformer.h.0.ln_1", "layer_norm")
+    assert first.source == line_of("# ln_1 runs here")
+
+
+def test_tanh_against_erf_gelu_is_drift_not_a_bug(idx: torch.Tensor) -> None:
+    model, reference = pair("erf_gelu")
+    result = tle.compare(model, reference, idx)
+    assert result.first is None
+    assert any(row.status == "drift" for row in result.modules)
+    assert {row.status for row in result.modules} <= {"same", "drift"}
+    assert "drift (legal, within the tolerance)" in str(result)
+    strict = tle.compare(model, reference, idx, rtol=1.3e-6, atol=1e-5).first
+    assert strict is not None and (strict.op, strict.source) == ("gelu", bug_line("erf_gelu"))
+
+
+def test_a_weight_loaded_without_its_transpose(idx: torch.Tensor) -> None:
+    model, reference = pair("")
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_proj.weight.copy_(reference.transformer.h[0].attn.c_proj.weight.T)
+    first = tle.compare(model, reference, idx).first
+    assert first is not None
+    assert (first.kind, first.module, first.op) == ("weights", "transformer.h.0.attn.c_proj",
+                                                   "linear")
+    assert first.source == line_of("return self.c_proj(y)")
+    assert "parameter `transformer.h.0.attn.c_proj.weight`" in first.detail
+
+
+def test_last_position_only_logits_are_a_shape_difference(idx: torch.Tensor) -> None:
+    model, reference = pair("last_only")
+    result = tle.compare(model, reference, idx)
+    first = result.first
+    assert first is not None
+    assert (first.kind, first.module, first.op) == ("extra-op", "", "[]")
+    assert first.source == bug_line("last_only")
+    assert (first.shape, first.reference_shape) == ((2, 1, 64), (2, 6, 64))
+    assert "where the reference has (B=2, T=6, V=64)" in str(result)
+
+
+def test_a_logits_loss_tuple_aligns_with_bare_logits(idx: torch.Tensor) -> None:
+    model, reference = pair("tuple_output")
+    assert tle.compare(model, reference, idx, idx).agree
+
+
+class _Renamed(nn.Module):
+    """The learner's GPT, with every module named differently."""
+
+    def __init__(self, config: LearnerConfig) -> None:
+        super().__init__()
+        source = LearnerGPT(config)
+        self.tokens, self.positions = source.transformer.wte, source.transformer.wpe
+        self.layers = source.transformer.h
+        self.norm, self.head = source.transformer.ln_f, source.lm_head
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tokens(idx) + self.positions(torch.arange(idx.shape[1]))
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x))
+
+
+NAMES = {"transformer.wte": "tokens", "transformer.wpe": "positions", "transformer.h": "layers",
+         "transformer.ln_f": "norm", "lm_head": "head"}
+
+
+def test_a_clean_copy_with_other_names_aligns_by_structure(idx: torch.Tensor) -> None:
+    _, reference = pair("")
+    renamed = _Renamed(LearnerConfig()).eval()
+    report = tle.copy_weights(reference, renamed, map=NAMES)
+    assert report.ok and len(report.copied) == len(renamed.state_dict())
+    result = tle.compare(renamed, reference, idx)
+    assert result.agree and result.alignment == "structure"
+    assert "by structure (the order of module calls and their shapes)" in str(result)
+    assert tle.compare(renamed, reference, idx, map=NAMES).alignment == "map"
+
+
+def test_backward_names_the_first_differing_gradient() -> None:
+    class HalfGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+            return grad / 2  # the bug: only the backward is wrong
+
+    class Buggy(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return HalfGradient.apply(x)
+
+    class Fine(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.clone()
+
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(4, 4), Fine(), nn.Linear(4, 2))
+    model = nn.Sequential(nn.Linear(4, 4), Buggy(), nn.Linear(4, 2))
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 4)
+    assert tle.compare(model, reference, x).agree  # the forward agrees
+    result = tle.compare(model, reference, x, backward=True)
+    first = result.first
+    assert first is not None and (first.kind, first.module) == ("gradient", "0")
+    assert "the gradient of `0.bias` is the first (in backward order)" in first.detail
+    assert [row.status for row in result.gradients][:2] == ["same", "same"]  # 2.bias, 2.weight
+    assert not any(p.grad is not None for p in model.parameters())  # .grad left alone
+
+
+@pytest.mark.slow
+def test_bundled_gpt2_agrees_with_hugging_face_after_copy_weights() -> None:
+    transformers = pytest.importorskip("transformers")
+    from torchlens_edu.models import GPT2, GPT2Config
+
+    config = GPT2Config.preset("tiny")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=config.vocab_size, n_positions=config.n_positions, n_embd=config.n_embd,
+        n_layer=config.n_layer, n_head=config.n_head, use_cache=False, bos_token_id=0,
+        eos_token_id=0)).eval()
+    mine = GPT2(config).eval()
+    report = tle.copy_weights(hf, mine)
+    assert report.ok and len(report.transposed) == 4 * config.n_layer  # the Conv1D weights
+    idx = torch.randint(0, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    result = tle.compare(mine, hf, idx, backward=True)
+    assert result.agree, str(result)
+    assert result.alignment == "path" and result.gradients
+
+
+def test_copy_weights_reports_every_key_that_does_not_fit_and_copies_nothing() -> None:
+    src = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 3))
+    dst = nn.Sequential(nn.Linear(3, 2), nn.Linear(3, 3), nn.LayerNorm(3))
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(WeightsMismatchError) as raised:
+        tle.copy_weights(src, dst, transpose=False)
+    message = str(raised.value)
+    assert "these keys do not fit (nothing was copied)" in message
+    assert "missing" in message and "2.weight" in message
+    assert "shape" in message and "(3, 2) -> (2, 3)" in message
+    assert isinstance(raised.value, ValueError)
+    assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
+    unexpected = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 3), nn.Linear(3, 1))
+    with pytest.raises(WeightsMismatchError, match="unexpected"):
+        tle.copy_weights(unexpected, nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 3)))
+
+
+def test_copy_weights_splits_a_fused_projection() -> None:
+    fused = nn.ModuleDict({"c_attn": nn.Linear(4, 12)})
+    split = nn.ModuleDict({name: nn.Linear(4, 4) for name in ("q", "k", "v")})
+    tle.copy_weights(fused, split, map={"c_attn": ["q", "k", "v"]})
+    assert torch.equal(split["k"].weight, fused["c_attn"].weight[4:8])
+
+
+def test_fused_against_split_projections_compare_by_map() -> None:
+    class Fused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_attn = nn.Linear(4, 12)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self.c_attn(x).split(4, dim=-1)
+            return F.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+
+    class Split(nn.Module):
+        def __init__(self, axis: int = -1) -> None:
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+            self.axis = axis
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            att = F.softmax(self.q(x) @ self.k(x).transpose(-2, -1), dim=self.axis)
+            return att @ self.v(x)
+
+    torch.manual_seed(0)
+    reference, x = Fused(), torch.randn(1, 5, 4)
+    parts = {"c_attn": ["q", "k", "v"]}
+    for model, agree in ((Split(), True), (Split(axis=-2), False)):
+        tle.copy_weights(reference, model, map=parts)
+        result = tle.compare(model, reference, x, map=parts)
+        assert result.alignment == "map" and result.agree is agree
+        assert ("c_attn" in [row.reference_module for row in result.modules])
+
+
+def test_to_dict_follows_the_documented_schema(idx: torch.Tensor) -> None:
+    model, reference = pair("softmax_axis")
+    data = tle.compare(model, reference, idx).to_dict()
+    json.dumps(data)
+    assert set(data) == {"agree", "alignment", "aligned_modules", "rtol", "atol", "first",
+                         "modules", "gradients", "notes"}
+    assert data["first"]["source"] == bug_line("softmax_axis")
+    assert data["first"]["shape"] == [2, 4, 6, 6]  # the softmax's (B, nh, T, T)
+    assert set(data["modules"][0]) == {"module", "reference_module", "max_abs", "max_rel",
+                                       "status"}
+
+
+def test_rendering_in_jupyter_and_at_80_columns(idx: torch.Tensor) -> None:
+    model, reference = pair("softmax_axis")
+    result = tle.compare(model, reference, idx)
+    assert "first difference" in result._repr_html_()
+    from torchlens_edu._core.console import render_text
+
+    assert all(len(line) <= 80 for line in render_text(result, width=80).splitlines())
+
+
+def test_compare_restores_the_rng_and_the_models(idx: torch.Tensor) -> None:
+    model, reference = pair("dropout_active")
+    state = torch.get_rng_state()
+    hooks = [m._forward_hooks.copy() for m in model.modules()]
+    tle.compare(model, reference, idx)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert [m._forward_hooks for m in model.modules()] == hooks
+    assert not model.training and not reference.training
+
+
+def test_compare_says_what_to_pass_when_it_is_not_given_models() -> None:
+    with pytest.raises(TypeError, match="both models must be nn.Modules, got function"):
+        tle.compare(lambda x: x, nn.Linear(2, 2), torch.ones(1, 2))
+
+
+def test_compare_is_exported() -> None:
+    assert {"compare", "copy_weights", "Comparison"} <= set(tle.__all__)
+    assert isinstance(tle.compare(nn.Identity(), nn.Identity(), torch.ones(1)), tle.Comparison)
+    assert os.path.basename(tle.compare.__code__.co_filename) == "run.py"
