@@ -1,4 +1,4 @@
-"""tle.compare / tle.copy_weights: planted bugs in a learner's GPT, each found at its op and line."""
+"""compare, copy_weights: planted bugs in a learner's GPT, each found at its op and line."""
 
 from __future__ import annotations
 
@@ -295,7 +295,7 @@ def test_compare_restores_the_rng_and_the_models(idx: torch.Tensor) -> None:
 
 
 def test_compare_says_what_to_pass_when_it_is_not_given_models() -> None:
-    with pytest.raises(TypeError, match="both models must be nn.Modules, got function"):
+    with pytest.raises(TypeError, match=r"both models must be nn\.Modules, got function"):
         tle.compare(lambda x: x, nn.Linear(2, 2), torch.ones(1, 2))
 
 

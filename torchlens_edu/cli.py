@@ -19,7 +19,7 @@ from typing import NoReturn
 
 from torchlens_edu.commands import EXIT_FAILED, EXIT_USAGE, CommandError, is_from_user_code
 
-_COMMANDS = ("debug", "demo", "generate", "trace", "vscode")
+_COMMANDS = ("compare", "debug", "demo", "generate", "trace", "vscode")
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 

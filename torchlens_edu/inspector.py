@@ -220,6 +220,18 @@ class Inspector:
         options.setdefault("dims", self._overrides)
         return watch_nans(self.model, **options)
 
+    def compare(self, reference: nn.Module, *inputs: Any, **options: Any) -> Any:
+        """Where this model first differs from ``reference``, down to the op and line:
+        :func:`torchlens_edu.divergence.compare` (``rtol``, ``atol``, ``backward``, ``map``).
+
+        >>> import torch.nn as nn
+        >>> inspect(nn.Softmax(dim=0)).compare(nn.Softmax(dim=-1), torch.rand(2, 3)).first.op
+        'softmax'
+        """
+        from torchlens_edu.divergence import compare
+
+        return compare(self.model, reference, *inputs, **options)
+
     def stop_at(self, pattern: Pattern, **options: Any) -> Any:
         """Pause in the debugger at a module: :func:`torchlens_edu.debug.stop_at_module`.
 
