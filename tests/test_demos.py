@@ -26,6 +26,8 @@ EXPECTED = {
     "05": ["no stop requested", "max |explicit - fast|"],
     "06": ["cache.length", "use_cache=True", "tokens/s (median of 5)", "faster here (medians)"],
     "07": ["LlamaForCausalLM", "attention"],
+    "09": ["your line  09_find_my_bug.py:", "the models agree within the tolerance",
+           "drift (legal, within the tolerance)"],
 }
 
 

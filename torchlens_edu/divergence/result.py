@@ -32,7 +32,7 @@ from torchlens_edu._core.console import render_html, render_text
 from torchlens_edu.dims import format_shape
 
 _STYLE = {"same": "green", "drift": "yellow", "differs": "bold red", "shape": "bold red"}
-_TABLE_ROWS = 24  # longer drift tables show the rows that are not "same" (and the last one)
+_TABLE_ROWS = 12  # longer drift tables show the rows that are not "same" (and the last one)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,7 +150,9 @@ class Comparison:
         where = first.module or "(the model itself)"
         lines = [Text.assemble(("first difference: ", "bold red"), (where, "bold"),
                                f" ({first.kind})")]
-        if first.op:
+        if first.kind == "missing-op":
+            lines.append(Text(f"  your line  {first.source or '?'}"))
+        elif first.op:
             lines.append(Text(f"  op         {first.op}   at {first.source or '?'}"))
         if first.reference_op or first.reference_source:
             lines.append(Text(f"  reference  {first.reference_op or '(no counterpart)'}   at "
