@@ -162,8 +162,10 @@ class Comparison:
             lines.append(Text(f"  shape      {shape} where the reference has "
                               f"{format_shape(first.reference_shape, self.dims)}"))
         else:
-            lines.append(Text(f"  output     {shape}: max abs {first.max_abs:.3e}, max rel "
-                              f"{first.max_rel:.3e}, worst at index {first.worst_index}"))
+            lines.append(Text(f"  output     {shape}: max abs {first.max_abs:.3e}, "
+                              f"max rel {first.max_rel:.3e}"))
+            if first.worst_index is not None:
+                lines.append(Text(f"  worst at   index {first.worst_index}"))
         inputs = "already differed" if first.inputs_differed else "agreed"
         lines.append(Text(f"  inputs     {inputs}"))
         lines.append(Text(f"  why        {first.detail}"))
