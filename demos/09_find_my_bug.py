@@ -44,7 +44,7 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if self.fixed:
+        if self.fixed:  # noqa: SIM108 (the bug keeps a line of its own)
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, T)
         else:
             scores = q @ k.transpose(-2, -1)  # (B, nh, T, T)   <- the planted bug

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -303,3 +304,70 @@ def test_compare_is_exported() -> None:
     assert {"compare", "copy_weights", "Comparison"} <= set(tle.__all__)
     assert isinstance(tle.compare(nn.Identity(), nn.Identity(), torch.ones(1)), tle.Comparison)
     assert os.path.basename(tle.compare.__code__.co_filename) == "run.py"
+
+
+def test_outputs_without_tensors_cannot_be_aligned() -> None:
+    class Nothing(nn.Module):
+        def forward(self, x: torch.Tensor) -> None:
+            return None
+
+    with pytest.raises(ValueError, match="the outputs cannot be aligned: the model returned "
+                                         "NoneType, with no tensor in it"):
+        tle.compare(Nothing(), nn.Identity(), torch.ones(2))
+
+
+# -- the command line ------------------------------------------------------------------------
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    from torchlens_edu.cli import main
+
+    code = main(["compare", *argv])
+    out, err = capsys.readouterr()
+    return code, out, " ".join(err.split())
+
+
+FACTORY = '''
+def make(config):
+    return LearnerGPT(LearnerConfig(vocab_size=config.vocab_size, n_embd=config.n_embd,
+                                    n_positions=config.n_positions, n_head=config.n_head,
+                                    n_layer=config.n_layer, dropout=0.0), bug="softmax_axis")
+'''
+
+
+@pytest.mark.slow
+def test_cli_builds_copies_and_reports(tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _cli(capsys, f"{learner_gpt.__file__}:LearnerGPT", "--ref", "embedded")
+    assert (code, err) == (0, "")
+    assert "the models agree within the tolerance" in out
+    mine = tmp_path / "my_gpt.py"
+    mine.write_text(Path(learner_gpt.__file__).read_text() + FACTORY)
+    code, out, err = _cli(capsys, f"{mine}:make", "--prompt", "Hello world")
+    assert code == 1, err
+    assert "first difference: transformer.h.0.attn (op)" in out
+    assert f"softmax   at my_gpt.py:{bug_line('softmax_axis').split(':')[1]}" in out
+
+
+@pytest.mark.parametrize(("content", "target", "message"), [
+    (None, "nowhere.py:GPT", "nowhere.py: no such file"),
+    ("", "{file}", "expected FILE.py:NAME (e.g. my_gpt.py:GPT), got"),
+    ("import torch\ndef f(:\n", "{file}:GPT", "does not import: SyntaxError: invalid syntax "
+                                             "(my_gpt.py:2)"),
+    ("x = 1\nraise RuntimeError('boom')\n", "{file}:GPT",
+     "does not import: RuntimeError: boom (my_gpt.py:2)"),
+    ("class GPT:\n    pass\n", "{file}:GTP", "has no 'GTP'; did you mean 'GPT'?"),
+    ("class GPT:\n    def __init__(self):\n        pass\n", "{file}:GPT",
+     "did not build from the reference's config (TypeError:"),
+    ("import torch\nclass GPT(torch.nn.Module):\n    def __init__(self, config):\n"
+     "        super().__init__()\n", "{file}:GPT", "these keys do not fit (nothing was copied)"),
+])
+def test_cli_errors_are_one_clear_message(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str],
+                                          content: str | None, target: str, message: str) -> None:
+    file = tmp_path / "my_gpt.py"
+    if content is not None:
+        file.write_text(content)
+    code, out, err = _cli(capsys, target.format(file=file), "--ref", "embedded")
+    assert code in (1, 2) and out == ""
+    assert err.startswith("error: ") and message in err
+    assert "Traceback" not in err

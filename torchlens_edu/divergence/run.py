@@ -153,10 +153,7 @@ def compare(model: nn.Module, reference: nn.Module, *inputs: Any, rtol: float | 
                           max_abs=diff.max_abs, max_rel=diff.max_rel, status=diff.status))
         if diff.differs and first_position is None:
             first_position, first_diff = position, diff
-    if any(t.is_floating_point() for t in iter_tensors(mine.output)) and not rows:
-        raise ValueError("the outputs of the model and the reference could not be aligned: "
-                         "no module call of one matches the other; pass map={reference glob: "
-                         "model glob}")
+    _check_outputs(mine.output, theirs.output)
     first = None
     if first_position is not None and first_diff is not None:
         first = _locate(model, reference, inputs, mine.calls, theirs.calls, alignment,
@@ -174,6 +171,15 @@ def compare(model: nn.Module, reference: nn.Module, *inputs: Any, rtol: float | 
     return Comparison(first=first, alignment=alignment.how, aligned_modules=len(alignment.pairs),
                       modules=rows, gradients=gradients, rtol=rtol, atol=atol, notes=notes,
                       dims={**dims_from_inputs(*inputs), **dims})
+
+
+def _check_outputs(output: Any, reference_output: Any) -> None:
+    """Both sides must return at least one tensor, or there is nothing to compare."""
+    for name, value in (("model", output), ("reference", reference_output)):
+        if not any(True for _ in iter_tensors(value)):
+            raise ValueError(f"the outputs cannot be aligned: the {name} returned "
+                             f"{type(value).__name__}, with no tensor in it; compare needs "
+                             f"models that return tensors (logits, a tuple, a ModelOutput)")
 
 
 def _locate(model: nn.Module, reference: nn.Module, inputs: tuple[Any, ...],
