@@ -19,7 +19,8 @@ from typing import NoReturn
 
 from torchlens_edu.commands import EXIT_FAILED, EXIT_USAGE, CommandError, is_from_user_code
 
-_COMMANDS = ("compare", "debug", "demo", "generate", "trace", "vscode")
+# the modules of commands/ (each registers its subcommand's name: compare_models -> compare)
+_COMMANDS = ("compare_models", "debug", "demo", "generate", "trace", "vscode")
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 

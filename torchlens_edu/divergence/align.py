@@ -127,18 +127,25 @@ def align(calls: Sequence[ModuleCall], references: Sequence[ModuleCall],
     return Alignment(how="structure", pairs=_by_structure(calls, references), parts={})
 
 
+def matching_pairs(first: Sequence[object], second: Sequence[object]) -> dict[int, int]:
+    """Positions of equal items, in order, as :mod:`difflib` matches two sequences (the one
+    place the toolkit aligns sequences; did-you-means live in ``_core/formatting.py``).
+
+    >>> matching_pairs(["@", "masked_fill"], ["@", "div", "masked_fill"])
+    {0: 0, 1: 2}
+    """
+    matcher = difflib.SequenceMatcher(None, first, second, autojunk=False)
+    return {block.a + offset: block.b + offset
+            for block in matcher.get_matching_blocks() for offset in range(block.size)}
+
+
 def _signature(call: ModuleCall) -> tuple[object, ...]:
     return tuple(tuple(t.shape) for t in call.outputs)
 
 
 def _by_structure(calls: Sequence[ModuleCall], references: Sequence[ModuleCall]
                   ) -> dict[int, int]:
-    pairs: dict[int, int] = {}
-    matcher = difflib.SequenceMatcher(None, [_signature(c) for c in calls],
-                                      [_signature(r) for r in references], autojunk=False)
-    for block in matcher.get_matching_blocks():
-        for offset in range(block.size):
-            pairs[block.a + offset] = block.b + offset
+    pairs = matching_pairs([_signature(c) for c in calls], [_signature(r) for r in references])
     if calls and references:  # the roots answer to each other whatever their outputs
         pairs = {mine: theirs for mine, theirs in pairs.items() if mine and theirs}
         pairs[0] = 0

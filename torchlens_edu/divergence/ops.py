@@ -10,7 +10,6 @@ added just before the first difference, or on a weight that already differed.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from torchlens_edu._core.frames import source_location
-from torchlens_edu.divergence.align import pair_tensors
+from torchlens_edu.divergence.align import matching_pairs, pair_tensors
 from torchlens_edu.divergence.tolerance import TensorDiff, Tolerance, measure
 from torchlens_edu.shapes.ops import OpRecorder, tensors_in, tensors_out, user_site
 
@@ -123,12 +122,8 @@ def _differing_input(a: OpCall, b: OpCall, tolerance: Tolerance) -> int | None:
 
 def blame(ops: list[OpCall], reference: list[OpCall], tolerance: Tolerance) -> OpBlame | None:
     """The first op that made the difference (see the module docstring), or None."""
-    matcher = difflib.SequenceMatcher(None, [op.name for op in ops],
-                                      [op.name for op in reference], autojunk=False)
-    matched: dict[int, int] = {}  # model op -> reference op of the same name, in order
-    for block in matcher.get_matching_blocks():
-        for offset in range(block.size):
-            matched[block.a + offset] = block.b + offset
+    # model op -> reference op of the same name, in order
+    matched = matching_pairs([op.name for op in ops], [op.name for op in reference])
     for i, j in matched.items():
         diff = _outputs_diff(ops[i], reference[j], tolerance)
         if diff is not None and diff.differs:

@@ -92,11 +92,21 @@ class Comparison:
 
     @property
     def agree(self) -> bool:
-        """No divergence beyond the tolerance (drift is allowed)."""
+        """No divergence beyond the tolerance (drift is allowed).
+
+        >>> from torchlens_edu.divergence import compare
+        >>> compare(torch.nn.Tanh(), torch.nn.Tanh(), torch.ones(2)).agree
+        True
+        """
         return self.first is None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data, in the schema of this module's docstring."""
+        """Plain data, in the schema of this module's docstring.
+
+        >>> from torchlens_edu.divergence import compare
+        >>> compare(torch.nn.Softmax(0), torch.nn.Softmax(1), torch.rand(2, 3)).to_dict()["first"]["op"]
+        'softmax'
+        """
         first = None
         if self.first is not None:
             first = dataclasses.asdict(self.first)

@@ -1,5 +1,6 @@
 """``torchlens-edu compare my_gpt.py:GPT --ref embedded``: where a learner's GPT-2 first
-differs from the bundled one, down to the op and the line.
+differs from the bundled one, down to the op and the line. (The module is not named
+``compare``: no module may be named like a public function, see tests/test_layers.py.)
 
     torchlens-edu compare my_gpt.py:GPT --ref embedded             # the small shipped model
     torchlens-edu compare my_gpt.py:GPT --ref gpt2 --prompt "Hi"   # real weights (cached)
