@@ -37,11 +37,12 @@ class OpCall:
 class _OpLog:
     """An :class:`~torchlens_edu.shapes.ops.OpListener` that keeps the ops of one module call."""
 
+    ops = True  # record op events (not only count them)
     meta = False
     home = torch.device("cpu")
 
     def __init__(self, parameter_names: dict[int, str]) -> None:
-        self.ops: list[OpCall] = []
+        self.calls: list[OpCall] = []
         self.active = False
         self._parameter_names = parameter_names
 
@@ -51,7 +52,7 @@ class _OpLog:
             return
         site = user_site(frame)
         inputs = tensors_in(args, kwargs)
-        self.ops.append(OpCall(
+        self.calls.append(OpCall(
             name=name, source=source_location(*site) if site else "",
             inputs=[t.detach().clone() for t in inputs],
             outputs=[t.detach().clone() for t in tensors_out(result)],
@@ -85,7 +86,7 @@ def record_ops(model: nn.Module, run: Callable[[], Any], target: tuple[str, int]
     finally:
         for handle in handles:
             handle.remove()
-    return log.ops
+    return log.calls
 
 
 @dataclass(kw_only=True)

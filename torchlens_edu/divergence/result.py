@@ -104,7 +104,8 @@ class Comparison:
         """Plain data, in the schema of this module's docstring.
 
         >>> from torchlens_edu.divergence import compare
-        >>> compare(torch.nn.Softmax(0), torch.nn.Softmax(1), torch.rand(2, 3)).to_dict()["first"]["op"]
+        >>> data = compare(torch.nn.Softmax(0), torch.nn.Softmax(1), torch.rand(2, 3)).to_dict()
+        >>> data["first"]["op"]
         'softmax'
         """
         first = None
