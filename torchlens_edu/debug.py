@@ -36,6 +36,7 @@ from torchlens_edu._core.console import get_console
 from torchlens_edu._core.debugger import debugger_attached
 from torchlens_edu._core.formatting import did_you_mean
 from torchlens_edu._core.frames import user_frame
+from torchlens_edu._core.interrupts import uninterruptible
 from torchlens_edu._core.modules import Pattern, is_hook_point, match_modules
 
 ENV_VAR = "TORCHLENS_EDU_STOP"
@@ -103,16 +104,11 @@ class StopHandle:
 
     def __init__(self, request: StopRequest) -> None:
         self.request = request
-        with _lock:
-            _requests.append(request)
-            _watch_hook_points()
+        _update(add=request)
 
     def remove(self) -> None:
         """Forget this stop (no-op when already removed)."""
-        with _lock:
-            if self.request in _requests:
-                _requests.remove(self.request)
-            _watch_hook_points()
+        _update(remove=self.request)
 
     def __enter__(self) -> StopHandle:
         return self
@@ -168,11 +164,8 @@ def clear_stops() -> None:
 
     >>> clear_stops()
     """
-    with _lock:
-        read_env()
-        _requests.clear()
-        _env_requests.clear()
-        _watch_hook_points()
+    read_env()
+    _update(clear=True)
 
 
 def read_env() -> None:
@@ -194,8 +187,7 @@ def read_env() -> None:
             requests = []
             _say(f"[yellow]torchlens_edu: ignoring ${ENV_VAR}={value!r}[/]: {err}. "
                  f"Valid forms: {_VALID_FORMS}")
-        _env_requests[:] = requests
-        _watch_hook_points()
+        _update(env=requests)
 
 
 def _all_requests() -> list[StopRequest]:
@@ -228,9 +220,26 @@ def stop_requested(point: str, *, layer: int | None = None) -> bool:
     return bool(_matching(point, layer))
 
 
+@uninterruptible  # a Ctrl-C waits: the requests and the global hook always agree
+def _update(*, add: StopRequest | None = None, remove: StopRequest | None = None,
+            clear: bool = False, env: list[StopRequest] | None = None) -> None:
+    """Change the requested stops and keep the global hook in step with them."""
+    with _lock:
+        if add is not None:
+            _requests.append(add)
+        if remove is not None and remove in _requests:
+            _requests.remove(remove)
+        if clear:
+            _requests.clear()
+            _env_requests.clear()
+        if env is not None:
+            _env_requests[:] = env
+        _watch_hook_points()
+
+
 def _watch_hook_points() -> None:
     """Register the global forward hook while any stop is requested, remove it when none is.
-    (Called with ``_lock`` held.)"""
+    (Called by :func:`_update`, with ``_lock`` held.)"""
     global _hook
     wanted = bool(_requests or _env_requests)
     if wanted and _hook is None:

@@ -95,7 +95,7 @@ def snapshot(model: nn.Module) -> dict[str, Any]:
         "repr": repr(torch.ones(2)),
         "grad mode": torch.is_grad_enabled(),
         "anomaly mode": (torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled()),
-        "explicit attention": getattr(gpt2, "_force_explicit", 0),
+        "explicit attention": gpt2._explicit.get(),  # explicit_attention() left entered
         "SIGINT handler": signal.getsignal(signal.SIGINT),
         "meta parameters": [n for n, p in model.named_parameters() if p.is_meta],
     }
