@@ -23,6 +23,7 @@ How it stays cheap:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import struct
 import sys
@@ -80,6 +81,8 @@ class TensorStats:
     std: float | None = None
     note: str = ""
     hist: tuple[int, ...] = ()
+    local: bool = False  # a DTensor: the numbers are of this rank's shard, not the whole
+
 
     @property
     def finite(self) -> int | None:
@@ -106,6 +109,11 @@ def tensor_stats(t: torch.Tensor) -> TensorStats:
     if not isinstance(t, torch.Tensor):
         return TensorStats(note=f"not a tensor ({type(t).__name__})")
     with unobserved():
+        if is_dtensor(t):
+            # the global values live on every rank: reading them is a collective that would
+            # block forever when only this rank describes the tensor. The local shard is ours.
+            stats = call_without_grad(_stats, local_shard(t))
+            return dataclasses.replace(stats, local=True)
         return call_without_grad(_stats, t)
 
 
@@ -141,6 +149,30 @@ def is_fake(t: torch.Tensor) -> bool:
     importing it ourselves would pull in sympy (seconds) on the first ``describe``."""
     fake_tensor = sys.modules.get("torch._subclasses.fake_tensor")
     return fake_tensor is not None and isinstance(t, fake_tensor.FakeTensor)
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """True for a DTensor (every FSDP2 parameter, tensor parallel). Checked through
+    ``sys.modules``: importing torch.distributed ourselves would cost time on every describe.
+
+    >>> is_dtensor(torch.ones(2))
+    False
+    """
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """The values this rank holds: a DTensor's local shard, read without a collective; any
+    other tensor as it is.
+
+    >>> local_shard(torch.ones(2)).shape
+    torch.Size([2])
+    """
+    if not is_dtensor(t):
+        return t
+    with torch.no_grad():  # to_local would otherwise record a graph edge
+        return t.to_local()
 
 
 def _why_no_data(t: torch.Tensor) -> str:
@@ -257,8 +289,14 @@ def _partial_cpu(x: torch.Tensor) -> torch.Tensor | None:
     # 4096 it stays accurate, and the row results are summed in float64
     flat = x.view(-1)
     k = n // _ROW * _ROW
-    rows = torch.linalg.vector_norm(flat[:k].view(-1, _ROW), dim=1).double().square().sum()
-    sumsq = rows.item() + torch.linalg.vector_norm(flat[k:]).double().item() ** 2
+    sumsq = 0.0
+    # never view an empty slice as rows: `view(-1, _ROW)` of 0 elements has no defined row
+    # count, and some tensor subclasses (DTensor) search for one forever
+    if k:
+        rows = flat[:k].view(k // _ROW, _ROW)
+        sumsq += torch.linalg.vector_norm(rows, dim=1).double().square().sum().item()
+    if k < n:
+        sumsq += torch.linalg.vector_norm(flat[k:]).double().item() ** 2
     m2 = sumsq - n * mean * mean
     if not math.isfinite(sumsq) or m2 <= 1e-2 * n * mean * mean:
         return None

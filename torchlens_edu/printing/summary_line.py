@@ -14,7 +14,14 @@ import torch
 
 from torchlens_edu._core.formatting import format_bytes, short_dtype
 from torchlens_edu.dims import Dims
-from torchlens_edu.printing.stats import TensorStats, is_fake, tensor_stats, unobserved
+from torchlens_edu.printing.stats import (
+    TensorStats,
+    is_dtensor,
+    is_fake,
+    local_shard,
+    tensor_stats,
+    unobserved,
+)
 
 _SPARK = "▁▂▃▄▅▆▇█"
 
@@ -53,10 +60,10 @@ def format_stats(s: TensorStats, dtype: torch.dtype) -> str:
     'μ=2 σ=1 [1, 3] █▁▁▁█▁▁█'
     """
     if s.note in ("meta tensor: no data", "fake tensor: no data"):
-        return "(no data)"
+        return "(no data)"  # a meta/fake DTensor's shard holds no data either
+    parts: list[str] = ["local shard:"] if s.local else []
     if s.note == "empty":
-        return "empty"
-    parts: list[str] = []
+        return " ".join([*parts, "empty"])
     if s.mean is not None:
         if s.numel == 1 and s.min is not None:
             parts.append("=" + _num(s.min, dtype))
@@ -105,6 +112,8 @@ def _metadata(t: torch.Tensor, dims: Dims) -> str:
         return f"NestedTensor[{len(shapes)} tensors: {shown}] {short_dtype(t.dtype)} {t.device}"
     parts = [kind + dims.format(tuple(t.shape), brackets="[]"), short_dtype(t.dtype),
              _device(t)]
+    if is_dtensor(t):
+        parts.append(placement(t))
     if t.layout != torch.strided:
         parts.append(str(t.layout).removeprefix("torch."))
         nnz = t._nnz() if t.layout == torch.sparse_coo else t.values().shape[0]
@@ -118,6 +127,22 @@ def _metadata(t: torch.Tensor, dims: Dims) -> str:
     if t.dim():
         parts.append(f"n={t.numel()} ({format_bytes(_nbytes(t))})")
     return " ".join(parts)
+
+
+def placement(t: torch.Tensor) -> str:
+    """How a DTensor is laid out, read from its metadata (no collective): placements, mesh
+    and this rank's local shape, e.g. ``Shard(0) on mesh(2) local[5, 4]``."""
+    names = [
+        f"Shard({p.dim})" if p.is_shard() else f"Partial({p.reduce_op})" if p.is_partial()
+        else type(p).__name__ + "()"
+        for p in t.placements  # type: ignore[attr-defined]
+    ]
+    mesh = t.device_mesh  # type: ignore[attr-defined]
+    sizes = [str(n) if name is None else f"{name}={n}"
+             for name, n in zip(mesh.mesh_dim_names or [None] * mesh.ndim, mesh.shape,
+                                strict=True)]
+    local = ", ".join(str(n) for n in local_shard(t).shape)
+    return f"{', '.join(names)} on mesh({', '.join(sizes)}) local[{local}]"
 
 
 def _device(t: torch.Tensor) -> str:

@@ -23,7 +23,14 @@ from rich.text import Text
 
 from torchlens_edu._core.console import get_console, render_html, render_text
 from torchlens_edu.dims import Dims
-from torchlens_edu.printing.stats import TensorStats, take, tensor_stats, unobserved
+from torchlens_edu.printing.stats import (
+    TensorStats,
+    is_dtensor,
+    local_shard,
+    take,
+    tensor_stats,
+    unobserved,
+)
 from torchlens_edu.printing.summary_line import describe, format_stats
 
 SHADES = " ░▒▓█"  # heat without colour
@@ -129,7 +136,12 @@ class TensorView(RichView):
         yield from parts
 
     def _body(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        data, why = _displayable(self.tensor)
+        data, why = _displayable(local_shard(self.tensor))
+        if is_dtensor(self.tensor) and data is not None:
+            # the global values are spread over the ranks: gathering them is a collective
+            # that would block when only this rank prints
+            yield Text("values of this rank's local shard (other ranks hold the rest)",
+                       style="dim")
         if data is None:
             if why:
                 yield Text(why, style="dim")
