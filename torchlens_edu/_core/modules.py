@@ -35,6 +35,8 @@ def match_modules(model: nn.Module, pattern: Pattern, *, required: bool = True
     >>> m = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
     >>> [p for p, _ in match_modules(m, "0")]
     ['0']
+    >>> [p for p, _ in match_modules(nn.DataParallel(m), "0")]  # also DDP: paths inside it
+    ['module.0']
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
@@ -43,7 +45,11 @@ def match_modules(model: nn.Module, pattern: Pattern, *, required: bool = True
         found = [(path, module) for path, module in named if pattern(path, module)]
     elif isinstance(pattern, str):
         names_points = not _WILDCARDS.intersection(pattern.rsplit(".", 1)[-1])
-        found = [(path, module) for path, module in named if fnmatch.fnmatchcase(path, pattern)
+        wrapped = _WRAPPED if isinstance(model, _WRAPPERS) else None
+        found = [(path, module) for path, module in named
+                 if (fnmatch.fnmatchcase(path, pattern)
+                     or (wrapped and path.startswith(wrapped)
+                         and fnmatch.fnmatchcase(path.removeprefix(wrapped), pattern)))
                  and (names_points or not is_hook_point(module))]
     else:
         raise TypeError(f"a module pattern is a glob string such as 'transformer.h.*.attn' or a "
@@ -65,6 +71,11 @@ def is_hook_point(module: nn.Module) -> bool:
 
 
 _WILDCARDS = frozenset("*?[")
+# DistributedDataParallel and DataParallel hold the user's model as `.module`: its paths gain
+# a "module." prefix that the user never wrote. A pattern matches with or without it (the
+# matched path returned is the real one, in the wrapper).
+_WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+_WRAPPED = "module."
 
 
 def _no_match_message(pattern: Pattern, paths: list[str]) -> str:
