@@ -45,7 +45,7 @@ from torchlens_edu._core.replay_state import replaying
 from torchlens_edu._core.tree import iter_tensors, map_tensors
 from torchlens_edu.dims import Dims, dims_argument
 from torchlens_edu.hookset import HookCall, HookSet, require_module
-from torchlens_edu.shapes.meta import inputs_to_meta, meta_twin, twin_running
+from torchlens_edu.shapes.meta import inputs_to_meta, meta_twin, sharding, twin_running
 
 DEFAULT_MAX_BYTES = 2 * 2**30  # 2 GiB: more than a learner means to keep by accident
 _MAX_ROWS = 80  # table rows shown before "... N more"
@@ -432,6 +432,8 @@ def _estimate(model: nn.Module, paths: set[str], args: tuple, kwargs: dict, grad
               inputs: bool, pattern: Pattern) -> tuple[int | None, str]:
     """Bytes the capture will hold, from a shape-only run of a meta twin; cached per input
     shapes. The twin has no hooks and runs outside torch-function modes: nobody sees it."""
+    if sharding(model):  # copying FSDP's state would corrupt the model: never copy it
+        return None, _NO_ESTIMATE_SHARDED
     key = (pattern, _specs((args, kwargs)), grads, inputs)
     known = _ESTIMATES.setdefault(model, {})
     if key in known:
@@ -460,6 +462,8 @@ def _estimate(model: nn.Module, paths: set[str], args: tuple, kwargs: dict, grad
     return nbytes, ""
 
 
+_NO_ESTIMATE_SHARDED = ("no estimate (a sharded model is not copied for a meta run); the bytes "
+                        "were counted while capturing instead")
 _NO_ESTIMATE = ("no estimate (the model cannot be copied or run on meta tensors); the bytes "
                 "were counted while capturing instead")
 

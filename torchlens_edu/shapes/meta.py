@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import conv_flop_count
 
 from torchlens_edu._core.tree import map_tensors
+from torchlens_edu.printing.stats import is_dtensor
 
 # Ops whose output shape depends on the values: they cannot run on meta tensors.
 DATA_DEPENDENT = frozenset({
@@ -92,6 +94,24 @@ def on_meta(model: nn.Module, twins: dict[int, torch.Tensor] | None = None) -> I
     finally:
         for table, name, tensor in slots:
             table[name] = tensor
+
+
+def sharding(model: nn.Module) -> str:
+    """What shards ``model`` across processes ("FSDP2", "DTensor parameters"), or "".
+
+    Such a model cannot take part in a meta run: FSDP2 manages its parameters itself (swapping
+    or copying them corrupts its state: shards replaced by full tensors, freed storage), and a
+    DTensor cannot be mixed with meta or plain tensors. Read from metadata only.
+
+    >>> sharding(nn.Linear(2, 2))
+    ''
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is not None and any(isinstance(m, fsdp.FSDPModule) for m in model.modules()):
+        return "FSDP2 (fully_shard)"
+    if any(is_dtensor(p) for p in model.parameters()):
+        return "DTensor parameters"
+    return ""
 
 
 _twin_runs = threading.local()  # .running: a meta twin runs in this thread

@@ -109,6 +109,13 @@ class ShapeTracer:
         if depth is not None and (not isinstance(depth, int) or depth < 0):
             raise ValueError(f"depth={depth!r}: give a module depth >= 0 (the model is depth 0)")
         for root in roots:
+            sharded = _shape_meta.sharding(root) if meta else ""
+            if sharded:  # refused before anything is swapped: the model stays as it was
+                raise ValueError(
+                    f"meta=True cannot run a model sharded by {sharded}: a meta run swaps "
+                    "the parameters, which FSDP/DTensor manage themselves. Trace it with real "
+                    "tensors instead (meta=False, on every rank), or trace the model before "
+                    "sharding it (before fully_shard / distribute_tensor)")
             if not meta and any(p.is_meta for p in root.parameters()):
                 raise ValueError("the model's weights are on the meta device (no values): trace "
                                  "it with meta=True, or load real weights first")

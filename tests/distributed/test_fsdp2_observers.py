@@ -1,0 +1,58 @@
+"""capture and shape traces of an FSDP2 model (one gloo rank in this process): they work or
+refuse before touching anything, and the model, its sharding and its values stay intact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import torchlens_edu as tle
+from torchlens_edu.capture import capture
+
+pytestmark = pytest.mark.distributed
+
+
+def _sharded() -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2))
+    fully_shard(model[0])
+    fully_shard(model)
+    return model
+
+
+def _intact(model: nn.Module, before: dict[str, torch.Tensor], x: torch.Tensor) -> None:
+    from torch.distributed.tensor import DTensor
+
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    after = {name: p.to_local().detach().clone() for name, p in model.named_parameters()}
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    model(x).sum().backward()  # later steps still run, and reshard
+
+
+def test_capture_of_an_fsdp2_model_works_and_leaves_it_sharded(gloo_world):
+    model, x = _sharded(), torch.ones(3, 4)
+    before = {name: p.to_local().detach().clone() for name, p in model.named_parameters()}
+    with capture(model, "*") as cache:
+        out = model(x)
+        out.sum().backward()  # FSDP2 reshards the root's parameters in the backward
+    assert [path for path, _ in cache] == ["0", "1", "2", ""]  # in the order they ended
+    assert "a sharded model is not copied" in cache.note
+    assert torch.equal(cache["2"], out.detach())
+    _intact(model, before, x)
+
+
+def test_meta_trace_of_an_fsdp2_model_refuses_before_touching_it(gloo_world):
+    model, x = _sharded(), torch.ones(3, 4)
+    before = {name: p.to_local().detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"meta=True cannot run a model sharded by FSDP2 "
+                       r"\(fully_shard\).*\(meta=False, on every rank\).*before fully_shard"):
+        tle.trace_shapes(model, x, meta=True)
+    _intact(model, before, x)
+    trace = tle.trace_shapes(model, x)  # the real run works
+    assert "(3, 6) -> (3, 6)" in str(trace)
+    model(x).sum().backward()
+    _intact(model, before, x)
