@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchlens_edu.models import GPT2, GPT2Config
@@ -395,6 +396,70 @@ def nan_watch_ops(s: Setting, leaks: Leaks) -> list[dict]:
                 f"{held:.1%} of the parameter bytes (budget 5%)")]
 
 
+class _PassThrough(TorchFunctionMode):
+    """The floor of any ``__torch_function__`` tracer: a mode that only passes each op on."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        return func(*args, **(kwargs or {}))
+
+
+def _cpu_ms_per_call(fns: dict[str, Callable[[], Any]], reps: int, calls: int) -> dict[str, float]:
+    """Median CPU milliseconds (``time.process_time``: other processes' load is not charged)
+    of ``calls`` back-to-back calls of each function, interleaved rep by rep, per call."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for rep in range(reps):
+        for name in (list(fns) if rep % 2 == 0 else list(reversed(fns))):
+            start = time.process_time()
+            for _ in range(calls):
+                fns[name]()
+            samples[name].append((time.process_time() - start) * 1e3 / calls)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def op_trace_per_op(s: Setting, leaks: Leaks) -> list[dict]:
+    """Python cost per op of the op recorder vs an empty ``TorchFunctionMode``, on a 2-layer toy
+    GPT-2 (C=32) whose forward is nearly all per-op overhead: the cost a GPU's launch-bound
+    forward feels."""
+    import torchlens_edu as tle
+
+    toy = Setting(n_layer=2, n_embd=32, n_head=2, vocab_size=128)
+    model = leaks.watch("toy GPT-2", ours(toy))
+    ids = ids_for((1, 8), toy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # process_time counts every thread: idle spinning ones too
+    with torch.no_grad():
+        n_ops = sum(e.kind == "op" for e in tle.trace_shapes(model, ids, ops=True).events)
+
+        def empty_mode() -> Any:
+            with _PassThrough():
+                return model(ids)
+
+        fns = {"plain": lambda: model(ids), "empty TorchFunctionMode": empty_mode,
+               "trace_shapes(ops=False)": lambda: tle.trace_shapes(model, ids),
+               "trace_shapes(ops=True)": lambda: tle.trace_shapes(model, ids, ops=True)}
+        for fn in fns.values():  # warm-up: the caches of both sides are built
+            for _ in range(3):
+                fn()
+        ms = _cpu_ms_per_call(fns, reps=max(s.reps, 5) * 3, calls=10)
+    torch.set_num_threads(threads)
+    floor = (ms["empty TorchFunctionMode"] - ms["plain"]) * 1e3 / n_ops  # us per op
+    # the op recorder's own cost: what ops=True adds to the module-level trace (whose per-trace
+    # costs, hooks and dims, do not grow with the number of ops)
+    ours_us = (ms["trace_shapes(ops=True)"] - ms["trace_shapes(ops=False)"]) * 1e3 / n_ops
+    whole_us = (ms["trace_shapes(ops=True)"] - ms["plain"]) * 1e3 / n_ops
+    ratio = ours_us / floor if floor > 0 else float("inf")
+    times = {name: {"median": value, "spread": 0.0} for name, value in ms.items()}
+    return [row("op_trace_per_op", "op trace per-op cost / empty TorchFunctionMode per-op cost",
+                f"toy GPT-2 (2 layers), {n_ops} ops", s, times, "per-op ratio", ratio, "<= 6",
+                ratio <= 6,
+                f"op recorder {ours_us:.1f} us/op over trace_shapes(ops=False), empty "
+                f"TorchFunctionMode {floor:.1f} us/op over a plain forward; the whole op trace "
+                f"over a plain forward, per-trace costs included: {whole_us:.1f} us/op = "
+                f"{whole_us / floor:.1f}x (CPU time via time.process_time, 1 thread, medians of "
+                "interleaved reps)")]
+
+
 def describe(s: Setting, leaks: Leaks) -> list[dict]:
     """``describe`` vs lovely-tensors on a 50257x768 tensor (GPT-2's embedding matrix)."""
     rows, cols = s.describe_shape
@@ -447,6 +512,7 @@ def _peak_rss_mb() -> float:
 GROUPS: dict[str, Callable[[Setting, Leaks], list[dict]]] = {
     "forward": forward, "generate": generate, "module_trace": module_trace,
     "op_trace": op_trace, "capture": capture, "nan_watch": nan_watch,
-    "nan_watch_ops": nan_watch_ops, "describe": describe,
+    "nan_watch_ops": nan_watch_ops, "op_trace_per_op": op_trace_per_op,
+    "describe": describe,
     "meta": meta_xl,
 }
