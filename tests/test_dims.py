@@ -136,3 +136,31 @@ def test_a_dims_argument_that_is_not_a_dict_gets_one_clear_error(tool: str, bad:
     names_only = isinstance(bad, str) or bad == ["B", "T"]
     assert ("names alone cannot be matched to sizes" in str(info.value)) == names_only
     assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_module_dims_read_without_module_getattr_agree_with_getattr() -> None:
+    """The fast module attribute read (no nn.Module.__getattr__ miss per name) finds the same
+    ints: instance attributes, class attributes, properties, and a module's own __getattr__."""
+    import torch.nn as nn
+
+    from torchlens_edu.dims import _first_int, _module_int
+
+    class ClassHeads(nn.Module):
+        n_head = 4
+
+    class PropertyHeads(nn.Module):
+        @property
+        def num_heads(self) -> int:
+            return 6
+
+    class DynamicHeads(nn.Module):
+        def __getattr__(self, name: str) -> object:
+            return 8 if name == "heads" else super().__getattr__(name)
+
+    own = nn.Linear(2, 2)
+    own.n_heads = 2
+    names = ("n_head", "num_heads", "heads", "n_heads")
+    for module in (own, ClassHeads(), PropertyHeads(), DynamicHeads(), nn.Linear(2, 2)):
+        assert _module_int(module, names) == _first_int(module, names)
+    assert [_module_int(m, names) for m in (own, ClassHeads(), PropertyHeads(), DynamicHeads(),
+                                            nn.Linear(2, 2))] == [2, 4, 6, 8, None]

@@ -45,6 +45,26 @@ def _first_int(config: Any, names: Iterable[str]) -> int | None:
     return None
 
 
+def _module_int(module: Any, names: Iterable[str]) -> int | None:
+    """:func:`_first_int` for a module, without ``nn.Module.__getattr__``'s AttributeError for
+    every name it lacks (hundreds per trace, most of a small model's trace time). The answer
+    is the same: a name that is neither in the instance's ``__dict__`` nor on its class is
+    looked up by ``nn.Module.__getattr__`` in the parameter, buffer and submodule tables,
+    which never hold an int."""
+    import torch.nn as nn
+
+    if type(module).__getattr__ is not nn.Module.__getattr__:  # its own lookup: ask it
+        return _first_int(module, names)
+    own, cls = vars(module), type(module)
+    for name in names:
+        if name not in own and not hasattr(cls, name):
+            continue
+        value = getattr(module, name, None)  # a property or other descriptor included
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def dims_from_config(config: Any) -> dict[str, int]:
     """Named sizes a config implies, e.g. ``{"C": 768, "nh": 12, "hs": 64, "V": 50257, ...}``.
 
@@ -106,7 +126,7 @@ def dims_from_modules(model: Any) -> dict[str, int]:
     if positional and positional[0][1].embedding_dim == sizes.get("C"):
         sizes["ctx"] = positional[0][1].num_embeddings
     for role, fields in _MODULE_FIELDS.items():
-        found = {_first_int(m, fields) for _, m in named} - {None}
+        found = {_module_int(m, fields) for _, m in named} - {None}
         if len(found) == 1:  # one value everywhere: a name; two (encoder vs decoder): none
             sizes[role] = found.pop()  # type: ignore[assignment]
     C, nh = sizes.get("C"), sizes.get("nh")
