@@ -3,8 +3,14 @@ refuse before touching anything, and the model, its sharding and its values stay
 
 from __future__ import annotations
 
+import json
+import sys
+from datetime import timedelta
+from pathlib import Path
+
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 import torchlens_edu as tle
@@ -56,3 +62,35 @@ def test_meta_trace_of_an_fsdp2_model_refuses_before_touching_it(gloo_world):
     assert "(3, 6) -> (3, 6)" in str(trace)
     model(x).sum().backward()
     _intact(model, before, x)
+
+
+def _worker(rank: int, world: int, out: Path) -> None:
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    model, x = _sharded(), torch.full((3, 4), float(rank + 1))
+    before = {name: p.to_local().detach().clone() for name, p in model.named_parameters()}
+    with capture(model, "*") as cache:
+        model(x).sum().backward()
+    results = {"captured": [path for path, _ in cache], "shape": list(cache["1"].shape)}
+    _intact(model, before, x)
+    try:
+        tle.trace_shapes(model, x, meta=True)
+    except ValueError as err:
+        results["meta"] = str(err)
+    _intact(model, before, x)
+    total = torch.ones(1)
+    dist.all_reduce(total)  # the process group still works
+    results["all_reduce"] = total.item()
+    out.write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_capture_and_meta_trace_of_fsdp2_on_two_ranks(two_ranks):
+    for r in two_ranks(__file__):
+        assert r["captured"] == ["0", "1", "2", ""] and r["shape"] == [3, 6]
+        assert r["meta"].startswith("meta=True cannot run a model sharded by FSDP2")
+        assert r["all_reduce"] == 2.0
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))
