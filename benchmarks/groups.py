@@ -222,6 +222,42 @@ def module_trace(s: Setting, leaks: Leaks) -> list[dict]:
     return [r for shape in s.shapes for r in one(shape, ids_for(shape, s))]
 
 
+def compare(s: Setting, leaks: Leaks) -> list[dict]:
+    """``tle.compare`` of GPT-2 against a copy vs the two plain forwards it replaces: module
+    level (they agree), and with a difference in the last block (the op-level pass runs inside
+    that one module only)."""
+    import copy
+
+    import torchlens_edu as tle
+
+    model = leaks.watch("our GPT-2", ours(s))
+    same = leaks.watch("its copy", copy.deepcopy(model))
+    buggy = leaks.watch("a copy with a bug", copy.deepcopy(model))
+    with torch.no_grad():
+        buggy.transformer.h[-1].mlp.c_proj.bias.add_(1.0)  # the first difference: last block
+    shape = s.shapes[0]  # 1x128: the size the issue asks for
+    ids = ids_for(shape, s)
+
+    def plain() -> Any:
+        with torch.no_grad():
+            return model(ids), same(ids)
+
+    t = timed({"two forwards": plain, "compare": lambda: tle.compare(same, model, ids),
+               "compare, differing": lambda: tle.compare(buggy, model, ids)}, s)
+    base = t["two forwards"]["median"]
+    level = t["compare"]["median"] / base
+    located = t["compare, differing"]["median"] / base
+    return [
+        row("compare", "module-level compare (models agree) / two plain forwards",
+            _shape(shape), s, {k: t[k] for k in ("two forwards", "compare")},
+            "compare / two forwards", level, "<= 3.0", level <= 3.0),
+        row("compare", "compare finding a difference in the last block (op pass inside it)",
+            _shape(shape), s, {k: t[k] for k in ("two forwards", "compare, differing")},
+            "compare / two forwards", located, "<= 3.0", located <= 3.0,
+            "op-level pass runs only inside the first diverging module"),
+    ]
+
+
 def op_trace(s: Setting, leaks: Leaks) -> list[dict]:
     """Op-level trace with source lines vs TorchLens' full capture.
 
@@ -514,5 +550,5 @@ GROUPS: dict[str, Callable[[Setting, Leaks], list[dict]]] = {
     "op_trace": op_trace, "capture": capture, "nan_watch": nan_watch,
     "nan_watch_ops": nan_watch_ops, "op_trace_per_op": op_trace_per_op,
     "describe": describe,
-    "meta": meta_xl,
+    "meta": meta_xl, "compare": compare,
 }

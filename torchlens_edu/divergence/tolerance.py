@@ -93,17 +93,20 @@ def measure(value: torch.Tensor, reference: torch.Tensor, tolerance: Tolerance) 
     if shape != ref_shape:
         return TensorDiff(shape=shape, reference_shape=ref_shape, max_abs=float("inf"),
                           max_rel=float("inf"), worst_index=None, status="shape")
-    if value.numel() == 0:
+    if value.numel() == 0 or (value.dtype == reference.dtype and value.device == reference.device
+                              and torch.equal(value, reference)):  # the common case, one pass
         return TensorDiff(shape=shape, reference_shape=ref_shape, max_abs=0.0, max_rel=0.0,
                           worst_index=None, status="same")
-    a = value.detach().to("cpu", torch.float64)
-    b = reference.detach().to("cpu", torch.float64)
+    # float32 at least (bool/int/half inputs), on the tensors' own device: only scalars travel
+    dtype = torch.promote_types(torch.promote_types(value.dtype, reference.dtype), torch.float32)
+    a = value.detach().to(dtype)
+    b = reference.detach().to(a.device, dtype)
     both_nan = a.isnan() & b.isnan()
     error = (a - b).abs().masked_fill(both_nan | (a == b), 0.0)  # inf == inf is no error
     error = error.nan_to_num(nan=float("inf"))
     worst = int(error.argmax())
     max_abs = float(error.flatten()[worst])
-    rel = error / b.abs().clamp_min(torch.finfo(torch.float64).tiny)
+    rel = error / b.abs().clamp_min(torch.finfo(dtype).tiny)
     max_rel = float(rel.masked_fill(error == 0, 0.0).max())
     rtol, atol = tolerance.limits(value.dtype)
     strict_rtol, strict_atol = strict_limits(value.dtype)
