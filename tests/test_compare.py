@@ -185,8 +185,11 @@ def test_backward_names_the_first_differing_gradient() -> None:
     result = tle.compare(model, reference, x, backward=True)
     first = result.first
     assert first is not None and (first.kind, first.module) == ("gradient", "0")
-    assert "the gradient of `0.bias` is the first (in backward order)" in first.detail
+    assert "the gradient reaching the output of `0` is the first (in backward order)" \
+        in first.detail
     assert [row.status for row in result.gradients][:2] == ["same", "same"]  # 2.bias, 2.weight
+    assert [row.module for row in result.gradients if row.status == "differs"] == ["0.bias",
+                                                                          "0.weight"]
     assert not any(p.grad is not None for p in model.parameters())  # .grad left alone
 
 

@@ -68,13 +68,13 @@ def _record(model: nn.Module, forward: Callable[[], Any], *, keep_graph: bool) -
             nonlocal finished
             if not stack or calls[stack[-1]].path != path:
                 return  # the forward failed before this call began (always_call)
-            call = calls[stack.pop()]
+            position = stack.pop()
+            call = calls[position]
             call.outputs = _copies(output)
             call.finished = finished
             finished += 1
             if keep_graph:
-                live[-1 if not stack else calls.index(call)] = [
-                    t for t in iter_tensors(output) if t.requires_grad]
+                live[position] = [t for t in iter_tensors(output) if t.requires_grad]
         return enter, leave
 
     with ExitStack() as hooks:
@@ -247,13 +247,24 @@ def _compare_gradients(model: nn.Module, reference: nn.Module, mine: _Recording,
     named = dict(model.named_parameters())
     ref_named = dict(reference.named_parameters())
     names = _aligned_parameters(named, ref_named, mine.calls, theirs.calls, alignment)
-    grads = torch.autograd.grad((out * weights).sum(), [named[n] for n, _ in names],
-                                allow_unused=True)
-    ref_grads = torch.autograd.grad((ref_out * weights.to(ref_out.dtype)).sum(),
-                                    [ref_named[r] for _, r in names], allow_unused=True)
+    # module outputs with one tensor in the graph on both sides, latest first (backward order)
+    outputs = sorted((p for p, r in alignment.pairs.items() if p not in alignment.parts
+                      and len(mine.live[p]) == 1 and len(theirs.live[r]) == 1
+                      and mine.live[p][0].shape == theirs.live[r][0].shape),
+                     key=lambda p: -mine.calls[p].finished)
+    grads = torch.autograd.grad(
+        (out * weights).sum(), [*(named[n] for n, _ in names),
+                                *(mine.live[p][0] for p in outputs)], allow_unused=True)
+    ref_grads = torch.autograd.grad(
+        (ref_out * weights.to(ref_out.dtype)).sum(),
+        [*(ref_named[r] for _, r in names),
+         *(theirs.live[alignment.pairs[p]][0] for p in outputs)], allow_unused=True)
+    output_first = _first_output_gradient(mine.calls, theirs.calls, alignment, outputs,
+                                          grads[len(names):], ref_grads[len(names):], tolerance)
+    grads, ref_grads = grads[:len(names)], ref_grads[:len(names)]
     ref_modules = dict(reference.named_modules())
     rows: list[Drift] = []
-    first = None
+    first = output_first
     compared = list(zip(names, grads, ref_grads, strict=True))
     for (name, ref_name), grad, ref_grad in reversed(compared):
         if grad is None or ref_grad is None:
@@ -274,6 +285,31 @@ def _compare_gradients(model: nn.Module, reference: nn.Module, mine: _Recording,
                                detail=f"the gradient of `{name}` is the first (in backward "
                                       f"order) that differs from the reference's `{ref_name}`")
     return rows, first
+
+
+def _first_output_gradient(calls: list[ModuleCall], references: list[ModuleCall],
+                           alignment: Alignment, outputs: list[int],
+                           grads: Sequence[torch.Tensor | None],
+                           ref_grads: Sequence[torch.Tensor | None],
+                           tolerance: Tolerance) -> Divergence | None:
+    """The first module output (in backward order) whose incoming gradient differs: the
+    backward of what ran after that module is where the gradients part."""
+    for position, grad, ref_grad in zip(outputs, grads, ref_grads, strict=True):
+        if grad is None or ref_grad is None:
+            continue
+        diff = measure(grad, ref_grad, tolerance)
+        if diff.differs:
+            call, ref = calls[position], references[alignment.pairs[position]]
+            return Divergence(kind="gradient", module=call.path, reference_module=ref.path,
+                              op=None, reference_op=None, source="", reference_source="",
+                              shape=diff.shape, reference_shape=diff.reference_shape,
+                              max_abs=diff.max_abs, max_rel=diff.max_rel,
+                              worst_index=diff.worst_index, inputs_differed=False,
+                              detail=f"the gradient reaching the output of "
+                                     f"`{call.path or 'the model'}` is the first (in backward "
+                                     f"order) that differs: the backward of what runs after "
+                                     f"it is where the gradients part")
+    return None
 
 
 def _aligned_parameters(named: dict[str, nn.Parameter], ref_named: dict[str, nn.Parameter],
