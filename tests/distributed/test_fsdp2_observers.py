@@ -64,6 +64,20 @@ def test_meta_trace_of_an_fsdp2_model_refuses_before_touching_it(gloo_world):
     _intact(model, before, x)
 
 
+def test_op_trace_folds_fsdp_internal_ops(gloo_world):
+    model, x = _sharded(), torch.ones(3, 4)
+    trace = tle.trace_shapes(model, x, ops=True)
+    ops = [(e.path, e.name) for e in trace.events if e.kind == "op"]
+    # the user's ops, in order, each once; FSDP's all-gathers, copies and record_function
+    # markers become one "parameter gathering by FSDP" per module, not the user's ops
+    assert [op for op in ops if op[1] != "parameter gathering by FSDP"] == [
+        ("0", "linear"), ("1", "layer_norm"), ("2", "linear")]
+    assert ("", "parameter gathering by FSDP") in ops
+    assert not {"copy_", "_record_function_enter_new", "register_hook"} & {n for _, n in ops}
+    assert "parameter gathering by FSDP" in str(trace)
+    model(x).sum().backward()
+
+
 def _worker(rank: int, world: int, out: Path) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     model, x = _sharded(), torch.full((3, 4), float(rank + 1))

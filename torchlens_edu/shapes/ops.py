@@ -13,6 +13,7 @@ memory estimate) are not the model's: they run through unrecorded.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from types import FrameType, TracebackType
@@ -61,6 +62,24 @@ def user_site(frame: FrameType | None) -> tuple[str, int] | None:
             return filename, frame.f_lineno
         frame = frame.f_back
     return None
+
+
+FSDP_GATHERING = "parameter gathering by FSDP"  # how FSDP's own ops are shown, folded
+_FSDP_DIR = f"{os.sep}torch{os.sep}distributed{os.sep}fsdp{os.sep}"
+
+
+def by_fsdp(frame: FrameType | None) -> bool:
+    """True when FSDP itself called the op (all-gathering or freeing parameters around a
+    module's forward), not the user's code: the frames below the first user frame pass through
+    ``torch/distributed/fsdp``."""
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if _FSDP_DIR in filename:
+            return True
+        if _user_files.get(filename):
+            return False
+        frame = frame.f_back
+    return False
 
 
 def op_name(func: Callable[..., Any]) -> str | None:

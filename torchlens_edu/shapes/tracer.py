@@ -319,6 +319,11 @@ class ShapeTracer:
         if not record:
             return
         path, parent = self._where()
+        if _shape_ops.by_fsdp(frame):  # FSDP's all-gathers and copies: one folded event
+            last = self._events[-1] if self._events else None
+            if last is not None and last.name == _shape_ops.FSDP_GATHERING and last.path == path:
+                return
+            name, ins, outs = _shape_ops.FSDP_GATHERING, [], []
         key = (path, name)
         call = self._op_calls.get(key, 0)
         self._op_calls[key] = call + 1
