@@ -27,7 +27,7 @@ import dataclasses
 import math
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +82,6 @@ class TensorStats:
     note: str = ""
     hist: tuple[int, ...] = ()
     local: bool = False  # a DTensor: the numbers are of this rank's shard, not the whole
-
 
     @property
     def finite(self) -> int | None:
@@ -172,7 +171,8 @@ def local_shard(t: torch.Tensor) -> torch.Tensor:
     if not is_dtensor(t):
         return t
     with torch.no_grad():  # to_local would otherwise record a graph edge
-        return t.to_local()
+        to_local: Callable[[], torch.Tensor] = t.to_local  # type: ignore[attr-defined]
+        return to_local()
 
 
 def _why_no_data(t: torch.Tensor) -> str:
@@ -224,19 +224,19 @@ def _compute(t: torch.Tensor, numel: int) -> TensorStats:
 
 def _to_stats(host: list[float], numel: int, exact: bool, is_complex: bool) -> TensorStats:
     n = int(host[_N])
-    counts = {k: int(host[i]) for k, i in
-              (("nan", _NAN), ("posinf", _POS), ("neginf", _NEG), ("zeros", _ZERO))}
+    counts = TensorStats(numel=numel, nan=int(host[_NAN]), posinf=int(host[_POS]),
+                         neginf=int(host[_NEG]), zeros=int(host[_ZERO]))
     hist = tuple(int(c) for c in host[9:9 + HIST_BINS])
     note = "stats of |z|" if is_complex else ""
     if n == 0:
-        return TensorStats(numel=numel, **counts, note=note or "no finite values", hist=())
+        return dataclasses.replace(counts, note=note or "no finite values")
     lo: float = host[_MIN]
     hi: float = host[_MAX]
     if exact:
         lo, hi = struct.unpack("<2q", struct.pack("<2d", *host[9 + HIST_BINS:]))
     std = math.sqrt(max(host[_M2], 0.0) / (n - 1)) if n > 1 else None
-    return TensorStats(numel=numel, **counts, min=lo, max=hi, mean=host[_MEAN], std=std,
-                       note=note, hist=hist)
+    return dataclasses.replace(counts, min=lo, max=hi, mean=host[_MEAN], std=std, note=note,
+                               hist=hist)
 
 
 def _wide(device: torch.device) -> torch.dtype:
