@@ -100,6 +100,7 @@ def test_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert all(o.get("data", {}).get("text/plain", "x").strip() for o in outputs)  # no blanks
     html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
     assert "ShapeTrace" in html and "attention" in html  # rich output rendered as HTML
+    assert "transformer.h.1.ln_2" in html and "layer_norm" in html  # compare found the slip
 
 
 @pytest.mark.slow
