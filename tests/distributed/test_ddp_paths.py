@@ -52,3 +52,30 @@ def test_unwrapped_patterns_match_inside_ddp(gloo_world):
         match_modules(ddp, "transformer.h.*.mlpp")
     # the wrapper's own root is not the inner model: "" still means the DDP module only
     assert [p for p, _ in match_modules(ddp, "")] == [""]
+
+
+class SqrtOfZero(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(self.fc(x) * 0.0)  # sqrt(0): finite forward, inf gradient
+
+
+def test_a_backward_error_under_ddp_says_what_ddp_does_next(gloo_world):
+    ddp = DistributedDataParallel(SqrtOfZero())
+    with pytest.raises(tle.NonFiniteError) as err, tle.watch_nans(ddp):
+        ddp(torch.ones(2, 4)).sum().backward()
+    report = err.value.report
+    assert report.phase == "backward"
+    assert "DistributedDataParallel backward" in report.hint
+    assert "next step will fail with an internal assert (DDP's own behaviour)" in report.hint
+
+
+def test_a_backward_report_without_ddp_has_no_ddp_note():
+    model = SqrtOfZero()
+    with pytest.raises(tle.NonFiniteError) as err, tle.watch_nans(model):
+        model(torch.ones(2, 4)).sum().backward()
+    assert err.value.report.phase == "backward"
+    assert "DistributedDataParallel" not in err.value.report.hint

@@ -56,6 +56,13 @@ from torchlens_edu.nans.report import (
 
 __all__ = ["NanWatch", "NonFiniteError", "NonFiniteReport", "watch_nans"]
 
+# DistributedDataParallel keeps per-step reducer state that an exception raised inside backward
+# leaves half-updated; the learner then sees DDP's internal assert on the next step, not ours.
+DDP_AFTER_BACKWARD_ERROR = (
+    "; note: this error was raised inside a DistributedDataParallel backward, so DDP's next "
+    "step will fail with an internal assert (DDP's own behaviour): fix the cause, then rebuild "
+    "the DDP wrapper or restart training from a checkpoint")
+
 Mode = Literal["raise", "warn", "break"]
 
 
@@ -404,6 +411,9 @@ class NanWatch:
             cause="not_reproduced", step=index)
 
     def _deliver(self, report: NonFiniteReport, step: _Step | None) -> None:
+        if (report.phase == "backward" and self.mode != "warn"
+                and isinstance(self.model, nn.parallel.DistributedDataParallel)):
+            report.hint += DDP_AFTER_BACKWARD_ERROR
         self.reports.append(report)
         if self.mode == "warn":
             key = (report.phase, report.module, report.op, report.source)
