@@ -35,7 +35,8 @@ import torch.nn as nn
 
 from torchlens_edu._core.interrupts import call_without_grad
 from torchlens_edu.nans.report import Kind
-from torchlens_edu.nans.shards import has_values, local
+from torchlens_edu.nans.shards import has_values
+from torchlens_edu.printing.stats import local_shard
 
 __all__ = ["Batch", "Reading", "checkable", "memory_budget", "unseen"]
 
@@ -71,7 +72,7 @@ def memory_budget(model: nn.Module) -> int:
 
 def checkable(t: torch.Tensor) -> bool:
     """A dense float tensor with values to read on this rank (see :func:`has_values`)."""
-    t = local(t)
+    t = local_shard(t)
     return ((t.is_floating_point() or t.is_complex()) and t.layout == torch.strided
             and t.numel() > 0 and has_values(t))
 
@@ -134,7 +135,7 @@ class Batch(Generic[Owner]):
             self._add(label, t, owner, signed)
 
     def _add(self, label: str, t: torch.Tensor, owner: Owner | None, signed: bool) -> None:
-        t = local(t)  # a DTensor's own shard: checks never start a collective
+        t = local_shard(t)  # a DTensor's own shard: checks never start a collective
         if t.is_complex():
             t = torch.view_as_real(t.detach())  # |a + bi| could overflow where a, b do not
         size = t.numel() * t.element_size()

@@ -26,7 +26,8 @@ from rich.text import Text
 from torchlens_edu._core.console import render_html, render_text
 from torchlens_edu._core.formatting import dtype_name
 from torchlens_edu.dims import format_shape
-from torchlens_edu.nans.shards import has_values, local
+from torchlens_edu.nans.shards import has_values
+from torchlens_edu.printing.stats import local_shard
 
 Phase = Literal["input", "forward", "backward"]  # where a non-finite value showed up
 # "inf": an Inf of either sign, as the cheap tier sees it (largest magnitude) when no replay
@@ -59,7 +60,7 @@ class TensorSummary:
         """
         from torchlens_edu.printing import tensor_stats
 
-        t = local(t)  # a DTensor: this rank's shard (the report says which rank)
+        t = local_shard(t)  # a DTensor: this rank's shard (the report says which rank)
         s = tensor_stats(t)
         return cls(name=name, shape=format_shape(tuple(t.shape), dims), dtype=dtype_name(t.dtype),
                    nan=s.nan, posinf=s.posinf, neginf=s.neginf, zeros=s.zeros, min=s.min,
@@ -300,7 +301,7 @@ def bad_kinds(t: torch.Tensor, kinds: frozenset[Kind] = ALL_KINDS) -> frozenset[
     >>> sorted(bad_kinds(torch.tensor([1.0, float("-inf"), float("nan")])))
     ['-inf', 'nan']
     """
-    t = local(t).detach()  # a DTensor: this rank's shard, no collective
+    t = local_shard(t).detach()  # a DTensor: this rank's shard, no collective
     if t.is_complex():
         t = torch.view_as_real(t)
     if t.numel() == 0 or not has_values(t) or bool(torch.isfinite(t).all()):

@@ -10,26 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from torchlens_edu.printing.stats import is_fake
+from torchlens_edu.printing.stats import is_fake, local_shard
 
-__all__ = ["has_values", "local"]
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """The values this rank holds: a DTensor's local shard (reading the global tensor would
-    start a collective that the other ranks are not in); any other tensor as it is.
-
-    >>> local(torch.ones(2)).shape
-    torch.Size([2])
-    """
-    shard = getattr(t, "_local_tensor", None)  # DTensor (FSDP2 parameters, tensor parallel)
-    return shard if isinstance(shard, torch.Tensor) else t
+__all__ = ["has_values"]
 
 
 def has_values(t: torch.Tensor) -> bool:
     """False for meta and fake tensors (a shape trace, a memory estimate) and for storage that
     is not allocated now (FSDP frees its gathered parameters between uses): nothing to read."""
-    t = local(t)
+    t = local_shard(t)
     if t.is_meta or is_fake(t):
         return False
     return t.layout != torch.strided or t.numel() == 0 or t.untyped_storage().nbytes() > 0

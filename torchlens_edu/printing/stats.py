@@ -27,7 +27,7 @@ import dataclasses
 import math
 import struct
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -162,17 +162,15 @@ def is_dtensor(t: torch.Tensor) -> bool:
 
 
 def local_shard(t: torch.Tensor) -> torch.Tensor:
-    """The values this rank holds: a DTensor's local shard, read without a collective; any
-    other tensor as it is.
+    """The values this rank holds: a DTensor's local shard (reading the global tensor would
+    start a collective that the other ranks are not in); any other tensor as it is. Read as
+    the DTensor's own attribute: no collective, no autograd edge, cheap enough for hooks.
 
     >>> local_shard(torch.ones(2)).shape
     torch.Size([2])
     """
-    if not is_dtensor(t):
-        return t
-    with torch.no_grad():  # to_local would otherwise record a graph edge
-        to_local: Callable[[], torch.Tensor] = t.to_local  # type: ignore[attr-defined]
-        return to_local()
+    shard = getattr(t, "_local_tensor", None)  # DTensor (FSDP2 parameters, tensor parallel)
+    return shard if isinstance(shard, torch.Tensor) else t
 
 
 def _why_no_data(t: torch.Tensor) -> str:
