@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import torchlens_edu as tle
+from support.threads import in_threads
 from torchlens_edu.models import GPT2, GPT2Config
 from torchlens_edu.models.gpt2 import explicit_attention
 from torchlens_edu.nans import NonFiniteError, watch_nans
@@ -884,32 +885,14 @@ def test_the_report_fits_the_terminal_with_every_number_whole(width):
 def test_threads_each_watch_their_own_forwards(tiny_gpt2) -> None:
     """Issue 16.5, for the NaN watch: four threads watching one model mixed up each other's
     steps (IndexError, zip() length errors)."""
-    import sys
-    import threading
-
-    errors: list[BaseException] = []
-    start = threading.Barrier(4)
 
     def work(i: int) -> None:
         ids = torch.full((1, 3 + i), i)
-        start.wait()
-        try:
-            for _ in range(10):
-                with watch_nans(tiny_gpt2) as watch:
-                    torch.autograd.grad(tiny_gpt2(ids).sum(), tiny_gpt2.transformer.wte.weight)
-                assert watch.reports == []
-        except BaseException as error:  # shown by the assertion below
-            errors.append(error)
+        for _ in range(10):
+            with watch_nans(tiny_gpt2) as watch:
+                torch.autograd.grad(tiny_gpt2(ids).sum(), tiny_gpt2.transformer.wte.weight)
+            assert watch.reports == []
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)  # switch often: the forwards interleave
-    try:
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(interval)
+    errors = in_threads(work)
     assert errors == []
     assert not tiny_gpt2._forward_hooks and not tiny_gpt2._forward_pre_hooks

@@ -6,14 +6,13 @@ import math
 import os
 import subprocess
 import sys
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 import torchlens_edu as tle
+from support.threads import in_threads
 from torchlens_edu.printing import options as printing
 
 
@@ -173,30 +172,6 @@ def test_uninstall_refuses_to_clobber_a_later_patch() -> None:
     assert torch.Tensor.__repr__ is original
 
 
-def _in_threads(work: Callable[[int], None], n: int = 4) -> list[BaseException]:
-    errors: list[BaseException] = []
-    start = threading.Barrier(n)
-
-    def run(i: int) -> None:
-        start.wait()
-        try:
-            work(i)
-        except BaseException as error:  # returned to the test, which shows it
-            errors.append(error)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads often: the blocks overlap in every order
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(interval)
-    return errors
-
-
 def test_printoptions_from_threads_restore_the_options_when_the_last_block_leaves() -> None:
     """Issue 16.4: overlapping blocks from 4 threads left threshold=inf, precision=3 behind."""
     before = _opts()
@@ -206,7 +181,7 @@ def test_printoptions_from_threads_restore_the_options_when_the_last_block_leave
             with tle.printoptions("full" if i % 2 else "short", precision=i + j % 3):
                 assert repr(torch.ones(2)).startswith("tensor([1.")
 
-    assert _in_threads(work) == []
+    assert in_threads(work, switch_interval=1e-6) == []
     assert _opts() == before
 
 
@@ -220,7 +195,7 @@ def test_installed_from_threads_never_breaks_repr() -> None:
             with tle.installed():
                 assert repr(torch.ones(2)).startswith("Tensor[2] f32")
 
-    assert _in_threads(work) == []
+    assert in_threads(work, switch_interval=1e-6) == []
     assert torch.Tensor.__repr__ is original
 
 

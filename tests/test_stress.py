@@ -13,12 +13,12 @@ import os
 import random
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
 
 from support.sigint_stress import OBSERVERS, observer, snapshot
+from support.threads import in_threads
 from torchlens_edu.models import GPT2, GPT2Config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,32 +43,17 @@ def test_observers_in_threads_see_their_own_forwards_and_leave_nothing_behind() 
     torch.manual_seed(0)
     model = GPT2(GPT2Config.preset("tiny"))
     clean = snapshot(model)
-    in_threads = list(OBSERVERS)
-    errors: list[BaseException] = []
-    start = threading.Barrier(4)
+    in_these_threads = list(OBSERVERS)
 
     def work(i: int) -> None:
         rng = random.Random(i)
         ids = torch.full((1, 3 + i), i)
-        start.wait()
-        try:
-            for _ in range(12):
-                order = rng.sample(in_threads, rng.randint(1, len(in_threads)))
-                held = [observer(name, model) for name in order]
-                _nest(held, order, model, ids, 3 + i)
-        except BaseException as error:  # reported below
-            errors.append(error)
+        for _ in range(12):
+            order = rng.sample(in_these_threads, rng.randint(1, len(in_these_threads)))
+            held = [observer(name, model) for name in order]
+            _nest(held, order, model, ids, 3 + i)
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)  # switch often: the threads' enters and exits interleave
-    try:
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(interval)
+    errors = in_threads(work)
     assert errors == []
     now = snapshot(model)
     assert {k: now[k] for k in clean if now[k] != clean[k]} == {}

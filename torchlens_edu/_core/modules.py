@@ -14,6 +14,7 @@ meaning the model's real layers.
 from __future__ import annotations
 
 import fnmatch
+import sys
 from collections.abc import Callable
 
 import torch.nn as nn
@@ -99,3 +100,16 @@ def module_paths(model: nn.Module) -> dict[nn.Module, str]:
     for path, module in model.named_modules():
         paths.setdefault(module, path)
     return paths
+
+
+def uses_fsdp(model: nn.Module) -> bool:
+    """True when FSDP2 (``fully_shard``) manages a module of ``model``.
+
+    Read from ``sys.modules``: a model can only be sharded once the program imported FSDP, and
+    importing it here, from several threads at once, could meet a half-imported module.
+
+    >>> uses_fsdp(nn.Linear(2, 2))
+    False
+    """
+    fsdp_module = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    return fsdp_module is not None and any(isinstance(m, fsdp_module) for m in model.modules())

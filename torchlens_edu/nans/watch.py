@@ -35,7 +35,7 @@ import torch.nn as nn
 from torchlens_edu._core.console import get_console
 from torchlens_edu._core.frames import user_source
 from torchlens_edu._core.interrupts import arm, disarm, uninterruptible, uninterruptible_enter
-from torchlens_edu._core.modules import is_hook_point, module_paths
+from torchlens_edu._core.modules import is_hook_point, module_paths, uses_fsdp
 from torchlens_edu._core.replay_state import replay_scope
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.dims import Dims, dims_argument
@@ -133,7 +133,7 @@ class NanWatch:
         target = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self._replayer = Replayer(model, target, self.kinds, self.dims)
         # FSDP gathers parameters inside the forward: replays must run on every rank or none
-        self._collective_forward = self._replayer.finish = _uses_fsdp(model)
+        self._collective_forward = self._replayer.finish = uses_fsdp(model)
         self._allow_inf: set[str] = set()  # module paths seen to output -inf on purpose
         self._handles: list[Any] = []
         self._active = False
@@ -436,14 +436,6 @@ class NanWatch:
         finally:
             self._replaying = False
             self._replayer.on_stop = None
-
-
-def _uses_fsdp(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a build without torch.distributed
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def params_to_probe(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

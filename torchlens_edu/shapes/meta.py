@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import conv_flop_count
 
+from torchlens_edu._core.modules import uses_fsdp
 from torchlens_edu._core.tree import map_tensors
 from torchlens_edu.printing.stats import is_dtensor
 
@@ -106,8 +106,7 @@ def sharding(model: nn.Module) -> str:
     >>> sharding(nn.Linear(2, 2))
     ''
     """
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    if fsdp is not None and any(isinstance(m, fsdp.FSDPModule) for m in model.modules()):
+    if uses_fsdp(model):
         return "FSDP2 (fully_shard)"
     if any(is_dtensor(p) for p in model.parameters()):
         return "DTensor parameters"
