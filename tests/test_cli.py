@@ -229,9 +229,12 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
                       "time.sleep(30)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    # A shell without job control starts background jobs with SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler: give the child the terminal's default, as Ctrl-C has.
     done = subprocess.run([sys.executable, "-m", "torchlens_edu.cli", "debug", str(script)],
                           env=env, capture_output=True, text=True, timeout=120,
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert done.returncode == 130 == 128 + signal.SIGINT
     assert done.stderr.strip() == "interrupted"
 
