@@ -10,7 +10,10 @@
 
 The cache holds the *latest* forward of the model (a new forward starts a fresh cache, like
 TransformerLens' ``run_with_cache``); modules called several times per forward keep every call,
-``cache[path, call]``. Gradients arrive during ``backward()``, so run it inside the block.
+``cache[path, call]``. A module reachable under several paths (a tied projection registered
+under two parents) is captured once per call, keyed by the path the pattern matched;
+``cache[other_path]`` finds it under any of its other paths too. Gradients arrive during
+``backward()``, so run it inside the block.
 
 Memory: before the first forward is captured, a shape-only run estimates what the capture
 will hold, and the capture refuses (:class:`CaptureTooLarge`) above ``max_bytes``. That run uses
@@ -40,7 +43,7 @@ from rich.text import Text
 from torchlens_edu._core.console import render_html, render_text
 from torchlens_edu._core.formatting import did_you_mean, format_bytes, short_dtype
 from torchlens_edu._core.interrupts import safe_contextmanager
-from torchlens_edu._core.modules import Pattern, match_modules
+from torchlens_edu._core.modules import Pattern, every_path, match_modules, module_aliases
 from torchlens_edu._core.replay_state import replaying
 from torchlens_edu._core.tree import iter_tensors, map_tensors
 from torchlens_edu.dims import Dims, dims_argument
@@ -123,6 +126,7 @@ class ActivationCache:
         self.estimate: int | None = None  # bytes the shape-only run predicted
         self.note = ""  # why there is no estimate, when there is none
         self.never_called: list[tuple[str, str]] = []  # matched modules that never ran: why
+        self.aliases: dict[str, str] = {}  # another path of a captured module -> its key path
         self._entries: dict[tuple[str, int], Activation] = {}
         self._held = 0  # bytes captured in this forward, for the limit
 
@@ -142,6 +146,9 @@ class ActivationCache:
         torch.Size([3, 8])
         """
         calls = [a for (p, _), a in self._entries.items() if p == path]
+        if not calls and path in self.aliases:  # the same module, by another of its paths
+            path = self.aliases[path]
+            calls = [a for (p, _), a in self._entries.items() if p == path]
         if not calls:
             raise KeyError(self._missing(path))
         if call is None:
@@ -199,8 +206,9 @@ class ActivationCache:
 
     def __contains__(self, key: object) -> bool:
         if isinstance(key, tuple):
-            return key in self._entries
-        return any(p == key for p, _ in self._entries)
+            path, call = key
+            return (self.aliases.get(path, path), call) in self._entries
+        return any(p == key or p == self.aliases.get(key) for p, _ in self._entries)
 
     def __iter__(self) -> Iterator[tuple[str, int]]:
         return iter(self._entries)
@@ -371,7 +379,11 @@ def capture(model: nn.Module, pattern: Pattern = "*", *, grads: bool = False,
     dims = dims_argument(dims)
     limit = parse_bytes(DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
     cache = ActivationCache(dims)
-    paths = {path for path, _ in match_modules(model, pattern)}
+    matched = match_modules(model, pattern)
+    paths = {path for path, _ in matched}
+    aliases = module_aliases(model)
+    cache.aliases = {other: path for path, module in matched
+                     for other in aliases.get(module, ()) if other != path}
 
     def keep(tensor: torch.Tensor) -> torch.Tensor:
         kept = tensor.detach() if detach else tensor
@@ -450,9 +462,9 @@ def _estimate(model: nn.Module, paths: set[str], args: tuple, kwargs: dict, grad
     try:
         with torch._C.DisableTorchFunction(), twin_running():
             twin = meta_twin(model)
-            for path, module in twin.named_modules():
-                if path in paths:
-                    module.register_forward_hook(count, with_kwargs=True)
+            counted = {module for path, module in every_path(twin) if path in paths}
+            for module in counted:  # once per module, whichever of its paths was matched
+                module.register_forward_hook(count, with_kwargs=True)
             meta_args, meta_kwargs = inputs_to_meta(args, kwargs)
             twin(*meta_args, **meta_kwargs)
     except Exception:  # value-dependent forward or uncopyable model: guard while capturing

@@ -42,7 +42,7 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from torchlens_edu._core.interrupts import arm, disarm, uninterruptible
-from torchlens_edu._core.modules import Pattern, match_modules, module_paths
+from torchlens_edu._core.modules import Pattern, every_path, match_modules, module_paths
 from torchlens_edu._core.replay_state import replaying
 from torchlens_edu._core.tree import iter_tensors
 
@@ -103,7 +103,9 @@ class HookSet:
     def __init__(self, model: nn.Module) -> None:
         self.model = require_module(model, "hooks()")
         self._paths: dict[nn.Module, str] | None = None
-        self._fns: dict[tuple[nn.Module, Kind], list[HookFn]] = {}
+        # (module, kind) -> (path its pattern matched, fn): a module reachable under two paths
+        # runs once per call, with one dispatcher; each fn sees the path its pattern named
+        self._fns: dict[tuple[nn.Module, Kind], list[tuple[str, HookFn]]] = {}
         self._handles: list[RemovableHandle] = []
         self._tensor_handles: list[RemovableHandle] = []
         self._removed = False
@@ -178,11 +180,11 @@ class HookSet:
             fns = self._fns.get((module, kind))
             if fns is None:
                 fns = self._fns[(module, kind)] = []
-                self._handles.append(self._install(kind, module, path, fns))
-            fns.append(fn)
+                self._handles.append(self._install(kind, module, fns))
+            fns.append((path, fn))
         return [path for path, _ in matched]
 
-    def _install(self, kind: Kind, module: nn.Module, path: str, fns: list[HookFn]
+    def _install(self, kind: Kind, module: nn.Module, fns: list[tuple[str, HookFn]]
                  ) -> RemovableHandle:
         # One dispatcher per (module, kind). ``state`` = [forward number, calls in it]: the
         # call index restarts at each forward of the hooked model without a reset loop.
@@ -205,7 +207,7 @@ class HookSet:
                     return None
                 (kwargs,) = rest
                 index, changed = next_index(), False
-                for fn in fns:
+                for path, fn in fns:
                     result = self._call(fn, HookCall(kind="forward_pre", path=path, module=mod,
                                                      call=index, args=args, kwargs=kwargs),
                                         partial(_as_inputs, args=args, kwargs=kwargs,
@@ -223,7 +225,7 @@ class HookSet:
                     return None
                 kwargs, output = rest
                 index, changed = next_index(), False
-                for fn in fns:
+                for path, fn in fns:
                     result = self._call(fn, HookCall(kind="forward", path=path, module=mod,
                                                      call=index, args=args, kwargs=kwargs,
                                                      output=output),
@@ -241,17 +243,17 @@ class HookSet:
             index = next_index()
             for position, tensor in enumerate(iter_tensors(output)):
                 if tensor.requires_grad:
-                    self._watch_grad(tensor, mod, path, index, position, fns)
+                    self._watch_grad(tensor, mod, index, position, fns)
 
         return module.register_forward_hook(watch)
 
-    def _watch_grad(self, tensor: torch.Tensor, module: nn.Module, path: str, index: int,
-                    position: int, fns: list[HookFn]) -> None:
+    def _watch_grad(self, tensor: torch.Tensor, module: nn.Module, index: int,
+                    position: int, fns: list[tuple[str, HookFn]]) -> None:
         def on_grad(grad: torch.Tensor) -> torch.Tensor | None:
             if self._removed:  # an output kept past the block: its hook outlived the set
                 return None
             changed = False
-            for fn in fns:
+            for path, fn in fns:
                 result = self._call(fn, HookCall(kind="backward", path=path, module=module,
                                                  call=index, grad=grad, index=position))
                 if result is not None:
@@ -402,9 +404,8 @@ class HookSet:
 
     def __iter__(self) -> Iterator[tuple[str, Kind, int]]:
         """``(path, kind, number of functions)`` for each hooked module."""
-        paths = self.paths()
-        for (module, kind), fns in self._fns.items():
-            yield paths.get(module, "?"), kind, len(fns)
+        for (_, kind), fns in self._fns.items():
+            yield fns[0][0], kind, len(fns)  # the path its (first) pattern matched
 
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
@@ -478,7 +479,7 @@ def _refuse_compiled(model: nn.Module, paths: list[str]) -> None:
     compiled_type = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
     compiled: list[str] = []
     scripted: list[str] = []
-    for path, module in model.named_modules():
+    for path, module in every_path(model):  # a matched path may be a module's second one
         if compiled_type is not None and isinstance(module, compiled_type):
             compiled.append(path)
         elif isinstance(module, torch.jit.ScriptModule):

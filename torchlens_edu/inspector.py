@@ -32,7 +32,13 @@ from rich.tree import Tree
 
 from torchlens_edu._core.console import render_html, render_text
 from torchlens_edu._core.formatting import format_count
-from torchlens_edu._core.modules import Pattern, is_hook_point, match_modules, module_paths
+from torchlens_edu._core.modules import (
+    Pattern,
+    also_reachable,
+    is_hook_point,
+    match_modules,
+    module_aliases,
+)
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.capture import ActivationCache, capture
 from torchlens_edu.dims import Dims, dims_argument
@@ -277,11 +283,12 @@ def module_tree(model: nn.Module, dims: Dims) -> Tree:
     count = count_parameters(model)
     root = Tree(Text.assemble((type(model).__name__, "bold"), "  ", count.explain()))
     seen: dict[int, str] = {}  # id(tensor or module) -> first path
-    _grow(root, model, "", dims, seen)
+    _grow(root, model, "", dims, seen, module_aliases(model))
     return root
 
 
-def _grow(node: Tree, module: nn.Module, path: str, dims: Dims, seen: dict[int, str]) -> None:
+def _grow(node: Tree, module: nn.Module, path: str, dims: Dims, seen: dict[int, str],
+          aliases: dict[nn.Module, list[str]]) -> None:
     for name, p in module.named_parameters(recurse=False):
         full = f"{path}.{name}" if path else name
         line = Text.assemble(("· ", "dim"), name, " ", dims.format(p.shape), "  ",
@@ -309,8 +316,9 @@ def _grow(node: Tree, module: nn.Module, path: str, dims: Dims, seen: dict[int, 
             shown += 1
             continue
         seen[id(child)] = full
-        branch = node.add(label)
-        _grow(branch, child, full, dims, seen)
+        also = also_reachable(aliases.get(child, []), full)
+        branch = node.add(label.append(f"  {also}", "yellow") if also else label)
+        _grow(branch, child, full, dims, seen, aliases)
         if repeats:
             last = children[shown + repeats][0]
             each = format_count(_own_total(child))
@@ -343,6 +351,16 @@ def _signature(module: nn.Module) -> tuple:
                  for name, m in module.named_modules())
 
 
+def _layer_path(layer: Any) -> str:
+    """The dotted path of a torchinfo row: the attribute names from the model down to it (a
+    module under two parents has a row under each, each with its own path)."""
+    names = []
+    while layer.parent_info is not None:
+        names.append(layer.var_name)
+        layer = layer.parent_info
+    return ".".join(reversed(names))
+
+
 def _own_total(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -354,17 +372,29 @@ class ModelSummary:
 
     ``rows`` are ``(path, class name, depth, output shapes, parameters)``; ``output shapes``
     lists the shapes of every tensor the module returned on its first call (empty without
-    inputs, or for a module that did not run).
+    inputs, or for a module that did not run). ``notes`` says, row by row, where a module
+    reachable under several paths also is (``"also reachable as mlm.decoder"``, on its first
+    row) or that a row repeats one (``"same module as generator.proj"``).
     """
 
     def __init__(self, model: nn.Module, layers: list[Any], depth: int, dims: Dims,
                  params: ParamCount, outputs: Mapping[nn.Module, list[torch.Size]]) -> None:
-        paths = module_paths(model)
+        aliases = module_aliases(model)
         self.dims, self.params = dims, params
-        self.rows: list[tuple[str, str, int, list[torch.Size], int]] = [
-            (paths.get(layer.module, layer.var_name), layer.class_name, layer.depth,
-             outputs.get(layer.module, []), _own_total(layer.module))
-            for layer in layers if layer.depth <= depth and not is_hook_point(layer.module)]
+        self.rows: list[tuple[str, str, int, list[torch.Size], int]] = []
+        self.notes: list[str] = []
+        shown: dict[nn.Module, str] = {}  # module -> the path of its first row
+        for layer in layers:
+            if layer.depth > depth or is_hook_point(layer.module):
+                continue
+            path = _layer_path(layer)
+            self.rows.append((path, layer.class_name, layer.depth,
+                              outputs.get(layer.module, []), _own_total(layer.module)))
+            if layer.module in shown:
+                self.notes.append(f"same module as {shown[layer.module] or '<model>'}")
+            else:
+                shown[layer.module] = path
+                self.notes.append(also_reachable(aliases.get(layer.module, []), path))
 
     def __iter__(self) -> Iterator[tuple[str, str, int, list[torch.Size], int]]:
         return iter(self.rows)
@@ -375,12 +405,14 @@ class ModelSummary:
         table.add_column("class", style="magenta", no_wrap=True)
         table.add_column("output", no_wrap=True)
         table.add_column("params", justify="right", style="cyan")
-        for path, cls, depth, output, params in self.rows:
+        for (path, cls, depth, output, params), note in zip(self.rows, self.notes, strict=True):
             shape = self.dims.format(output[0]) if output else ""
             if len(output) > 1:  # tuples, dicts, ModelOutput: the first tensor, and a count
                 shape += f" +{len(output) - 1} more"
-            table.add_row("  " * depth + (path.rsplit(".", 1)[-1] or "<model>"), cls, shape,
-                          f"{params:,}" if params else "-")
+            name = Text("  " * depth + (path.rsplit(".", 1)[-1] or "<model>"))
+            if note:  # one module under several paths
+                name.append(f" ({note})", "yellow")
+            table.add_row(name, cls, shape, f"{params:,}" if params else "-")
         return Group(table, Text(self.params.explain()))
 
     def __repr__(self) -> str:

@@ -6,6 +6,7 @@ same tensors with the same bits afterwards (``ModelGuard``)."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 import corpus
@@ -17,6 +18,7 @@ from corpus import CORPUS, CORPUS_BY_NAME, C, Specimen
 import torchlens_edu as tle
 from support.zoo import ModelGuard
 from torchlens_edu._core.frames import is_user_file
+from torchlens_edu._core.modules import module_aliases
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.nans import NonFiniteError, watch_nans
 
@@ -227,3 +229,60 @@ def test_the_users_line_skips_tensor_plumbing_libraries() -> None:
         assert not any(part in f for f in files for part in ("/einops/", "/einx/", "<string>"))
         if name == "einops_attention":  # rearrange's own ops: the line that called it
             assert files == {corpus.__file__}
+
+
+ALIASED = [s for s in CORPUS if s.name in ("tutorial_tied_two_parents", "x_encoder_decoder_tied",
+                                           "hooked_transformer")]
+
+
+@pytest.mark.parametrize("specimen", ALIASED, ids=[s.name for s in ALIASED])
+def test_a_module_under_two_paths_is_observed_once_per_call_by_the_path_asked_for(
+        specimen: Specimen) -> None:
+    model = specimen.model()
+    guard = ModelGuard(model)
+    args, kwargs = specimen.inputs()
+    # the last path of every module reachable under several (mlm.decoder, decoder.net.token_emb,
+    # TransformerLens' blocks.0.ln1 for blocks.0._original_component.ln1)
+    second = {paths[-1]: module for module, paths in module_aliases(model).items()}
+    assert second
+    reference: Counter[str] = Counter()  # plain torch hooks on the module objects
+    handles = [module.register_forward_hook(lambda m, a, out, path=path: reference.update([path]))
+               for path, module in second.items()]
+    try:
+        with torch.no_grad():
+            _run(model, specimen)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert reference
+    seen: Counter[str] = Counter()
+    with tle.hooks(model) as h:
+        for path in second:
+            assert h.forward(path, lambda c: seen.update([c.path])) == [path]
+        with torch.no_grad():
+            _run(model, specimen)
+    assert seen == reference
+    with tle.inspect(model).capture(lambda path, _: path in second) as cache, torch.no_grad():
+        _run(model, specimen)
+    assert Counter(path for path, _ in cache) == reference
+    trace = tle.trace_shapes(model, *args, include=lambda path, _: path in second, **kwargs)
+    assert Counter(e.path for e in trace.events if e.path in second) == reference
+    first_calls = [e for e in trace.events if e.path in second and e.call == 0]
+    assert all(e.aliases and e.path not in e.aliases for e in first_calls)
+    guard.check()
+
+
+def test_the_tutorial_head_under_two_parents_is_named_as_asked() -> None:
+    specimen = CORPUS_BY_NAME["tutorial_tied_two_parents"]
+    model = specimen.model()
+    args, kwargs = specimen.inputs()
+    with tle.inspect(model).capture("mlm.*", grads=True) as cache:
+        _loss(_run(model, specimen)).backward()
+    assert cache.keys() == [("mlm.decoder", 0)]
+    assert cache.grad("generator.proj").shape == (2, 8, corpus.V)  # the other path finds it
+    trace = tle.trace_shapes(model, *args, **kwargs)
+    assert " ".join(trace.to_text(120).split()).count(
+        "generator.proj Linear (also reachable as mlm.decoder)") == 1
+    summary = " ".join(repr(tle.inspect(model).summary(*args, **kwargs)).split())
+    assert "decoder (also reachable as generator.proj)" in summary
+    model.zero_grad(set_to_none=True)

@@ -9,6 +9,13 @@ Hook points (identity modules that only name a tensor, such as the bundled GPT-2
 ``attn.att``) are matched by a glob only when its last part names them without wildcards:
 ``transformer.h.*.attn.att`` finds the attention patterns, while ``*`` and ``*.attn.*`` keep
 meaning the model's real layers.
+
+A module can be reachable under several paths: a tied projection registered as a child of two
+parents (``generator.proj`` is ``mlm.decoder``), embeddings shared by an encoder and a decoder,
+a block list aliased as ``blocks`` and ``layers``. torch's ``named_modules()`` lists such a
+module once, under its first path. Here a pattern that matches *any* of its paths selects it,
+once (it runs once per call, so it is observed once per call), under the first path the
+pattern matched: ``mlm.decoder`` for the pattern ``"mlm.*"``, ``generator.proj`` for ``"*"``.
 """
 
 from __future__ import annotations
@@ -41,23 +48,77 @@ def match_modules(model: nn.Module, pattern: Pattern, *, required: bool = True
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    named = list(model.named_modules())  # shared submodules appear once, under their first path
+    named = every_path(model)  # a shared module once per path it is reachable under
     if callable(pattern):
-        found = [(path, module) for path, module in named if pattern(path, module)]
+        hits = [(path, module) for path, module in named if pattern(path, module)]
     elif isinstance(pattern, str):
         names_points = not _WILDCARDS.intersection(pattern.rsplit(".", 1)[-1])
         wrapped = _WRAPPED if isinstance(model, _WRAPPERS) else None
-        found = [(path, module) for path, module in named
-                 if (fnmatch.fnmatchcase(path, pattern)
-                     or (wrapped and path.startswith(wrapped)
-                         and fnmatch.fnmatchcase(path.removeprefix(wrapped), pattern)))
-                 and (names_points or not is_hook_point(module))]
+        hits = [(path, module) for path, module in named
+                if (fnmatch.fnmatchcase(path, pattern)
+                    or (wrapped and path.startswith(wrapped)
+                        and fnmatch.fnmatchcase(path.removeprefix(wrapped), pattern)))
+                and (names_points or not is_hook_point(module))]
     else:
         raise TypeError(f"a module pattern is a glob string such as 'transformer.h.*.attn' or a "
                         f"function (path, module) -> bool, not {type(pattern).__name__}")
-    if required and not found:
+    if required and not hits:
         raise PatternError(_no_match_message(pattern, [path for path, _ in named]))
+    # each module once, under the first of its paths that matched (hits are in model order)
+    first: dict[nn.Module, str] = {}
+    for path, module in hits:
+        first.setdefault(module, path)
+    return [(path, module) for module, path in first.items()]
+
+
+def every_path(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(path, module)`` for every path of every module, in model order: a module registered
+    under two parents comes twice (torch's ``named_modules()`` lists it once). A module that
+    contains itself (a cycle) is not followed into again.
+
+    >>> lin = nn.Linear(2, 2)
+    >>> tied = nn.ModuleDict({"enc": lin, "dec": lin})
+    >>> [path for path, _ in every_path(tied)], [path for path, _ in tied.named_modules()]
+    (['', 'enc', 'dec'], ['', 'enc'])
+    """
+    found: list[tuple[str, nn.Module]] = []
+    inside: set[int] = set()  # modules on the way down to here: a cycle stops
+
+    def visit(module: nn.Module, path: str) -> None:
+        found.append((path, module))
+        inside.add(id(module))
+        for name, child in module._modules.items():
+            if child is not None and id(child) not in inside:
+                visit(child, f"{path}.{name}" if path else name)
+        inside.discard(id(module))
+
+    visit(model, "")
     return found
+
+
+def module_aliases(model: nn.Module) -> dict[nn.Module, list[str]]:
+    """Module -> every dotted path it is reachable under, the first (torch's) first; only the
+    modules with more than one path.
+
+    >>> lin = nn.Linear(2, 2)
+    >>> module_aliases(nn.ModuleDict({"enc": lin, "dec": lin}))[lin]
+    ['enc', 'dec']
+    """
+    paths: dict[nn.Module, list[str]] = {}
+    for path, module in every_path(model):
+        paths.setdefault(module, []).append(path)
+    return {module: found for module, found in paths.items() if len(found) > 1}
+
+
+def also_reachable(paths: list[str], shown: str) -> str:
+    """``"also reachable as mlm.decoder"``: the other paths of a module shown as ``shown``
+    (``""`` when it has no other).
+
+    >>> also_reachable(["generator.proj", "mlm.decoder"], "generator.proj")
+    'also reachable as mlm.decoder'
+    """
+    others = [path or "<model>" for path in paths if path != shown]
+    return f"also reachable as {', '.join(others)}" if others else ""
 
 
 def is_hook_point(module: nn.Module) -> bool:
@@ -82,7 +143,7 @@ _WRAPPED = "module."
 def _no_match_message(pattern: Pattern, paths: list[str]) -> str:
     if callable(pattern):
         return "the module predicate matched no module of the model"
-    named = [p for p in paths if p]
+    named = [p for p in paths if p and p != pattern]  # every path, aliases too; never itself
     hint = did_you_mean(pattern, named, n=5, cutoff=0.5, quote=False, start=True)
     if not hint:  # globs rarely look like paths letter for letter: compare their last parts
         tail = pattern.rsplit(".", 1)[-1].strip("*")

@@ -25,6 +25,7 @@ from rich.text import Text
 
 from torchlens_edu._core.console import render_html, render_text
 from torchlens_edu._core.formatting import dtype_name
+from torchlens_edu._core.modules import also_reachable
 from torchlens_edu.dims import format_shape
 from torchlens_edu.nans.shards import has_values
 from torchlens_edu.printing.stats import local_shard
@@ -102,17 +103,22 @@ class NonFiniteReport:
     inputs: list[TensorSummary] = field(default_factory=list)
     outputs: list[TensorSummary] = field(default_factory=list)
     params: list[TensorSummary] = field(default_factory=list)
+    aliases: list[str] = field(default_factory=list)  # the module's other paths, if any
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data for programs: phase, module, op, kind, source, rank, hint and details.
+        """Plain data for programs: phase, module, op, kind, source, rank, hint and details
+        (and ``aliases``, the module's other paths, when it has any).
 
         >>> NonFiniteReport(phase="input", module="", op="", kind="nan", source="",
         ...                 hint="check the data").to_dict()["hint"]
         'check the data'
         """
-        data = {k: v for k, v in vars(self).items() if k not in ("inputs", "outputs", "params")}
+        data = {k: v for k, v in vars(self).items()
+                if k not in ("inputs", "outputs", "params", "aliases")}
         for group in ("inputs", "outputs", "params"):
             data[group] = [s.to_dict() for s in getattr(self, group)]
+        if self.aliases:  # only for a module reachable under several paths
+            data["aliases"] = list(self.aliases)
         return data
 
     def summary(self) -> str:
@@ -142,8 +148,10 @@ class NonFiniteReport:
         head = Table.grid(padding=(0, 2))
         head.add_column(style="bold", no_wrap=True)
         head.add_column(overflow="fold")  # a long path must wrap, never lose its ":LINE"
-        rows = [("phase", self.phase), ("module", repr(self.module) + (" (root)" if not
-                                                                       self.module else "")),
+        module = repr(self.module) + (" (root)" if not self.module else "")
+        if self.aliases:  # one module under several paths
+            module += f" ({also_reachable([self.module, *self.aliases], self.module)})"
+        rows = [("phase", self.phase), ("module", module),
                 ("op", self.op + (f"  (created by {self.forward_op})" if self.forward_op else "")),
                 ("kind", self.kind), ("source", _short(self.source)),
                 ("code", _code_line(self.source)),

@@ -35,7 +35,7 @@ import torch.nn as nn
 from torchlens_edu._core.console import get_console
 from torchlens_edu._core.frames import user_source
 from torchlens_edu._core.interrupts import arm, disarm, uninterruptible, uninterruptible_enter
-from torchlens_edu._core.modules import is_hook_point, module_paths, uses_fsdp
+from torchlens_edu._core.modules import is_hook_point, module_aliases, module_paths, uses_fsdp
 from torchlens_edu._core.replay_state import replay_scope
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.dims import Dims, dims_argument
@@ -410,10 +410,15 @@ class NanWatch:
                               "after the model"))),
             cause="not_reproduced", step=index)
 
+    def _module_named(self, path: str) -> nn.Module | None:
+        return next((m for m, p in self._paths.items() if p == path), None)
+
     def _deliver(self, report: NonFiniteReport, step: _Step | None) -> None:
         if (report.phase == "backward" and self.mode != "warn"
                 and isinstance(self.model, nn.parallel.DistributedDataParallel)):
             report.hint += DDP_AFTER_BACKWARD_ERROR
+        paths = module_aliases(self.model).get(self._module_named(report.module), [])
+        report.aliases = [path for path in paths if path != report.module]
         self.reports.append(report)
         if self.mode == "warn":
             key = (report.phase, report.module, report.op, report.source)

@@ -27,7 +27,8 @@ class ShapeEvent:
     """One module call or one op call of a traced forward.
 
     ``path`` is the module's dotted path (for an op: the module it ran in); ``call`` counts the
-    calls of the same module (or of the same op in the same module) from 0.
+    calls of the same module (or of the same op in the same module) from 0. A module reachable
+    under several paths is recorded once per call, under one path; ``aliases`` are the others.
 
     >>> import torchlens_edu as tle
     >>> event = tle.trace_shapes(torch.nn.Linear(4, 2), torch.zeros(3, 4)).events[0]
@@ -51,6 +52,7 @@ class ShapeEvent:
     failed: bool = False  # the forward raised inside this event
     in_ids: tuple[int, ...] = ()  # op operands / results, to join ops on one source line
     out_ids: tuple[int, ...] = ()
+    aliases: tuple[str, ...] = ()  # the module's other paths (one module under two parents)
 
     @property
     def source(self) -> str:

@@ -26,6 +26,7 @@ from rich.tree import Tree
 from torchlens_edu._core.console import render_text
 from torchlens_edu._core.formatting import format_bytes, format_count, format_si, short_dtype
 from torchlens_edu._core.frames import source_location
+from torchlens_edu._core.modules import also_reachable
 from torchlens_edu.dims import Dims
 from torchlens_edu.shapes.events import ShapeEvent, Spec
 
@@ -159,6 +160,8 @@ def _module_row(event: ShapeEvent, rel: str, dims: Dims) -> Text:
         text.append(f" {event.name}", "cyan")
     if event.call:
         text.append(f" #{event.call}", "dim")
+    elif event.aliases:  # one module under several paths: said once, at its first call
+        text.append(f" ({also_reachable([event.path, *event.aliases], event.path)})", "yellow")
     text.append(f"  {_specs_text(event.inputs, dims)} -> ", "")
     if event.failed:
         text.append("✗ failed", "bold red")

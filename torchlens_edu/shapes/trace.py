@@ -37,15 +37,16 @@ class ShapeTrace:
     roots: list[str] = field(default_factory=list)
 
     def modules(self, pattern: str = "*") -> list[ShapeEvent]:
-        """Module events whose path matches a glob (``"transformer.h.*.attn"``).
+        """Module events whose path, or another path of the same module (``event.aliases``),
+        matches a glob (``"transformer.h.*.attn"``).
 
         >>> import torchlens_edu as tle
         >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
         >>> [e.path for e in tle.trace_shapes(m, torch.zeros(2, 4)).modules("*")]
         ['', '0', '1']
         """
-        return [e for e in self.events
-                if e.kind == "module" and fnmatch.fnmatchcase(e.path, pattern)]
+        return [e for e in self.events if e.kind == "module" and any(
+            fnmatch.fnmatchcase(path, pattern) for path in (e.path, *e.aliases))]
 
     def ops_at(self, pattern: str = "*") -> list[ShapeEvent]:
         """Op events that ran inside modules whose path matches a glob.
@@ -76,6 +77,7 @@ class ShapeTrace:
                 "dims": {"inputs": [self.dims.labels(s) for s in e.input_shapes],
                          "outputs": [self.dims.labels(s) for s in e.output_shapes]},
                 "source": e.source,
+                **({"aliases": list(e.aliases)} if e.aliases else {}),
             })
         return {"events": events}
 

@@ -28,7 +28,13 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from torchlens_edu._core.interrupts import arm, disarm, uninterruptible, uninterruptible_enter
-from torchlens_edu._core.modules import Pattern, is_hook_point, match_modules
+from torchlens_edu._core.modules import (
+    Pattern,
+    every_path,
+    is_hook_point,
+    match_modules,
+    module_aliases,
+)
 from torchlens_edu._core.replay_state import replaying
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.dims import Dims, dims_argument
@@ -195,37 +201,46 @@ class ShapeTracer:
                 self.home = next((t.device for t in root.parameters() if not t.is_meta), self.home)
             self._exits.enter_context(_shape_meta.on_meta(root, self._twins))
         self._root_names.append(type(root).__name__)
-        named = list(root.named_modules())
+        named = every_path(root)  # a module reachable under two paths comes twice: hooked once
         selected = self._selected(root, named)
         counts = _param_counts(root)
-        for path, module in named:
+        aliases = module_aliases(root)
+        for first, module in named:
             if id(module) in self._hooked:
                 continue
             self._hooked.add(id(module))
+            paths = aliases.get(module, [first])
+            # recorded under the path include named, else the first one selected (a module under
+            # two parents is recorded once, under the path the user asked for)
+            picked = [p for p in paths if p in selected]
+            path = next((p for p in picked if selected[p]), picked[0] if picked else first)
             record = path in selected
             if not (record or self.ops or self.meta or module is root):
                 continue  # nothing to record, no op needs to know it is inside this module,
                 # and it is not the root (whose inputs name B and T, whatever is included)
             if is_hook_point(module) and not record:
                 continue  # an identity with no ops inside; a hook would make it "observed"
-            self._hook(module, path, record, counts.get(path, 0), is_root=module is root)
+            self._hook(module, path, record, counts.get(path, 0), is_root=module is root,
+                       aliases=tuple(p for p in paths if p != path))
 
-    def _selected(self, root: nn.Module, named: list[tuple[str, nn.Module]]) -> set[str]:
+    def _selected(self, root: nn.Module, named: list[tuple[str, nn.Module]]) -> dict[str, bool]:
+        """The paths to record -> whether ``include`` named them (not only a module above)."""
         # hook points (identities that only name a tensor) are shown when include names them
         points = {path for path, module in named if is_hook_point(module)}
         chosen = {path for path, _ in named} - points
+        tops: set[str] = set()
         if self.include is not None:
-            tops = [p for p, _ in match_modules(root, self.include, required=False)]
+            tops = {p for p, _ in match_modules(root, self.include, required=False)}
             chosen = {p for p in chosen
                       if any(not t or p == t or p.startswith(t + ".") for t in tops)}
             chosen |= points.intersection(tops)
         if self.depth is not None:
             depths = _call_depths(named)
             chosen = {p for p in chosen if depths[p] <= self.depth}
-        return chosen
+        return {p: p in tops for p in chosen}
 
     def _hook(self, module: nn.Module, path: str, record: bool, params: int, *,
-              is_root: bool) -> None:
+              is_root: bool, aliases: tuple[str, ...] = ()) -> None:
         # The two closures below run at every module call: they only read sizes and clocks.
         name = type(module).__name__
         events, stack, calls = self._events, self._stack, self._calls
@@ -249,7 +264,7 @@ class ShapeTracer:
                 events.append(ShapeEvent(
                     kind="module", path=path, name=name, call=call, parent=parent,
                     inputs=_arg_specs(args, kwargs), filename=filename, line=line,
-                    params=params))
+                    params=params, aliases=aliases))
                 stack.append(_OpenCall(path=path, recorded=True, index=len(events) - 1,
                                        started=clock(), flops_before=self._flops))
             return None
