@@ -80,6 +80,26 @@ def test_import_is_light() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_loading_it_after_an_import_adds_no_rewrite_warning(tmp_path) -> None:
+    """Imported before pytest could rewrite it (a conftest, an editable install or PYTHONPATH,
+    the entry point), then named with ``-p``: the run's output stays the user's own."""
+    import os
+
+    import torchlens_edu
+
+    (tmp_path / "test_one.py").write_text("def test_one():\n    assert 1 + 1 == 2\n")
+    code = ("import sys, pytest, torchlens_edu.pytest_plugin; "
+            "sys.exit(pytest.main(['-p', 'torchlens_edu.pytest_plugin', *sys.argv[1:]]))")
+    home = os.path.dirname(os.path.dirname(torchlens_edu.__file__))  # this checkout, explicitly
+    env = {**os.environ, "PYTHONPATH": home, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    done = subprocess.run([sys.executable, "-c", code, *QUICK, "-q", str(tmp_path)], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout
+    assert "cannot be rewritten" not in done.stdout + done.stderr
+    assert "warning" not in done.stdout.lower()
+
+
 def test_options_and_markers_are_registered(run) -> None:
     result = run("--help")
     result.stdout.fnmatch_lines(["*--tle-nan-watch*", "*--tle-print=PRESET*"])

@@ -18,6 +18,12 @@ One thing is on by default because it only touches the text of a failure that in
 both sides and where they differ. It costs nothing when no tensor failure happens (torch is never
 imported by it) and is switched off with ``-o tle_tensor_diffs=false`` (or ``-p no:torchlens_edu``
 for the whole plugin).
+
+PYTEST_DONT_REWRITE: this module holds no test assertions. pytest rewrites the plugins it can
+reach before they are imported (installed distributions); this one is often imported first by
+another route (an editable install, ``PYTHONPATH``, a conftest or test that imports it, the
+entry point before ``-p torchlens_edu.pytest_plugin``), and pytest then warned "Module already
+imported so cannot be rewritten" into every such run's output.
 """
 
 from __future__ import annotations
