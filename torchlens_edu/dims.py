@@ -292,6 +292,25 @@ class Dims(Mapping[str, int]):
             names = _settle_by_position(names, axis, shape, "B" in self.names_for(shape[0]))
         return names
 
+    def coordinates(self, shape: Sequence[int], index: Sequence[int]) -> str:
+        """An element's index with the axes' names: ``B=0, nh=2, T=5, T=3`` (an unnamed axis
+        is ``dim2=5``, an ambiguous one ``T|hs=5``).
+
+        >>> Dims({"B": 1, "nh": 4, "T": 6}).coordinates((1, 4, 6, 6), (0, 2, 5, 3))
+        'B=0, nh=2, T=5, T=3'
+        >>> Dims({"T": 8}).coordinates((8, 7), (3, 1))
+        'T=3, dim1=1'
+        """
+        names = []
+        for axis, label in enumerate(self.labels(shape)):
+            if "=" in label:
+                names.append(label.partition("=")[0])
+            elif ":" in label:
+                names.append(label.partition(":")[2])
+            else:
+                names.append(f"dim{axis}")
+        return ", ".join(f"{name}={int(i)}" for name, i in zip(names, index, strict=True))
+
     def format(self, shape: Sequence[int] | torch.Size, *, brackets: str = "()") -> str:
         """``(B=2, T=16, C=768)``; with ``brackets="[]"`` for one-line summaries.
 

@@ -1,37 +1,89 @@
-"""The op-level pass: every torch call inside one module call, on both sides, and the first op
-that made the difference.
+"""The op-level recording: every torch call inside one module call, with its user's line, its
+operands and results (copies), which recorded op made each operand, and the names the user's
+code gives them.
 
 Runs only inside the first diverging module (the module-level pass found it), with the op
-recorder of the shape tracer (:class:`~torchlens_edu.shapes.ops.OpRecorder`). Ops are aligned
-by name in order (a learner's extra ``.contiguous()`` is no difference); the blame lands on the
-first op whose *inputs agreed* and whose output does not, or on the op the model skipped or
-added just before the first difference, or on a weight that already differed.
+recorder of the shape tracer (:class:`~torchlens_edu.shapes.ops.OpRecorder`). What the ops are
+compared with, and which one is blamed, is ``blame.py``; the steps of fused ops are
+``steps.py``.
 """
 
 from __future__ import annotations
 
+import ast
+import linecache
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from torchlens_edu._core.frames import source_location
-from torchlens_edu.divergence.align import matching_pairs, pair_tensors
-from torchlens_edu.divergence.tolerance import TensorDiff, Tolerance, measure
+from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.shapes.ops import OpRecorder, tensors_in, tensors_out, user_site
+
+# fused ops whose arguments are kept, so that steps.py can compute their steps
+FUSED = frozenset({"scaled_dot_product_attention", "gelu", "layer_norm", "linear", "addmm",
+                   "softmax"})
 
 
 @dataclass(kw_only=True)
 class OpCall:
-    """One recorded torch call: its name, the user's line, its operands and results (copies)."""
+    """One recorded torch call (or one step of a fused one, see ``steps.py``)."""
 
-    name: str
+    name: str  # as the shape tracer names it: "softmax", "matmul", "[]", "div"
     source: str  # "file.py:LINE" of the user's line ("" when unknown)
-    inputs: list[torch.Tensor]
+    inputs: list[torch.Tensor]  # copies, taken when the op ran
     outputs: list[torch.Tensor]
     parameters: list[str | None]  # for each input: the parameter it is, if it is one
+    producers: list[tuple[int, int] | None]  # for each input: (op, which of its outputs) that
+    # made it, when a recorded op did
+    names: list[str] = field(default_factory=list)  # for each input: the user's name for it
+    output_names: list[str] = field(default_factory=list)
+    step: str = ""  # a step of a fused op: what it computes ("q @ kᵀ"); name is then the step's
+    fused: str = ""  # ... and this is the fused op it belongs to
+    arguments: tuple[tuple[Any, ...], dict[str, Any]] | None = None  # FUSED ops only
+    live_inputs: list[torch.Tensor] = field(default_factory=list)  # keep_graph runs only
+    live_outputs: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def shown(self) -> str:
+        """How the op is named in a report: ``softmax``, or ``scaled_dot_product_attention``
+        for one of its steps."""
+        return self.fused or self.name
+
+
+def _local_names(frame: Any, tensors: list[torch.Tensor]) -> list[str]:
+    """The user's local variable that holds each tensor (``q``), or ``""``."""
+    found: dict[int, str] = {}
+    for name, value in frame.f_locals.items():
+        if isinstance(value, torch.Tensor) and not name.startswith("_"):
+            found.setdefault(id(value), name)
+    return [found.get(id(t), "") for t in tensors]
+
+
+def assigned_names(filename: str, line: int, count: int) -> list[str]:
+    """The names a one-line assignment gives its value: ``att = F.softmax(...)`` -> ``att``,
+    ``q, k, v = ...split(C, dim=2)`` -> ``q, k, v`` (``count`` of them), else ``""`` each.
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.py")
+    >>> _ = open(path, "w").write("att = F.softmax(scores, dim=-1)  # (B, nh, T, T)\\n")
+    >>> assigned_names(path, 1, 1)
+    ['att']
+    """
+    text = linecache.getline(filename, line).strip()
+    try:
+        statement = ast.parse(text).body[0] if text else None
+    except SyntaxError:  # one line of a longer statement
+        return [""] * count
+    if not isinstance(statement, ast.Assign) or len(statement.targets) != 1:
+        return [""] * count
+    target = statement.targets[0]
+    targets = target.elts if isinstance(target, ast.Tuple) else [target]
+    names = [t.id if isinstance(t, ast.Name) else "" for t in targets]
+    return names if len(names) == count else [""] * count
 
 
 class _OpLog:
@@ -41,33 +93,79 @@ class _OpLog:
     meta = False
     home = torch.device("cpu")
 
-    def __init__(self, parameter_names: dict[int, str]) -> None:
+    def __init__(self, parameter_names: dict[int, str], keep_graph: bool) -> None:
         self.calls: list[OpCall] = []
+        self.sites: list[tuple[str, int] | None] = []
         self.active = False
+        self.returned_by: list[tuple[int, int] | None] = []  # who made what the call returned
         self._parameter_names = parameter_names
+        self._keep_graph = keep_graph
+        self._made_by: dict[int, tuple[int, int]] = {}  # id(tensor) -> (op, output) that made it
+        self._alive: list[torch.Tensor] = []  # keeps those ids from being reused
 
     def op_done(self, name: str, args: Any, kwargs: dict[str, Any], result: Any,
                 frame: Any) -> None:
         if not self.active:
             return
         site = user_site(frame)
-        inputs = tensors_in(args, kwargs)
+        inputs, outputs = tensors_in(args, kwargs), tensors_out(result)
+        user = frame
+        while user is not None and site is not None and user.f_code.co_filename != site[0]:
+            user = user.f_back
+        copy = [t.detach().clone() for t in inputs]
         self.calls.append(OpCall(
-            name=name, source=source_location(*site) if site else "",
-            inputs=[t.detach().clone() for t in inputs],
-            outputs=[t.detach().clone() for t in tensors_out(result)],
-            parameters=[self._parameter_names.get(id(t)) for t in inputs]))
+            name=name, source=source_location(*site) if site else "", inputs=copy,
+            outputs=[t.detach().clone() for t in outputs],
+            parameters=[self._parameter_names.get(id(t)) for t in inputs],
+            producers=[self.made_by(t) for t in inputs],
+            names=_local_names(user, inputs) if user is not None else [""] * len(inputs),
+            arguments=(_copied(args), _copied(kwargs)) if name in FUSED else None,
+            live_inputs=list(inputs) if self._keep_graph else [],
+            live_outputs=list(outputs) if self._keep_graph else []))
+        self.sites.append(site)
+        for k, tensor in enumerate(outputs):
+            self._made_by[id(tensor)] = (len(self.calls) - 1, k)
+            self._alive.append(tensor)
+
+    def made_by(self, tensor: torch.Tensor) -> tuple[int, int] | None:
+        """The recorded op that returned ``tensor``, if one did."""
+        return self._made_by.get(id(tensor))
 
     def op_failed(self, name: str, args: Any, kwargs: dict[str, Any], exc: Exception,
                   site: tuple[str, int] | None) -> None:
         """A failing op fails the run itself; there is nothing to keep."""
 
+    def finish(self) -> list[OpCall]:
+        """Name each op's outputs where the user's line assigns them (the last op of a line)."""
+        for position, (op, site) in enumerate(zip(self.calls, self.sites, strict=True)):
+            later = self.sites[position + 1:]
+            if site is not None and site not in later:
+                op.output_names = assigned_names(*site, len(op.outputs))
+            else:
+                op.output_names = [""] * len(op.outputs)
+        return self.calls
 
-def record_ops(model: nn.Module, run: Callable[[], Any], target: tuple[str, int]) -> list[OpCall]:
-    """The ops of call ``target = (path, index)`` of a module of ``model`` while ``run()`` runs."""
+
+def _copied(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copied(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    return value
+
+
+def record_ops(model: nn.Module, run: Callable[[], Any], target: tuple[str, int], *,
+               keep_graph: bool = False) -> tuple[list[OpCall], list[tuple[int, int] | None], Any]:
+    """The ops of call ``target = (path, index)`` of a module of ``model`` while ``run()`` runs,
+    the ops that made what the call returned (``None`` for a tensor no op made), and what
+    ``run()`` returned. ``keep_graph``: the ops also keep their real operands and
+    results (for the backward pass)."""
     path, index = target
     module = model.get_submodule(path)
-    log = _OpLog({id(p): name for name, p in model.named_parameters(remove_duplicate=False)})
+    log = _OpLog({id(p): name for name, p in model.named_parameters(remove_duplicate=False)},
+                 keep_graph)
     calls = 0
 
     def enter(*_: Any) -> None:
@@ -75,117 +173,17 @@ def record_ops(model: nn.Module, run: Callable[[], Any], target: tuple[str, int]
         log.active = calls == index
         calls += 1
 
-    def leave(*_: Any) -> None:
+    def leave(_module: nn.Module, _args: Any, output: Any) -> None:
+        if log.active:
+            log.returned_by = [log.made_by(t) for t in iter_tensors(output)]
         log.active = False
 
     handles = [module.register_forward_pre_hook(enter),
                module.register_forward_hook(leave, always_call=True)]
     try:
         with OpRecorder(log):
-            run()
+            returned = run()
     finally:
         for handle in handles:
             handle.remove()
-    return log.calls
-
-
-@dataclass(kw_only=True)
-class OpBlame:
-    """Where, inside the module, the difference starts."""
-
-    kind: str  # "op", "weights", "missing-op", "extra-op" or "shape"
-    op: str
-    reference_op: str
-    source: str
-    reference_source: str
-    diff: TensorDiff | None  # the op's output against the reference's
-    inputs_differed: bool
-    detail: str  # one sentence: what differs
-
-
-def _outputs_diff(a: OpCall, b: OpCall, tolerance: Tolerance) -> TensorDiff | None:
-    worst = None
-    for i, j in pair_tensors(a.outputs, b.outputs):
-        diff = measure(a.outputs[i], b.outputs[j], tolerance)
-        if worst is None or (diff.differs, diff.max_abs) > (worst.differs, worst.max_abs):
-            worst = diff
-    return worst
-
-
-def _differing_input(a: OpCall, b: OpCall, tolerance: Tolerance) -> int | None:
-    if len(a.inputs) != len(b.inputs):
-        return 0
-    for i, (x, y) in enumerate(zip(a.inputs, b.inputs, strict=True)):
-        if measure(x, y, tolerance).differs:
-            return i
-    return None
-
-
-def blame(ops: list[OpCall], reference: list[OpCall], tolerance: Tolerance) -> OpBlame | None:
-    """The first op that made the difference (see the module docstring), or None."""
-    # model op -> reference op of the same name, in order
-    matched = matching_pairs([op.name for op in ops], [op.name for op in reference])
-    for i, j in matched.items():
-        diff = _outputs_diff(ops[i], reference[j], tolerance)
-        if diff is not None and diff.differs:
-            return _blame_at(ops, reference, matched, i, j, diff, tolerance)
-    return None
-
-
-def _producer(ops: list[OpCall], before: int, value: torch.Tensor) -> int | None:
-    """The last op before ``before`` that returned exactly ``value`` (where an operand came
-    from: the ops keep copies, so the values tell, not the tensor objects)."""
-    for position in range(before - 1, -1, -1):
-        for output in ops[position].outputs:
-            if output.shape == value.shape and output.dtype == value.dtype and \
-                    torch.equal(output, value):
-                return position
-    return None
-
-
-def _blame_at(ops: list[OpCall], reference: list[OpCall], matched: dict[int, int], i: int,
-              j: int, diff: TensorDiff, tolerance: Tolerance) -> OpBlame:
-    a, b = ops[i], reference[j]
-    differing = _differing_input(a, b, tolerance)
-    if differing is None:
-        kind = "shape" if diff.status == "shape" else "op"
-        what = ("its output has another shape" if kind == "shape"
-                else "its inputs agree and its output does not")
-        return OpBlame(kind=kind, op=a.name, reference_op=b.name, source=a.source,
-                       reference_source=b.source, diff=diff, inputs_differed=False,
-                       detail=f"`{a.name}` at {a.source}: {what}")
-    weight = a.parameters[differing] if differing < len(a.parameters) else None
-    if weight is not None:
-        return OpBlame(kind="weights", op=a.name, reference_op=b.name, source=a.source,
-                       reference_source=b.source, diff=diff, inputs_differed=True,
-                       detail=f"`{a.name}` at {a.source} reads the parameter `{weight}`, "
-                              f"which already differs from the reference's (a weight loaded "
-                              f"without its transpose?)")
-    mine = _producer(ops, i, a.inputs[differing])
-    theirs = (_producer(reference, j, b.inputs[differing])
-              if differing < len(b.inputs) else None)
-    extra = mine is not None and mine not in matched
-    skipped = theirs is not None and theirs not in matched.values()
-    if extra and mine is not None:  # the model did something the reference does not
-        op = ops[mine]
-        shapes = ", ".join(str(tuple(t.shape)) for t in op.outputs)
-        instead = (f"; the reference does `{reference[theirs].name}` there"
-                   if skipped and theirs is not None else "")
-        return OpBlame(kind="extra-op", op=op.name, reference_op="", source=op.source,
-                       reference_source=b.source, diff=diff, inputs_differed=False,
-                       detail=f"`{op.name}` at {op.source} (output {shapes}) has no "
-                              f"counterpart in the reference{instead}")
-    if skipped and theirs is not None:  # the model left out something the reference does
-        op = reference[theirs]
-        # dropped from a line that otherwise ran (a missing `/ sqrt(hs)`): that line is the bug
-        source = a.source
-        if mine is not None and reference[matched[mine]].source == op.source:
-            source = ops[mine].source
-        return OpBlame(kind="missing-op", op=a.name, reference_op=op.name, source=source,
-                       reference_source=op.source, diff=diff, inputs_differed=False,
-                       detail=f"your model skips `{op.name}`, which the reference does at "
-                              f"{op.source}")
-    return OpBlame(kind="op", op=a.name, reference_op=b.name, source=a.source,
-                   reference_source=b.source, diff=diff, inputs_differed=True,
-                   detail=f"`{a.name}` at {a.source}: its input {differing} already differed "
-                          f"and no recorded op made the difference")
+    return log.finish(), log.returned_by, returned

@@ -10,10 +10,20 @@
                "source": str, "reference_source": str,   # "file.py:LINE" ("" when unknown)
                "shape": list[int], "reference_shape": list[int],
                "max_abs": float, "max_rel": float, "worst_index": list[int]|None,
-               "inputs_differed": bool, "detail": str},
+               "worst_at": str|None,           # the worst index with axis names: "B=0, nh=2, T=5"
+               "inputs_differed": bool,        # the op's operands already differed
+               "detail": str,
+               "operands": [{"role": "in 0"|"in 1"|...|"out"|"out 0"|..., "name": str,
+                             # the user's variable ("q"), a parameter's name, or "transpose(...)"
+                             "shape": list[int], "dtype": str,
+                             "reference_name": str, "reference_shape": list[int]|None,
+                             "max_abs": float|None,   # None: no counterpart in the reference
+                             "status": "same"|"drift"|"differs"|"shape"|""}, ...]},
      "modules": [{"module", "reference_module", "max_abs", "max_rel",
                   "status": "same"|"drift"|"differs"|"shape"}, ...],   # in the order they ran
      "gradients": [{"parameter", "max_abs", "max_rel", "status"}, ...], # backward=True only
+     "loss": str|None,   # backward=True: which loss the gradients are of (see loss.py)
+     "dims": {str: int},  # the axis names shapes are shown with
      "notes": [str, ...]}
 """
 
@@ -29,7 +39,7 @@ from rich.table import Table
 from rich.text import Text
 
 from torchlens_edu._core.console import render_html, render_text
-from torchlens_edu.dims import format_shape
+from torchlens_edu.dims import Dims, format_shape
 
 _STYLE = {"same": "green", "drift": "yellow", "differs": "bold red", "shape": "bold red"}
 _TABLE_ROWS = 12  # longer drift tables show the rows that are not "same" (and the last one)
@@ -44,6 +54,20 @@ class Drift:
     max_abs: float
     max_rel: float
     status: str  # "same", "drift", "differs" or "shape"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Operand:
+    """One operand (or result) of the blamed op, beside the reference op's."""
+
+    role: str  # "in 0", "in 1", ..., "out" ("out 0", ... when the op returns several)
+    name: str  # the user's variable (``q``), a parameter's name, or what made it
+    shape: tuple[int, ...]
+    dtype: str
+    reference_name: str
+    reference_shape: tuple[int, ...] | None  # None: the reference op has no such operand
+    max_abs: float | None
+    status: str  # "same", "drift", "differs", "shape", or "" without a counterpart
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,6 +88,7 @@ class Divergence:
     worst_index: tuple[int, ...] | None
     inputs_differed: bool
     detail: str
+    operands: list[Operand] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,6 +114,7 @@ class Comparison:
     atol: float | None = None
     notes: list[str] = field(default_factory=list)
     dims: dict[str, int] = field(default_factory=dict)
+    loss: str | None = None  # backward=True: which loss the gradients are of
 
     @property
     def agree(self) -> bool:
@@ -113,13 +139,24 @@ class Comparison:
             first = dataclasses.asdict(self.first)
             for key in ("shape", "reference_shape", "worst_index"):
                 first[key] = None if first[key] is None else list(first[key])
+            first["worst_at"] = self._worst_at()
+            for operand in first["operands"]:
+                for key in ("shape", "reference_shape"):
+                    operand[key] = None if operand[key] is None else list(operand[key])
         return {"agree": self.agree, "alignment": self.alignment,
                 "aligned_modules": self.aligned_modules, "rtol": self.rtol, "atol": self.atol,
                 "first": first, "modules": [dataclasses.asdict(row) for row in self.modules],
                 "gradients": [{"parameter": row.module, "max_abs": row.max_abs,
                                "max_rel": row.max_rel, "status": row.status}
                               for row in self.gradients],
-                "notes": list(self.notes)}
+                "loss": self.loss, "dims": dict(self.dims), "notes": list(self.notes)}
+
+    def _worst_at(self) -> str | None:
+        first = self.first
+        if first is None or first.worst_index is None or len(first.worst_index) != len(
+                first.shape):
+            return None
+        return Dims(self.dims).coordinates(first.shape, first.worst_index)
 
     def __rich_console__(self, console: Console, options: ConsoleOptions
                          ) -> Iterator[RenderableType]:
@@ -151,6 +188,8 @@ class Comparison:
                        style="green")
         elif self.gradients:
             yield _table("parameter (gradient)", "", self.gradients)
+        if self.loss:
+            yield Text(f"gradients of: {self.loss}", style="dim")
         for note in self.notes:
             yield Text(f"note: {note}", style="dim")
 
@@ -159,28 +198,57 @@ class Comparison:
         if first is None:
             return Text("the models agree within the tolerance", style="bold green")
         where = first.module or "(the model itself)"
-        lines = [Text.assemble(("first difference: ", "bold red"), (where, "bold"),
-                               f" ({first.kind})")]
+        facts = Table.grid()  # a label column, and values that wrap under themselves
+        facts.add_column(no_wrap=True, min_width=13)
+        facts.add_column()
         if first.kind == "missing-op":
-            lines.append(Text(f"  your line  {first.source or '?'}"))
+            facts.add_row("  your line", first.source or "?")
         elif first.op:
-            lines.append(Text(f"  op         {first.op}   at {first.source or '?'}"))
+            facts.add_row("  op", f"{first.op}   at {first.source or '?'}")
         if first.reference_op or first.reference_source:
-            lines.append(Text(f"  reference  {first.reference_op or '(no counterpart)'}   at "
-                              f"{first.reference_source or '?'}"))
+            facts.add_row("  reference", f"{first.reference_op or '(no counterpart)'}   at "
+                                         f"{first.reference_source or '?'}")
         shape = format_shape(first.shape, self.dims)
         if first.shape != first.reference_shape:
-            lines.append(Text(f"  shape      {shape} where the reference has "
-                              f"{format_shape(first.reference_shape, self.dims)}"))
+            facts.add_row("  shape", f"{shape} where the reference has "
+                                     f"{format_shape(first.reference_shape, self.dims)}")
         else:
-            lines.append(Text(f"  output     {shape}: max abs {first.max_abs:.3e}, "
-                              f"max rel {first.max_rel:.3e}"))
+            facts.add_row("  output", f"{shape}: max abs {first.max_abs:.3e}, "
+                                      f"max rel {first.max_rel:.3e}")
             if first.worst_index is not None:
-                lines.append(Text(f"  worst at   index {first.worst_index}"))
-        inputs = "already differed" if first.inputs_differed else "agreed"
-        lines.append(Text(f"  inputs     {inputs}"))
-        lines.append(Text(f"  why        {first.detail}"))
+                named = self._worst_at()
+                facts.add_row("  worst at", f"{named}   (index {first.worst_index})" if named
+                              else f"index {first.worst_index}")
+        facts.add_row("  inputs", "already differed" if first.inputs_differed else "agreed")
+        facts.add_row("  why", first.detail)
+        lines: list[RenderableType] = [
+            Text.assemble(("first difference: ", "bold red"), (where, "bold"), f" ({first.kind})"),
+            facts]
+        if first.operands:
+            lines.append(self._operands(first.operands))
         return Group(*lines)
+
+    def _operands(self, operands: list[Operand]) -> Table:
+        """The blamed op's operands and results, named and with named dims, beside the
+        reference op's (its shape only where it differs)."""
+        table = Table(box=None, padding=(0, 1), pad_edge=False, show_edge=False)
+        table.add_column("  ", no_wrap=True)
+        table.add_column("yours", overflow="fold")
+        table.add_column("reference", overflow="fold")
+        table.add_column("vs reference", overflow="fold")
+        for row in operands:
+            yours = f"{row.name} {format_shape(row.shape, self.dims)}"
+            if row.reference_shape is None:
+                theirs, status = "-", Text("no counterpart", style="dim")
+            else:
+                theirs = row.reference_name
+                if row.reference_shape != row.shape:
+                    theirs += f" {format_shape(row.reference_shape, self.dims)}"
+                label = row.status if row.status in ("same", "shape") else \
+                    f"{row.status}, max abs {row.max_abs:.2e}"
+                status = Text(label, style=_STYLE.get(row.status, ""))
+            table.add_row(f"  {row.role}", yours, theirs, status)
+        return table
 
     def __str__(self) -> str:
         return render_text(self)

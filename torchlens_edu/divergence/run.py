@@ -19,10 +19,12 @@ import torch
 import torch.nn as nn
 
 from torchlens_edu._core.tree import iter_tensors
-from torchlens_edu.dims import _config_of, dims_from_config, dims_from_inputs
+from torchlens_edu.dims import Dims
 from torchlens_edu.divergence.align import Alignment, ModuleCall, PathMap, align, pair_tensors
-from torchlens_edu.divergence.ops import OpBlame, blame, record_ops
+from torchlens_edu.divergence.blame import OpBlame, blame
+from torchlens_edu.divergence.ops import record_ops
 from torchlens_edu.divergence.result import Comparison, Divergence, Drift
+from torchlens_edu.divergence.steps import expand
 from torchlens_edu.divergence.tolerance import TensorDiff, Tolerance, measure
 from torchlens_edu.divergence.weights import transposes
 
@@ -167,10 +169,12 @@ def compare(model: nn.Module, reference: nn.Module, *inputs: Any, rtol: float | 
         if any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in side.modules()):
             notes.append(f"the {name} is in training mode with active dropout: both ran from "
                          f"the same seed, but call .eval() to compare without it")
-    dims = dims_from_config(_config_of(model)) or dims_from_config(_config_of(reference))
+    dims = Dims.infer(model, inputs).merged({
+        name: size for name, size in Dims.infer(reference, inputs).items()
+        if name not in Dims.infer(model, inputs)})
     return Comparison(first=first, alignment=alignment.how, aligned_modules=len(alignment.pairs),
                       modules=rows, gradients=gradients, rtol=rtol, atol=atol, notes=notes,
-                      dims={**dims_from_inputs(*inputs), **dims})
+                      dims=dict(dims))
 
 
 def _check_outputs(output: Any, reference_output: Any) -> None:
@@ -201,11 +205,15 @@ def _locate(model: nn.Module, reference: nn.Module, inputs: tuple[Any, ...],
     inputs_differed = not _agree(call.inputs, ref.inputs, tolerance)
     found: OpBlame | None = None
     if not inputs_differed and blamed not in alignment.parts:
-        ops = record_ops(model, lambda: _seeded(model, lambda: _no_grad(model, inputs)), call.key)
-        ref_ops = record_ops(reference, lambda: _seeded(reference,
-                                                        lambda: _no_grad(reference, inputs)),
-                             ref.key)
-        found = blame(ops, ref_ops, tolerance)
+        ops, returned, _ = record_ops(
+            model, lambda: _seeded(model, lambda: _no_grad(model, inputs)), call.key)
+        ref_ops, _, _ = record_ops(
+            reference, lambda: _seeded(reference, lambda: _no_grad(reference, inputs)), ref.key)
+        # a fused op that only one side calls is compared in its steps (steps.py)
+        ops, moved = expand(ops, {op.name for op in ref_ops})
+        ref_ops, _ = expand(ref_ops, {op.name for op in ops})
+        returned = [None if made is None else (moved[made[0]], made[1]) for made in returned]
+        found = blame(ops, returned, ref_ops, tolerance)
     shown = (found.diff if found is not None and found.diff is not None else
              _worst(_outputs_of(calls, alignment, blamed), ref.outputs, tolerance) or diff)
     if found is None:
@@ -222,7 +230,8 @@ def _locate(model: nn.Module, reference: nn.Module, inputs: tuple[Any, ...],
                       reference_source=found.reference_source, shape=shown.shape,
                       reference_shape=shown.reference_shape, max_abs=shown.max_abs,
                       max_rel=shown.max_rel, worst_index=shown.worst_index,
-                      inputs_differed=found.inputs_differed, detail=found.detail)
+                      inputs_differed=found.inputs_differed, detail=found.detail,
+                      operands=found.operands)
 
 
 def _no_grad(model: nn.Module, inputs: tuple[Any, ...]) -> Any:

@@ -70,8 +70,12 @@ class TensorDiff:
         return self.status in ("differs", "shape")
 
 
-def _core(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape without its leading 1s: what broadcasting sees."""
+def core_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape without its leading 1s: what broadcasting sees.
+
+    >>> core_shape((1, 6, 32))
+    (6, 32)
+    """
     start = 0
     while start < len(shape) and shape[start] == 1:
         start += 1
@@ -87,8 +91,9 @@ def _with_shapes(diff: TensorDiff, shape: tuple[int, ...], reference_shape: tupl
 def measure(value: torch.Tensor, reference: torch.Tensor, tolerance: Tolerance) -> TensorDiff:
     """Compare ``value`` with ``reference`` elementwise (see :class:`TensorDiff`)."""
     shape, ref_shape = tuple(value.shape), tuple(reference.shape)
-    if shape != ref_shape and _core(shape) == _core(ref_shape):  # (T, C) against (1, T, C):
-        value, reference = value.reshape(_core(shape)), reference.reshape(_core(ref_shape))
+    core, ref_core = core_shape(shape), core_shape(ref_shape)
+    if shape != ref_shape and core == ref_core:  # (T, C) against (1, T, C):
+        value, reference = value.reshape(core), reference.reshape(ref_core)
         return _with_shapes(measure(value, reference, tolerance), shape, ref_shape)  # broadcast
     if shape != ref_shape:
         return TensorDiff(shape=shape, reference_shape=ref_shape, max_abs=float("inf"),

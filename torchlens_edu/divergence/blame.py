@@ -1,0 +1,327 @@
+"""Which op made the difference: ops are paired by what they compute, not by their names.
+
+The model's ops inside the diverging module call are followed back from what the call
+returned, through every value the reference computes nowhere (no reference op returns numbers
+within the tolerance of it, in the same shape), to the first op whose *operands* the
+reference does compute but whose *result* it does not: that op made the difference. So a
+``softmax`` over the wrong axis is found whatever the reference called its ops, and ``F.linear``
+against Hugging Face's ``addmm`` + ``view``, or a hand-written GELU against ``F.gelu``, pair by
+their values (a fused op on one side only is first written out in steps, ``steps.py``).
+
+The blamed op is then set against the reference op that does the same thing (same name, after
+the reference's copies of its operands): when that op reads something else, the reference
+did something the model skipped (a missing ``/ sqrt(hs)``); when there is none, the model did
+something the reference does not (``x[:, [-1], :]``); when an operand is a parameter the
+reference holds nowhere, the weight already differed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from torchlens_edu.divergence.align import matching_pairs, pair_tensors
+from torchlens_edu.divergence.ops import OpCall
+from torchlens_edu.divergence.result import Operand
+from torchlens_edu.divergence.tolerance import TensorDiff, Tolerance, core_shape, measure
+
+_CHAIN = 16  # how many reference ops a skipped stretch may have
+_OPERANDS = 4  # operands shown per op
+
+
+@dataclass(kw_only=True)
+class OpBlame:
+    """Where, inside the module, the difference starts."""
+
+    kind: str  # "op", "weights", "missing-op", "extra-op" or "shape"
+    op: str
+    reference_op: str
+    source: str
+    reference_source: str
+    diff: TensorDiff | None  # the op's output against the reference's
+    inputs_differed: bool
+    detail: str  # one sentence: what differs
+    operands: list[Operand]
+
+
+class ReferenceValues:
+    """Every value the reference's ops read or returned, by shape: does it compute this?"""
+
+    def __init__(self, ops: Sequence[OpCall], tolerance: Tolerance) -> None:
+        self._tolerance = tolerance
+        # (shape without leading 1s, floating?) -> [(op position, tensor, sum, sum of |x|)]
+        self._by_shape: dict[tuple[object, bool], list[tuple[int, torch.Tensor, float, float]]]
+        self._by_shape = defaultdict(list)
+        self._cache: dict[int, list[int]] = {}
+        for position, op in enumerate(ops):
+            for tensor in op.outputs:
+                self._add(position, tensor)
+            for tensor, made in zip(op.inputs, op.producers, strict=True):
+                if made is None:  # read from outside the recorded ops: an input, a parameter
+                    self._add(-1, tensor)
+
+    def _add(self, position: int, tensor: torch.Tensor) -> None:
+        total, size = _sums(tensor)
+        self._by_shape[_key(tensor)].append((position, tensor, total, size))
+
+    def made(self, value: torch.Tensor) -> list[int]:
+        """The positions of the reference ops that return ``value`` within the tolerance
+        (-1: a value read from outside its ops), in order; empty: it computes it nowhere."""
+        found = self._cache.get(id(value))
+        if found is None:
+            found = self._cache[id(value)] = [
+                position for position, tensor in self._candidates(value)
+                if not measure(value, tensor, self._tolerance).differs]
+        return found
+
+    def _candidates(self, value: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """Same shape, and sums close enough that every element may be (a cheap first cut:
+        |a - b| <= atol + rtol |b| elementwise bounds the difference of the sums)."""
+        total, _ = _sums(value)
+        rtol, atol = self._tolerance.limits(value.dtype)
+        kept = []
+        for position, tensor, ref_total, ref_size in self._by_shape.get(_key(value), []):
+            bound = atol * tensor.numel() + rtol * ref_size
+            if not math.isfinite(total - ref_total) or abs(total - ref_total) <= bound * (
+                    1 + 1e-6) + 1e-9 * (abs(total) + ref_size):
+                kept.append((position, tensor))
+        return kept
+
+    def holds(self, value: torch.Tensor, *, leaf: bool = False) -> bool:
+        """The reference computes ``value`` somewhere; a leaf (a parameter) also counts when
+        the reference keeps it transposed and it is not square (Hugging Face's ``Conv1D``)."""
+        if self.made(value):
+            return True
+        return leaf and value.dim() == 2 and value.shape[0] != value.shape[1] and \
+            bool(self.made(value.T))
+
+
+def _key(tensor: torch.Tensor) -> tuple[object, bool]:
+    return core_shape(tuple(tensor.shape)), tensor.is_floating_point()
+
+
+def _sums(tensor: torch.Tensor) -> tuple[float, float]:
+    if tensor.numel() == 0 or tensor.dtype == torch.bool or tensor.is_complex():
+        return 0.0, 0.0
+    wide = tensor.detach().double()
+    return float(wide.sum()), float(wide.abs().sum())
+
+
+def _called(op: OpCall) -> str:
+    return f"`{op.fused}` (its step `{op.step}`)" if op.step else f"`{op.name}`"
+
+
+def _worst(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor],
+           tolerance: Tolerance) -> TensorDiff | None:
+    worst = None
+    for i, j in pair_tensors(a, b):
+        diff = measure(a[i], b[j], tolerance)
+        if worst is None or (diff.differs, diff.max_abs) > (worst.differs, worst.max_abs):
+            worst = diff
+    return worst
+
+
+class _Blame:
+    """One search: the model's ops, the reference's, and what the reference computes."""
+
+    def __init__(self, ops: list[OpCall], reference: list[OpCall], tolerance: Tolerance) -> None:
+        self.ops, self.reference, self.tolerance = ops, reference, tolerance
+        self.values = ReferenceValues(reference, tolerance)
+        self.structural = matching_pairs([op.name for op in ops], [op.name for op in reference])
+
+    def input_held(self, op: OpCall, j: int) -> bool:
+        made = op.producers[j]
+        if made is None:
+            return self.values.holds(op.inputs[j], leaf=True)
+        return self.values.holds(self.ops[made[0]].outputs[made[1]])
+
+    def frontier(self, returned: Sequence[tuple[int, int] | None]) -> int | None:
+        """The first op (in the order they ran) whose result the reference computes nowhere
+        while it computes every operand, on the way back from what the call returned."""
+        stack = [made for made in returned
+                 if made is not None and not self.values.holds(self.ops[made[0]].outputs[made[1]])]
+        seen: set[int] = set()
+        found: list[int] = []
+        while stack:
+            position, _ = stack.pop()
+            if position in seen:
+                continue
+            seen.add(position)
+            op = self.ops[position]
+            missing = [j for j in range(len(op.inputs)) if not self.input_held(op, j)]
+            made = [op.producers[j] for j in missing]
+            if any(m is None for m in made) or not made:
+                found.append(position)
+            stack.extend(m for m in made if m is not None)
+        return min(found) if found else None
+
+    def counterpart(self, position: int) -> int | None:
+        """The reference op that does what the model's op at ``position`` does: the same name,
+        after the reference ops that return its operands (the one in the same place in the
+        sequence of op names first, then one of the same output shape)."""
+        op = self.ops[position]
+        after = -1
+        for j, tensor in enumerate(op.inputs):
+            if op.producers[j] is not None:
+                made = [p for p in self.values.made(tensor) if p >= 0]
+                if made:
+                    after = max(after, made[0])
+        same = [r for r, ref in enumerate(self.reference) if r > after and ref.name == op.name]
+        if self.structural.get(position) in same:
+            return self.structural[position]
+        shape = core_shape(tuple(op.outputs[0].shape)) if op.outputs else None
+        shaped = [r for r in same if self.reference[r].outputs and
+                  core_shape(tuple(self.reference[r].outputs[0].shape)) == shape]
+        candidates = shaped or same
+        return candidates[0] if candidates else None
+
+    def skipped(self, r: int, j: int, value: torch.Tensor) -> list[int]:
+        """Reference ops between ``value`` (what the model's op reads) and operand ``j`` of
+        reference op ``r``, nearest to ``r`` first; empty when ``value`` is not upstream."""
+        chain: list[int] = []
+        made = self.reference[r].producers[j] if j < len(self.reference[r].producers) else None
+        while made is not None and len(chain) < _CHAIN:
+            op = self.reference[made[0]]
+            if not measure(value, op.outputs[made[1]], self.tolerance).differs:
+                return chain
+            chain.append(made[0])
+            shaped = [p for t, p in zip(op.inputs, op.producers, strict=True)
+                      if p is not None and core_shape(tuple(t.shape)) ==
+                      core_shape(tuple(value.shape))]
+            upstream = shaped or [p for p in op.producers if p is not None]
+            made = upstream[0] if upstream else None
+        return []
+
+    def fused(self, position: int) -> tuple[int, int] | None:
+        """``(reference op, model op)``: a reference op that reads what the model's op at
+        ``position`` reads and returns in one call what a later model op, fed by it, returns
+        (a fused op against a run of ops, with no steps to compare them with)."""
+        op = self.ops[position]
+        fed = {position}
+        for later in range(position + 1, len(self.ops)):
+            if any(p is not None and p[0] in fed for p in self.ops[later].producers):
+                fed.add(later)
+        shapes = {core_shape(tuple(t.shape)): p for p in sorted(fed, reverse=True)
+                  for t in self.ops[p].outputs}
+        reads = [t for j, t in enumerate(op.inputs) if op.producers[j] is not None]
+        for r, ref in enumerate(self.reference):
+            if ref.step or not ref.outputs or core_shape(tuple(ref.outputs[0].shape)) not in \
+                    shapes:
+                continue
+            if any(t.shape == u.shape and not measure(t, u, self.tolerance).differs
+                   for t in reads for u in ref.inputs):
+                return r, shapes[core_shape(tuple(ref.outputs[0].shape))]
+        return None
+
+    def operand_name(self, ops: list[OpCall], op: OpCall, j: int) -> str:
+        made = op.producers[j]
+        return (op.names[j] if j < len(op.names) and op.names[j] else op.parameters[j] or
+                (f"{ops[made[0]].name}(...)" if made is not None else "input"))
+
+    def operands(self, op: OpCall, ref: OpCall | None) -> list[Operand]:
+        rows = []
+        pairs: list[tuple[str, str, torch.Tensor, str, torch.Tensor | None]] = []
+        for j, tensor in enumerate(op.inputs[:_OPERANDS]):
+            other = ref.inputs[j] if ref is not None and j < len(ref.inputs) else None
+            pairs.append((f"in {j}", self.operand_name(self.ops, op, j), tensor,
+                          self.operand_name(self.reference, ref, j) if other is not None
+                          and ref is not None else "", other))
+        for k, tensor in enumerate(op.outputs[:_OPERANDS]):
+            other = ref.outputs[k] if ref is not None and k < len(ref.outputs) else None
+            name = op.output_names[k] if k < len(op.output_names) else ""
+            ref_name = (ref.output_names[k] if ref is not None and k < len(ref.output_names)
+                        else "")
+            pairs.append(("out" if len(op.outputs) == 1 else f"out {k}", name or "output",
+                          tensor, (ref_name or "output") if other is not None else "", other))
+        for role, name, tensor, ref_name, other in pairs:
+            diff = None if other is None else measure(tensor, other, self.tolerance)
+            rows.append(Operand(role=role, name=name, shape=tuple(tensor.shape),
+                                dtype=str(tensor.dtype).removeprefix("torch."),
+                                reference_name=ref_name,
+                                reference_shape=None if other is None else tuple(other.shape),
+                                max_abs=None if diff is None else diff.max_abs,
+                                status="" if diff is None else diff.status))
+        return rows
+
+
+def blame(ops: list[OpCall], returned: Sequence[tuple[int, int] | None],
+          reference: list[OpCall], tolerance: Tolerance) -> OpBlame | None:
+    """The op that made the difference (see the module docstring), or None when no single op
+    can be blamed. ``returned``: the model ops that made what the module call returned."""
+    search = _Blame(ops, reference, tolerance)
+    position = search.frontier(returned)
+    if position is None:
+        return None
+    op = ops[position]
+    r = search.counterpart(position)
+    ref = reference[r] if r is not None else None
+    diff = _worst(op.outputs, ref.outputs, tolerance) if ref is not None else None
+    operands = search.operands(op, ref)
+    weights = [op.parameters[j] for j in range(len(op.inputs))
+               if op.producers[j] is None and op.parameters[j]
+               and not search.values.holds(op.inputs[j], leaf=True)]
+    paired = OpBlame(kind="op", op=op.shown, reference_op=ref.shown if ref is not None else "",
+                     source=op.source, reference_source=ref.source if ref is not None else "",
+                     diff=diff, inputs_differed=False, detail="", operands=operands)
+    if weights:
+        return dataclasses.replace(
+            paired, kind="weights", inputs_differed=True,
+            detail=f"{_called(op)} at {op.source} reads the parameter `{weights[0]}`, which "
+                   f"already differs from the reference's (a weight loaded without its "
+                   f"transpose?)")
+    if ref is None or r is None:
+        return _unpaired(search, position)
+    differing = [j for j in range(min(len(op.inputs), len(ref.inputs)))
+                 if measure(op.inputs[j], ref.inputs[j], tolerance).differs]
+    if not differing:
+        kind = "shape" if diff is not None and diff.status == "shape" else "op"
+        what = ("its output has another shape" if kind == "shape"
+                else "its inputs agree and its output does not")
+        return dataclasses.replace(paired, kind=kind,
+                                   detail=f"{_called(op)} at {op.source}: {what}")
+    j = differing[0]
+    chain = search.skipped(r, j, op.inputs[j])
+    if not chain:
+        return dataclasses.replace(
+            paired, inputs_differed=True,
+            detail=f"{_called(op)} at {op.source}: its input {j} is not what the reference's "
+                   f"{_called(ref)} at {ref.source} reads")
+    missing = reference[chain[-1]]
+    # dropped from a line that otherwise ran (a missing `/ sqrt(hs)`): that line is the bug
+    source, mine = op.source, op.producers[j]
+    partner = search.structural.get(mine[0]) if mine is not None else None
+    if mine is not None and partner is not None and reference[partner].source == missing.source:
+        source = ops[mine[0]].source
+    return dataclasses.replace(
+        paired, kind="missing-op", source=source, reference_op=missing.shown,
+        reference_source=missing.source,
+        detail=f"your model skips {_called(missing)}, which the reference does at "
+               f"{missing.source}")
+
+
+def _unpaired(search: _Blame, position: int) -> OpBlame:
+    """The model's op has no counterpart by name: a fused op in the reference computes what
+    it starts, or the model does something the reference does not."""
+    op = search.ops[position]
+    fused = search.fused(position)
+    if fused is not None:
+        ref, end = search.reference[fused[0]], search.ops[fused[1]]
+        diff = _worst(end.outputs, ref.outputs, search.tolerance)
+        lines = op.source if end.source == op.source else f"{op.source} to {end.source}"
+        return OpBlame(kind="op", op=op.shown, reference_op=ref.shown, source=op.source,
+                       reference_source=ref.source, diff=diff, inputs_differed=False,
+                       operands=search.operands(end, ref),
+                       detail=f"the ops at {lines} ({_called(op)} to {_called(end)}) compute "
+                              f"what the reference's `{ref.shown}` at {ref.source} computes in "
+                              f"one call, and their result differs")
+    shapes = ", ".join(str(tuple(t.shape)) for t in op.outputs)
+    return OpBlame(kind="extra-op", op=op.shown, reference_op="", source=op.source,
+                   reference_source="", diff=None, inputs_differed=False,
+                   operands=search.operands(op, None),
+                   detail=f"{_called(op)} at {op.source} (output {shapes}) has no counterpart "
+                          f"in the reference")
