@@ -272,7 +272,7 @@ def test_to_dict_follows_the_documented_schema(idx: torch.Tensor) -> None:
     data = tle.compare(model, reference, idx).to_dict()
     json.dumps(data)
     assert set(data) == {"agree", "alignment", "aligned_modules", "rtol", "atol", "first",
-                         "modules", "gradients", "notes"}
+                         "modules", "gradients", "loss", "dims", "notes"}
     assert data["first"]["source"] == bug_line("softmax_axis")
     assert data["first"]["shape"] == [2, 4, 6, 6]  # the softmax's (B, nh, T, T)
     assert set(data["modules"][0]) == {"module", "reference_module", "max_abs", "max_rel",

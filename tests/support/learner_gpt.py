@@ -23,12 +23,14 @@ class LearnerConfig:
     n_layer: int = 2
     dropout: float = 0.1
     layer_norm_epsilon: float = 1e-5
+    attn: str = "explicit"  # or "sdpa": F.scaled_dot_product_attention
 
 
 class Attention(nn.Module):
     def __init__(self, config: LearnerConfig, bug: str) -> None:
         super().__init__()
         self.n_head, self.bug, self.p = config.n_head, bug, config.dropout
+        self.sdpa = config.attn == "sdpa"
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.attn_dropout = nn.Dropout(config.dropout)
@@ -40,6 +42,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if self.sdpa:
+            return self.c_proj(self._sdpa(q, k, v).transpose(1, 2).contiguous().view(B, T, C))
         if self.bug == "no_scale":
             scores = q @ k.transpose(-2, -1)  # bug: no_scale
         else:
@@ -59,6 +63,14 @@ class Attention(nn.Module):
             att = self.attn_dropout(att)
         y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.c_proj(y)
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        attend = F.scaled_dot_product_attention
+        if self.bug == "sdpa_not_causal":
+            return attend(q, k, v)  # bug: sdpa_not_causal
+        if self.bug == "sdpa_scale":
+            return attend(q, k, v, is_causal=True, scale=1.0)  # bug: sdpa_scale
+        return attend(q, k, v, is_causal=True)  # (B, nh, T, hs)
 
 
 class MLP(nn.Module):
@@ -126,11 +138,13 @@ class LearnerGPT(nn.Module):
         return logits
 
 
-def pair(bug: str, *, seed: int = 0) -> tuple[LearnerGPT, LearnerGPT]:
-    """``(model with the bug, clean reference)``, same weights, both in eval mode."""
+def pair(bug: str, *, seed: int = 0, attn: str = "explicit", reference_attn: str = "explicit"
+         ) -> tuple[LearnerGPT, LearnerGPT]:
+    """``(model with the bug, clean reference)``, same weights, both in eval mode; ``attn``:
+    each side's attention, written out ("explicit") or ``F.scaled_dot_product_attention``."""
     torch.manual_seed(seed)
-    reference = LearnerGPT(LearnerConfig()).eval()
-    model = LearnerGPT(LearnerConfig(), bug=bug).eval()
+    reference = LearnerGPT(LearnerConfig(attn=reference_attn)).eval()
+    model = LearnerGPT(LearnerConfig(attn=attn), bug=bug).eval()
     model.load_state_dict(reference.state_dict())
     return model, reference
 

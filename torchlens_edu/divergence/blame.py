@@ -50,7 +50,8 @@ class OpBlame:
 
 
 class ReferenceValues:
-    """Every value the reference's ops read or returned, by shape: does it compute this?"""
+    """Every value one side's ops read or returned (the reference's, mostly), by shape: does
+    it compute this?"""
 
     def __init__(self, ops: Sequence[OpCall], tolerance: Tolerance) -> None:
         self._tolerance = tolerance
@@ -58,6 +59,7 @@ class ReferenceValues:
         self._by_shape: dict[tuple[object, bool], list[tuple[int, torch.Tensor, float, float]]]
         self._by_shape = defaultdict(list)
         self._cache: dict[int, list[int]] = {}
+        self._masks: dict[tuple[int, ...], list[torch.Tensor]] = {}  # what additive masks hide
         for position, op in enumerate(ops):
             for tensor in op.outputs:
                 self._add(position, tensor)
@@ -68,6 +70,18 @@ class ReferenceValues:
     def _add(self, position: int, tensor: torch.Tensor) -> None:
         total, size = _sums(tensor)
         self._by_shape[_key(tensor)].append((position, tensor, total, size))
+        hidden = _hidden(tensor)
+        if hidden is not None:
+            self._masks.setdefault(tuple(hidden.shape), []).append(hidden)
+
+    def _is_mask(self, value: torch.Tensor) -> bool:
+        """A boolean mask that hides what the reference's additive mask hides (``-inf`` or
+        the dtype's lowest number where a query may not look), either way round."""
+        if value.dtype != torch.bool:
+            return False
+        core = value.reshape(core_shape(tuple(value.shape)))
+        return any(torch.equal(core, mask) or torch.equal(~core, mask)
+                   for mask in self._masks.get(tuple(core.shape), []))
 
     def made(self, value: torch.Tensor) -> list[int]:
         """The positions of the reference ops that return ``value`` within the tolerance
@@ -95,10 +109,24 @@ class ReferenceValues:
     def holds(self, value: torch.Tensor, *, leaf: bool = False) -> bool:
         """The reference computes ``value`` somewhere; a leaf (a parameter) also counts when
         the reference keeps it transposed and it is not square (Hugging Face's ``Conv1D``)."""
-        if self.made(value):
+        if self.made(value) or self._is_mask(value):
             return True
         return leaf and value.dim() == 2 and value.shape[0] != value.shape[1] and \
             bool(self.made(value.T))
+
+
+def _hidden(tensor: torch.Tensor) -> torch.Tensor | None:
+    """Where a float tensor holds ``-inf`` (or the dtype's lowest numbers), as one boolean
+    mask without the axes it is the same along ((B, 1, T, T) -> (T, T)); None: no such
+    entry."""
+    if not tensor.is_floating_point() or tensor.dim() < 2:
+        return None
+    hidden = tensor <= torch.finfo(tensor.dtype).min / 2
+    if not bool(hidden.any()):
+        return None
+    while hidden.dim() > 2 and bool((hidden == hidden[:1]).all()):
+        hidden = hidden[0]
+    return hidden.reshape(core_shape(tuple(hidden.shape)))
 
 
 def _key(tensor: torch.Tensor) -> tuple[object, bool]:
@@ -132,12 +160,19 @@ class _Blame:
     def __init__(self, ops: list[OpCall], reference: list[OpCall], tolerance: Tolerance) -> None:
         self.ops, self.reference, self.tolerance = ops, reference, tolerance
         self.values = ReferenceValues(reference, tolerance)
+        self.mine = ReferenceValues(ops, tolerance)  # what the model computes, the same way
         self.structural = matching_pairs([op.name for op in ops], [op.name for op in reference])
 
     def input_held(self, op: OpCall, j: int) -> bool:
+        """The reference computes operand ``j`` of ``op`` too; a constant made from no tensor
+        (``torch.ones(T, T)``) counts as held: the reference may build its own elsewhere
+        (Hugging Face makes the causal mask outside the attention), and what is made from it
+        tells (a mask against the reference's, see :meth:`ReferenceValues.holds`)."""
         made = op.producers[j]
         if made is None:
             return self.values.holds(op.inputs[j], leaf=True)
+        if not self.ops[made[0]].inputs:
+            return True
         return self.values.holds(self.ops[made[0]].outputs[made[1]])
 
     def frontier(self, returned: Sequence[tuple[int, int] | None]) -> int | None:
@@ -197,6 +232,34 @@ class _Blame:
             made = upstream[0] if upstream else None
         return []
 
+    def skipped_before(self, position: int) -> tuple[int, int] | None:
+        """``(reference op, operand)``: a reference op that reads what the model's op at
+        ``position`` reads as that operand, returns a result of the same shape as the model's
+        op, and one the model computes nowhere: the model left it out before its op."""
+        op = self.ops[position]
+        shape = core_shape(tuple(op.outputs[0].shape)) if op.outputs else None
+        for j, tensor in enumerate(op.inputs):
+            if op.producers[j] is None:
+                continue
+            sources = {p for p in self.values.made(tensor) if p >= 0}
+            for r, ref in enumerate(self.reference):
+                if ref.outputs and core_shape(tuple(ref.outputs[0].shape)) == shape and any(
+                        p is not None and p[0] in sources for p in ref.producers) and \
+                        not self.mine.made(ref.outputs[0]):
+                    return r, j
+        return None
+
+    def blamed_line(self, position: int, j: int, missing: OpCall) -> str:
+        """The model's line to blame for a skipped reference op: the line of the model op
+        that made operand ``j`` when its counterpart shares the skipped op's line (a
+        ``/ sqrt(hs)`` dropped from ``q @ k.transpose(-2, -1)``), else the op's own."""
+        op, mine = self.ops[position], self.ops[position].producers[j]
+        partner = self.structural.get(mine[0]) if mine is not None else None
+        if mine is not None and partner is not None and \
+                self.reference[partner].source == missing.source:
+            return self.ops[mine[0]].source
+        return op.source
+
     def fused(self, position: int) -> tuple[int, int] | None:
         """``(reference op, model op)``: a reference op that reads what the model's op at
         ``position`` reads and returns in one call what a later model op, fed by it, returns
@@ -220,8 +283,17 @@ class _Blame:
 
     def operand_name(self, ops: list[OpCall], op: OpCall, j: int) -> str:
         made = op.producers[j]
-        return (op.names[j] if j < len(op.names) and op.names[j] else op.parameters[j] or
-                (f"{ops[made[0]].name}(...)" if made is not None else "input"))
+        if j < len(op.names) and op.names[j]:
+            return op.names[j]
+        parameter = op.parameters[j]
+        if parameter:
+            return parameter
+        if made is None:
+            return "input"
+        producer = ops[made[0]]
+        if made[1] < len(producer.output_names) and producer.output_names[made[1]]:
+            return producer.output_names[made[1]]
+        return producer.step or f"{producer.name}(...)"
 
     def operands(self, op: OpCall, ref: OpCall | None) -> list[Operand]:
         rows = []
@@ -236,6 +308,7 @@ class _Blame:
             name = op.output_names[k] if k < len(op.output_names) else ""
             ref_name = (ref.output_names[k] if ref is not None and k < len(ref.output_names)
                         else "")
+            name, ref_name = name or op.step, ref_name or (ref.step if ref is not None else "")
             pairs.append(("out" if len(op.outputs) == 1 else f"out {k}", name or "output",
                           tensor, (ref_name or "output") if other is not None else "", other))
         for role, name, tensor, ref_name, other in pairs:
@@ -282,6 +355,8 @@ def blame(ops: list[OpCall], returned: Sequence[tuple[int, int] | None],
         kind = "shape" if diff is not None and diff.status == "shape" else "op"
         what = ("its output has another shape" if kind == "shape"
                 else "its inputs agree and its output does not")
+        if ref.step:  # the reference does it inside a fused op: say which step
+            what += f" (the reference's {_called(ref)} at {ref.source})"
         return dataclasses.replace(paired, kind=kind,
                                    detail=f"{_called(op)} at {op.source}: {what}")
     j = differing[0]
@@ -292,13 +367,9 @@ def blame(ops: list[OpCall], returned: Sequence[tuple[int, int] | None],
             detail=f"{_called(op)} at {op.source}: its input {j} is not what the reference's "
                    f"{_called(ref)} at {ref.source} reads")
     missing = reference[chain[-1]]
-    # dropped from a line that otherwise ran (a missing `/ sqrt(hs)`): that line is the bug
-    source, mine = op.source, op.producers[j]
-    partner = search.structural.get(mine[0]) if mine is not None else None
-    if mine is not None and partner is not None and reference[partner].source == missing.source:
-        source = ops[mine[0]].source
     return dataclasses.replace(
-        paired, kind="missing-op", source=source, reference_op=missing.shown,
+        paired, kind="missing-op", source=search.blamed_line(position, j, missing),
+        reference_op=missing.shown,
         reference_source=missing.source,
         detail=f"your model skips {_called(missing)}, which the reference does at "
                f"{missing.source}")
@@ -308,6 +379,16 @@ def _unpaired(search: _Blame, position: int) -> OpBlame:
     """The model's op has no counterpart by name: a fused op in the reference computes what
     it starts, or the model does something the reference does not."""
     op = search.ops[position]
+    skipped = search.skipped_before(position)
+    if skipped is not None:
+        r, j = skipped
+        missing = search.reference[r]
+        return OpBlame(kind="missing-op", op=op.shown, reference_op=missing.shown,
+                       source=search.blamed_line(position, j, missing),
+                       reference_source=missing.source, diff=None, inputs_differed=False,
+                       operands=search.operands(op, missing),
+                       detail=f"your model skips {_called(missing)}, which the reference does "
+                              f"at {missing.source}")
     fused = search.fused(position)
     if fused is not None:
         ref, end = search.reference[fused[0]], search.ops[fused[1]]

@@ -24,7 +24,7 @@ from torchlens_edu.divergence.align import Alignment, ModuleCall, PathMap, align
 from torchlens_edu.divergence.blame import OpBlame, blame
 from torchlens_edu.divergence.ops import record_ops
 from torchlens_edu.divergence.result import Comparison, Divergence, Drift
-from torchlens_edu.divergence.steps import expand
+from torchlens_edu.divergence.steps import expand_both
 from torchlens_edu.divergence.tolerance import TensorDiff, Tolerance, measure
 from torchlens_edu.divergence.weights import transposes
 
@@ -210,8 +210,7 @@ def _locate(model: nn.Module, reference: nn.Module, inputs: tuple[Any, ...],
         ref_ops, _, _ = record_ops(
             reference, lambda: _seeded(reference, lambda: _no_grad(reference, inputs)), ref.key)
         # a fused op that only one side calls is compared in its steps (steps.py)
-        ops, moved = expand(ops, {op.name for op in ref_ops})
-        ref_ops, _ = expand(ref_ops, {op.name for op in ops})
+        ops, ref_ops, moved = expand_both(ops, ref_ops)
         returned = [None if made is None else (moved[made[0]], made[1]) for made in returned]
         found = blame(ops, returned, ref_ops, tolerance)
     shown = (found.diff if found is not None and found.diff is not None else

@@ -104,8 +104,8 @@ def _layer_norm(s: _Steps, args: tuple[Any, ...], kwargs: dict[str, Any]) -> boo
     eps = float(_argument(args, kwargs, 4, "eps", 1e-5))
     mean = s.add("mean", "mean of x", [x], x.mean(axes, keepdim=True))
     centered = s.add("sub", "x - mean", [x, mean], x - mean)
-    squared = s.add("pow", "(x - mean) ** 2", [centered], centered ** 2)
-    var = s.add("mean", "var of x (biased)", [squared], squared.mean(axes, keepdim=True))
+    s.add("pow", "(x - mean) ** 2", [centered], centered ** 2)
+    var = s.add("var", "var of x (biased)", [x], x.var(axes, unbiased=False, keepdim=True))
     var_eps = s.add("add", "var + eps", [var], var + eps)
     std = s.add("sqrt", "sqrt(var + eps)", [var_eps], var_eps.sqrt())
     y = s.add("div", "(x - mean) / sqrt(var + eps)", [centered, std], centered / std)
@@ -174,15 +174,32 @@ def _steps_of(op: OpCall) -> list[tuple[str, str, list[Source], list[torch.Tenso
     return steps.steps
 
 
-def expand(ops: list[OpCall], keep: set[str]) -> tuple[list[OpCall], dict[int, int]]:
+def expand_both(ops: list[OpCall], reference: list[OpCall]
+                ) -> tuple[list[OpCall], list[OpCall], dict[int, int]]:
+    """Both sides with each fused op that only one side calls written out in steps, outer ops
+    first (an attention written out has a ``softmax`` step, which then pairs with the other
+    side's ``softmax``); and where each of the model's ops went (see :func:`expand`)."""
+    moved = {position: position for position in range(len(ops))}
+    for name in _STEPS:  # in order: attention, GELU, LayerNorm, linear, addmm, softmax
+        mine, theirs = {op.name for op in ops}, {op.name for op in reference}
+        if name in mine and name not in theirs:
+            ops, step = expand(ops, theirs, only=name)
+            moved = {old: step[new] for old, new in moved.items()}
+        elif name in theirs and name not in mine:
+            reference, _ = expand(reference, mine, only=name)
+    return ops, reference, moved
+
+
+def expand(ops: list[OpCall], keep: set[str], only: str | None = None
+           ) -> tuple[list[OpCall], dict[int, int]]:
     """``ops`` with each fused op whose name is not in ``keep`` (the other side calls no op of
-    that name) replaced by its steps; and where each op went (old position -> new position of
-    the op, or of its last step)."""
+    that name; with ``only``, just the ops of that name) replaced by its steps; and where each
+    op went (old position -> new position of the op, or of its last step)."""
     expanded: list[OpCall] = []
     moved: dict[int, int] = {}
 
     for position, op in enumerate(ops):
-        steps = None if op.name in keep else _steps_of(op)
+        steps = None if op.name in keep or only not in (None, op.name) else _steps_of(op)
         if steps is None:
             expanded.append(dataclasses.replace(op, producers=[
                 None if p is None else (moved[p[0]], p[1]) for p in op.producers]))

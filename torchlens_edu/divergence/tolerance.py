@@ -3,7 +3,9 @@
 Two tiers per dtype. Below the *strict* tier (``torch.testing``'s own defaults) two tensors are
 the same computation; between it and the *default* tier they *drift* (a legal reformulation:
 tanh-GELU against erf-GELU is ~1e-3, a fused kernel sums in another order); beyond the default
-tier they *differ*: a bug, such as a missing ``1 / sqrt(hs)``.
+tier they *differ*: a bug, such as a missing ``1 / sqrt(hs)``. Attention masks are written
+with ``-inf`` or with the dtype's lowest number (Hugging Face): at or beyond half the dtype's
+range on the same side, two numbers count as equal.
 """
 
 from __future__ import annotations
@@ -107,7 +109,10 @@ def measure(value: torch.Tensor, reference: torch.Tensor, tolerance: Tolerance) 
     a = value.detach().to(dtype)
     b = reference.detach().to(a.device, dtype)
     both_nan = a.isnan() & b.isnan()
-    error = (a - b).abs().masked_fill(both_nan | (a == b), 0.0)  # inf == inf is no error
+    # a mask written as -inf or as the dtype's lowest number (Hugging Face's) is the same mask
+    huge = torch.finfo(value.dtype if value.is_floating_point() else dtype).max / 2
+    masked = ((a <= -huge) & (b <= -huge)) | ((a >= huge) & (b >= huge))
+    error = (a - b).abs().masked_fill(both_nan | masked, 0.0)  # inf == inf is no error
     error = error.nan_to_num(nan=float("inf"))
     worst = int(error.argmax())
     max_abs = float(error.flatten()[worst])
