@@ -158,23 +158,24 @@ def test_a_clean_copy_with_other_names_aligns_by_structure(idx: torch.Tensor) ->
     assert tle.compare(renamed, reference, idx, map=NAMES).alignment == "map"
 
 
-def test_backward_names_the_first_differing_gradient() -> None:
-    class HalfGradient(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
-            return x.clone()
+class HalfGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()  # HalfGradient's forward
 
-        @staticmethod
-        def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
-            return grad / 2  # the bug: only the backward is wrong
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return grad / 2  # the bug: only the backward is wrong
 
+
+def test_backward_names_the_op_whose_backward_differs() -> None:
     class Buggy(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return HalfGradient.apply(x)
 
     class Fine(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x.clone()
+            return x.clone()  # Fine's forward
 
     torch.manual_seed(0)
     reference = nn.Sequential(nn.Linear(4, 4), Fine(), nn.Linear(4, 2))
@@ -184,13 +185,73 @@ def test_backward_names_the_first_differing_gradient() -> None:
     assert tle.compare(model, reference, x).agree  # the forward agrees
     result = tle.compare(model, reference, x, backward=True)
     first = result.first
-    assert first is not None and (first.kind, first.module) == ("gradient", "0")
-    assert "the gradient reaching the output of `0` is the first (in backward order)" \
-        in first.detail
+    here = os.path.basename(__file__)
+    assert first is not None and (first.kind, first.module, first.op) == ("gradient", "1", "clone")
+    assert (first.source, first.reference_source) == (line_of_here("HalfGradient's forward"),
+                                                      line_of_here("Fine's forward"))
+    assert first.detail == (
+        f"the backward of `clone` at {first.source} (its backward is HalfGradient.backward at "
+        f"{here}:{line_of_here('def backward').split(':')[1]}): the gradient reaching its output "
+        f"agrees with the reference's, the gradient it passes to `x` does not")
+    assert [(row.role, row.status) for row in first.operands] == [("grad of out", "same"),
+                                                                 ("grad to in 0", "differs")]
     assert [row.status for row in result.gradients][:2] == ["same", "same"]  # 2.bias, 2.weight
     assert [row.module for row in result.gradients if row.status == "differs"] == ["0.bias",
                                                                           "0.weight"]
+    assert result.loss is not None and result.loss.startswith("sum(output * R), R a fixed")
+    assert f"gradients of: {result.loss[:20]}" in str(result)
     assert not any(p.grad is not None for p in model.parameters())  # .grad left alone
+
+
+def line_of_here(text: str) -> str:
+    """``test_compare.py:LINE`` of the first line of this file that contains ``text``."""
+    with open(__file__) as source:
+        for number, line in enumerate(source, start=1):
+            if text in line:
+                return f"{os.path.basename(__file__)}:{number}"
+    raise LookupError(text)
+
+
+def test_backward_names_a_detach_that_cuts_the_residual(idx: torch.Tensor) -> None:
+    model, reference = pair("detach_residual")
+    assert tle.compare(model, reference, idx).agree
+    result = tle.compare(model, reference, idx, backward=True)
+    first = result.first
+    assert first is not None
+    assert (first.kind, first.module, first.op) == ("gradient", "transformer.h.1", "detach")
+    assert first.source == bug_line("detach_residual")
+    assert first.detail == (
+        f"`detach` at {bug_line('detach_residual')} cuts the gradient (its result does not "
+        f"require grad: a detach(), .data or torch.no_grad()); the reference's gradient flows "
+        f"on to `detach(...)` of `add` at {bug_line('detach_residual')}")
+    assert result.loss == ("next-token cross-entropy of the logits (B, T, V) against the input "
+                           "ids shifted by one")
+    text = str(result)
+    assert "  forward    agreed" in text and "first difference: transformer.h.1 (gradient)" in text
+
+
+def test_backward_uses_the_models_own_loss_when_both_return_one(idx: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = LearnerGPT(LearnerConfig(), bug="tuple_output").eval()
+    reference = LearnerGPT(LearnerConfig(), bug="tuple_output").eval()
+    reference.load_state_dict(model.state_dict())
+    result = tle.compare(model, reference, idx, idx, backward=True)
+    assert result.agree and result.loss == "the models' own loss (the loss in their outputs)"
+    assert result.to_dict()["loss"] == result.loss
+    # against bare logits: the next-token loss of both sides' logits
+    assert tle.compare(model, pair("")[1], idx, idx, backward=True).loss.startswith(
+        "next-token cross-entropy")
+
+
+def test_the_next_token_loss_is_the_language_model_loss(idx: torch.Tensor) -> None:
+    from torchlens_edu.divergence.loss import choose_loss
+
+    logits = torch.randn(2, 6, 64, requires_grad=True)
+    loss = choose_loss(logits, logits, (idx,))
+    assert loss is not None
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 64), idx[:, 1:].reshape(-1))
+    assert torch.allclose(loss.of(logits), expected)
+    assert choose_loss(torch.ones(2), torch.ones(2), (torch.ones(2),)) is None  # no graph
 
 
 @pytest.mark.slow

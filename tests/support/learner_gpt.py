@@ -97,9 +97,13 @@ class Block(nn.Module):
         self.attn = Attention(config, bug)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config, bug)
+        self.bug = bug
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))  # ln_1 runs here
+        if self.bug == "detach_residual":  # the forward is the same, the gradient is not
+            x = x.detach() + self.attn(self.ln_1(x))  # bug: detach_residual
+        else:
+            x = x + self.attn(self.ln_1(x))  # ln_1 runs here
         return x + self.mlp(self.ln_2(x))
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from torchlens_edu._core.formatting import dtype_name
 from torchlens_edu.divergence.align import matching_pairs, pair_tensors
 from torchlens_edu.divergence.ops import OpCall
 from torchlens_edu.divergence.result import Operand
@@ -47,6 +48,8 @@ class OpBlame:
     inputs_differed: bool
     detail: str  # one sentence: what differs
     operands: list[Operand]
+    module: str = ""  # the module whose code ran the op
+    reference_module: str = ""
 
 
 class ReferenceValues:
@@ -138,6 +141,23 @@ def _sums(tensor: torch.Tensor) -> tuple[float, float]:
         return 0.0, 0.0
     wide = tensor.detach().double()
     return float(wide.sum()), float(wide.abs().sum())
+
+
+def operand_name(ops: Sequence[OpCall], op: OpCall, j: int) -> str:
+    """How the user knows operand ``j`` of ``op``: their variable (``q``), the parameter's
+    name, the name a line gave the op that made it, or that op (``transpose(...)``)."""
+    made = op.producers[j]
+    if j < len(op.names) and op.names[j]:
+        return op.names[j]
+    parameter = op.parameters[j]
+    if parameter:
+        return parameter
+    if made is None:
+        return "input"
+    producer = ops[made[0]]
+    if made[1] < len(producer.output_names) and producer.output_names[made[1]]:
+        return producer.output_names[made[1]]
+    return producer.step or f"{producer.name}(...)"
 
 
 def _called(op: OpCall) -> str:
@@ -281,27 +301,13 @@ class _Blame:
                 return r, shapes[core_shape(tuple(ref.outputs[0].shape))]
         return None
 
-    def operand_name(self, ops: list[OpCall], op: OpCall, j: int) -> str:
-        made = op.producers[j]
-        if j < len(op.names) and op.names[j]:
-            return op.names[j]
-        parameter = op.parameters[j]
-        if parameter:
-            return parameter
-        if made is None:
-            return "input"
-        producer = ops[made[0]]
-        if made[1] < len(producer.output_names) and producer.output_names[made[1]]:
-            return producer.output_names[made[1]]
-        return producer.step or f"{producer.name}(...)"
-
     def operands(self, op: OpCall, ref: OpCall | None) -> list[Operand]:
         rows = []
         pairs: list[tuple[str, str, torch.Tensor, str, torch.Tensor | None]] = []
         for j, tensor in enumerate(op.inputs[:_OPERANDS]):
             other = ref.inputs[j] if ref is not None and j < len(ref.inputs) else None
-            pairs.append((f"in {j}", self.operand_name(self.ops, op, j), tensor,
-                          self.operand_name(self.reference, ref, j) if other is not None
+            pairs.append((f"in {j}", operand_name(self.ops, op, j), tensor,
+                          operand_name(self.reference, ref, j) if other is not None
                           and ref is not None else "", other))
         for k, tensor in enumerate(op.outputs[:_OPERANDS]):
             other = ref.outputs[k] if ref is not None and k < len(ref.outputs) else None
@@ -314,7 +320,7 @@ class _Blame:
         for role, name, tensor, ref_name, other in pairs:
             diff = None if other is None else measure(tensor, other, self.tolerance)
             rows.append(Operand(role=role, name=name, shape=tuple(tensor.shape),
-                                dtype=str(tensor.dtype).removeprefix("torch."),
+                                dtype=dtype_name(tensor.dtype),
                                 reference_name=ref_name,
                                 reference_shape=None if other is None else tuple(other.shape),
                                 max_abs=None if diff is None else diff.max_abs,

@@ -41,6 +41,7 @@ class OpCall:
     # made it, when a recorded op did
     names: list[str] = field(default_factory=list)  # for each input: the user's name for it
     output_names: list[str] = field(default_factory=list)
+    module: str = ""  # the path of the module whose code called it (the target's, if unknown)
     step: str = ""  # a step of a fused op: what it computes ("q @ kᵀ"); name is then the step's
     fused: str = ""  # ... and this is the fused op it belongs to
     arguments: tuple[tuple[Any, ...], dict[str, Any]] | None = None  # FUSED ops only
@@ -93,12 +94,15 @@ class _OpLog:
     meta = False
     home = torch.device("cpu")
 
-    def __init__(self, parameter_names: dict[int, str], keep_graph: bool) -> None:
+    def __init__(self, parameter_names: dict[int, str], module_paths: dict[int, str],
+                 keep_graph: bool) -> None:
         self.calls: list[OpCall] = []
         self.sites: list[tuple[str, int] | None] = []
         self.active = False
         self.returned_by: list[tuple[int, int] | None] = []  # who made what the call returned
         self._parameter_names = parameter_names
+        self._module_paths = module_paths
+        self.path = ""  # the recorded module call's own path
         self._keep_graph = keep_graph
         self._made_by: dict[int, tuple[int, int]] = {}  # id(tensor) -> (op, output) that made it
         self._alive: list[torch.Tensor] = []  # keeps those ids from being reused
@@ -112,10 +116,20 @@ class _OpLog:
         user = frame
         while user is not None and site is not None and user.f_code.co_filename != site[0]:
             user = user.f_back
-        copy = [t.detach().clone() for t in inputs]
+        module = self.path
+        caller = user
+        while caller is not None:  # the nearest method of one of the model's modules
+            owner = self._module_paths.get(id(caller.f_locals.get("self")))
+            if owner is not None:
+                module = owner
+                break
+            caller = caller.f_back
+        # values: copies, or (a backward run, which keeps the graph) the tensors themselves
+        keep = (lambda t: t.detach()) if self._keep_graph else (lambda t: t.detach().clone())
         self.calls.append(OpCall(
-            name=name, source=source_location(*site) if site else "", inputs=copy,
-            outputs=[t.detach().clone() for t in outputs],
+            name=name, source=source_location(*site) if site else "",
+            inputs=[keep(t) for t in inputs], outputs=[keep(t) for t in outputs],
+            module=module,
             parameters=[self._parameter_names.get(id(t)) for t in inputs],
             producers=[self.made_by(t) for t in inputs],
             names=_local_names(user, inputs) if user is not None else [""] * len(inputs),
@@ -165,7 +179,9 @@ def record_ops(model: nn.Module, run: Callable[[], Any], target: tuple[str, int]
     path, index = target
     module = model.get_submodule(path)
     log = _OpLog({id(p): name for name, p in model.named_parameters(remove_duplicate=False)},
+                 {id(m): name for name, m in model.named_modules(remove_duplicate=False)},
                  keep_graph)
+    log.path = path
     calls = 0
 
     def enter(*_: Any) -> None:

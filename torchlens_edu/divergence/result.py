@@ -213,13 +213,16 @@ class Comparison:
             facts.add_row("  shape", f"{shape} where the reference has "
                                      f"{format_shape(first.reference_shape, self.dims)}")
         else:
-            facts.add_row("  output", f"{shape}: max abs {first.max_abs:.3e}, "
-                                      f"max rel {first.max_rel:.3e}")
+            facts.add_row("  gradient" if first.kind == "gradient" else "  output",
+                          f"{shape}: max abs {first.max_abs:.3e}, max rel {first.max_rel:.3e}")
             if first.worst_index is not None:
                 named = self._worst_at()
                 facts.add_row("  worst at", f"{named}   (index {first.worst_index})" if named
                               else f"index {first.worst_index}")
-        facts.add_row("  inputs", "already differed" if first.inputs_differed else "agreed")
+        if first.kind == "gradient":  # the forward agreed; the gradient reaching it too
+            facts.add_row("  forward", "agreed")
+        else:
+            facts.add_row("  inputs", "already differed" if first.inputs_differed else "agreed")
         facts.add_row("  why", first.detail)
         lines: list[RenderableType] = [
             Text.assemble(("first difference: ", "bold red"), (where, "bold"), f" ({first.kind})"),
@@ -244,8 +247,8 @@ class Comparison:
                 theirs = row.reference_name
                 if row.reference_shape != row.shape:
                     theirs += f" {format_shape(row.reference_shape, self.dims)}"
-                label = row.status if row.status in ("same", "shape") else \
-                    f"{row.status}, max abs {row.max_abs:.2e}"
+                label = (row.status or "-") if row.max_abs is None or row.status in (
+                    "same", "shape") else f"{row.status}, max abs {row.max_abs:.2e}"
                 status = Text(label, style=_STYLE.get(row.status, ""))
             table.add_row(f"  {row.role}", yours, theirs, status)
         return table

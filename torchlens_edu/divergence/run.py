@@ -10,6 +10,7 @@ Then, inside that call only, the op-level pass (ops.py) names the op and the lin
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -21,7 +22,9 @@ import torch.nn as nn
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.dims import Dims
 from torchlens_edu.divergence.align import Alignment, ModuleCall, PathMap, align, pair_tensors
+from torchlens_edu.divergence.backward import blame_backward
 from torchlens_edu.divergence.blame import OpBlame, blame
+from torchlens_edu.divergence.loss import Loss, choose_loss
 from torchlens_edu.divergence.ops import record_ops
 from torchlens_edu.divergence.result import Comparison, Divergence, Drift
 from torchlens_edu.divergence.steps import expand_both
@@ -161,9 +164,10 @@ def compare(model: nn.Module, reference: nn.Module, *inputs: Any, rtol: float | 
         first = _locate(model, reference, inputs, mine.calls, theirs.calls, alignment,
                         first_position, first_diff, tolerance)
     gradients: list[Drift] = []
+    loss: str | None = None
     if backward:
-        gradients, gradient_first = _compare_gradients(model, reference, mine, theirs, alignment,
-                                                       tolerance)
+        gradients, gradient_first, loss = _compare_gradients(model, reference, inputs, mine,
+                                                             theirs, alignment, tolerance)
         first = first or gradient_first
     for name, side in (("model", model), ("reference", reference)):
         if any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in side.modules()):
@@ -174,7 +178,7 @@ def compare(model: nn.Module, reference: nn.Module, *inputs: Any, rtol: float | 
         if name not in Dims.infer(model, inputs)})
     return Comparison(first=first, alignment=alignment.how, aligned_modules=len(alignment.pairs),
                       modules=rows, gradients=gradients, rtol=rtol, atol=atol, notes=notes,
-                      dims=dict(dims))
+                      dims=dict(dims), loss=loss)
 
 
 def _check_outputs(output: Any, reference_output: Any) -> None:
@@ -238,20 +242,15 @@ def _no_grad(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
         return model(*inputs)
 
 
-def _compare_gradients(model: nn.Module, reference: nn.Module, mine: _Recording,
-                       theirs: _Recording, alignment: Alignment, tolerance: Tolerance
-                       ) -> tuple[list[Drift], Divergence | None]:
-    """Gradients of one scalar (a fixed random projection of the first aligned output tensor)
-    with respect to every parameter, by aligned name, first differing in backward order."""
-    pairs = pair_tensors(list(iter_tensors(mine.output)), list(iter_tensors(theirs.output)))
-    if not pairs:
-        return [], None
-    out = list(iter_tensors(mine.output))[pairs[0][0]]
-    ref_out = list(iter_tensors(theirs.output))[pairs[0][1]]
-    if out.shape != ref_out.shape or not out.requires_grad or not ref_out.requires_grad:
-        return [], None
-    generator = torch.Generator(device="cpu").manual_seed(_SEED)
-    weights = torch.randn(out.shape, generator=generator).to(out.device, out.dtype)
+def _compare_gradients(model: nn.Module, reference: nn.Module, inputs: tuple[Any, ...],
+                       mine: _Recording, theirs: _Recording, alignment: Alignment,
+                       tolerance: Tolerance) -> tuple[list[Drift], Divergence | None, str | None]:
+    """Gradients of the loss (loss.py) with respect to every module output and parameter, by
+    aligned name; the first differing in backward order, then the op whose backward made it
+    (backward.py). Also says which loss it was."""
+    loss = choose_loss(mine.output, theirs.output, inputs)
+    if loss is None:
+        return [], None, None
     named = dict(model.named_parameters())
     ref_named = dict(reference.named_parameters())
     names = _aligned_parameters(named, ref_named, mine.calls, theirs.calls, alignment)
@@ -261,10 +260,10 @@ def _compare_gradients(model: nn.Module, reference: nn.Module, mine: _Recording,
                       and mine.live[p][0].shape == theirs.live[r][0].shape),
                      key=lambda p: -mine.calls[p].finished)
     grads = torch.autograd.grad(
-        (out * weights).sum(), [*(named[n] for n, _ in names),
-                                *(mine.live[p][0] for p in outputs)], allow_unused=True)
+        loss.of(mine.output), [*(named[n] for n, _ in names),
+                               *(mine.live[p][0] for p in outputs)], allow_unused=True)
     ref_grads = torch.autograd.grad(
-        (ref_out * weights.to(ref_out.dtype)).sum(),
+        loss.reference_of(theirs.output),
         [*(ref_named[r] for _, r in names),
          *(theirs.live[alignment.pairs[p]][0] for p in outputs)], allow_unused=True)
     output_first = _first_output_gradient(mine.calls, theirs.calls, alignment, outputs,
@@ -292,7 +291,47 @@ def _compare_gradients(model: nn.Module, reference: nn.Module, mine: _Recording,
                                worst_index=diff.worst_index, inputs_differed=False,
                                detail=f"the gradient of `{name}` is the first (in backward "
                                       f"order) that differs from the reference's `{ref_name}`")
-    return rows, first
+    if first is not None:  # the ops that consumed a module's output run in its parent
+        first = _locate_backward(model, reference, inputs, mine.calls, theirs.calls, alignment,
+                                 first, loss, tolerance, enclosing=first is output_first)
+    return rows, first, loss.description
+
+
+def _locate_backward(model: nn.Module, reference: nn.Module, inputs: tuple[Any, ...],
+                     calls: list[ModuleCall], references: list[ModuleCall],
+                     alignment: Alignment, first: Divergence, loss: Loss,
+                     tolerance: Tolerance, *, enclosing: bool) -> Divergence:
+    """The op whose backward differs: inside the aligned call that encloses ``first.module``
+    (``enclosing``: the ops that consumed its output run there), else inside its own call
+    (a parameter's gradient: the ops that read it), else in the whole forward."""
+    position = next((p for p in alignment.pairs if calls[p].path == first.module
+                     and calls[p].index == 0), 0)
+    if enclosing:
+        position = calls[position].parent or 0
+        while position not in alignment.pairs:
+            position = calls[position].parent or 0
+    call, ref = calls[position], references[alignment.pairs[position]]
+    found = blame_backward(
+        model, reference, lambda: _seeded(model, lambda: _with_grad(model, inputs)),
+        lambda: _seeded(reference, lambda: _with_grad(reference, inputs)), call.key, ref.key,
+        loss, tolerance)
+    if found is None:
+        return first
+    shown = found.diff
+    return dataclasses.replace(
+        first, kind="gradient", module=found.module, reference_module=found.reference_module,
+        op=found.op,
+        reference_op=found.reference_op or None, source=found.source,
+        reference_source=found.reference_source, detail=found.detail,
+        operands=found.operands,
+        **({} if shown is None else dict(shape=shown.shape, reference_shape=shown.reference_shape,
+                                         max_abs=shown.max_abs, max_rel=shown.max_rel,
+                                         worst_index=shown.worst_index)))
+
+
+def _with_grad(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
+    with torch.enable_grad():
+        return model(*inputs)
 
 
 def _first_output_gradient(calls: list[ModuleCall], references: list[ModuleCall],
