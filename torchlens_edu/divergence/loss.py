@@ -45,13 +45,22 @@ def _own(output: Any) -> Callable[[Any], torch.Tensor] | None:
     """Where ``output`` keeps its own loss: ``.loss`` or a 0-dim floating tensor in a tuple."""
     loss = getattr(output, "loss", None)
     if isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.requires_grad:
-        return lambda value: value.loss
+        return _attribute_loss
     if isinstance(output, (tuple, list)):
         for i, item in enumerate(output):
             if isinstance(item, torch.Tensor) and item.dim() == 0 and \
                     item.is_floating_point() and item.requires_grad:
-                return lambda value, i=i: value[i]
+                return _item(i)
     return None
+
+
+def _attribute_loss(value: Any) -> torch.Tensor:
+    loss: torch.Tensor = value.loss
+    return loss
+
+
+def _item(i: int) -> Callable[[Any], torch.Tensor]:
+    return lambda value: value[i]
 
 
 def _nth(i: int) -> Callable[[Any], torch.Tensor]:

@@ -317,16 +317,16 @@ def _locate_backward(model: nn.Module, reference: nn.Module, inputs: tuple[Any, 
         loss, tolerance)
     if found is None:
         return first
-    shown = found.diff
-    return dataclasses.replace(
+    located = dataclasses.replace(
         first, kind="gradient", module=found.module, reference_module=found.reference_module,
-        op=found.op,
-        reference_op=found.reference_op or None, source=found.source,
-        reference_source=found.reference_source, detail=found.detail,
-        operands=found.operands,
-        **({} if shown is None else dict(shape=shown.shape, reference_shape=shown.reference_shape,
-                                         max_abs=shown.max_abs, max_rel=shown.max_rel,
-                                         worst_index=shown.worst_index)))
+        op=found.op, reference_op=found.reference_op or None, source=found.source,
+        reference_source=found.reference_source, detail=found.detail, operands=found.operands)
+    shown = found.diff  # the gradient the op passes on, against the reference's
+    if shown is None:
+        return located
+    return dataclasses.replace(located, shape=shown.shape, reference_shape=shown.reference_shape,
+                               max_abs=shown.max_abs, max_rel=shown.max_rel,
+                               worst_index=shown.worst_index)
 
 
 def _with_grad(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
