@@ -1,5 +1,8 @@
 """Process groups for the distributed tests: one gloo rank in this process, or two gloo ranks
-spawned as scripts, each bounded by a timeout (a hang fails the test, never the CI job)."""
+spawned as scripts, each bounded by a timeout (a hang fails the test, never the CI job).
+
+Every test in this folder is marked ``distributed`` here (``-m "not distributed"`` leaves them
+out), and skipped where torch has no ``torch.distributed``."""
 
 from __future__ import annotations
 
@@ -17,8 +20,15 @@ import pytest
 import torch.distributed as dist
 
 TIMEOUT_S = 90
+HERE = Path(__file__).parent
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="no torch.distributed")
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if HERE in item.path.parents:
+            item.add_marker(pytest.mark.distributed)
+            item.add_marker(pytest.mark.skipif(not dist.is_available(),
+                                               reason="no torch.distributed"))
 
 
 def free_port() -> int:
@@ -30,8 +40,6 @@ def free_port() -> int:
 @pytest.fixture
 def gloo_world(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A 1-rank gloo process group in this process, destroyed afterwards."""
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1, timeout=timedelta(seconds=30))

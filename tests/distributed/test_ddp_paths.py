@@ -12,8 +12,6 @@ import torchlens_edu as tle
 from torchlens_edu._core.modules import PatternError, match_modules
 from torchlens_edu.capture import capture
 
-pytestmark = pytest.mark.distributed
-
 
 class Block(nn.Module):
     def __init__(self) -> None:

@@ -18,8 +18,6 @@ from torchlens_edu.printing.stats import tensor_stats
 from torchlens_edu.printing.summary_line import describe
 from torchlens_edu.printing.table import show
 
-pytestmark = pytest.mark.distributed
-
 
 def _render_show(t: torch.Tensor) -> str:
     console = Console(width=100, no_color=True, record=True, file=io.StringIO())

@@ -16,8 +16,6 @@ import torch.nn as nn
 import torchlens_edu as tle
 from torchlens_edu.capture import capture
 
-pytestmark = pytest.mark.distributed
-
 
 def _sharded() -> nn.Module:
     from torch.distributed.fsdp import fully_shard
