@@ -52,21 +52,33 @@ def _step(model: nn.Module, x: torch.Tensor) -> dict | None:
 
 
 class Block(nn.Module):
-    def __init__(self, log: bool = False) -> None:
+    def __init__(self, pre: str = "") -> None:  # pre: "log" or "sqrt" before the layer
         super().__init__()
-        self.fc, self.log = nn.Linear(4, 4), log
+        self.fc, self.pre = nn.Linear(4, 4), pre
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.log(x) if self.log else x)
+        if self.pre == "log":
+            x = torch.log(x)
+        elif self.pre == "sqrt":
+            x = torch.sqrt(x)  # sqrt(0) = 0, but its gradient is infinite
+        return self.fc(x)
 
 
 class Stack(nn.Module):
-    """Two blocks and a head, sharded as FSDP2 is used: each block, then the root."""
+    """Two blocks and a head, sharded as FSDP2 is used: each block, then the root.
 
-    def __init__(self, where: bool = False) -> None:
+    ``fault``: "" (blocks.0 takes a log), "where" (the where trap between the blocks) or
+    "sqrt" (blocks.1 takes a sqrt); with a fault, blocks.0 passes its input on unchanged."""
+
+    def __init__(self, fault: str = "") -> None:
         super().__init__()
-        self.blocks = nn.ModuleList([Block(log=not where), Block()])
-        self.head, self.where = nn.Linear(4, 1), where
+        self.blocks = nn.ModuleList([Block("" if fault else "log"),
+                                     Block("sqrt" if fault == "sqrt" else "")])
+        self.head, self.where = nn.Linear(4, 1), fault == "where"
+        if fault:
+            with torch.no_grad():
+                self.blocks[0].fc.weight.copy_(torch.eye(4))
+                self.blocks[0].fc.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks[0](x)
@@ -75,16 +87,12 @@ class Stack(nn.Module):
         return self.head(self.blocks[1](x))
 
 
-def _fsdp_step(x: torch.Tensor, *, where: bool = False, inf_shard: bool = False) -> dict | None:
+def _fsdp_step(x: torch.Tensor, *, fault: str = "", inf_shard: bool = False) -> dict | None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
     torch.manual_seed(0)
-    model = Stack(where)
-    if where:  # blocks.0 passes x on unchanged: its sign decides
-        with torch.no_grad():
-            model.blocks[0].fc.weight.copy_(torch.eye(4))
-            model.blocks[0].fc.bias.zero_()
+    model = Stack(fault)
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)
@@ -97,8 +105,19 @@ def _fsdp_step(x: torch.Tensor, *, where: bool = False, inf_shard: bool = False)
             model(x).sum().backward()
     except NonFiniteError as err:
         report = err.report.to_dict()
-    model(x).sum().backward()  # the model still works, sharded as before
+    if report is not None and report["phase"] == "forward":  # no backward ran
+        model(x).sum().backward()  # the model still works, sharded as before
+        assert all(isinstance(p, DTensor) for p in model.parameters())
+        return report
+    # the backward and its replays resharded the parameters, and left the step's gradients
+    # as the step made them: those of the same step without the watch
     assert all(isinstance(p, DTensor) for p in model.parameters())
+    watched = [p.grad.to_local().clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    model(x).sum().backward()
+    plain = [p.grad.to_local() for p in model.parameters()]
+    assert all(torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)  # equal, NaN included
+               for a, b in zip(watched, plain, strict=True))
     return report
 
 
@@ -138,13 +157,24 @@ def _worker(rank: int, world: int, out: Path) -> None:
     results["fsdp_forward"] = _fsdp_step(x)  # rank 1: log(-1) in blocks.0
     results["fsdp_inf_shard"] = _fsdp_step(clean, inf_shard=True)
     # rank 0 only: its activations turn negative, the where trap in its backward
-    results["fsdp_backward"] = _fsdp_step(clean if rank else -clean, where=True)
+    results["fsdp_backward"] = _fsdp_step(clean if rank else -clean, fault="where")
+    # rank 1 only: a 0 reaches blocks.1's sqrt, an infinite gradient in its backward
+    zero = clean.clone()
+    if rank == 1:
+        zero[0, 0] = 0.0
+    results["fsdp_backward_inf"] = _fsdp_step(zero, fault="sqrt")
     results["dtensor_clean"] = _dtensor_step(clean)
     total = torch.ones(1)
     dist.all_reduce(total)  # the process group still works
     results["all_reduce"] = total.item()
     out.write_text(json.dumps(results))
     dist.destroy_process_group()
+
+
+def _line(code: str) -> int:
+    """The line of this file that holds ``code``."""
+    lines = Path(__file__).read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if code in line)
 
 
 @pytest.mark.slow
@@ -177,12 +207,25 @@ def test_nan_on_one_rank_is_reported_with_its_rank_and_nobody_hangs(two_ranks):
         assert "parameter blocks.1.fc.weight" in inf["hint"]
     assert "it is in this rank's shard (rank 1)" in r1["fsdp_inf_shard"]["hint"]
     assert "another rank's shard holds it" in r0["fsdp_inf_shard"]["hint"]
+    # FSDP2 backward: every rank replays it together; the guilty rank names the node, its
+    # module and line, the other rank points at it
     back = r0["fsdp_backward"]
-    assert (back["rank"], back["phase"], back["cause"]) == (0, "backward", "not_reproduced")
-    assert back["module"] == "blocks.0.fc"  # the first module whose output gradient held it
-    assert "under FSDP the backward is not replayed" in back["hint"]
+    assert (back["rank"], back["phase"], back["op"], back["cause"]) == (
+        0, "backward", "SqrtBackward0", "where_trap")
+    assert back["module"] == "" and back["forward_op"] == "sqrt"  # between the blocks
+    assert back["source"] == f"{__file__}:{_line('x = torch.where(x > 0, torch.sqrt(x), 0.0)')}"
     assert (r1["fsdp_backward"]["cause"], r1["fsdp_backward"]["phase"]) == ("other_rank",
                                                                             "backward")
+    assert "rank 0 found nan in the backward" in r1["fsdp_backward"]["hint"]
+    inf = r1["fsdp_backward_inf"]
+    assert (inf["rank"], inf["phase"], inf["module"], inf["op"], inf["kind"]) == (
+        1, "backward", "blocks.1", "SqrtBackward0", "+inf")
+    assert inf["source"] == f"{__file__}:{_line('x = torch.sqrt(x)  # sqrt(0)')}"
+    assert inf["cause"] == "log_sqrt" and "the derivative of sqrt is infinite at 0" in inf["hint"]
+    assert "1 zero(s)" in inf["hint"]
+    assert (r0["fsdp_backward_inf"]["rank"], r0["fsdp_backward_inf"]["cause"]) == (
+        0, "other_rank")
+    assert "rank 1 found +inf in the backward" in r0["fsdp_backward_inf"]["hint"]
 
     # plain DTensor parameters: no false alarm; afterwards the process group still works
     assert r0["dtensor_clean"] == [] and r1["dtensor_clean"] == []

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from torchlens_edu.nans.causes import backward_cause, hint_for
-from torchlens_edu.nans.report import Found, Kind, Producer, TensorSummary, bad_kinds
+from torchlens_edu.nans.report import Kind, Producer, TensorSummary, bad_kinds
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,8 +33,10 @@ class Creation:
 
 
 class GraphWatch:
-    """Hooks on every node of a replayed graph that raise :class:`Found` at the producer.
+    """Hooks on every node of a replayed graph that hand the producer to ``found``.
 
+    ``found`` raises :class:`Found` to stop the backward there, or notes the producer and lets
+    the backward run on (under FSDP every rank's backward must reach the same collectives).
     ``quiet`` keeps our own checks out of the replay's bookkeeping; ``params_of(path)``
     summarises a module's parameters for the report.
     """
@@ -42,26 +44,38 @@ class GraphWatch:
     def __init__(self, created: Mapping[Any, Creation], kinds: frozenset[Kind],
                  dims: Mapping[str, int] | None,
                  params_of: Callable[[str], list[TensorSummary]],
-                 quiet: Callable[[], AbstractContextManager[None]]) -> None:
+                 quiet: Callable[[], AbstractContextManager[None]],
+                 found: Callable[[Producer], None]) -> None:
         self.created, self.kinds, self.dims = created, kinds, dims
-        self.params_of, self.quiet = params_of, quiet
+        self.params_of, self.quiet, self.found = params_of, quiet, found
+        self._done = False  # a producer was handed on: the nodes after it are downstream
 
-    def hook_graph(self, roots: list[torch.Tensor]) -> None:
+    def hook_graph(self, roots: list[torch.Tensor]) -> list[torch.Tensor]:
         """A hook on every node reachable from ``roots``; nodes made inside a call (the parts
-        of a composite op) take the creation of the node they were first reached from."""
+        of a composite op) take the creation of the node they were first reached from.
+
+        Returns the graph's leaves, the tensors to differentiate for: under FSDP they are the
+        gathered parameters, not the sharded ones ``model.parameters()`` lists.
+        """
+        leaves: list[torch.Tensor] = []
         queue = deque(t.grad_fn for t in roots if t.grad_fn is not None)
         creation = {node: self.created.get(node, Creation()) for node in queue}
         while queue:
             node = queue.popleft()
-            if type(node).__name__ != "AccumulateGrad":
+            if type(node).__name__ == "AccumulateGrad":
+                leaves.append(node.variable)
+            else:
                 node.register_hook(self._hook(node, creation[node]))
             for nxt, _ in node.next_functions:
                 if nxt is not None and nxt not in creation:
                     creation[nxt] = self.created.get(nxt, creation[node])
                     queue.append(nxt)
+        return leaves
 
     def _hook(self, node: Any, made: Creation) -> Callable:
         def hook(grad_inputs: tuple, grad_outputs: tuple) -> None:
+            if self._done:
+                return
             with self.quiet():
                 self._check(node, made, grad_inputs, grad_outputs)
 
@@ -74,7 +88,8 @@ class GraphWatch:
             return  # downstream of the producer
         outgoing = [g for g in grad_inputs if g is not None]
         if any(bad_kinds(g, self.kinds) for g in outgoing):
-            raise Found(self._producer(node, made, incoming, outgoing))
+            self._done = True
+            self.found(self._producer(node, made, incoming, outgoing))
 
     def _producer(self, node: Any, made: Creation, incoming: list[torch.Tensor],
                   outgoing: list[torch.Tensor]) -> Producer:

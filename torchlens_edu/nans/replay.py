@@ -142,7 +142,7 @@ class Replayer(TorchFunctionMode):
         super().__init__()
         self.watched, self.target, self.kinds, self.dims = watched, target, kinds, dims
         self.allowed_modules: set[str] = set()
-        self.finish = False  # run a forward replay to its end (see _found)
+        self.finish = False  # run a replay to its end (see _found)
         self.shards: dict[str, torch.Tensor] = {}
         self.first: Producer | None = None
         self.on_stop: Callable[[FrameType | None], None] | None = None
@@ -199,38 +199,43 @@ class Replayer(TorchFunctionMode):
         return None
 
     def backward(self, step: ReplayInputs) -> Producer | None:
-        """The first autograd node whose incoming gradients are finite and outgoing are not."""
+        """The first autograd node whose incoming gradients are finite and outgoing are not.
+
+        With ``finish`` (FSDP) the backward runs to its end whatever it finds: every rank
+        replays it together, and each module's parameter gather and gradient reduce-scatter
+        needs all of them.
+        """
         self._reset(track=False, record=True, stop_at=None)
-        with self._replaying(step, grad=True):
-            out = self._run(step)
-            roots, grads = [], []
-            for i, t in enumerate(_floats(out)):
-                if i in step.out_grads and t.grad_fn is not None:
-                    roots.append(t)
-                    grads.append(step.out_grads[i])
-            if not roots:
-                return None
-            if any(bad_kinds(g, self.kinds) for g in grads):
-                summaries = [TensorSummary.of(f"grad of output {i}", g, self.dims)
-                             for i, g in enumerate(grads)]
-                return Producer(
-                    phase="backward", index=-1, op="", module="", source="", cause="loss",
-                    hint=hint_for("loss", "the gradient that reached the model's outputs was "
-                                  "already non-finite: the code after the model (the loss) "
-                                  "made it"),
-                    outputs=summaries)
-            GraphWatch(self.nodes, self.kinds, self.dims, self._module_params,
-                       self._quiet).hook_graph(roots)
-            leaves: list[torch.Tensor] = [p for p in self.target.parameters() if p.requires_grad]
-            leaves += [t for t in iter_tensors((step.args, step.kwargs)) if t.requires_grad]
-            if not leaves:
-                return None
-            try:
-                # autograd.grad: gradients are returned, never accumulated into .grad
-                torch.autograd.grad(roots, leaves, grads, allow_unused=True)
-            except Found as found:
-                return found.producer
-        return None
+        self.first = None
+        try:
+            with self._replaying(step, grad=True), self._grads_kept():
+                self._replay_backward(step)
+        except Found as found:
+            return found.producer
+        return self.first
+
+    def _replay_backward(self, step: ReplayInputs) -> None:
+        out = self._run(step)
+        roots, grads = [], []
+        for i, t in enumerate(_floats(out)):
+            if i in step.out_grads and t.grad_fn is not None:
+                roots.append(t)
+                grads.append(step.out_grads[i])
+        if not roots:
+            return
+        if any(bad_kinds(g, self.kinds) for g in grads):
+            summaries = [TensorSummary.of(f"grad of output {i}", g, self.dims)
+                         for i, g in enumerate(grads)]
+            self._found(Producer(
+                phase="backward", index=-1, op="", module="", source="", cause="loss",
+                hint=hint_for("loss", "the gradient that reached the model's outputs was "
+                              "already non-finite: the code after the model (the loss) made it"),
+                outputs=summaries))
+        leaves = GraphWatch(self.nodes, self.kinds, self.dims, self._module_params,
+                            self._quiet, self._found).hook_graph(roots)
+        if leaves:
+            # autograd.grad: gradients are returned, never accumulated into .grad
+            torch.autograd.grad(roots, leaves, grads, allow_unused=True)
 
     # ---------------------------------------------------------------- replay plumbing
     @contextmanager
@@ -266,6 +271,21 @@ class Replayer(TorchFunctionMode):
                 handle.remove()
 
     @contextmanager
+    def _grads_kept(self) -> Iterator[None]:
+        """The parameters' ``.grad`` as they were: FSDP's post-backward writes the sharded
+        parameters' gradients itself (a reduce-scatter of zeros for unused parameters), not
+        through autograd, so a replayed backward could change them."""
+        params = list(self.watched.parameters())
+        kept = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            yield
+        finally:
+            for p, grad in zip(params, kept, strict=True):
+                p.grad = grad
+
+    @contextmanager
     def _quiet(self) -> Iterator[None]:
         """Our own tensor math (checks, statistics) is not part of the replayed step."""
         busy, self.busy = self.busy, True
@@ -293,9 +313,9 @@ class Replayer(TorchFunctionMode):
                 self.allowed_modules.add(path)
 
     def _found(self, producer: Producer) -> None:
-        """Stop at the producer; or, where the forward runs collectives (FSDP gathers each
-        module's parameters), note the first and run on, so that every rank's replay enters the
-        same collectives."""
+        """Stop at the producer; or, where the step runs collectives (FSDP gathers each
+        module's parameters, and reduce-scatters their gradients), note the first and run on,
+        so that every rank's replay enters the same collectives."""
         if not self.finish:
             raise Found(producer)
         if self.first is None:

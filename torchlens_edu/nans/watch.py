@@ -259,7 +259,14 @@ class NanWatch:
         task = torch._C._current_graph_task_id()
         if task != self._queued:
             self._queued = task
-            torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+            engine = torch.autograd.Variable._execution_engine
+            if self._collective_forward:
+                # FSDP queues its end-of-backward callback (which reshards the parameters and
+                # finishes the gradient reduce-scatters) during the backward, maybe after this
+                # hook: a callback queued from a callback runs after it
+                engine.queue_callback(lambda: engine.queue_callback(self._on_backward_end))
+            else:
+                engine.queue_callback(self._on_backward_end)
 
     def _keep_grad(self, step: _Step, index: int, grad: torch.Tensor) -> None:
         if self._active and not self._replaying:
@@ -296,42 +303,45 @@ class NanWatch:
     def _verdict(self, step: _Step | None, phase: Phase, bad: Reading | None) -> None:
         """Locate what this rank saw, agree with the other ranks, deliver if anyone is bad.
 
-        Under FSDP a forward runs collectives (it gathers the parameters), so a replay on one
-        rank alone would wait forever for the others: the ranks first share what their cheap
-        tier saw, and then every rank replays the forward or none does.
+        Under FSDP a step runs collectives (the forward and the backward gather parameters, the
+        backward reduce-scatters gradients), so a replay on one rank alone would wait forever
+        for the others: the ranks first share what their cheap tier saw, and then every rank
+        replays the step or none does.
         """
         report = None
         seen = bad is not None and bad.kind is not None
+        replay = True  # may this rank replay the step to locate what it saw?
+        replay_all = False  # must every rank replay it (the others' collectives need this one)?
         if self._collective_forward:
             first = share(encode(phase, bad.kind) if bad is not None and bad.kind else 0)
             if not any(first):
                 return
-            replay_all = any(decode(c)[0] == "forward" for c in first if c)
-        else:
-            replay_all = False
+            if phase == "backward":  # every rank needs the step's forward and output gradients
+                replay = replay_all = all(share(int(step is not None and bool(
+                    step.replay.out_grads))))
+            else:
+                replay_all = any(decode(c)[0] == "forward" for c in first if c)
         with replay_scope():  # all of the precise tier is unseen by the other observers
             if bad is not None and bad.kind is not None:
-                report = self._locate(step, phase, bad.label, bad.kind)
-            if replay_all and step is not None and not (seen and phase == "forward"):
-                self._replay_along(step)
+                report = self._locate(step, phase, bad.label, bad.kind, replay=replay)
+            # a rank that saw nothing (or only a bad input, which is not replayed) joins in
+            if replay_all and step is not None and not (seen and phase != "input"):
+                self._replay_along(step, phase)
         codes = share(0 if report is None else encode(report.phase, report.kind))
         if report is None and any(codes):
             report = self._other_rank_report(codes)
         if report is None:
             return
-        if phase == "backward" and self._collective_forward:
-            # after FSDP's own end-of-backward callback (queued before this one), which
-            # reshards the parameters: raising first would leave them gathered for good
-            torch.autograd.Variable._execution_engine.queue_callback(
-                partial(self._deliver, report, step))
-        else:
-            self._deliver(report, step)
+        self._deliver(report, step)
 
-    def _replay_along(self, step: _Step) -> None:
-        """Join another rank's forward replay (its parameter gathers need every rank)."""
+    def _replay_along(self, step: _Step, phase: Phase) -> None:
+        """Join another rank's replay (its parameter gathers need every rank)."""
         self._replaying = True
         try:
-            self._replayer.forward(step.replay)
+            if phase == "backward":
+                self._replayer.backward(step.replay)
+            else:
+                self._replayer.forward(step.replay)
         finally:
             self._replaying = False
 
@@ -345,9 +355,10 @@ class NanWatch:
                           "forever: read that rank's report"),
             cause="other_rank")
 
-    def _locate(self, step: _Step | None, phase: Phase, label: str, kind: Kind
-                ) -> NonFiniteReport | None:
-        """The precise tier: replay the step and name the producer."""
+    def _locate(self, step: _Step | None, phase: Phase, label: str, kind: Kind, *,
+                replay: bool = True) -> NonFiniteReport | None:
+        """The precise tier: replay the step and name the producer (``replay=False``: under
+        FSDP, when some rank cannot replay the backward, so none does)."""
         if step is None:  # a parameter's gradient, with no watched forward to replay
             return self._unreproduced(phase, label, kind, "", 0)
         replay = step.replay
@@ -363,11 +374,11 @@ class NanWatch:
                     "input", "the values were non-finite before the model ran; check the data "
                     "pipeline (or what fed this input), the model is not at fault"),
                 cause="input", step=step.index, inputs=[summary])
-        if phase == "backward" and self._collective_forward:
+        if not replay:
             return self._unreproduced(phase, label, kind, step.source, step.index, why=(
-                "under FSDP the backward is not replayed (its gradient reduce-scatters would "
-                "run again, on some ranks only); the module named is the one whose output's "
-                "gradient held it"))
+                "under FSDP every rank replays the backward together or none does, and a rank "
+                "had no watched forward (or no output gradient) to replay it from; the module "
+                "named is the one whose output's gradient held it"))
         self._replaying = True
         try:
             if phase == "forward":
