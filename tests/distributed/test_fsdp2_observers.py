@@ -4,6 +4,7 @@ refuse before touching anything, and the model, its sharding and its values stay
 from __future__ import annotations
 
 import json
+import re
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -62,17 +63,28 @@ def test_meta_trace_of_an_fsdp2_model_refuses_before_touching_it(gloo_world):
     _intact(model, before, x)
 
 
+def _op_rows(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple], list[str]]:
+    """The op events of ``trace_shapes(model, x, ops=True)`` as (path, name, folded ops),
+    and the trace's rows that speak of FSDP."""
+    trace = tle.trace_shapes(model, x, ops=True)
+    ops = [(e.path, e.name, list(e.folded)) for e in trace.events if e.kind == "op"]
+    rows = [row for row in (line.strip("│├└─ ") for line in trace.to_text(200).splitlines())
+            if row.startswith("FSDP ")]
+    return ops, rows
+
+
 def test_op_trace_folds_fsdp_internal_ops(gloo_world):
     model, x = _sharded(), torch.ones(3, 4)
-    trace = tle.trace_shapes(model, x, ops=True)
-    ops = [(e.path, e.name) for e in trace.events if e.kind == "op"]
-    # the user's ops, in order, each once; FSDP's all-gathers, copies and record_function
-    # markers become one "parameter gathering by FSDP" per module, not the user's ops
-    assert [op for op in ops if op[1] != "parameter gathering by FSDP"] == [
+    ops, rows = _op_rows(model, x)
+    # the user's ops, in order, each once, at the user's line; FSDP's own work (profiler
+    # markers, hooking the backward) is one folded row per hook call, at the module it serves
+    assert [(path, name) for path, name, folded in ops if not folded] == [
         ("0", "linear"), ("1", "layer_norm"), ("2", "linear")]
-    assert ("", "parameter gathering by FSDP") in ops
-    assert not {"copy_", "_record_function_enter_new", "register_hook"} & {n for _, n in ops}
-    assert "parameter gathering by FSDP" in str(trace)
+    assert [(path, name) for path, name, folded in ops if folded] == [
+        ("", "FSDP gathered the parameters of the root"),
+        ("0", "FSDP gathered the parameters of 0"), ("0", "FSDP finished the forward of 0"),
+        ("", "FSDP finished the forward of the root")]
+    assert "FSDP finished the forward of 0: 3 ops (register_hook)" in rows
     model(x).sum().backward()
 
 
@@ -89,6 +101,9 @@ def _worker(rank: int, world: int, out: Path) -> None:
     except ValueError as err:
         results["meta"] = str(err)
     _intact(model, before, x)
+    results["ops"], results["rows"] = _op_rows(model, x)
+    model(x).sum().backward()  # FSDP keeps the root gathered from a forward to its backward
+    _intact(model, before, x)
     total = torch.ones(1)
     dist.all_reduce(total)  # the process group still works
     results["all_reduce"] = total.item()
@@ -98,10 +113,21 @@ def _worker(rank: int, world: int, out: Path) -> None:
 
 @pytest.mark.slow
 def test_capture_and_meta_trace_of_fsdp2_on_two_ranks(two_ranks):
-    for r in two_ranks(__file__):
+    r0, r1 = two_ranks(__file__)
+    for r in (r0, r1):
         assert r["captured"] == ["0", "1", "2", ""] and r["shape"] == [3, 6]
         assert r["meta"].startswith("meta=True cannot run a model sharded by FSDP2")
         assert r["all_reduce"] == 2.0
+        # each gathering is one row, attributed to the module whose parameters it gathered
+        gathers = [(path, name) for path, name, folded in r["ops"] if "all_gather_single" in folded]
+        assert gathers == [("", "FSDP gathered the parameters of the root"),
+                           ("0", "FSDP gathered the parameters of 0")]
+        assert not {"all_gather_single", "split_with_sizes_copy", "_record_function_enter_new",
+                    "register_hook"} & {name for _, name, _ in r["ops"]}
+        row = next(row for row in r["rows"] if row.startswith("FSDP gathered the parameters of 0"))
+        assert re.fullmatch(r"FSDP gathered the parameters of 0: \d+ ops \(.*all_gather_single, "
+                            r".*split_with_sizes_copy.*\)", row), row
+    assert r0["ops"] == r1["ops"] and r0["rows"] == r1["rows"]  # the same rows on each rank
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ class ShapeEvent:
     in_ids: tuple[int, ...] = ()  # op operands / results, to join ops on one source line
     out_ids: tuple[int, ...] = ()
     aliases: tuple[str, ...] = ()  # the module's other paths (one module under two parents)
+    folded: tuple[str, ...] = ()  # FSDP's own ops, one name per call, shown as this one row
 
     @property
     def source(self) -> str:

@@ -30,7 +30,7 @@ from torchlens_edu.shapes.meta import keep_real, meet_on_meta, stays_real
 _NOISE = frozenset({
     "size", "dim", "ndimension", "numel", "nelement", "stride", "storage_offset", "is_contiguous",
     "data_ptr", "element_size", "__len__", "__format__", "__repr__", "__hash__", "__iter__",
-    "is_floating_point", "is_complex", "get_device", "has_names", "untyped_storage",
+    "is_floating_point", "is_complex", "is_inference", "get_device", "has_names", "untyped_storage",
     "_is_view", "is_nonzero", "__reduce_ex__", "__deepcopy__", "__setstate__", "__array__",
 })
 # Attribute reads that make a new tensor (``x.T``); every other ``.shape``/``.device`` is noise.
@@ -64,22 +64,33 @@ def user_site(frame: FrameType | None) -> tuple[str, int] | None:
     return None
 
 
-FSDP_GATHERING = "parameter gathering by FSDP"  # how FSDP's own ops are shown, folded
 _FSDP_DIR = f"{os.sep}torch{os.sep}distributed{os.sep}fsdp{os.sep}"
+# FSDP's module hooks, and what FSDP does in them
+_FSDP_HOOKS = {"_pre_forward": "gathered the parameters of",
+               "_post_forward": "finished the forward of"}
 
 
-def by_fsdp(frame: FrameType | None) -> bool:
-    """True when FSDP itself called the op (all-gathering or freeing parameters around a
-    module's forward), not the user's code: the frames below the first user frame pass through
-    ``torch/distributed/fsdp``."""
+def fsdp_work(frame: FrameType | None) -> tuple[str, tuple[Any, ...]] | None:
+    """What FSDP was doing when it called an op, or None when the user's code called it.
+
+    FSDP's calls (all-gathers, copies into the gathered parameters, profiler markers, freeing
+    them again) pass through ``torch/distributed/fsdp`` below the first user frame. Returns
+    ``(what, modules)``: ``("gathered the parameters of", modules)`` in the pre-forward hook
+    of the modules whose parameters it gathers, ``("finished the forward of", modules)`` in
+    their post-forward hook (resharding, hooking the backward), ``("worked for", ())`` else.
+    """
+    by_fsdp = False
     while frame is not None:
         filename = frame.f_code.co_filename
         if _FSDP_DIR in filename:
-            return True
-        if _user_files.get(filename):
-            return False
+            by_fsdp = True
+            what = _FSDP_HOOKS.get(frame.f_code.co_name)
+            if what is not None:
+                return what, tuple(getattr(frame.f_locals.get("self"), "_modules", ()))
+        elif _user_files.get(filename):
+            break
         frame = frame.f_back
-    return False
+    return ("worked for", ()) if by_fsdp else None
 
 
 def op_name(func: Callable[..., Any]) -> str | None:

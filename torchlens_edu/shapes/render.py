@@ -197,6 +197,11 @@ def _op_row(group: list[int], events: list[ShapeEvent], dims: Dims) -> Text:
             if ident not in consumed] or list(ops[-1].outputs)
     first = ops[0]
     text = Text()
+    if first.folded:  # FSDP's own ops: how many, and which (not its profiler markers)
+        names = [n for n in dict.fromkeys(first.folded) if not n.startswith("_")]
+        ops_text = f"{len(first.folded)} op{'s' * (len(first.folded) != 1)}"
+        return text.append(f"{first.name}: {ops_text}" + (f" ({', '.join(names)})" if names
+                                                             else ""), "dim italic")
     if first.filename:
         code = _without_comment(linecache.getline(first.filename, first.line).strip())
         text.append(f"{source_location(first.filename, first.line)} ", "blue")

@@ -137,6 +137,7 @@ class ShapeTracer:
         self._calls: dict[str, int] = {}  # module path -> calls so far
         self._op_calls: dict[tuple[str, str], int] = {}  # (module path, op) -> calls so far
         self._hooked: set[int] = set()
+        self._module_paths: dict[int, str] = {}  # id(module) -> its path (FSDP's ops name it)
         self._twins: dict[int, torch.Tensor] = {}  # meta runs: one twin per weight, all models
         self.home = torch.device("cpu")  # meta runs: the weights' device, for data kept real
         self._dims: Dims | None = None
@@ -202,6 +203,8 @@ class ShapeTracer:
             self._exits.enter_context(_shape_meta.on_meta(root, self._twins))
         self._root_names.append(type(root).__name__)
         named = every_path(root)  # a module reachable under two paths comes twice: hooked once
+        for path, module in named:  # FSDP's ops name a module by its first path
+            self._module_paths.setdefault(id(module), path)
         selected = self._selected(root, named)
         counts = _param_counts(root)
         aliases = module_aliases(root)
@@ -334,11 +337,10 @@ class ShapeTracer:
         if not record:
             return
         path, parent = self._where()
-        if _shape_ops.by_fsdp(frame):  # FSDP's all-gathers and copies: one folded event
-            last = self._events[-1] if self._events else None
-            if last is not None and last.name == _shape_ops.FSDP_GATHERING and last.path == path:
-                return
-            name, ins, outs = _shape_ops.FSDP_GATHERING, [], []
+        fsdp = _shape_ops.fsdp_work(frame)
+        if fsdp is not None:
+            self._fsdp_op(name, *fsdp, parent)
+            return
         key = (path, name)
         call = self._op_calls.get(key, 0)
         self._op_calls[key] = call + 1
@@ -350,6 +352,23 @@ class ShapeTracer:
             event.flops = flops
             event.memory = _shape_meta.output_bytes(outs, ins)
         self._events.append(event)
+
+    def _fsdp_op(self, name: str, what: str, modules: tuple[nn.Module, ...], parent: int
+                 ) -> None:
+        """FSDP's own op (gathering a module's parameters, freeing them): folded into one
+        event per hook call, attributed to that module, with no user line (the user's forward
+        call is not what ran it)."""
+        paths = [self._module_paths.get(id(m), "") for m in modules]
+        label = f"FSDP {what} {', '.join(p or 'the root' for p in paths) or 'the model'}"
+        last = self._events[-1] if self._events else None
+        if last is not None and last.folded and last.name == label and last.parent == parent:
+            last.folded += (name,)
+            return
+        path = paths[0] if paths else ""
+        call = self._op_calls.get((path, label), 0)
+        self._op_calls[(path, label)] = call + 1
+        self._events.append(ShapeEvent(kind="op", path=path, name=label, call=call,
+                                       parent=parent, inputs=(), folded=(name,)))
 
     def op_failed(self, name: str, args: Any, kwargs: dict[str, Any], exc: Exception,
                   site: tuple[str, int] | None) -> None:
