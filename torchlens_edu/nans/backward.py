@@ -63,7 +63,7 @@ class GraphWatch:
         while queue:
             node = queue.popleft()
             if type(node).__name__ == "AccumulateGrad":
-                leaves.append(node.variable)
+                leaves.append(node.variable)  # type: ignore[attr-defined]  # not in the stubs
             else:
                 node.register_hook(self._hook(node, creation[node]))
             for nxt, _ in node.next_functions:

@@ -310,20 +310,20 @@ class NanWatch:
         """
         report = None
         seen = bad is not None and bad.kind is not None
-        replay = True  # may this rank replay the step to locate what it saw?
+        may_replay = True  # may this rank replay the step to locate what it saw?
         replay_all = False  # must every rank replay it (the others' collectives need this one)?
         if self._collective_forward:
             first = share(encode(phase, bad.kind) if bad is not None and bad.kind else 0)
             if not any(first):
                 return
             if phase == "backward":  # every rank needs the step's forward and output gradients
-                replay = replay_all = all(share(int(step is not None and bool(
+                may_replay = replay_all = all(share(int(step is not None and bool(
                     step.replay.out_grads))))
             else:
                 replay_all = any(decode(c)[0] == "forward" for c in first if c)
         with replay_scope():  # all of the precise tier is unseen by the other observers
             if bad is not None and bad.kind is not None:
-                report = self._locate(step, phase, bad.label, bad.kind, replay=replay)
+                report = self._locate(step, phase, bad.label, bad.kind, may_replay=may_replay)
             # a rank that saw nothing (or only a bad input, which is not replayed) joins in
             if replay_all and step is not None and not (seen and phase != "input"):
                 self._replay_along(step, phase)
@@ -356,8 +356,8 @@ class NanWatch:
             cause="other_rank")
 
     def _locate(self, step: _Step | None, phase: Phase, label: str, kind: Kind, *,
-                replay: bool = True) -> NonFiniteReport | None:
-        """The precise tier: replay the step and name the producer (``replay=False``: under
+                may_replay: bool = True) -> NonFiniteReport | None:
+        """The precise tier: replay the step and name the producer (``may_replay=False``: under
         FSDP, when some rank cannot replay the backward, so none does)."""
         if step is None:  # a parameter's gradient, with no watched forward to replay
             return self._unreproduced(phase, label, kind, "", 0)
@@ -374,7 +374,7 @@ class NanWatch:
                     "input", "the values were non-finite before the model ran; check the data "
                     "pipeline (or what fed this input), the model is not at fault"),
                 cause="input", step=step.index, inputs=[summary])
-        if not replay:
+        if not may_replay:
             return self._unreproduced(phase, label, kind, step.source, step.index, why=(
                 "under FSDP every rank replays the backward together or none does, and a rank "
                 "had no watched forward (or no output gradient) to replay it from; the module "
