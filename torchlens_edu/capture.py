@@ -127,6 +127,7 @@ class ActivationCache:
         self.note = ""  # why there is no estimate, when there is none
         self.never_called: list[tuple[str, str]] = []  # matched modules that never ran: why
         self.aliases: dict[str, str] = {}  # another path of a captured module -> its key path
+        self.untied_grads = 0  # gradients of recomputed calls no captured call could be tied to
         self._entries: dict[tuple[str, int], Activation] = {}
         self._held = 0  # bytes captured in this forward, for the limit
 
@@ -205,10 +206,11 @@ class ActivationCache:
                 f"{' ...' if len(paths) > 8 else ''}")
 
     def __contains__(self, key: object) -> bool:
-        if isinstance(key, tuple):
-            path, call = key
-            return (self.aliases.get(path, path), call) in self._entries
-        return any(p == key or p == self.aliases.get(key) for p, _ in self._entries)
+        if isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], str):
+            return key in self._entries or (self.aliases.get(key[0]), key[1]) in self._entries
+        if not isinstance(key, str):
+            return False
+        return any(p in (key, self.aliases.get(key)) for p, _ in self._entries)
 
     def __iter__(self) -> Iterator[tuple[str, int]]:
         return iter(self._entries)
@@ -290,9 +292,9 @@ class ActivationCache:
         rows = self._rows()
         has_grads = any(g is not None for a in self._entries.values() for g in a.grads)
         names = ["module", "shape", "dtype", "values", "NaN/Inf", "grad"]
-        dtypes = {row[2] for row in rows}
-        if len(dtypes) == 1:  # one dtype for all: say it once, in the title
-            title += f", all {dtypes.pop()}"
+        dtypes = {row[2] for row in rows if row[2]}
+        if len(dtypes) <= 1:  # one dtype for all: say it once, in the title
+            title += f", all {dtypes.pop()}" if dtypes else ""
             names.remove("dtype")
         table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
         if not has_grads:
@@ -312,6 +314,10 @@ class ActivationCache:
         if len(rows) > _MAX_ROWS:
             table.add_row(Text(f"... {len(rows) - _MAX_ROWS} more rows", "dim"))
         notes = [self.note] if self.note else []
+        if self.untied_grads:
+            notes.append(f"{self.untied_grads} gradients not captured: they reached outputs a "
+                         "reentrant checkpoint recomputed inside its block, which no captured "
+                         "call can be tied to; checkpoint with use_reentrant=False to see them")
         if any(a.modified_in_place for a in self._entries.values()):
             notes.append("* changed in place by the model after the capture: use clone=True")
         if not self._entries and self.never_called:
@@ -332,6 +338,10 @@ class ActivationCache:
         rows: list[list[Any]] = []
         for (path, call), a in self._entries.items():
             tensors = a.tensors
+            if not tensors:  # it ran, and returned None (or no tensor): say so, not nothing
+                name = (path or "<model>") + (f" #{call}" if counts[path] > 1 else "")
+                what = "None" if a.output is None else f"a {type(a.output).__name__}, no tensor"
+                rows.append([name, "—", "", f"returned {what}", Text("-", "dim"), "-"])
             for index, tensor in enumerate(tensors):
                 name = (path or "<model>") + (f" #{call}" if counts[path] > 1 else "")
                 name += f" out[{index}]" if len(tensors) > 1 else ""
@@ -392,10 +402,11 @@ def capture(model: nn.Module, pattern: Pattern = "*", *, grads: bool = False,
 
     with HookSet(model) as hookset:
         def start(call: HookCall) -> None:  # the model's forward begins
-            if replaying():  # the NaN watch re-running this step: already recorded
+            if replaying() or call.recomputed:  # the step again (NaN watch, checkpoint)
                 return
             cache._entries.clear()
             cache._held = 0
+            cache.untied_grads = 0
             cache.forwards += 1
             if cache.forwards == 1:
                 cache.dims = Dims.infer(model, [call.args, call.kwargs], dims)
@@ -405,7 +416,7 @@ def capture(model: nn.Module, pattern: Pattern = "*", *, grads: bool = False,
                     raise CaptureTooLarge(_too_large(cache.estimate, limit, pattern, len(paths)))
 
         def record(call: HookCall) -> None:
-            if replaying():  # the NaN watch re-running this step: already recorded
+            if replaying() or call.recomputed:  # the step again (NaN watch, checkpoint)
                 return
             output = map_tensors(keep, call.output)
             entry = Activation(path=call.path, call=call.call, output=output)
@@ -423,14 +434,20 @@ def capture(model: nn.Module, pattern: Pattern = "*", *, grads: bool = False,
         def record_grad(call: HookCall) -> None:
             if replaying():  # the NaN watch re-running this step: already recorded
                 return
+            if call.recomputed and call.call < 0:  # made inside a reentrant checkpoint's rerun
+                cache.untied_grads += 1
+                return
             entry = cache._entries.get((call.path, call.call))
-            if entry is not None and call.grad is not None and call.index < len(entry.grads):
+            if entry is not None and call.grad is not None and call.index < len(entry.grads) \
+                    and not (call.recomputed and entry.grads[call.index] is not None):
+                # a reentrant checkpoint's gradients arrive on the recomputed outputs
                 grad = keep(call.grad)
                 _guard(cache, [grad], limit, pattern, len(paths))
                 entry.grads[call.index] = grad
 
         def end(call: HookCall) -> None:  # the model's forward is done: who never ran?
-            cache.never_called = hookset.never_called()
+            if not call.recomputed:
+                cache.never_called = hookset.never_called()
 
         hookset.forward_pre("", start)
         hookset.forward(pattern, record)

@@ -43,7 +43,7 @@ from torch.utils.hooks import RemovableHandle
 
 from torchlens_edu._core.interrupts import arm, disarm, uninterruptible
 from torchlens_edu._core.modules import Pattern, every_path, match_modules, module_paths
-from torchlens_edu._core.replay_state import replaying
+from torchlens_edu._core.replay_state import recomputing, replaying
 from torchlens_edu._core.tree import iter_tensors
 
 Kind = Literal["forward", "forward_pre", "backward"]
@@ -62,6 +62,13 @@ class HookCall:
     output's tensors (0 for a plain tensor output); their ``args``/``kwargs`` are empty so that
     the graph does not keep the inputs alive for us.
 
+    ``recomputed`` is True when activation checkpointing (``torch.utils.checkpoint``) runs the
+    call again inside ``backward()``: hooks still run (a hook that changes an output must
+    change the recomputed one too, or the gradients would not match), with the ``call`` index
+    of the call it repeats, found by its input (the same tensor, or a detached view of it);
+    ``call`` is -1 when the input was itself made by the recomputation (a layer inside the
+    checkpointed block). Hooks that count or log skip recomputed calls.
+
     >>> import torch.nn as nn
     >>> m = nn.Sequential(nn.Linear(2, 3))
     >>> with hooks(m) as h:
@@ -79,6 +86,7 @@ class HookCall:
     output: Any = None
     grad: torch.Tensor | None = None
     index: int = 0
+    recomputed: bool = False
 
 
 class HookSet:
@@ -186,18 +194,25 @@ class HookSet:
 
     def _install(self, kind: Kind, module: nn.Module, fns: list[tuple[str, HookFn]]
                  ) -> RemovableHandle:
-        # One dispatcher per (module, kind). ``state`` = [forward number, calls in it]: the
-        # call index restarts at each forward of the hooked model without a reset loop.
-        state = [-1, 0]
+        # One dispatcher per (module, kind). ``state`` = [forward number, calls in it, where
+        # each call's first input lives -> its index]: the call index restarts at each forward
+        # of the hooked model without a reset loop.
+        state: list[Any] = [-1, 0, {}]
         ran = self._ran
 
-        def next_index() -> int:
+        def next_index(args: tuple) -> tuple[int, bool]:
+            """This call's index, and whether it is a checkpoint's recomputation of one."""
             ran.add(module)
+            key = _input_key(args)
+            if recomputing():  # the same call again, inside backward: its index, not a new one
+                return state[2].get(key, -1), True  # -1: its input was made in the recompute
             forward = self._forward_key()
             if state[0] != forward:
-                state[0], state[1] = forward, 0
+                state[0], state[1], state[2] = forward, 0, {}
+            if key is not None:
+                state[2][key] = state[1]
             state[1] += 1
-            return state[1] - 1
+            return state[1] - 1, False
 
         # ``*rest``: while another thread registers a kwargs hook, torch may call it for a
         # moment without kwargs (it stores the hook, then the flag); such a call is not ours.
@@ -206,10 +221,11 @@ class HookSet:
                 if not self._sees_now():
                     return None
                 (kwargs,) = rest
-                index, changed = next_index(), False
+                (index, again), changed = next_index(args), False
                 for path, fn in fns:
                     result = self._call(fn, HookCall(kind="forward_pre", path=path, module=mod,
-                                                     call=index, args=args, kwargs=kwargs),
+                                                     call=index, args=args, kwargs=kwargs,
+                                                     recomputed=again),
                                         partial(_as_inputs, args=args, kwargs=kwargs,
                                                 path=path))
                     if result is not None:
@@ -224,11 +240,11 @@ class HookSet:
                 if not self._sees_now():
                     return None
                 kwargs, output = rest
-                index, changed = next_index(), False
+                (index, again), changed = next_index(args), False
                 for path, fn in fns:
                     result = self._call(fn, HookCall(kind="forward", path=path, module=mod,
                                                      call=index, args=args, kwargs=kwargs,
-                                                     output=output),
+                                                     output=output, recomputed=again),
                                         partial(_check_replacement, output=output, path=path))
                     if result is not None:
                         output, changed = result, True
@@ -240,22 +256,23 @@ class HookSet:
             # After the forward: one gradient hook on each output tensor that will get a grad.
             if not self._sees_now():
                 return
-            index = next_index()
+            index, again = next_index(args)
             for position, tensor in enumerate(iter_tensors(output)):
                 if tensor.requires_grad:
-                    self._watch_grad(tensor, mod, index, position, fns)
+                    self._watch_grad(tensor, mod, index, position, fns, again)
 
         return module.register_forward_hook(watch)
 
     def _watch_grad(self, tensor: torch.Tensor, module: nn.Module, index: int,
-                    position: int, fns: list[tuple[str, HookFn]]) -> None:
+                    position: int, fns: list[tuple[str, HookFn]], recomputed: bool) -> None:
         def on_grad(grad: torch.Tensor) -> torch.Tensor | None:
             if self._removed:  # an output kept past the block: its hook outlived the set
                 return None
             changed = False
             for path, fn in fns:
                 result = self._call(fn, HookCall(kind="backward", path=path, module=module,
-                                                 call=index, grad=grad, index=position))
+                                                 call=index, grad=grad, index=position,
+                                                 recomputed=recomputed))
                 if result is not None:
                     grad, changed = result, True
             return grad if changed else None
@@ -265,7 +282,7 @@ class HookSet:
         self._tensor_handles.append(tensor.register_hook(on_grad))
 
     def _new_forward(self, module: nn.Module, args: tuple) -> None:
-        if not self._sees_now():
+        if not self._sees_now() or recomputing():  # a checkpointed model's recomputation
             return
         if replaying():  # the NaN watch re-running a step: not a forward of the user's
             self._replays += 1
@@ -423,9 +440,25 @@ def never_called_because(module: nn.Module, path: str) -> str:
             module, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)):
         return (f"a {type(module).__name__}: a container has no forward of its own and is never "
                 f"called; its children are (hook '{path + '.' if path else ''}*')")
+    if next(module.parameters(), None) is None:  # nothing to use but its forward
+        return ("its forward was never called: the model skips it on this input (a branch, "
+                "or an option that is off)")
     return (f"its forward was never called: the model skips it on this input, or uses its "
             f"parameters directly (e.g. F.linear(x, {path or 'module'}.weight)) instead of "
             "calling it")
+
+
+def _input_key(args: tuple) -> tuple[int, torch.Size] | None:
+    """Where a call's first input lives. A checkpoint's recomputation gets the same tensor, or
+    a detached view of it (the same memory): this names the call it repeats."""
+    first = args[0] if args else None
+    if not isinstance(first, torch.Tensor):
+        return None
+    try:
+        pointer = first.data_ptr()
+    except RuntimeError:  # no storage of its own (sparse, some tensor subclasses)
+        return None
+    return (pointer, first.shape) if pointer else None
 
 
 def _pattern_text(pattern: Pattern) -> str:

@@ -160,11 +160,20 @@ class Inspector:
             cause = error.__cause__
             if not str(error).startswith("Failed to run torchinfo") or cause is None:
                 raise
-            # torchinfo hides the model's own error behind "see above stack traces": show it
-            if hasattr(cause, "add_note"):  # Python >= 3.11
-                cause.add_note(f"(raised by the forward that inspect(model).summary(...) ran on "
-                               f"{type(self.model).__name__} with the inputs you gave)")
-            raise cause from None
+            if not str(cause).startswith(_TORCHINFO_TYPES):
+                # torchinfo hides the model's own error behind "see above stack traces": show it
+                if hasattr(cause, "add_note"):  # Python >= 3.11
+                    cause.add_note(f"(raised by the forward that inspect(model).summary(...) "
+                                   f"ran on {type(self.model).__name__} with the inputs you gave)")
+                raise cause from None
+            # torchinfo sizes only the outputs it knows (tensors, tuples, lists, dicts), not a
+            # dataclass: the forward runs here, and torchinfo lists the modules without one
+            outputs.clear()
+            self.model.eval()
+            with HookSet(self.model) as h, torch.no_grad():
+                h.forward("*", note)
+                self.model(*inputs, **forward_kwargs)
+            stats = torchinfo.summary(self.model, depth=depth, verbose=0)
         finally:
             torchinfo._cached_forward_pass.clear()
             torchinfo._cached_forward_pass.update(cached)
@@ -259,6 +268,9 @@ class Inspector:
 
     def _repr_html_(self) -> str:
         return render_html(self)
+
+
+_TORCHINFO_TYPES = "Model contains a layer with an unsupported input or output type"
 
 
 def inspect(model: nn.Module, *, dims: Mapping[str, int] | None = None) -> Inspector:

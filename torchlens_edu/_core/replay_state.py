@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["replay_scope", "replaying"]
+__all__ = ["recomputing", "replay_scope", "replaying"]
 
 _threads: dict[int, int] = {}  # thread id -> how many replays it is inside
 _backwards = 0  # replays now inside a backward (whose hooks may run on autograd's threads)
@@ -47,6 +47,17 @@ def replaying() -> bool:
     if threading.get_ident() in _threads:
         return True
     return _backwards > 0 and torch._C._current_graph_task_id() != -1
+
+
+def recomputing() -> bool:
+    """True while a module's forward runs inside a backward pass: activation checkpointing
+    (``torch.utils.checkpoint``) recomputing what it did not keep. Such a call repeats one the
+    forward already made; observers do not record it as a new call.
+
+    >>> recomputing()
+    False
+    """
+    return torch._C._current_graph_task_id() != -1 and not replaying()
 
 
 @contextmanager

@@ -36,7 +36,7 @@ from torchlens_edu._core.console import get_console
 from torchlens_edu._core.frames import user_source
 from torchlens_edu._core.interrupts import arm, disarm, uninterruptible, uninterruptible_enter
 from torchlens_edu._core.modules import is_hook_point, module_aliases, module_paths, uses_fsdp
-from torchlens_edu._core.replay_state import replay_scope
+from torchlens_edu._core.replay_state import recomputing, replay_scope
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.dims import Dims, dims_argument
 from torchlens_edu.nans.breakpoint import stop_at_producer
@@ -142,6 +142,7 @@ class NanWatch:
         self._calls = 0
         self._step: _Step | None = None
         self._nested = 0
+        self._forwards_open = 0  # forwards of the model now running (checked or not)
         self._budget = memory_budget(model)
         self._grads: Batch[_Step] = Batch(self._budget)  # the backward pass being checked
         self._queued = -1  # the backward pass (graph task) whose check is queued
@@ -184,9 +185,10 @@ class NanWatch:
     # ------------------------------------------------------------------ cheap tier: forward
     def _on_start(self, module: nn.Module, args: tuple, *rest: Any) -> None:
         # *rest: torch may call a kwargs hook without kwargs while another thread adds it
-        if self._replaying or threading.get_ident() != self._thread:
+        if self._replaying or threading.get_ident() != self._thread or recomputing():
             return
         (kwargs,) = rest
+        self._forwards_open += 1
         if self._step is not None:  # the model calls itself: one step, checked at the end
             self._nested += 1
             return
@@ -203,7 +205,11 @@ class NanWatch:
 
     def _on_module(self, module: nn.Module, args: tuple, output: Any) -> None:
         step = self._step
-        if step is None or self._replaying or threading.get_ident() != self._thread:
+        if self._replaying or threading.get_ident() != self._thread:
+            return
+        if step is None:
+            if not self._forwards_open and not recomputing():  # called outside the model
+                self._check_outside(module, output)
             return
         path = self._paths.get(module, "")
         seen = step.seen
@@ -220,8 +226,11 @@ class NanWatch:
                     t.register_hook(partial(self._on_grad, step, path))
 
     def _on_end(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._replaying or threading.get_ident() != self._thread or recomputing():
+            return  # (a checkpointed model recomputed in backward: not a new forward)
+        self._forwards_open = max(self._forwards_open - 1, 0)
         step = self._step
-        if step is None or self._replaying or threading.get_ident() != self._thread:
+        if step is None:
             return
         if self._nested:
             self._nested -= 1
@@ -237,6 +246,24 @@ class NanWatch:
         bad = self._first_bad(step.checks.read())
         phase: Phase = "input" if bad is not None and bad.signed else "forward"
         self._verdict(step, phase, bad)
+
+    def _check_outside(self, module: nn.Module, output: Any) -> None:
+        """A module of the model called outside its forward (``model.head(model(x))``): its
+        output is checked on the spot. There is no forward of the model to replay, so the
+        report names the module and the line, and how to find the op."""
+        path = self._paths.get(module, "")
+        checks: Batch[None] = Batch(self._budget)
+        for t in iter_tensors(output):
+            if checkable(t):
+                checks.add(path, t)
+        bad = self._first_bad(checks.read())
+        if bad is None or bad.kind is None:
+            return
+        name = type(self.model).__name__
+        self._deliver(self._unreproduced("forward", path, bad.kind, user_source(), 0, why=(
+            f"{path!r} was called outside {name}'s forward (directly, as in "
+            f"model.{path}(...)), and only whole forwards of {name} are replayed to find "
+            f"the op; watch the module itself to name it: watch_nans(model.{path})")), None)
 
     # ------------------------------------------------------------------ cheap tier: backward
     def _on_grad(self, step: _Step, path: str, grad: torch.Tensor) -> None:
@@ -428,7 +455,8 @@ class NanWatch:
         if (report.phase == "backward" and self.mode != "warn"
                 and isinstance(self.model, nn.parallel.DistributedDataParallel)):
             report.hint += DDP_AFTER_BACKWARD_ERROR
-        paths = module_aliases(self.model).get(self._module_named(report.module), [])
+        module = self._module_named(report.module)
+        paths = module_aliases(self.model).get(module, []) if module is not None else []
         report.aliases = [path for path in paths if path != report.module]
         self.reports.append(report)
         if self.mode == "warn":

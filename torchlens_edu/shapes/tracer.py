@@ -35,7 +35,7 @@ from torchlens_edu._core.modules import (
     match_modules,
     module_aliases,
 )
-from torchlens_edu._core.replay_state import replaying
+from torchlens_edu._core.replay_state import recomputing, replaying
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.dims import Dims, dims_argument
 from torchlens_edu.shapes import meta as _shape_meta
@@ -86,6 +86,8 @@ class _OpenCall:
     index: int  # its event if recorded, else the nearest recorded caller's (-1: none)
     started: float = 0.0  # perf_counter() when its forward began (recorded real runs)
     flops_before: int = 0  # FLOPs counted before it began (meta runs)
+    args: Any = None  # what the pre-hook saw: a pre-hook that runs after ours may replace them
+    kwargs: Any = None
 
 
 class ShapeTracer:
@@ -258,7 +260,8 @@ class ShapeTracer:
             if is_root and self._dims is None:
                 self._dims = Dims.infer(mod, [args, kwargs], self._overrides)
             parent = stack[-1].index if stack else -1
-            if not record or replaying():  # the NaN watch's re-run of a step: already seen
+            if not record or replaying() or recomputing():  # the step again (the NaN watch's
+                # replay, a checkpoint recomputing in backward): already recorded
                 stack.append(_OpenCall(path=path, recorded=False, index=parent))
             else:
                 call = calls.get(path, 0)
@@ -269,12 +272,14 @@ class ShapeTracer:
                     inputs=_arg_specs(args, kwargs), filename=filename, line=line,
                     params=params, aliases=aliases))
                 stack.append(_OpenCall(path=path, recorded=True, index=len(events) - 1,
-                                       started=clock(), flops_before=self._flops))
+                                       started=clock(), flops_before=self._flops, args=args,
+                                       kwargs=kwargs))
             return None
 
-        def post(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if not stack or this_thread() != thread:
+        def post(mod: nn.Module, args: tuple[Any, ...], *rest: Any) -> None:
+            if not stack or this_thread() != thread:  # (see pre: *rest)
                 return
+            kwargs, output = rest
             done = stack.pop()
             raised = sys.exc_info()[1] if output is None else None
             if raised is not None and (self._failing_module is None
@@ -283,6 +288,8 @@ class ShapeTracer:
             if not done.recorded:
                 return
             event = events[done.index]
+            if args is not done.args or kwargs is not done.kwargs:  # a later pre-hook (one
+                event.inputs = _arg_specs(args, kwargs)  # added after ours) changed them
             if raised is not None:  # always_call: the forward raised inside this module
                 event.failed = True  # no time, FLOPs or memory: the call never finished
                 return
@@ -300,7 +307,8 @@ class ShapeTracer:
 
         self._pre_hooks[id(module)] = pre
         self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        self._handles.append(module.register_forward_hook(post, always_call=True))
+        self._handles.append(module.register_forward_hook(post, always_call=True,
+                                                          with_kwargs=True))
 
     @uninterruptible
     def _discover_root(self, module: nn.Module, args: tuple[Any, ...]) -> Any:
@@ -323,7 +331,9 @@ class ShapeTracer:
         """Whether an op running now belongs in the trace."""
         if not self.ops:
             return False
-        return self._stack[-1].recorded if self._stack else self.include is None
+        if self._stack:
+            return self._stack[-1].recorded
+        return self.include is None and not recomputing()  # a checkpoint's function, again
 
     def op_done(self, name: str, args: Any, kwargs: dict[str, Any], result: Any,
                 frame: Any) -> None:
