@@ -120,7 +120,7 @@ def test_trace_prompt_outside_the_embedded_vocabulary(capsys):
 def test_trace_prompt_longer_than_the_context(capsys):
     code, _, err = _run(capsys, "trace", "a" * 300)
     assert code == 2
-    assert ("the prompt makes 300 tokens, but the model reads at most 128 (its context); "
+    assert ("the prompt makes 300 tokens, but the model reads at most 64 (its context); "
             "shorten the prompt") in _one_error(err)
 
 

@@ -150,3 +150,22 @@ def test_demo_on_cuda(tmp_path: Path) -> None:
     result = _run(["-m", "torchlens_edu.cli", "demo", "--device", "cuda"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on cuda" in result.stdout and "+Inf made in forward" in result.stdout
+
+
+def test_demo_generation_goes_on_past_a_full_context() -> None:
+    from rich.console import Console
+
+    from torchlens_edu.commands.demo import _generate
+    from torchlens_edu.models import GPT2, GPT2Config, get_tokenizer
+
+    model = GPT2(GPT2Config(vocab_size=81, n_positions=16, n_embd=32, n_layer=1,
+                            n_head=2)).eval()
+    tok = get_tokenizer("embedded")
+    console = Console(width=200, no_color=True, highlight=False)
+    with console.capture() as capture:
+        _generate(console, model, tok, torch.tensor([tok.encode("Emma")]), 30)
+    sample, note = capture.get().rstrip("\n").rsplit("\n", 1)  # the sample may hold "\n"
+    assert sample.startswith("Emma") and len(sample) == 4 + 30  # one character a token
+    # 12 fill the context of 16, then from its last 8: 8 more, 8 more, the last 2
+    assert note == "the model reads at most 16 tokens: each time they were full it went on " \
+                   "from the last 8 (3x)"

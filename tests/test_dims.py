@@ -164,3 +164,82 @@ def test_module_dims_read_without_module_getattr_agree_with_getattr() -> None:
         assert _module_int(module, names) == _first_int(module, names)
     assert [_module_int(m, names) for m in (own, ClassHeads(), PropertyHeads(), DynamicHeads(),
                                             nn.Linear(2, 2))] == [2, 4, 6, 8, None]
+
+
+# --- module roles settle shared sizes: GPT-2 with n_embd == n_positions ---------------------
+
+@pytest.fixture(scope="module")
+def square_gpt() -> GPT2:
+    """A GPT-2 whose width equals its context (C = ctx = 64): every weight has a shared size."""
+    return GPT2(GPT2Config(vocab_size=100, n_positions=64, n_embd=64, n_layer=1,
+                           n_head=4)).eval()
+
+
+def _op_row(text: str, code: str) -> str:
+    """The op row of a rendered trace that shows this source code (one line, wide render)."""
+    return next(line for line in text.splitlines() if code in line and " -> " in line)
+
+
+@pytest.mark.parametrize("meta", [False, True])
+def test_position_embedding_is_ctx_by_C_in_an_op_trace_when_C_equals_ctx(square_gpt, meta):
+    import torchlens_edu as tle
+
+    tr = tle.trace_shapes(square_gpt, torch.zeros(1, 10, dtype=torch.long), ops=True, meta=meta)
+    text = tr.to_text(width=400)
+    assert tr.dims["C"] == tr.dims["ctx"] == 64  # the size alone cannot tell them apart
+    # wpe's weight is (ctx, C): the embedding's role says which axis is which
+    assert "embedding  (T=10) i64, (ctx=64, C=64) -> (T=10, C=64)" in _op_row(
+        text, "pos_emb = self.transformer.wpe(pos)")
+    # a linear layer's and a norm's weights hold features: C, never ctx
+    assert "(B=1, T=10, C=64), (C=64, C=64), (C=64) -> (B=1, T=10, C=64)" in _op_row(
+        text, "return self.resid_dropout(self.c_proj(y))")
+    assert "(B=1, T=10, C=64), (C=64), (C=64) -> (B=1, T=10, C=64)" in _op_row(
+        text, "x = self.transformer.ln_f(x)")
+    assert "C|ctx" not in text and "ctx|C" not in text
+    wpe_op = next(e for e in tr.to_dict()["events"]
+                  if e["kind"] == "op" and e["path"] == "transformer.wpe")
+    assert wpe_op["dims"]["inputs"] == [["T=10"], ["ctx=64", "C=64"]]
+
+
+def test_inspect_names_each_weight_by_its_role_when_C_equals_ctx(square_gpt):
+    import torchlens_edu as tle
+
+    lines = str(tle.inspect(square_gpt)).splitlines()
+    wpe = lines.index(next(line for line in lines if "wpe Embedding" in line))
+    assert "· weight (ctx=64, C=64)  4,096" in lines[wpe + 1]
+    assert any("· weight (C=64, 4C=256)  16,384" in line for line in lines)  # mlp.c_proj
+    assert any("· weight (V=100, C=64)  6,400" in line for line in lines)  # wte, lm_head
+    assert not any("|" in line.split("·")[-1] for line in lines if "·" in line)
+
+
+def test_a_weight_axis_is_never_the_batch_or_the_tokens():
+    # Linear(64, 2) in a batch of 2: the weight's 2 is an output feature, not B
+    dims = Dims({"B": 2, "T": 64, "C": 64})
+    from torchlens_edu.dims import parameter_axes
+
+    roles = parameter_axes("head", nn.Linear(64, 2), "weight", 2)
+    assert dims.format((2, 64), axes=roles) == "(2, C=64)"
+    assert dims.format((2, 64)) == "(B=2, 64:T|C)"  # the bare shape: position only
+
+
+def test_hugging_face_and_transformer_lens_position_weights_are_ctx_by_C():
+    from torchlens_edu.dims import model_parameter_axes
+
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2Model(transformers.GPT2Config(n_embd=64, n_positions=64, n_layer=1,
+                                                        n_head=4, vocab_size=100))
+    axes = model_parameter_axes(hf)
+    dims = Dims({"C": 64, "ctx": 64, "3C": 192, "V": 100})
+    assert dims.format(hf.wpe.weight.shape, axes=axes[id(hf.wpe.weight)]) == "(ctx=64, C=64)"
+    c_attn = hf.h[0].attn.c_attn.weight  # Conv1D: (in, out)
+    assert dims.format(c_attn.shape, axes=axes[id(c_attn)]) == "(C=64, 3C=192)"
+
+    class PosEmbed(nn.Module):  # TransformerLens' layout: a bare W_pos (n_ctx, d_model)
+        def __init__(self) -> None:
+            super().__init__()
+            self.W_pos = nn.Parameter(torch.zeros(64, 64))
+
+    tl_like = nn.ModuleDict({"pos_embed": PosEmbed()})
+    w_pos = tl_like["pos_embed"].W_pos
+    assert dims.format(w_pos.shape, axes=model_parameter_axes(tl_like)[id(w_pos)]) == \
+        "(ctx=64, C=64)"

@@ -17,6 +17,7 @@ from torchlens_edu.models.tokenizer import EMBEDDED_DIR
 
 SENTENCE = ("It is a truth universally acknowledged, that a single man in possession of a good "
             "fortune, must be in want of a wife.")
+OPENING = "It is a truth universally acknowledged, that a single man"  # fits the context of 64
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +55,13 @@ def test_agrees_with_hugging_face(model: GPT2, tok) -> None:
     from transformers import GPT2LMHeadModel
 
     hf = GPT2LMHeadModel.from_pretrained(EMBEDDED_DIR, attn_implementation="eager").eval()
-    idx = torch.tensor([tok.encode(SENTENCE)])
+    idx = torch.tensor([tok.encode(OPENING)])
     with torch.no_grad():
         assert (hf(idx).logits - model(idx)).abs().max() < 1e-4
 
 
 def test_has_a_previous_token_head(model: GPT2, tok) -> None:
-    att = attention_weights(model, torch.tensor([tok.encode(SENTENCE)]))[:, 0]  # (L, nh, T, T)
+    att = attention_weights(model, torch.tensor([tok.encode(OPENING)]))[:, 0]  # (L, nh, T, T)
     layer, head, score = previous_token_head(att)  # mean weight of query t on key t - 1
     assert score > 0.5, f"best previous-token head h.{layer} head {head}: {score:.2f}"
 
@@ -70,11 +71,11 @@ def words() -> list[str]:
     return (EMBEDDED_DIR / "words.txt").read_text().split()
 
 
-def _repeated_random_letters(tok, seed: int, n: int = 40) -> torch.Tensor:
+def _repeated_random_letters(tok, seed: int, n: int = 32) -> torch.Tensor:
     """A random string of letters and spaces (unpredictable), then the same string again."""
     letters = torch.tensor(tok.encode(" abcdefghijklmnopqrstuvwxyz"))
     s = letters[torch.randint(len(letters), (n,), generator=torch.Generator().manual_seed(seed))]
-    return torch.cat([s, s])[None]  # (1, 2n)
+    return torch.cat([s, s])[None]  # (1, 2n): the default fills the context of 64
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -96,13 +97,17 @@ def test_has_an_induction_head(model: GPT2, tok) -> None:
 
 def test_generates_real_words(model: GPT2, tok, words: list[str]) -> None:
     vocabulary = set(words)
+    ctx = model.config.n_positions
 
     def known_share(temperature: float, seed: int | None, top_k: int | None = None) -> float:
-        out = model.generate(torch.tensor([tok.encode("Elizabeth")]), 119,  # fills the context
-                             temperature=temperature, seed=seed, top_k=top_k)
-        text = tok.decode(out[0].tolist())
-        generated = re.findall(r"[a-z]+", text.lower())
-        assert len(generated) > 15, text
+        generated = []
+        for prompt in ("Elizabeth", "Mr. Darcy", "She was"):  # each fills the context
+            out = model.generate(torch.tensor([tok.encode(prompt)]), ctx,
+                                 temperature=temperature, seed=seed, top_k=top_k)
+            assert out.shape[1] == ctx  # generation stops when the context is full
+            text = tok.decode(out[0].tolist())
+            generated += re.findall(r"[a-z]+", text.lower())[:-1]  # the last may be cut short
+        assert len(generated) > 15, generated
         return sum(w in vocabulary for w in generated) / len(generated)
 
     assert known_share(0, None) > 0.8  # greedy
@@ -112,3 +117,28 @@ def test_generates_real_words(model: GPT2, tok, words: list[str]) -> None:
     # as the demo samples: the README says "real words" for this temperature
     demo = [known_share(TEMPERATURE, seed, top_k=TOP_K) for seed in range(4)]
     assert sum(demo) / len(demo) > 0.9, demo
+
+
+def test_sizes_are_distinct_so_every_dim_has_one_name(model: GPT2) -> None:
+    from torchlens_edu.dims import Dims
+
+    dims = Dims.infer(model)
+    assert dict(dims) == {"C": 128, "nh": 4, "V": 81, "ctx": 64, "hs": 32, "3C": 384, "4C": 512}
+    assert len(set(dims.values())) == len(dims)  # (4 layers too: no shape has a layer axis)
+
+
+@pytest.mark.parametrize("ops", [False, True])
+def test_traces_of_the_embedded_model_have_no_ambiguous_label(model: GPT2, tok, ops: bool) -> None:
+    import torchlens_edu as tle
+
+    idx = torch.tensor([tok.encode("Hello, Emma")])  # (B=1, T=11)
+    trace = tle.trace_shapes(model, idx, ops=ops)
+    labels = [label for event in trace.to_dict()["events"]
+              for side in ("inputs", "outputs") for shape in event["dims"][side]
+              for label in shape]
+    assert "C=128" in labels and "T=11" in labels and ("ctx=64" in labels) == ops  # wpe.weight
+    assert [label for label in labels if "|" in label] == []
+    text = trace.to_text(width=400)
+    assert "|" not in "".join(re.findall(r"\((?:[^()]*=[^()]*)\)", text))  # no "(128:C|ctx"
+    tree = str(tle.inspect(model))
+    assert "· weight (ctx=64, C=128)" in tree and "|" not in tree

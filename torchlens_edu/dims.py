@@ -28,6 +28,9 @@ _CONFIG_FIELDS: dict[str, tuple[str, ...]] = {
 # Axes that hold features; the last axis of a 3-D+ activation is one of these.
 _FEATURE_ROLES = frozenset({"C", "hs", "V", "3C", "4C", "ff", "2C"})
 
+# What each axis of a tensor may be named, from the role it plays in its module; None: any name.
+AxisRoles = tuple[frozenset[str] | None, ...]
+
 
 def _config_of(model: Any) -> Any:
     for attr in ("config", "cfg"):
@@ -97,6 +100,12 @@ _MODULE_FIELDS: dict[str, tuple[str, ...]] = {
 _POSITION_NAMES = ("wpe", "pos", "position")
 
 
+def _is_positional(name: str) -> bool:
+    """Whether a module or parameter name says position embedding: ``wpe``, ``pos_emb``,
+    ``position_embeddings``, TransformerLens' ``W_pos``."""
+    return any(n in name.lower() for n in _POSITION_NAMES)
+
+
 def dims_from_modules(model: Any) -> dict[str, int]:
     """Named sizes read off the modules themselves, for models without a config: the token
     embedding gives ``V`` and ``C`` (the largest ``nn.Embedding``), a position embedding
@@ -117,8 +126,7 @@ def dims_from_modules(model: Any) -> dict[str, int]:
     named = list(model.named_modules())
     sizes: dict[str, int] = {}
     embeddings = [(path, m) for path, m in named if isinstance(m, nn.Embedding)]
-    positional = [(p, m) for p, m in embeddings if any(n in p.rsplit(".", 1)[-1].lower()
-                                                       for n in _POSITION_NAMES)]
+    positional = [(p, m) for p, m in embeddings if _is_positional(p.rsplit(".", 1)[-1])]
     tokens = [(p, m) for p, m in embeddings if (p, m) not in positional]
     if tokens:
         _, token = max(tokens, key=lambda pm: pm[1].num_embeddings)
@@ -143,6 +151,73 @@ def dims_from_modules(model: Any) -> dict[str, int]:
     if sizes.get("nkv") == nh:
         sizes.pop("nkv", None)
     return sizes
+
+
+_HEADS = frozenset({"nh", "nkv"})
+_F = _FEATURE_ROLES
+# TransformerLens keeps its weights as named parameters of its own module classes.
+_TRANSFORMER_LENS: dict[str, AxisRoles] = {
+    "W_E": (frozenset({"V"}), _F), "W_U": (_F, _F),
+    "W_Q": (_HEADS, _F, _F), "W_K": (_HEADS, _F, _F), "W_V": (_HEADS, _F, _F),
+    "W_O": (_HEADS, _F, _F), "b_Q": (_HEADS, _F), "b_K": (_HEADS, _F), "b_V": (_HEADS, _F),
+    "W_in": (_F, _F), "W_out": (_F, _F), "b_in": (_F,), "b_out": (_F,), "b_O": (_F,),
+    "b_U": (_F,),
+}
+
+
+def parameter_axes(module_name: str, module: Any, name: str, ndim: int) -> AxisRoles | None:
+    """What the axes of ``module``'s own parameter ``name`` are, from the module's role, or None.
+
+    A position embedding (``wpe``, ``pos_emb``, ``W_pos``) is ``(ctx, C)``; a token embedding
+    ``(V, C)``; the weights of linear layers, norms and Hugging Face's ``Conv1D`` hold features
+    only, never ``B``, ``T`` or ``ctx``. When a size has two names (``C == ctx == 64``) the
+    axis' role picks one: ``wpe.weight`` is ``(ctx=64, C=64)``, ``c_proj.weight`` ``(C, C)``.
+
+    >>> import torch.nn as nn
+    >>> parameter_axes("wpe", nn.Embedding(64, 64), "weight", 2)[0]
+    frozenset({'ctx'})
+    >>> parameter_axes("c_proj", nn.Linear(64, 64), "weight", 2)[0] == _FEATURE_ROLES
+    True
+    """
+    import torch.nn as nn
+
+    kind = type(module).__name__
+    if ndim == 2 and (_is_positional(module_name) or _is_positional(name)) and (
+            isinstance(module, nn.Embedding) or name.startswith("W_")):
+        return (frozenset({"ctx"}), _FEATURE_ROLES)
+    if isinstance(module, nn.Embedding) and ndim == 2:
+        return (frozenset({"V"}), _FEATURE_ROLES)
+    if name in _TRANSFORMER_LENS and len(_TRANSFORMER_LENS[name]) == ndim:
+        return _TRANSFORMER_LENS[name]
+    if isinstance(module, (nn.Linear, nn.LayerNorm)) or kind == "Conv1D" or kind.endswith("Norm"):
+        return (_FEATURE_ROLES,) * ndim
+    return None
+
+
+def model_parameter_axes(model: Any) -> dict[int, AxisRoles]:
+    """:func:`parameter_axes` of every parameter of ``model``, by ``id`` of the tensor (a
+    shape trace knows op operands by id). A tied weight keeps its first module's role:
+    GPT-2's ``lm_head.weight`` is ``wte.weight``, ``(V, C)``.
+
+    >>> import torch.nn as nn
+    >>> m = nn.ModuleDict({"wte": nn.Embedding(100, 32), "wpe": nn.Embedding(16, 32)})
+    >>> model_parameter_axes(m)[id(m["wpe"].weight)][0]
+    frozenset({'ctx'})
+    """
+    import torch.nn as nn
+
+    if not isinstance(model, nn.Module):
+        return {}
+    axes: dict[int, AxisRoles] = {}
+    for path, module in model.named_modules():
+        module_name = path.rsplit(".", 1)[-1]
+        for name, param in module._parameters.items():
+            if param is None or id(param) in axes:
+                continue
+            roles = parameter_axes(module_name, module, name, param.dim())
+            if roles is not None:
+                axes[id(param)] = roles
+    return axes
 
 
 def dims_from_inputs(*inputs: Any) -> dict[str, int]:
@@ -256,14 +331,22 @@ class Dims(Mapping[str, int]):
         """
         return [name for name, value in self._sizes.items() if value == size]
 
-    def labels(self, shape: Sequence[int]) -> list[str]:
+    def labels(self, shape: Sequence[int], axes: AxisRoles | None = None) -> list[str]:
         """One label per axis: ``"B=2"``, ``"64:T|hs"`` (ambiguous) or ``"7"`` (unnamed).
+
+        ``axes``: what each axis may be named, from the tensor's role in its module
+        (:func:`parameter_axes`); an axis whose size has no name its role allows stays a number.
 
         >>> Dims({"B": 2, "nh": 2, "T": 8}).labels((2, 2, 8))
         ['B=2', 'nh=2', 'T=8']
+        >>> Dims({"C": 64, "ctx": 64}).labels((64, 64), (frozenset({"ctx"}), frozenset({"C"})))
+        ['ctx=64', 'C=64']
         """
         shape = [int(s) for s in shape]
-        candidates = [self._candidates(shape, axis) for axis in range(len(shape))]
+        if axes is not None and len(axes) != len(shape):
+            axes = None  # not the tensor the roles were read from (a view of it, say)
+        candidates = [self._candidates(shape, axis, axes[axis] if axes else None)
+                      for axis in range(len(shape))]
         # A name the position gave to one axis is not a candidate for another axis:
         # in (2, 2, 8) with B = nh = 2, axis 0 is B, so axis 1 is nh.
         settled = {names[0] for names in candidates if len(names) == 1}
@@ -281,9 +364,12 @@ class Dims(Mapping[str, int]):
                 labels.append(f"{size}:" + "|".join(names))
         return labels
 
-    def _candidates(self, shape: list[int], axis: int) -> list[str]:
+    def _candidates(self, shape: list[int], axis: int,
+                    role: frozenset[str] | None = None) -> list[str]:
         size = shape[axis]
         names = self.names_for(size)
+        if role is not None:  # the module says what this axis is: its role decides
+            names = [n for n in names if n in role]
         if axis > 0 and "B" in names:  # the batch axis comes first: a later 2 is not B
             names = [n for n in names if n != "B"]
         if size == 1:
@@ -311,13 +397,15 @@ class Dims(Mapping[str, int]):
                 names.append(f"dim{axis}")
         return ", ".join(f"{name}={int(i)}" for name, i in zip(names, index, strict=True))
 
-    def format(self, shape: Sequence[int] | torch.Size, *, brackets: str = "()") -> str:
-        """``(B=2, T=16, C=768)``; with ``brackets="[]"`` for one-line summaries.
+    def format(self, shape: Sequence[int] | torch.Size, *, brackets: str = "()",
+               axes: AxisRoles | None = None) -> str:
+        """``(B=2, T=16, C=768)``; with ``brackets="[]"`` for one-line summaries; ``axes`` as
+        in :meth:`labels`.
 
         >>> Dims({"B": 2, "T": 16}).format((2, 16, 5), brackets="[]")
         '[B=2, T=16, 5]'
         """
-        return brackets[0] + ", ".join(self.labels(shape)) + brackets[1]
+        return brackets[0] + ", ".join(self.labels(shape, axes)) + brackets[1]
 
 
 def _settle_by_position(names: list[str], axis: int, shape: list[int],

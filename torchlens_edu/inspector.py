@@ -41,7 +41,7 @@ from torchlens_edu._core.modules import (
 )
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.capture import ActivationCache, capture
-from torchlens_edu.dims import Dims, dims_argument
+from torchlens_edu.dims import AxisRoles, Dims, dims_argument, model_parameter_axes
 from torchlens_edu.hookset import HookCall, HookSet, require_module
 
 
@@ -295,16 +295,16 @@ def module_tree(model: nn.Module, dims: Dims) -> Tree:
     count = count_parameters(model)
     root = Tree(Text.assemble((type(model).__name__, "bold"), "  ", count.explain()))
     seen: dict[int, str] = {}  # id(tensor or module) -> first path
-    _grow(root, model, "", dims, seen, module_aliases(model))
+    _grow(root, model, "", dims, seen, module_aliases(model), model_parameter_axes(model))
     return root
 
 
 def _grow(node: Tree, module: nn.Module, path: str, dims: Dims, seen: dict[int, str],
-          aliases: dict[nn.Module, list[str]]) -> None:
+          aliases: dict[nn.Module, list[str]], axes: dict[int, AxisRoles]) -> None:
     for name, p in module.named_parameters(recurse=False):
         full = f"{path}.{name}" if path else name
-        line = Text.assemble(("· ", "dim"), name, " ", dims.format(p.shape), "  ",
-                             (f"{p.numel():,}", "cyan"))
+        shape = dims.format(p.shape, axes=axes.get(id(p)))  # wpe.weight is (ctx, C)
+        line = Text.assemble(("· ", "dim"), name, " ", shape, "  ", (f"{p.numel():,}", "cyan"))
         if id(p) in seen:
             line.append(f"  tied: same tensor as {seen[id(p)]}", "yellow")
         else:
@@ -330,7 +330,7 @@ def _grow(node: Tree, module: nn.Module, path: str, dims: Dims, seen: dict[int, 
         seen[id(child)] = full
         also = also_reachable(aliases.get(child, []), full)
         branch = node.add(label.append(f"  {also}", "yellow") if also else label)
-        _grow(branch, child, full, dims, seen, aliases)
+        _grow(branch, child, full, dims, seen, aliases, axes)
         if repeats:
             last = children[shown + repeats][0]
             each = format_count(_own_total(child))

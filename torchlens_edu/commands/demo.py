@@ -153,20 +153,31 @@ def _load(name: str | None, device: str) -> tuple[GPT2, Tokenizer, str | None]:
 
 def _generate(console: Console, model: GPT2, tok: Tokenizer, idx: torch.Tensor,
               max_new_tokens: int) -> None:
-    """Print the prompt, then each new token as soon as it is made."""
+    """Print the prompt, then each new token as soon as it is made. A full context does not
+    end the sample: the model goes on from the last half of it, as nanoGPT's ``generate``
+    crops to ``block_size`` (the embedded model reads 64 characters), and a note says so."""
+    import torch
     from rich.markup import escape
 
-    stream = model.stream(idx, max_new_tokens, temperature=TEMPERATURE, top_k=TOP_K, seed=0)
-    console.print(escape(tok.decode(next(stream)[0].tolist())), style="bold", end="",
-                  soft_wrap=True)
-    made = 0
-    for token in stream:
-        console.print(escape(tok.decode(token[0].tolist())), end="", soft_wrap=True)
-        made += 1
+    ctx = model.config.n_positions
+    console.print(escape(tok.decode(idx[0].tolist())), style="bold", end="", soft_wrap=True)
+    window, made, refills = idx, 0, 0  # window: what the model reads now, (B=1, <= ctx)
+    while made < max_new_tokens:
+        stream = model.stream(window, max_new_tokens - made, temperature=TEMPERATURE,
+                              top_k=TOP_K, seed=refills)  # seed 0, then one per refill
+        next(stream)  # the window itself, printed already
+        new = []
+        for token in stream:  # (B=1, 1), printed as soon as it is made
+            console.print(escape(tok.decode(token[0].tolist())), end="", soft_wrap=True)
+            new.append(token)
+        made += len(new)
+        if made < max_new_tokens:  # the context is full: keep its last half
+            window = torch.cat([window, *new], dim=1)[:, -(ctx // 2):]  # (B=1, ctx // 2)
+            refills += 1
     console.print()
-    if made < max_new_tokens:
-        console.print(f"[dim]stopped after {made} tokens: the context of "
-                      f"{model.config.n_positions} tokens is full[/dim]")
+    if refills:
+        console.print(f"[dim]the model reads at most {ctx} tokens: each time they were full "
+                      f"it went on from the last {ctx // 2} ({refills}x)[/dim]")
 
 
 @contextmanager

@@ -48,15 +48,24 @@ def previous_token_head(att: torch.Tensor) -> tuple[int, int, float]:
     return layer, head, float(prev[layer, head])
 
 
-def induction_head(model: GPT2, tok: Tokenizer, n: int = 40) -> tuple[int, int, float]:
+def induction_head(model: GPT2, tok: Tokenizer, n: int | None = None
+                   ) -> tuple[int, int, float]:
     """``(layer, head, score)`` of the head that best copies: on a random string of ``n``
     letters repeated once, the mean weight of query ``n + i`` on key ``i + 1``.
+
+    ``n`` defaults to 40 letters, or half the context when that is shorter (the embedded
+    model reads 64 tokens: 32 letters, twice).
 
     >>> from torchlens_edu.models import get_tokenizer
     >>> m, tok = GPT2.from_pretrained("embedded", progress=False), get_tokenizer("embedded")
     >>> induction_head(m, tok)  # doctest: +ELLIPSIS
-    (1, 3, 0.8...)
+    (1, 3, 0.9...)
     """
+    ctx = model.config.n_positions
+    n = min(40, ctx // 2) if n is None else n
+    if not 2 <= n <= ctx // 2:
+        raise ValueError(f"n={n}: the string is seen twice, so 2 * n must fit the context of "
+                         f"{ctx} tokens; give n between 2 and {ctx // 2}")
     # one token per letter, also for GPT-2's BPE (which would merge "abc")
     letters = torch.tensor([tok.encode(c)[0] for c in " abcdefghijklmnopqrstuvwxyz"])
     pick = torch.randint(len(letters), (n,), generator=torch.Generator().manual_seed(0))

@@ -13,7 +13,7 @@ import io
 import linecache
 import re
 import tokenize
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
@@ -27,7 +27,7 @@ from torchlens_edu._core.console import render_text
 from torchlens_edu._core.formatting import format_bytes, format_count, format_si, short_dtype
 from torchlens_edu._core.frames import source_location
 from torchlens_edu._core.modules import also_reachable
-from torchlens_edu.dims import Dims
+from torchlens_edu.dims import AxisRoles, Dims
 from torchlens_edu.shapes.events import ShapeEvent, Spec
 
 _INDEXED = re.compile(r"^(.*?)(\d+)$")
@@ -37,9 +37,11 @@ Item = Union[int, list[int]]  # noqa: UP007
 
 
 def trace_tree(events: list[ShapeEvent], dims: Dims, *, roots: Sequence[str] = (),
-               ops: bool = False, meta: bool = False, error: str = "") -> Tree:
+               ops: bool = False, meta: bool = False, error: str = "",
+               axes: Mapping[int, AxisRoles] | None = None) -> Tree:
     """A trace's events as a rich Tree: modules nest, identical sibling blocks fold into one
-    row. ``roots`` names the traced models; ``ops``/``meta`` say how it was recorded."""
+    row. ``roots`` names the traced models; ``ops``/``meta`` say how it was recorded;
+    ``axes`` what the axes of the model's weights are, by ``id`` (op operands)."""
     children: dict[int, list[int]] = {}
     for index, event in enumerate(events):
         children.setdefault(event.parent, []).append(index)
@@ -50,7 +52,8 @@ def trace_tree(events: list[ShapeEvent], dims: Dims, *, roots: Sequence[str] = (
     if len(dims):
         header.append("\n" + "dims  " + ", ".join(f"{k}={v}" for k, v in dims.items()), "dim")
     tree = Tree(header, guide_style="dim")
-    _add_items(tree, _items(children.get(-1, []), events), "", events, children, dims)
+    _add_items(tree, _items(children.get(-1, []), events), "", events, children,
+               _Names(dims=dims, axes=axes or {}))
     if error:
         tree.add(Text(error, style="red"))
     return tree
@@ -76,13 +79,22 @@ def _same_line(a: ShapeEvent, b: ShapeEvent) -> bool:
     return bool(a.filename) and (a.filename, a.line, a.path) == (b.filename, b.line, b.path)
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Names:
+    """What names the axes in a tree: the trace's dims, and the roles of the weights' axes."""
+
+    dims: Dims
+    axes: Mapping[int, AxisRoles]
+
+
 def _add_items(node: Tree, items: list[Item], base: str, events: list[ShapeEvent],
-               children: dict[int, list[int]], dims: Dims) -> None:
+               children: dict[int, list[int]], names: _Names) -> None:
     for run in _runs(items, base, events, children):
         first = run[0]
         if isinstance(first, list):
-            node.add(_op_row(first, events, dims))
+            node.add(_op_row(first, events, names))
             continue
+        dims = names.dims
         blocks = [i for i in run if isinstance(i, int)]  # a run of modules holds modules only
         event = events[first]
         rel = _relative(event.path, base)
@@ -94,7 +106,7 @@ def _add_items(node: Tree, items: list[Item], base: str, events: list[ShapeEvent
             label = _module_row(event, rel, dims)
         child = node.add(label)
         sub = _items(children.get(first, []), events)
-        _add_items(child, sub, event.path, events, children, dims)
+        _add_items(child, sub, event.path, events, children, names)
 
 
 def _runs(items: list[Item], base: str, events: list[ShapeEvent],
@@ -143,13 +155,16 @@ def _relative(path: str, base: str) -> str:
     return path
 
 
-def _specs_text(specs: tuple[Spec, ...] | list[Spec], dims: Dims) -> str:
+def _specs_text(specs: tuple[Spec, ...] | list[Spec], dims: Dims,
+                axes: Sequence[AxisRoles | None] = ()) -> str:
+    """``(B=2, T=8, C=64), (3C=192, C=64)``; ``axes``: the roles of each spec's axes if known."""
     if not specs:
         return "—"
     parts = []
-    for shape, dtype in specs:
+    for index, (shape, dtype) in enumerate(specs):
         short = "" if dtype == torch.float32 else short_dtype(dtype)  # float32 goes unsaid
-        parts.append(dims.format(shape) + (f" {short}" if short else ""))
+        roles = axes[index] if index < len(axes) else None
+        parts.append(dims.format(shape, axes=roles) + (f" {short}" if short else ""))
     return ", ".join(parts)
 
 
@@ -181,15 +196,18 @@ def _module_row(event: ShapeEvent, rel: str, dims: Dims) -> Text:
     return text
 
 
-def _op_row(group: list[int], events: list[ShapeEvent], dims: Dims) -> Text:
+def _op_row(group: list[int], events: list[ShapeEvent], names: _Names) -> Text:
+    dims = names.dims
     ops = [events[i] for i in group]
     made: set[int] = set()
     used: set[int] = set()
     ins: list[Spec] = []
+    in_axes: list[AxisRoles | None] = []  # a weight's axes are named by its role
     for op in ops:
         for ident, spec in zip(op.in_ids, op.inputs, strict=False):
             if ident not in made and ident not in used:
                 ins.append(spec)
+                in_axes.append(names.axes.get(ident))
             used.add(ident)
         made.update(op.out_ids)
     consumed = {i for op in ops for i in op.in_ids}
@@ -207,7 +225,7 @@ def _op_row(group: list[int], events: list[ShapeEvent], dims: Dims) -> Text:
         text.append(f"{source_location(first.filename, first.line)} ", "blue")
         text.append(code + "  ", "")
     text.append(", ".join(dict.fromkeys(op.name for op in ops)), "dim italic")
-    text.append(f"  {_specs_text(ins, dims)} -> ")
+    text.append(f"  {_specs_text(ins, dims, in_axes)} -> ")
     if any(op.failed for op in ops):
         text.append("✗ failed", "bold red")
     else:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torchlens_edu._core.console import render_html, render_text
-from torchlens_edu.dims import Dims
+from torchlens_edu.dims import AxisRoles, Dims
 from torchlens_edu.shapes.events import ShapeEvent
 from torchlens_edu.shapes.render import TraceDiff, trace_tree
 
@@ -35,6 +35,8 @@ class ShapeTrace:
     meta: bool = False
     error: str = ""  # the explanation, when the forward raised
     roots: list[str] = field(default_factory=list)
+    # id(weight) -> what its axes are (wpe.weight is (ctx, C)): names op operands by role
+    axes: dict[int, AxisRoles] = field(default_factory=dict)
 
     def modules(self, pattern: str = "*") -> list[ShapeEvent]:
         """Module events whose path, or another path of the same module (``event.aliases``),
@@ -74,12 +76,20 @@ class ShapeTrace:
                 "kind": e.kind, "path": e.path, "name": e.name, "call": e.call,
                 "inputs": [list(s) for s in e.input_shapes],
                 "outputs": [list(s) for s in e.output_shapes],
-                "dims": {"inputs": [self.dims.labels(s) for s in e.input_shapes],
+                "dims": {"inputs": [self.dims.labels(s, axes) for s, axes in
+                                    zip(e.input_shapes, self._input_axes(e), strict=True)],
                          "outputs": [self.dims.labels(s) for s in e.output_shapes]},
                 "source": e.source,
                 **({"aliases": list(e.aliases)} if e.aliases else {}),
             })
         return {"events": events}
+
+    def _input_axes(self, event: ShapeEvent) -> list[AxisRoles | None]:
+        """The roles of an event's operands' axes: known for the model's weights in op events
+        (module events keep no operand ids)."""
+        if len(event.in_ids) != len(event.inputs):
+            return [None] * len(event.inputs)
+        return [self.axes.get(ident) for ident in event.in_ids]
 
     def diff(self, other: ShapeTrace) -> TraceDiff:
         """What changed from this trace to ``other``: a :class:`TraceDiff` (falsy when equal).
@@ -94,7 +104,7 @@ class ShapeTrace:
 
     def __rich__(self) -> Any:
         return trace_tree(self.events, self.dims, roots=self.roots, ops=self.ops,
-                          meta=self.meta, error=self.error)
+                          meta=self.meta, error=self.error, axes=self.axes)
 
     def to_text(self, width: int = 100) -> str:
         """The tree as plain text (no colours), ``width`` characters wide.

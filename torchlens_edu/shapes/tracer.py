@@ -37,7 +37,7 @@ from torchlens_edu._core.modules import (
 )
 from torchlens_edu._core.replay_state import recomputing, replaying
 from torchlens_edu._core.tree import iter_tensors
-from torchlens_edu.dims import Dims, dims_argument
+from torchlens_edu.dims import AxisRoles, Dims, dims_argument, model_parameter_axes
 from torchlens_edu.shapes import meta as _shape_meta
 from torchlens_edu.shapes import ops as _shape_ops
 from torchlens_edu.shapes.events import ShapeEvent, Spec
@@ -143,6 +143,7 @@ class ShapeTracer:
         self._twins: dict[int, torch.Tensor] = {}  # meta runs: one twin per weight, all models
         self.home = torch.device("cpu")  # meta runs: the weights' device, for data kept real
         self._dims: Dims | None = None
+        self._axes: dict[int, AxisRoles] = {}  # id(parameter) -> its axes' roles (op traces)
         self._exits = ExitStack()
         self._handles: list[RemovableHandle] = []  # module hooks: one list, removed last
         self._flops = 0  # FLOPs so far, counted per op in meta runs
@@ -204,6 +205,9 @@ class ShapeTracer:
                 self.home = next((t.device for t in root.parameters() if not t.is_meta), self.home)
             self._exits.enter_context(_shape_meta.on_meta(root, self._twins))
         self._root_names.append(type(root).__name__)
+        if self.ops:  # weights are op operands: their modules say what their axes are
+            for ident, roles in model_parameter_axes(root).items():  # meta: the twins' ids
+                self._axes.setdefault(ident, roles)
         named = every_path(root)  # a module reachable under two paths comes twice: hooked once
         for path, module in named:  # FSDP's ops name a module by its first path
             self._module_paths.setdefault(id(module), path)
@@ -419,7 +423,7 @@ class ShapeTracer:
                                         self._overrides)
         error = self._failure.explanation if self._failure is not None else ""
         return ShapeTrace(events=list(self._events), dims=dims, ops=self.ops, meta=self.meta,
-                          error=error, roots=list(self._root_names))
+                          error=error, roots=list(self._root_names), axes=self._axes)
 
     def _explain(self, exc: Exception) -> None:
         failure = self._failure if self._failure is not None and self._failure.exc is exc else None
