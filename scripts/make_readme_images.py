@@ -45,9 +45,13 @@ class HandWrittenCrossEntropy(nn.Module):
 
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)  # a model this small gains nothing from threads; a busy machine
+    # makes threads wait on each other, and the trace's times would show that, not the model
     model = GPT2.from_pretrained("embedded", progress=False)
     tok = get_tokenizer("embedded")
     ids = torch.tensor([tok.encode(PROMPT)])  # (B=1, T)
+    with torch.no_grad():
+        model(ids)  # warm: the trace's times are a forward's, not the first call's set-up
 
     record("trace", "tle.trace_shapes(model, ids)",
            lambda c: c.print(tle.trace_shapes(model, ids)))

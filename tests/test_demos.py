@@ -123,6 +123,9 @@ def test_demo_command_offline(tmp_path: Path) -> None:
     vocabulary = set((REPO / "torchlens_edu/data/embedded/words.txt").read_text().split())
     words = re.findall(r"[a-z]+", sample.lower())[:-1]  # the last one may be cut short
     assert len(words) > 8 and set(words) <= vocabulary, sample
+    # 29 prompt characters + 35 fill the context of 64; the other 25 come from its last 32
+    assert "the model reads at most 64 tokens: each time they were full it went on from the " \
+           "last 32 (1x)" in out
 
 
 @pytest.mark.slow

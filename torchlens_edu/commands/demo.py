@@ -27,8 +27,8 @@ if TYPE_CHECKING:  # torch is imported lazily: `torchlens-edu --help` stays fast
 
 DEFAULT_PROMPT = "Mr. Darcy looked at Elizabeth"
 HEATMAP_TOKENS = 32  # at most this many tokens on each axis: two columns each fit 80 columns
-# Sampling for section 5: a low temperature keeps the embedded model to words it knows (about 97%
-# of them; at 0.8 it invents some, like "eacception"), yet does not loop as greedy decoding does.
+# Sampling for section 5: a low temperature keeps the embedded model to words it knows (about 96%
+# of them; at 0.8 it invents some, like "langerfected"), yet does not loop as greedy decoding does.
 TEMPERATURE = 0.3
 TOP_K = 40
 
