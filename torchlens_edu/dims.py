@@ -5,7 +5,9 @@ inputs of a run (``B`` and ``T`` of the token ids), and the model's config (``n_
 ``n_head`` is ``nh``, and so on, for our GPT-2, Hugging Face and TransformerLens configs).
 
 When two names share a size (``T == hs == 64``) we never guess silently: the size prints as
-``64:T|hs`` unless its position settles it (the batch axis first, a feature axis last).
+``64:T|hs`` unless its position settles it (the batch axis first, a feature axis last), or the
+tensor's role in its module does (a position embedding's weight is ``(ctx, C)``, a linear
+layer's weight holds features: :func:`parameter_axes`).
 """
 
 from __future__ import annotations
