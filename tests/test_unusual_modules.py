@@ -250,3 +250,15 @@ def test_a_module_without_parameters_that_never_ran_is_not_said_to_be_used_by_we
     assert why == ("its forward was never called: the model skips it on this input (a branch, "
                    "or an option that is off)")
     assert "weight" not in why
+
+
+def test_the_capture_estimate_of_a_checkpointed_model_says_nothing_to_the_user() -> None:
+    import warnings
+
+    model = _albert("reentrant")
+    x = X.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # its meta run warned "None of the inputs have
+        with capture(model, "block") as cache:  # requires_grad=True" (meta inputs lost it)
+            model(x).sum().backward()
+    assert cache.estimate == cache.nbytes == 3 * 2 * 4 * 4

@@ -45,9 +45,17 @@ def to_meta(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def inputs_to_meta(args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """``(args, kwargs)`` with every tensor inside replaced by its meta twin."""
+    """``(args, kwargs)`` with every tensor inside replaced by its meta twin, which requires
+    grad where the tensor did (code such as a reentrant checkpoint behaves, and warns, by it)."""
+    def twin(tensor: torch.Tensor) -> torch.Tensor:
+        meta = to_meta(tensor)
+        if tensor.requires_grad and meta is not tensor and (meta.is_floating_point()
+                                                            or meta.is_complex()):
+            meta.requires_grad_()
+        return meta
+
     with torch._C.DisableTorchFunction():  # our conversion is not one of the model's ops
-        return map_tensors(to_meta, args), map_tensors(to_meta, kwargs)
+        return map_tensors(twin, args), map_tensors(twin, kwargs)
 
 
 def _twin(tensor: torch.Tensor) -> torch.Tensor:
