@@ -262,3 +262,36 @@ def test_the_capture_estimate_of_a_checkpointed_model_says_nothing_to_the_user()
         with capture(model, "block") as cache:  # requires_grad=True" (meta inputs lost it)
             model(x).sum().backward()
     assert cache.estimate == cache.nbytes == 3 * 2 * 4 * 4
+
+
+class _LogOnSecondUse(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        h = self.fc(x)
+        return torch.log(h) if i == 1 else torch.tanh(h)  # @second
+
+
+class SharedLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _LogOnSecondUse()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(3):
+            x = self.block(x, i)
+        return x
+
+
+def test_a_nan_in_a_layer_applied_several_times_names_the_application() -> None:
+    torch.manual_seed(0)
+    model = SharedLayer()
+    with pytest.raises(NonFiniteError) as info, watch_nans(model):
+        model(X)
+    report = info.value.report
+    assert (report.module, report.op, report.call) == ("block", "log", 1)
+    assert report.summary().endswith("(module 'block', call #1 of this forward)")
+    assert "module  'block', call #1 of this forward" in repr(report)
+    assert report.to_dict()["call"] == 1

@@ -165,6 +165,8 @@ class Replayer(TorchFunctionMode):
         self.count = 0
         self.busy = False
         self.stack: list[str] = []
+        self.calls: list[int] = []  # per stack entry: the how-manieth call of that module
+        self.counts: dict[str, int] = {}  # module path -> calls so far in this replay
         self.states: dict[int, tuple[weakref.ref, int, _State]] = {}
         self.nodes: dict[Any, Creation] = {}
 
@@ -260,7 +262,7 @@ class Replayer(TorchFunctionMode):
         for module in self.target.modules():
             path = self.paths.get(module, "")
             handles.append(module.register_forward_pre_hook(
-                lambda _m, _a, path=path: self.stack.append(path)))
+                lambda _m, _a, path=path: self._enter(path)))
             handles.append(module.register_forward_hook(self._after_module, always_call=True))
         try:
             with self:
@@ -294,8 +296,15 @@ class Replayer(TorchFunctionMode):
         finally:
             self.busy = busy
 
+    def _enter(self, path: str) -> None:
+        self.stack.append(path)
+        self.calls.append(self.counts.get(path, 0))  # a shared layer: which application
+        self.counts[path] = self.calls[-1] + 1
+
     def _after_module(self, module: nn.Module, args: Any, output: Any) -> None:
         path = self.stack.pop() if self.stack else ""
+        if self.calls:
+            self.calls.pop()
         if not self.track or self.busy:
             return
         with self._quiet():
@@ -453,9 +462,10 @@ class Replayer(TorchFunctionMode):
             hint = hint_for(cause, detail)
         named = {s.name for s in ins}
         params = [s for s in self._module_params(module) if f"parameter {s.name}" not in named]
+        nth = self.calls[-1] if path is None and self.calls else 0
         return Producer(phase="forward", index=index, op=_display(name), module=module,
                         source=source, cause=cause, hint=hint, inputs=ins, outputs=outs,
-                        params=params)
+                        params=params, call=nth)
 
     def _module_params(self, path: str) -> list[TensorSummary]:
         module = dict(self.watched.named_modules()).get(path)

@@ -104,21 +104,25 @@ class NonFiniteReport:
     outputs: list[TensorSummary] = field(default_factory=list)
     params: list[TensorSummary] = field(default_factory=list)
     aliases: list[str] = field(default_factory=list)  # the module's other paths, if any
+    call: int = 0  # the module's how-manieth call in the forward (forward reports; 0: first)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for programs: phase, module, op, kind, source, rank, hint and details
-        (and ``aliases``, the module's other paths, when it has any).
+        (and ``aliases``, the module's other paths, when it has any; ``call``, for a module
+        that runs several times per forward, when the NaN/Inf came from a later call).
 
         >>> NonFiniteReport(phase="input", module="", op="", kind="nan", source="",
         ...                 hint="check the data").to_dict()["hint"]
         'check the data'
         """
         data = {k: v for k, v in vars(self).items()
-                if k not in ("inputs", "outputs", "params", "aliases")}
+                if k not in ("inputs", "outputs", "params", "aliases", "call")}
         for group in ("inputs", "outputs", "params"):
             data[group] = [s.to_dict() for s in getattr(self, group)]
         if self.aliases:  # only for a module reachable under several paths
             data["aliases"] = list(self.aliases)
+        if self.call:  # only for a later call of a module that runs several times
+            data["call"] = self.call
         return data
 
     def summary(self) -> str:
@@ -131,7 +135,8 @@ class NonFiniteReport:
         what = {"nan": "NaN", "+inf": "+Inf", "-inf": "-Inf", "inf": "Inf"}.get(self.kind,
                                                                                 self.kind)
         where = f" at {_short(self.source)}" if self.source else ""
-        module = f" (module {self.module!r})" if self.module else " (root module)"
+        module = f" (module {self.module!r}{self._call_text()})" if self.module else \
+            " (root module)"
         op = f": {self.op}" if self.op else ""
         rank = f"[rank {self.rank}] " if self.rank is not None else ""
         if self.cause == "not_reproduced":  # seen, but no producer to name: say just that
@@ -141,6 +146,10 @@ class NonFiniteReport:
             return f"{rank}{what} found by another rank in the {self.phase}{at}"
         return f"{rank}{what} made in {self.phase}{op}{where}{module}"
 
+    def _call_text(self) -> str:
+        """``", call #2"``: a module that runs several times per forward (a shared layer)."""
+        return f", call #{self.call} of this forward" if self.call else ""
+
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         # laid out for the width at hand: a narrow terminal (or a pipe, 80 columns) gets the
         # tensors stacked, never a number cut short or a name wrapped over several lines
@@ -148,7 +157,7 @@ class NonFiniteReport:
         head = Table.grid(padding=(0, 2))
         head.add_column(style="bold", no_wrap=True)
         head.add_column(overflow="fold")  # a long path must wrap, never lose its ":LINE"
-        module = repr(self.module) + (" (root)" if not self.module else "")
+        module = repr(self.module) + (" (root)" if not self.module else self._call_text())
         if self.aliases:  # one module under several paths
             module += f" ({also_reachable([self.module, *self.aliases], self.module)})"
         rows = [("phase", self.phase), ("module", module),
@@ -339,6 +348,7 @@ class Producer:
     outputs: list[TensorSummary] = field(default_factory=list)
     params: list[TensorSummary] = field(default_factory=list)
     forward_op: str = ""
+    call: int = 0  # which call of the module in the forward (a layer applied several times)
 
     @property
     def kind(self) -> Kind:

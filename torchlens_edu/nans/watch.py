@@ -517,7 +517,7 @@ def _to_report(producer: Producer, step: _Step) -> NonFiniteReport:
         phase=producer.phase, module=producer.module, op=producer.op, kind=producer.kind,
         source=producer.source, rank=rank(), hint=producer.hint, cause=producer.cause,
         step=step.index, forward_op=producer.forward_op, inputs=producer.inputs,
-        outputs=producer.outputs, params=producer.params)
+        outputs=producer.outputs, params=producer.params, call=producer.call)
 
 
 def watch_nans(model: nn.Module, *, mode: Mode = "raise", check_inf: bool = True,
