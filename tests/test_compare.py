@@ -223,7 +223,7 @@ def test_backward_names_a_detach_that_cuts_the_residual(idx: torch.Tensor) -> No
     assert first.detail == (
         f"`detach` at {bug_line('detach_residual')} cuts the gradient (its result does not "
         f"require grad: a detach(), .data or torch.no_grad()); the reference's gradient flows "
-        f"on to `detach(...)` of `add` at {bug_line('detach_residual')}")
+        f"on to `x.detach(...)` of `add` at {bug_line('detach_residual')}")
     assert result.loss == ("next-token cross-entropy of the logits (B, T, V) against the input "
                            "ids shifted by one")
     text = str(result)

@@ -33,6 +33,10 @@ from torchlens_edu.divergence.tolerance import TensorDiff, Tolerance, core_shape
 
 _CHAIN = 16  # how many reference ops a skipped stretch may have
 _OPERANDS = 4  # operands shown per op
+# ops a learner writes as methods, shown on their tensor: k.transpose(...)
+_METHODS = frozenset({"transpose", "view", "reshape", "permute", "contiguous", "split",
+                      "chunk", "float", "to", "masked_fill", "unsqueeze", "squeeze", "expand",
+                      "repeat", "flatten", "detach", "clone", "tril", "triu"})
 
 
 @dataclass(kw_only=True)
@@ -143,9 +147,10 @@ def _sums(tensor: torch.Tensor) -> tuple[float, float]:
     return float(wide.sum()), float(wide.abs().sum())
 
 
-def operand_name(ops: Sequence[OpCall], op: OpCall, j: int) -> str:
+def operand_name(ops: Sequence[OpCall], op: OpCall, j: int, *, depth: int = 1) -> str:
     """How the user knows operand ``j`` of ``op``: their variable (``q``), the parameter's
-    name, the name a line gave the op that made it, or that op (``transpose(...)``)."""
+    name, the name a line gave the op that made it, or that op on its own first operand
+    (``~mask``, ``k.transpose(...)``, ``softmax(...)``)."""
     made = op.producers[j]
     if j < len(op.names) and op.names[j]:
         return op.names[j]
@@ -157,7 +162,16 @@ def operand_name(ops: Sequence[OpCall], op: OpCall, j: int) -> str:
     producer = ops[made[0]]
     if made[1] < len(producer.output_names) and producer.output_names[made[1]]:
         return producer.output_names[made[1]]
-    return producer.step or f"{producer.name}(...)"
+    if producer.step:
+        return producer.step
+    inner = operand_name(ops, producer, 0, depth=depth - 1) if producer.inputs and depth \
+        else "..."
+    if producer.name in ("~", "-x"):
+        return f"{producer.name[0]}{inner}"
+    if producer.name.startswith("."):  # an attribute: x.T
+        return f"{inner}{producer.name}"
+    return f"{inner}.{producer.name}(...)" if producer.name in _METHODS else \
+        f"{producer.name}(...)"
 
 
 def _called(op: OpCall) -> str:
