@@ -126,11 +126,10 @@ def _hidden(tensor: torch.Tensor) -> torch.Tensor | None:
     """Where a float tensor holds ``-inf`` (or the dtype's lowest numbers), as one boolean
     mask without the axes it is the same along ((B, 1, T, T) -> (T, T)); None: no such
     entry."""
-    if not tensor.is_floating_point() or tensor.dim() < 2:
+    lowest = torch.finfo(tensor.dtype).min / 2 if tensor.is_floating_point() else 0.0
+    if not tensor.is_floating_point() or tensor.dim() < 2 or float(tensor.amin()) > lowest:
         return None
-    hidden = tensor <= torch.finfo(tensor.dtype).min / 2
-    if not bool(hidden.any()):
-        return None
+    hidden = tensor <= lowest
     while hidden.dim() > 2 and bool((hidden == hidden[:1]).all()):
         hidden = hidden[0]
     return hidden.reshape(core_shape(tuple(hidden.shape)))
@@ -143,8 +142,9 @@ def _key(tensor: torch.Tensor) -> tuple[object, bool]:
 def _sums(tensor: torch.Tensor) -> tuple[float, float]:
     if tensor.numel() == 0 or tensor.dtype == torch.bool or tensor.is_complex():
         return 0.0, 0.0
-    wide = tensor.detach().double()
-    return float(wide.sum()), float(wide.abs().sum())
+    value = tensor.detach()
+    return (float(value.sum(dtype=torch.float64)),
+            float(value.abs().sum(dtype=torch.float64)))
 
 
 def operand_name(ops: Sequence[OpCall], op: OpCall, j: int, *, depth: int = 1) -> str:
@@ -194,8 +194,15 @@ class _Blame:
     def __init__(self, ops: list[OpCall], reference: list[OpCall], tolerance: Tolerance) -> None:
         self.ops, self.reference, self.tolerance = ops, reference, tolerance
         self.values = ReferenceValues(reference, tolerance)
-        self.mine = ReferenceValues(ops, tolerance)  # what the model computes, the same way
         self.structural = matching_pairs([op.name for op in ops], [op.name for op in reference])
+        self._mine: ReferenceValues | None = None
+
+    @property
+    def mine(self) -> ReferenceValues:
+        """What the model computes, indexed the same way (built when first asked)."""
+        if self._mine is None:
+            self._mine = ReferenceValues(self.ops, self.tolerance)
+        return self._mine
 
     def input_held(self, op: OpCall, j: int) -> bool:
         """The reference computes operand ``j`` of ``op`` too; a constant made from no tensor

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from torchlens_edu._core.tree import iter_tensors
-from torchlens_edu.dims import Dims
+from torchlens_edu.dims import Dims, _config_of, dims_from_config
 from torchlens_edu.divergence.align import Alignment, ModuleCall, PathMap, align, pair_tensors
 from torchlens_edu.divergence.backward import blame_backward
 from torchlens_edu.divergence.blame import OpBlame, blame
@@ -173,9 +173,10 @@ def compare(model: nn.Module, reference: nn.Module, *inputs: Any, rtol: float | 
         if any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in side.modules()):
             notes.append(f"the {name} is in training mode with active dropout: both ran from "
                          f"the same seed, but call .eval() to compare without it")
-    dims = Dims.infer(model, inputs).merged({
-        name: size for name, size in Dims.infer(reference, inputs).items()
-        if name not in Dims.infer(model, inputs)})
+    dims = Dims.infer(model, inputs)
+    if _config_of(model) is None:  # a learner's model without a config: the reference's
+        dims = dims.merged({name: size for name, size in
+                            dims_from_config(_config_of(reference)).items() if name not in dims})
     return Comparison(first=first, alignment=alignment.how, aligned_modules=len(alignment.pairs),
                       modules=rows, gradients=gradients, rtol=rtol, atol=atol, notes=notes,
                       dims=dict(dims), loss=loss)
