@@ -11,7 +11,6 @@ compared with, and which one is blamed, is ``blame.py``; the steps of fused ops 
 from __future__ import annotations
 
 import ast
-import linecache
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +19,9 @@ import torch
 import torch.nn as nn
 
 from torchlens_edu._core.frames import source_location
+from torchlens_edu._core.sites import Site, source_text, user_site
 from torchlens_edu._core.tree import iter_tensors
-from torchlens_edu.shapes.ops import OpRecorder, tensors_in, tensors_out, user_site
+from torchlens_edu.shapes.ops import OpRecorder, tensors_in, tensors_out
 
 # fused ops whose arguments are kept, so that steps.py can compute their steps
 FUSED = frozenset({"scaled_dot_product_attention", "gelu", "layer_norm", "linear", "addmm",
@@ -74,7 +74,7 @@ def assigned_names(filename: str, line: int, count: int) -> list[str]:
     >>> assigned_names(path, 1, 1)
     ['att']
     """
-    text = linecache.getline(filename, line).strip()
+    text = source_text(filename, line)
     try:
         statement = ast.parse(text).body[0] if text else None
     except SyntaxError:  # one line of a longer statement
@@ -111,7 +111,8 @@ class _OpLog:
                 frame: Any) -> None:
         if not self.active:
             return
-        site = user_site(frame)
+        found = user_site(frame)
+        site = (found.filename, found.line) if found is not None else None
         inputs, outputs = tensors_in(args, kwargs), tensors_out(result)
         user = frame
         while user is not None and site is not None and user.f_code.co_filename != site[0]:
@@ -146,7 +147,7 @@ class _OpLog:
         return self._made_by.get(id(tensor))
 
     def op_failed(self, name: str, args: Any, kwargs: dict[str, Any], exc: Exception,
-                  site: tuple[str, int] | None) -> None:
+                  site: Site | None) -> None:
         """A failing op fails the run itself; there is nothing to keep."""
 
     def finish(self) -> list[OpCall]:

@@ -8,7 +8,6 @@ picks the most likely cause from what those numbers say.
 
 from __future__ import annotations
 
-import linecache
 import math
 import os
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ from rich.text import Text
 from torchlens_edu._core.console import render_html, render_text
 from torchlens_edu._core.formatting import dtype_name
 from torchlens_edu._core.modules import also_reachable
+from torchlens_edu._core.sites import source_text
 from torchlens_edu.dims import format_shape
 from torchlens_edu.nans.shards import has_values
 from torchlens_edu.printing.stats import local_shard
@@ -211,7 +211,7 @@ def _code_line(source: str) -> str:
     path, _, line = source.rpartition(":")
     if not path or not line.isdigit():
         return ""
-    return linecache.getline(path, int(line)).strip()
+    return source_text(path, int(line))
 
 
 def _number(value: float | None) -> str:

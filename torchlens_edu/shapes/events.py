@@ -1,6 +1,8 @@
 """What a shape trace records: one :class:`ShapeEvent` per module or op call, as plain data.
 
-Events keep ``torch.Size`` and dtype pairs, never a tensor: a trace holds no activation alive.
+Events keep ``torch.Size`` and dtype pairs, never a tensor: a trace holds no activation alive,
+and the user's line as a shared :class:`~torchlens_edu._core.sites.Site` whose source text is
+read when the trace is shown, not while the model runs.
 The tracer (``tracer.py``) makes them, ``trace.py`` holds them, ``render.py`` draws them.
 """
 
@@ -11,6 +13,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from torchlens_edu._core.sites import Site
 
 Spec = tuple[torch.Size, torch.dtype]  # what an event keeps of a tensor: no data, no reference
 
@@ -43,8 +47,7 @@ class ShapeEvent:
     parent: int  # index of the enclosing module event, -1 at the top
     inputs: tuple[Spec, ...]
     outputs: tuple[Spec, ...] = ()  # a module's are filled in when it returns
-    filename: str = ""  # the user's line: for a module, where it was called
-    line: int = 0
+    site: Site | None = None  # the user's line: for a module, where it was called
     params: int | None = None  # module parameters, counted once
     seconds: float | None = None  # module wall time (real runs that returned)
     flops: int | None = None  # meta runs that returned
@@ -54,6 +57,40 @@ class ShapeEvent:
     out_ids: tuple[int, ...] = ()
     aliases: tuple[str, ...] = ()  # the module's other paths (one module under two parents)
     folded: tuple[str, ...] = ()  # FSDP's own ops, one name per call, shown as this one row
+
+    @property
+    def filename(self) -> str:
+        """The file of the user's line (``""`` when unknown).
+
+        >>> import torchlens_edu as tle
+        >>> tle.trace_shapes(torch.nn.Linear(4, 2), torch.zeros(3, 4)).events[0].filename != ""
+        True
+        """
+        return self.site.filename if self.site is not None else ""
+
+    @property
+    def line(self) -> int:
+        """The number of the user's line (0 when unknown).
+
+        >>> import torchlens_edu as tle
+        >>> tle.trace_shapes(torch.nn.Linear(4, 2), torch.zeros(3, 4)).events[0].line > 0
+        True
+        """
+        return self.site.line if self.site is not None else 0
+
+    @property
+    def code(self) -> str:
+        """The source text of the user's line, stripped (``""`` when unknown); read from the
+        file the first time a trace shows that line.
+
+        >>> import torchlens_edu as tle
+        >>> class Double(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x * 2
+        >>> tle.trace_shapes(Double(), torch.zeros(3), ops=True).events[1].code
+        'return x * 2'
+        """
+        return self.site.text if self.site is not None else ""
 
     @property
     def source(self) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import linecache
 import math
 import re
 import sys
@@ -24,6 +23,7 @@ import torch.nn as nn
 
 from torchlens_edu._core.formatting import dtype_name
 from torchlens_edu._core.frames import is_user_file, source_location
+from torchlens_edu._core.sites import Site, source_text
 from torchlens_edu.dims import Dims
 from torchlens_edu.shapes.meta import DATA_DEPENDENT
 
@@ -40,7 +40,7 @@ class Failure:
     op: str | None = None
     operands: list[torch.Tensor] = field(default_factory=list)
     module: str | None = None
-    site: tuple[str, int] | None = None  # the user's line, when the op recorder saw it
+    site: Site | None = None  # the user's line, when the op recorder saw it
     equation: str = ""  # einsum's subscripts, when the op recorder saw the call
     meta: bool = False
     explanation: str = ""
@@ -58,7 +58,7 @@ def explain(failure: Failure, trace: Any, roots: list[nn.Module]) -> str:
     """The explanation as plain text (a few short lines), for an exception note."""
     dims: Dims = trace.dims
     frame, filename, line = _user_line(failure)
-    code = linecache.getline(filename, line).strip() if filename else ""
+    code = source_text(filename, line) if filename else ""
     named = _tensors_on_line(frame, code) if frame is not None else {}
     operands = [_operand(t, _name_of(t, named, roots)) for t in failure.operands]
     texts = _operand_texts(code, failure.op)  # an expression such as k.transpose(-2, -1)
@@ -118,11 +118,12 @@ def _user_line(failure: Failure) -> tuple[FrameType | None, str, int]:
     while tb is not None:
         entries.append((tb.tb_frame, tb.tb_lineno))
         tb = tb.tb_next
-    if failure.site is not None:
+    site = failure.site
+    if site is not None:
         for frame, line in reversed(entries):
-            if (frame.f_code.co_filename, line) == failure.site:
-                return frame, failure.site[0], failure.site[1]
-        return None, failure.site[0], failure.site[1]
+            if (frame.f_code.co_filename, line) == (site.filename, site.line):
+                return frame, site.filename, site.line
+        return None, site.filename, site.line
     for frame, line in reversed(entries):
         if is_user_file(frame.f_code.co_filename):
             return frame, frame.f_code.co_filename, line

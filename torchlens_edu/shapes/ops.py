@@ -5,7 +5,9 @@ A ``TorchFunctionMode`` sees functions (``F.softmax``), methods (``q.view``) and
 op's own implementation are not seen again: one event per call the user's code made.
 
 Speed matters here (the target is 2x a plain forward), so the per-call work is small: look up
-a cached op name, read the shapes, walk a few frames to the user's line with a per-file cache.
+a cached op name, keep the shapes as they are (``torch.Size``), and find the user's line in the
+per-code-location cache of ``_core/sites.py`` (one dictionary lookup per frame walked). Names,
+shapes and source text become words only when the trace is shown.
 
 Calls made by the toolkit itself (a capture detaching what it keeps, a NaN watch's probes, a
 memory estimate) are not the model's: they run through unrecorded.
@@ -13,7 +15,6 @@ memory estimate) are not the model's: they run through unrecorded.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from types import FrameType, TracebackType
@@ -22,8 +23,9 @@ from typing import Any, Protocol
 import torch
 from torch.overrides import TorchFunctionMode
 
-from torchlens_edu._core.frames import is_toolkit_file, is_user_file
+from torchlens_edu._core.frames import is_user_file
 from torchlens_edu._core.replay_state import replaying
+from torchlens_edu._core.sites import Site, code_facts, user_site
 from torchlens_edu.shapes.meta import keep_real, meet_on_meta, stays_real
 
 # Calls that ask about a tensor instead of computing one: left out of the trace.
@@ -46,25 +48,6 @@ _OPERATORS = {
     "__le__": "<=", "__gt__": ">", "__ge__": ">=", "__bool__": "bool",
 }
 
-_user_files: dict[str, bool] = {}  # filename -> is it the user's code? (asked once per file)
-_toolkit_files: dict[str, bool] = {}  # filename -> is it our observers' code?
-
-
-def user_site(frame: FrameType | None) -> tuple[str, int] | None:
-    """``(filename, line)`` of the first user frame at or above ``frame`` (cached per file)."""
-    cache = _user_files
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        mine = cache.get(filename)
-        if mine is None:
-            mine = cache[filename] = is_user_file(filename)
-        if mine:
-            return filename, frame.f_lineno
-        frame = frame.f_back
-    return None
-
-
-_FSDP_DIR = f"{os.sep}torch{os.sep}distributed{os.sep}fsdp{os.sep}"
 # FSDP's module hooks, and what FSDP does in them
 _FSDP_HOOKS = {"_pre_forward": "gathered the parameters of",
                "_post_forward": "finished the forward of"}
@@ -78,16 +61,18 @@ def fsdp_work(frame: FrameType | None) -> tuple[str, tuple[Any, ...]] | None:
     ``(what, modules)``: ``("gathered the parameters of", modules)`` in the pre-forward hook
     of the modules whose parameters it gathers, ``("finished the forward of", modules)`` in
     their post-forward hook (resharding, hooking the backward), ``("worked for", ())`` else.
+    The tracer asks only when ``caller_site`` found FSDP's code there: the common op pays
+    nothing for it.
     """
     by_fsdp = False
     while frame is not None:
-        filename = frame.f_code.co_filename
-        if _FSDP_DIR in filename:
+        facts = code_facts(frame.f_code)
+        if facts.fsdp:
             by_fsdp = True
             what = _FSDP_HOOKS.get(frame.f_code.co_name)
             if what is not None:
                 return what, tuple(getattr(frame.f_locals.get("self"), "_modules", ()))
-        elif _user_files.get(filename):
+        elif facts.user:
             break
         frame = frame.f_back
     return ("worked for", ()) if by_fsdp else None
@@ -135,7 +120,7 @@ class OpListener(Protocol):
                 frame: Any) -> None: ...
 
     def op_failed(self, name: str, args: Any, kwargs: dict[str, Any], exc: Exception,
-                  site: tuple[str, int] | None) -> None: ...
+                  site: Site | None) -> None: ...
 
 
 class OpRecorder(TorchFunctionMode):
@@ -172,11 +157,8 @@ class OpRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        caller = sys._getframe(1).f_code.co_filename
-        ours = _toolkit_files.get(caller)
-        if ours is None:
-            ours = _toolkit_files[caller] = is_toolkit_file(caller)
-        if ours:  # another observer's own work, not the model's
+        caller = sys._getframe(1)
+        if code_facts(caller.f_code).toolkit:  # another observer's own work, not the model's
             return func(*args, **kwargs)
         try:
             name = self._names[func]
@@ -194,10 +176,10 @@ class OpRecorder(TorchFunctionMode):
             result = func(*args, **kwargs)
         except Exception as exc:
             self._tracer.op_failed(name or str(getattr(func, "__name__", repr(func))), args, kwargs,
-                                   exc, user_site(sys._getframe(1)))
+                                   exc, user_site(caller))
             raise
         if name is not None and not replaying():  # the NaN watch's re-run: already seen
-            self._tracer.op_done(name, args, kwargs, result, sys._getframe(1))
+            self._tracer.op_done(name, args, kwargs, result, caller)
         return result
 
 

@@ -10,7 +10,6 @@ that leave it: ``gpt2.py:57 q = q.view(B, T, nh, hs).transpose(1, 2)  (B, T, C) 
 from __future__ import annotations
 
 import io
-import linecache
 import re
 import tokenize
 from collections.abc import Iterator, Mapping, Sequence
@@ -221,7 +220,7 @@ def _op_row(group: list[int], events: list[ShapeEvent], names: _Names) -> Text:
         return text.append(f"{first.name}: {ops_text}" + (f" ({', '.join(names)})" if names
                                                              else ""), "dim italic")
     if first.filename:
-        code = _without_comment(linecache.getline(first.filename, first.line).strip())
+        code = _without_comment(first.code)
         text.append(f"{source_location(first.filename, first.line)} ", "blue")
         text.append(code + "  ", "")
     text.append(", ".join(dict.fromkeys(op.name for op in ops)), "dim italic")

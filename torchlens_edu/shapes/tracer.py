@@ -36,6 +36,7 @@ from torchlens_edu._core.modules import (
     module_aliases,
 )
 from torchlens_edu._core.replay_state import recomputing, replaying
+from torchlens_edu._core.sites import Site, caller_site, user_site
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.dims import AxisRoles, Dims, dims_argument, model_parameter_axes
 from torchlens_edu.shapes import meta as _shape_meta
@@ -254,7 +255,7 @@ class ShapeTracer:
         name = type(module).__name__
         events, stack, calls = self._events, self._stack, self._calls
         meta, clock = self.meta, time.perf_counter
-        site_of, frame = _shape_ops.user_site, sys._getframe
+        frame = sys._getframe
         thread, this_thread = self._thread, threading.get_ident
 
         def pre(mod: nn.Module, args: tuple[Any, ...], *rest: Any) -> Any:
@@ -270,11 +271,10 @@ class ShapeTracer:
             else:
                 call = calls.get(path, 0)
                 calls[path] = call + 1
-                filename, line = site_of(frame(1)) or ("", 0)
                 events.append(ShapeEvent(
                     kind="module", path=path, name=name, call=call, parent=parent,
-                    inputs=_arg_specs(args, kwargs), filename=filename, line=line,
-                    params=params, aliases=aliases))
+                    inputs=_arg_specs(args, kwargs), site=user_site(frame(1)), params=params,
+                    aliases=aliases))
                 stack.append(_OpenCall(path=path, recorded=True, index=len(events) - 1,
                                        started=clock(), flops_before=self._flops, args=args,
                                        kwargs=kwargs))
@@ -351,17 +351,17 @@ class ShapeTracer:
         if not record:
             return
         path, parent = self._where()
-        fsdp = _shape_ops.fsdp_work(frame)
+        site, by_fsdp = caller_site(frame)
+        fsdp = _shape_ops.fsdp_work(frame) if by_fsdp else None
         if fsdp is not None:
             self._fsdp_op(name, *fsdp, parent)
             return
         key = (path, name)
         call = self._op_calls.get(key, 0)
         self._op_calls[key] = call + 1
-        filename, line = _shape_ops.user_site(frame) or ("", 0)
         event = ShapeEvent(kind="op", path=path, name=name, call=call, parent=parent,
-                           inputs=_specs(ins), outputs=_specs(outs), filename=filename,
-                           line=line, in_ids=tuple(map(id, ins)), out_ids=tuple(map(id, outs)))
+                           inputs=_specs(ins), outputs=_specs(outs), site=site,
+                           in_ids=tuple(map(id, ins)), out_ids=tuple(map(id, outs)))
         if self.meta:
             event.flops = flops
             event.memory = _shape_meta.output_bytes(outs, ins)
@@ -385,7 +385,7 @@ class ShapeTracer:
                                        parent=parent, inputs=(), folded=(name,)))
 
     def op_failed(self, name: str, args: Any, kwargs: dict[str, Any], exc: Exception,
-                  site: tuple[str, int] | None) -> None:
+                  site: Site | None) -> None:
         if self._failure is not None and self._failure.exc is exc:
             return  # the same error passing up through an outer op
         ins = _shape_ops.tensors_in(args, kwargs)
@@ -395,10 +395,9 @@ class ShapeTracer:
                                 equation=equation)
         if self.records_ops():
             call = self._op_calls.get((path, name), 0)
-            filename, line = site or ("", 0)
             self._events.append(ShapeEvent(kind="op", path=path, name=name, call=call,
-                                           parent=parent, inputs=_specs(ins), filename=filename,
-                                           line=line, failed=True, in_ids=tuple(map(id, ins))))
+                                           parent=parent, inputs=_specs(ins), site=site,
+                                           failed=True, in_ids=tuple(map(id, ins))))
 
     def _where(self) -> tuple[str, int]:
         """The module an op runs in now and the event its events nest under."""
