@@ -1,6 +1,7 @@
 """The user's line of each op, cached per code location (``_core/sites.py``): the same answers as
 the walk without a cache, one Site per line, text read only when shown, fresh after a reload,
-and a cache that lets go of code objects that are gone."""
+and a cache that lets go of code objects that are gone. And the tracer's own size reads are no
+op for any ``TorchFunctionMode`` (its own op recorder's or the user's)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 from support.site_model import traced
 from torchlens_edu._core import sites
@@ -141,3 +143,35 @@ def test_source_text_reads_a_file_again_after_it_changed(tmp_path):
     assert sites.source_text(str(path), 1) == "a = 1"
     path.write_text("b = 22  # longer\n")
     assert sites.source_text(str(path), 1) == "b = 22  # longer"
+
+
+class _Calls(TorchFunctionMode):
+    """A user's own mode: which functions made the torch calls it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.callers: list[tuple[str, str]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        code = sys._getframe(1).f_code
+        self.callers.append((os.path.basename(code.co_filename), code.co_name))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("ops", [False, True])
+def test_the_tracers_size_reads_during_the_forward_reach_no_torch_function_mode(ops):
+    """Reading each module's and op's sizes is the tracer's business: a user's mode does not
+    see those reads as ops (and they cost no dispatch through a Python mode)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    x = torch.zeros(2, 4)
+    with _Calls() as calls:
+        trace = trace_shapes(model, x, ops=ops)
+    readers = {"pre", "post", "op_done", "_arg_specs", "_output_specs", "_specs", "<listcomp>",
+               "infer"}
+    ours = [c for c in calls.callers if c[0] in ("tracer.py", "dims.py") and c[1] in readers]
+    assert ours == []
+    assert ("linear.py", "forward") in calls.callers or ("ops.py", "__torch_function__") in (
+        calls.callers)  # the model's own calls still reach the user's mode
+    assert [e.output_shapes for e in trace.events if e.kind == "module"] == [[(2, 4)]] * 3
+    if ops:
+        assert [e.name for e in trace.events if e.kind == "op"] == ["linear", "relu"]

@@ -94,9 +94,13 @@ def code_facts(code: CodeType) -> CodeFacts:
     facts = CodeFacts(user=is_user_file(filename), toolkit=is_toolkit_file(filename),
                       fsdp=_FSDP_DIR in filename)
     key = id(code)
-    # The callback runs while the code object is freed, before its id can be reused.
-    facts.freed = weakref.ref(code, lambda _: _codes.pop(key, None))
-    _codes[key] = facts
+    codes = _codes  # the callback holds the dict, not the module global (gone at exit)
+
+    def forget(_: weakref.ref[CodeType]) -> None:  # runs while the code object is freed,
+        codes.pop(key, None)                       # before its id can be reused
+
+    facts.freed = weakref.ref(code, forget)
+    codes[key] = facts
     return facts
 
 

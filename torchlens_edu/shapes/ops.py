@@ -179,7 +179,11 @@ class OpRecorder(TorchFunctionMode):
                                    exc, user_site(caller))
             raise
         if name is not None and not replaying():  # the NaN watch's re-run: already seen
-            self._tracer.op_done(name, args, kwargs, result, caller)
+            if torch._C._len_torch_function_stack():  # modes below this one (ours is off now):
+                with torch._C.DisableTorchFunction():  # the tracer's size reads are not ops
+                    self._tracer.op_done(name, args, kwargs, result, caller)
+            else:
+                self._tracer.op_done(name, args, kwargs, result, caller)
         return result
 
 
