@@ -150,6 +150,8 @@ def test_capture_by_the_second_path_is_keyed_by_it_and_agrees_with_plain_hooks()
     assert [key for key in cache if key[0] in ("lm_head", "transformer.wte")] == [
         ("transformer.wte", 0), ("transformer.wte", 1)]  # recorded once per call, not twice
     assert cache["lm_head", 1].shape == (2, 3, V)
+    with pytest.raises(KeyError, match=r"Did you mean lm_head\?"):  # the other path, offered
+        cache["lm_haed"]
     with capture(model, "layers.*", grads=True) as cache:
         model(IDS).sum().backward()
     assert cache.paths() == ["layers.0", "layers.1"]

@@ -200,7 +200,10 @@ class ActivationCache:
         if not paths and not self.forwards:
             return (f"nothing captured yet for '{path}': run the model inside the `with` block "
                     "(the cache fills during the forward)")
-        hint = did_you_mean(path, paths, n=3, cutoff=0.5, quote=False, start=True)
+        # a captured module's other paths find it too: offer them, never the path asked for
+        known = [p for p in [*paths, *(a for a, p in self.aliases.items() if p in paths)]
+                 if p != path]
+        hint = did_you_mean(path, known, n=3, cutoff=0.5, quote=False, start=True)
         hint = f" {hint}" if hint else ""
         return (f"'{path}' was not captured.{hint} Captured: {', '.join(paths[:8])}"
                 f"{' ...' if len(paths) > 8 else ''}")
