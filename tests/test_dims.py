@@ -243,3 +243,44 @@ def test_hugging_face_and_transformer_lens_position_weights_are_ctx_by_C():
     w_pos = tl_like["pos_embed"].W_pos
     assert dims.format(w_pos.shape, axes=model_parameter_axes(tl_like)[id(w_pos)]) == \
         "(ctx=64, C=64)"
+
+
+class _WrongWidth(nn.Module):
+    """C = ctx = 64, and a projection built for 48 features: a shape error in a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(100, 64), nn.Embedding(64, 64)
+        self.proj = nn.Linear(48, 64)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))  # (B, T, C)
+        return self.proj(x)
+
+
+@pytest.mark.parametrize("mode", ["modules", "ops", "meta"])
+def test_a_shape_error_names_the_weights_axes_by_their_role(mode):
+    import torchlens_edu as tle
+
+    with pytest.raises(RuntimeError) as info:
+        tle.trace_shapes(_WrongWidth(), torch.zeros(2, 5, dtype=torch.long),
+                         ops=mode == "ops", meta=mode == "meta")
+    note = info.value.shape_trace.error
+    weight = next(line for line in note.splitlines() if "weight" in line)
+    assert "(C=64, 48)" in weight, note  # not (64:C|ctx, 48): a linear layer's axes are features
+    assert "C|ctx" not in note
+    assert "the layer's in_features (48)" in note
+
+
+def test_a_nan_report_names_the_weights_axes_by_their_role():
+    import torchlens_edu as tle
+
+    model = _WrongWidth()
+    model.proj = nn.Linear(64, 64)  # the right width now; an Inf planted in its weight instead
+    with torch.no_grad():
+        model.proj.weight[0, 0] = float("inf")
+    with pytest.raises(tle.NonFiniteError) as info, tle.watch_nans(model):
+        model(torch.zeros(2, 5, dtype=torch.long))
+    rows = {s.name: s.shape for s in info.value.report.inputs}
+    assert rows["parameter proj.weight"] == "(C=64, C=64)"  # not (64:C|ctx, 64:C|ctx)
+    assert rows["input 0"] == "(B=2, T=5, C=64)"

@@ -73,7 +73,8 @@ def test_int64_input_to_a_float_layer():
         trace_shapes(model, torch.ones(2, 4, dtype=torch.long), ops=True)
     note = _note(info.value)
     assert "`linear` failed in 0 (Linear)" in note
-    assert "0.weight  (3, T=4)  float32" in note and "(B=2, T=4)  int64" in note
+    # a weight's axes are features, never T: the 4 stays a number
+    assert "0.weight  (3, 4)  float32" in note and "(B=2, T=4)  int64" in note
     assert "convert the integer tensor: tensor.to(torch.float32)" in note
 
 

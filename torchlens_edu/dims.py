@@ -427,8 +427,9 @@ def _settle_by_position(names: list[str], axis: int, shape: list[int],
 
 
 def format_shape(shape: Sequence[int] | torch.Size, dims: Mapping[str, int] | None = None,
-                 *, brackets: str = "()") -> str:
-    """Format a shape with names when ``dims`` knows them, else plainly.
+                 *, brackets: str = "()", axes: AxisRoles | None = None) -> str:
+    """Format a shape with names when ``dims`` knows them, else plainly; ``axes``: the roles
+    of a weight's axes (:func:`parameter_axes`), which settle a size with two names.
 
     >>> format_shape((2, 16, 768), {"B": 2, "T": 16, "C": 768})
     '(B=2, T=16, C=768)'
@@ -436,4 +437,4 @@ def format_shape(shape: Sequence[int] | torch.Size, dims: Mapping[str, int] | No
     '(3, 4)'
     """
     named = dims if isinstance(dims, Dims) else Dims(dims)
-    return named.format(shape, brackets=brackets)
+    return named.format(shape, brackets=brackets, axes=axes)

@@ -42,6 +42,7 @@ from torchlens_edu._core.frames import frame_location, user_frame
 from torchlens_edu._core.modules import module_paths
 from torchlens_edu._core.replay_state import replay_scope
 from torchlens_edu._core.tree import iter_tensors
+from torchlens_edu.dims import AxisRoles, model_parameter_axes
 from torchlens_edu.nans.backward import Creation, GraphWatch
 from torchlens_edu.nans.causes import forward_cause, hint_for, row_facts
 from torchlens_edu.nans.ranks import rank
@@ -159,6 +160,11 @@ class Replayer(TorchFunctionMode):
         labels = {id(p): f"parameter {name}" for name, p in self.watched.named_parameters()}
         labels.update((id(b), f"buffer {name}") for name, b in self.watched.named_buffers())
         return labels
+
+    @functools.cached_property
+    def axes(self) -> dict[int, AxisRoles]:
+        """What each weight's axes are, from its module: ``wpe.weight`` is ``(ctx, C)``."""
+        return model_parameter_axes(self.watched)
 
     def _reset(self, *, track: bool, record: bool, stop_at: int | None) -> None:
         self.track, self.record, self.stop_at = track, record, stop_at
@@ -445,8 +451,8 @@ class Replayer(TorchFunctionMode):
                           call: tuple[tuple, dict] = ((), {})) -> Producer:
         module = path if path is not None else (self.stack[-1] if self.stack else "")
         source = frame_location(user_frame(sys._getframe(1)))
-        ins = [TensorSummary.of(self.labels.get(id(t), f"input {i}"), t, self.dims)
-               for i, t in enumerate(inputs)]
+        ins = [TensorSummary.of(self.labels.get(id(t), f"input {i}"), t, self.dims,
+                                self.axes.get(id(t))) for i, t in enumerate(inputs)]
         outs = [TensorSummary.of(f"output {i}", t, self.dims) for i, t in enumerate(outputs)]
         if foreign:
             label = foreign[0][1].label
@@ -472,7 +478,7 @@ class Replayer(TorchFunctionMode):
         if module is None:
             return []
         prefix = f"{path}." if path else ""
-        return [TensorSummary.of(prefix + n, p, self.dims)
+        return [TensorSummary.of(prefix + n, p, self.dims, self.axes.get(id(p)))
                 for n, p in module.named_parameters(recurse=False)]
 
     # ---------------------------------------------------------------- backward hooks

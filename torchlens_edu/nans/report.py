@@ -26,7 +26,7 @@ from torchlens_edu._core.console import render_html, render_text
 from torchlens_edu._core.formatting import dtype_name
 from torchlens_edu._core.modules import also_reachable
 from torchlens_edu._core.sites import source_text
-from torchlens_edu.dims import format_shape
+from torchlens_edu.dims import AxisRoles, format_shape
 from torchlens_edu.nans.shards import has_values
 from torchlens_edu.printing.stats import local_shard
 
@@ -52,9 +52,10 @@ class TensorSummary:
     note: str = ""
 
     @classmethod
-    def of(cls, name: str, t: torch.Tensor, dims: Mapping[str, int] | None = None
-           ) -> TensorSummary:
-        """Summarise ``t`` with :func:`torchlens_edu.printing.tensor_stats` (one host read).
+    def of(cls, name: str, t: torch.Tensor, dims: Mapping[str, int] | None = None,
+           axes: AxisRoles | None = None) -> TensorSummary:
+        """Summarise ``t`` with :func:`torchlens_edu.printing.tensor_stats` (one host read);
+        ``axes``: the roles of a weight's axes (``wpe.weight`` is ``(ctx, C)``).
 
         >>> TensorSummary.of("x", torch.tensor([1.0, float("nan")])).nan
         1
@@ -63,7 +64,8 @@ class TensorSummary:
 
         t = local_shard(t)  # a DTensor: this rank's shard (the report says which rank)
         s = tensor_stats(t)
-        return cls(name=name, shape=format_shape(tuple(t.shape), dims), dtype=dtype_name(t.dtype),
+        return cls(name=name, shape=format_shape(tuple(t.shape), dims, axes=axes),
+                   dtype=dtype_name(t.dtype),
                    nan=s.nan, posinf=s.posinf, neginf=s.neginf, zeros=s.zeros, min=s.min,
                    max=s.max, note=s.note)
 

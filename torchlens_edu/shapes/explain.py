@@ -24,7 +24,7 @@ import torch.nn as nn
 from torchlens_edu._core.formatting import dtype_name
 from torchlens_edu._core.frames import is_user_file, source_location
 from torchlens_edu._core.sites import Site, source_text
-from torchlens_edu.dims import Dims
+from torchlens_edu.dims import AxisRoles, Dims, parameter_axes
 from torchlens_edu.shapes.meta import DATA_DEPENDENT
 
 _NAMESPACES = frozenset({"torch", "F", "nn.functional", "torch.nn.functional", "torch.linalg"})
@@ -52,6 +52,7 @@ class _Operand:
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device | None  # None: known from the trace's shapes only
+    axes: AxisRoles | None = None  # a weight's axes, from its module (wpe.weight: (ctx, C))
 
 
 def explain(failure: Failure, trace: Any, roots: list[nn.Module]) -> str:
@@ -60,7 +61,9 @@ def explain(failure: Failure, trace: Any, roots: list[nn.Module]) -> str:
     frame, filename, line = _user_line(failure)
     code = source_text(filename, line) if filename else ""
     named = _tensors_on_line(frame, code) if frame is not None else {}
-    operands = [_operand(t, _name_of(t, named, roots)) for t in failure.operands]
+    axes = trace.axes  # the roles of the weights' axes, by id (op and meta runs)
+    operands = [_operand(t, _name_of(t, named, roots), axes.get(id(t)))
+                for t in failure.operands]
     texts = _operand_texts(code, failure.op)  # an expression such as k.transpose(-2, -1)
     operands = [replace(o, name=texts[i]) if o.name == "tensor" and i < len(texts) else o
                 for i, o in enumerate(operands)]
@@ -88,7 +91,7 @@ def explain(failure: Failure, trace: Any, roots: list[nn.Module]) -> str:
         width = max(len(o.name) for o in operands)
         for o in operands:
             device = f" {o.device}" if o.device is not None else ""
-            lines.append(f"    {o.name:<{width}}  {dims.format(o.shape)}  "
+            lines.append(f"    {o.name:<{width}}  {dims.format(o.shape, axes=o.axes)}  "
                          f"{dtype_name(o.dtype)}{device}")
     if expected:
         lines.append(f"  expected: {expected}")
@@ -209,15 +212,16 @@ def _leaf_operands(path: str | None, trace: Any, roots: list[nn.Module]) -> list
         inputs = [_Operand(name="input", shape=tuple(shape), dtype=dtype, device=None)
                   for shape, dtype in (event.inputs if event is not None else ())]
         prefix = f"{path}." if path else ""
-        params = [_operand(t, prefix + name) for name, t in
-                  [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-                  if t is not None]
+        module_name = path.rsplit(".", 1)[-1]
+        params = [_operand(t, prefix + name, parameter_axes(module_name, module, name, t.dim()))
+                  for name, t in [*module.named_parameters(recurse=False),
+                                  *module.named_buffers(recurse=False)] if t is not None]
         return inputs + params
     return []
 
 
-def _operand(tensor: torch.Tensor, name: str) -> _Operand:
-    return _Operand(name=name, shape=tuple(tensor.shape), dtype=tensor.dtype,
+def _operand(tensor: torch.Tensor, name: str, axes: AxisRoles | None = None) -> _Operand:
+    return _Operand(name=name, shape=tuple(tensor.shape), dtype=tensor.dtype, axes=axes,
                     device=tensor.device)
 
 
@@ -277,8 +281,8 @@ def _expectation(failure: Failure, ops: list[_Operand], message: str, dims: Dims
     return "", ""
 
 
-def _label(dims: Dims, shape: tuple[int, ...], axis: int) -> str:
-    return dims.labels(shape)[axis] if shape and -len(shape) <= axis < len(shape) else "?"
+def _label(dims: Dims, shape: tuple[int, ...], axis: int, axes: AxisRoles | None = None) -> str:
+    return dims.labels(shape, axes)[axis] if shape and -len(shape) <= axis < len(shape) else "?"
 
 
 def _matmul_ok(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
@@ -307,7 +311,7 @@ def _matmul_expectation(name: str, ops: list[_Operand], dims: Dims) -> tuple[str
     a, b = ops[0], ops[1]
     if name == "linear" or (len(b.shape) == 2 and b.name.endswith("weight")):
         return (f"the input's last axis ({_label(dims, a.shape, -1)}) equal to the layer's "
-                f"in_features ({_label(dims, b.shape, -1)})",
+                f"in_features ({_label(dims, b.shape, -1, b.axes)})",
                 "put the features on the last axis, or build the layer for this size")
     if len(a.shape) < 1 or len(b.shape) < 2:
         return "", ""

@@ -87,13 +87,13 @@ class _Names:
 
 
 def _add_items(node: Tree, items: list[Item], base: str, events: list[ShapeEvent],
-               children: dict[int, list[int]], names: _Names) -> None:
+               children: dict[int, list[int]], naming: _Names) -> None:
     for run in _runs(items, base, events, children):
         first = run[0]
         if isinstance(first, list):
-            node.add(_op_row(first, events, names))
+            node.add(_op_row(first, events, naming))
             continue
-        dims = names.dims
+        dims = naming.dims
         blocks = [i for i in run if isinstance(i, int)]  # a run of modules holds modules only
         event = events[first]
         rel = _relative(event.path, base)
@@ -105,7 +105,7 @@ def _add_items(node: Tree, items: list[Item], base: str, events: list[ShapeEvent
             label = _module_row(event, rel, dims)
         child = node.add(label)
         sub = _items(children.get(first, []), events)
-        _add_items(child, sub, event.path, events, children, names)
+        _add_items(child, sub, event.path, events, children, naming)
 
 
 def _runs(items: list[Item], base: str, events: list[ShapeEvent],
@@ -195,8 +195,8 @@ def _module_row(event: ShapeEvent, rel: str, dims: Dims) -> Text:
     return text
 
 
-def _op_row(group: list[int], events: list[ShapeEvent], names: _Names) -> Text:
-    dims = names.dims
+def _op_row(group: list[int], events: list[ShapeEvent], naming: _Names) -> Text:
+    dims = naming.dims
     ops = [events[i] for i in group]
     made: set[int] = set()
     used: set[int] = set()
@@ -206,7 +206,7 @@ def _op_row(group: list[int], events: list[ShapeEvent], names: _Names) -> Text:
         for ident, spec in zip(op.in_ids, op.inputs, strict=False):
             if ident not in made and ident not in used:
                 ins.append(spec)
-                in_axes.append(names.axes.get(ident))
+                in_axes.append(naming.axes.get(ident))
             used.add(ident)
         made.update(op.out_ids)
     consumed = {i for op in ops for i in op.in_ids}

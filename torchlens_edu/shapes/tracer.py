@@ -236,7 +236,7 @@ class ShapeTracer:
                 self.home = next((t.device for t in root.parameters() if not t.is_meta), self.home)
             self._exits.enter_context(_shape_meta.on_meta(root, self._twins))
         self._root_names.append(type(root).__name__)
-        if self.ops:  # weights are op operands: their modules say what their axes are
+        if self.ops or self.meta:  # weights are op operands: their modules name their axes
             for ident, roles in model_parameter_axes(root).items():  # meta: the twins' ids
                 self._axes.setdefault(ident, roles)
         named = every_path(root)  # a module reachable under two paths comes twice: hooked once
