@@ -57,6 +57,8 @@ class HookCall:
 
     ``call`` counts this module's calls in the current forward of the hooked model (0, 1, ...:
     a block applied twice, or an embedding shared by encoder and decoder, shows 0 then 1).
+    ``path`` is the path the hook's pattern matched: a module reachable under two paths
+    (``lm_head`` that is ``transformer.wte``) is hooked once, and each hook sees its own name.
     ``output`` is ``None`` in forward_pre hooks. Backward hooks run once per output tensor that
     gets a gradient: ``grad`` is that gradient and ``index`` the tensor's position among the
     output's tensors (0 for a plain tensor output); their ``args``/``kwargs`` are empty so that
