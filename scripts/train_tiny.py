@@ -27,7 +27,10 @@ embedding changes nothing a 64-token input computes (attention is causal, positi
 the script checks that the logits are identical. Training on 64-character rows instead was
 tried (64 x 64 and 32 x 64 rows, 8 heads): on the shared 2-core machine of the session that
 shipped this, with a load of 9-11, neither reached step 100 in 6 minutes, so the measured
-128-character recipe stayed. Measured on the shipped model (``tests/test_embedded.py``): the
+128-character recipe stayed. That session cropped the weights this script had written at
+context 128 (``crop_context``, then ``save_hf``) rather than rerunning the 7 minutes of training
+on the busy machine; every tensor but ``wpe`` is byte-for-byte the previous file's.
+Measured on the shipped model (``tests/test_embedded.py``): the
 previous-token head h.0 head 1 puts 0.92 of its weight on the previous token, the induction
 head h.1 head 3 0.93 on the token after the earlier copy (32 random letters seen twice).
 
