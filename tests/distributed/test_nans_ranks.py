@@ -142,6 +142,39 @@ def _dtensor_step(x: torch.Tensor) -> list:
     return [r.to_dict() for r in watch.reports]
 
 
+class Centered(nn.Module):
+    """Replicated DTensor weights, each rank's own rows: ``h.mean()`` over every rank's rows
+    is an all-reduce inside the forward (a replay on one rank alone would wait for it)."""
+
+    def __init__(self) -> None:
+        from torch.distributed.tensor import Replicate, distribute_tensor, init_device_mesh
+
+        super().__init__()
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        self.fc = nn.Linear(4, 4)
+        for name in ("weight", "bias"):
+            replicated = distribute_tensor(getattr(self.fc, name).detach(), mesh, [Replicate()])
+            setattr(self.fc, name, nn.Parameter(replicated))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(torch.log(x))  # log(-1) on rank 1's rows only
+        return h - h.mean()
+
+
+def _dtensor_nan(x: torch.Tensor) -> dict | None:
+    from torch.distributed.tensor import DTensor, Shard
+
+    torch.manual_seed(0)
+    model = Centered()
+    rows = DTensor.from_local(x, model.fc.weight.device_mesh, [Shard(0)])
+    try:
+        with watch_nans(model):
+            model(rows).sum().backward()
+    except NonFiniteError as err:
+        return err.report.to_dict()
+    return None
+
+
 def _worker(rank: int, world: int, out: Path) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     torch.manual_seed(0)
@@ -164,11 +197,32 @@ def _worker(rank: int, world: int, out: Path) -> None:
         zero[0, 0] = 0.0
     results["fsdp_backward_inf"] = _fsdp_step(zero, fault="sqrt")
     results["dtensor_clean"] = _dtensor_step(clean)
+    results["dtensor_forward"] = _dtensor_nan(x)  # rank 1: log(-1), then an all-reduce
     total = torch.ones(1)
     dist.all_reduce(total)  # the process group still works
     results["all_reduce"] = total.item()
     out.write_text(json.dumps(results))
     dist.destroy_process_group()
+
+
+def test_break_mode_under_fsdp_says_why_it_does_not_stop(gloo_world, capsys):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = Stack()
+    fully_shard(model)
+    x = torch.rand(3, 4) + 0.5
+    x[0, 0] = -1.0
+    with pytest.raises(NonFiniteError) as err, watch_nans(model, mode="break"):
+        model(x)
+    assert (err.value.report.op, err.value.report.module) == ("log", "blocks.0")
+    said = " ".join(capsys.readouterr().err.split())
+    assert (f"watch_nans(mode='break'): no debugger stop at {err.value.report.source}: the "
+            "replay up to that line would run the step's collectives (FSDP's parameter "
+            "gathers, DTensor redistributions) on this rank alone, and wait forever for the "
+            "others; raising NonFiniteError") in said
+    assert err.value.report.source.endswith(f":{_line('x = torch.log(x)')}")
+    model(torch.ones(3, 4)).sum().backward()  # and the model still trains
 
 
 def _line(code: str) -> int:
@@ -229,6 +283,13 @@ def test_nan_on_one_rank_is_reported_with_its_rank_and_nobody_hangs(two_ranks):
 
     # plain DTensor parameters: no false alarm; afterwards the process group still works
     assert r0["dtensor_clean"] == [] and r1["dtensor_clean"] == []
+    # a NaN on one rank's rows, with a collective in the forward: every rank replays together
+    # (rank 1 alone used to wait in the all-reduce while rank 0 waited for its verdict)
+    nan = r1["dtensor_forward"]
+    assert (nan["rank"], nan["phase"], nan["op"], nan["cause"]) == (1, "forward", "log", "log_sqrt")
+    assert nan["source"] == f"{__file__}:{_line('h = self.fc(torch.log(x))  # log(-1)')}"
+    # the mean carried it to rank 0 too, which raises with its own report
+    assert (r0["dtensor_forward"]["rank"], r0["dtensor_forward"]["phase"]) == (0, "forward")
     assert r0["all_reduce"] == r1["all_reduce"] == 2.0
 
 

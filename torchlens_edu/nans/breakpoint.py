@@ -21,14 +21,20 @@ from torchlens_edu.nans.report import NonFiniteReport
 ReplayTo = Callable[[int, Callable[[FrameType | None], None] | None], BaseException | None]
 
 
-def stop_at_producer(report: NonFiniteReport, index: int | None, replay_to: ReplayTo) -> None:
-    """Open the debugger at the producing call of ``report`` (call ``index`` of the replay).
+def stop_at_producer(report: NonFiniteReport, index: int | None, replay_to: ReplayTo, *,
+                     refused: str = "") -> None:
+    """Open the debugger at the producing call of ``report`` (call ``index`` of the replay);
+    ``refused``: why no replay may run here (it is said, and the error raised instead).
 
     >>> report = NonFiniteReport(phase="input", module="", op="", kind="nan", source="", hint="h",
     ...                          cause="input")
     >>> stop_at_producer(report, None, lambda index, on_stop: None)  # nothing to stop at
     """
     console = get_console(stderr=True)
+    if refused and index is not None and index >= 0:
+        console.print(f"[yellow]watch_nans(mode='break'):[/] no debugger stop at "
+                      f"{report.source}: {refused}; raising NonFiniteError")
+        return
     if index is None or index < 0:
         console.print(f"[yellow]watch_nans(mode='break'):[/] no line of the model to stop at "
                       f"({report.cause}); raising NonFiniteError")

@@ -7,6 +7,7 @@ NaN/Inf, all of them raise: the rank that found it with its report, the others p
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import torch
@@ -48,11 +49,14 @@ def share(code: int) -> list[int]:
         device = torch.device("cuda", torch.cuda.current_device())
     codes = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=device)
     codes[dist.get_rank()] = code
+    start = time.monotonic()
     try:
         dist.all_reduce(codes, async_op=True).wait(timeout=DIST_TIMEOUT)
     except RuntimeError as err:
+        # the process group's own timeout may end the wait first: say how long it was
+        waited = timedelta(seconds=round(time.monotonic() - start))
         raise RuntimeError(
-            f"watch_nans: rank {dist.get_rank()} waited {DIST_TIMEOUT} for the other ranks' "
+            f"watch_nans: rank {dist.get_rank()} waited {waited} for the other ranks' "
             "NaN check and gave up; every rank must run the same watched forward/backward "
             "steps (same `every`)") from err
     return codes.tolist()

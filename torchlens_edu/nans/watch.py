@@ -53,6 +53,7 @@ from torchlens_edu.nans.report import (
     TensorSummary,
     kind_of,
 )
+from torchlens_edu.printing.stats import is_dtensor
 
 __all__ = ["NanWatch", "NonFiniteError", "NonFiniteReport", "watch_nans"]
 
@@ -132,8 +133,10 @@ class NanWatch:
         # DistributedDataParallel's forward starts collectives: replay the module inside it
         target = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self._replayer = Replayer(model, target, self.kinds, self.dims)
-        # FSDP gathers parameters inside the forward: replays must run on every rank or none
-        self._collective_forward = self._replayer.finish = uses_fsdp(model)
+        # FSDP gathers parameters inside the step, a DTensor op may redistribute (an all-reduce
+        # of a partial sum): replays must run on every rank together, or on none
+        self._collective = self._replayer.finish = uses_fsdp(model) or any(
+            is_dtensor(p) for p in model.parameters())
         self._allow_inf: set[str] = set()  # module paths seen to output -inf on purpose
         self._handles: list[Any] = []
         self._active = False
@@ -287,7 +290,7 @@ class NanWatch:
         if task != self._queued:
             self._queued = task
             engine = torch.autograd.Variable._execution_engine
-            if self._collective_forward:
+            if self._collective:
                 # FSDP queues its end-of-backward callback (which reshards the parameters and
                 # finishes the gradient reduce-scatters) during the backward, maybe after this
                 # hook: a callback queued from a callback runs after it
@@ -331,15 +334,15 @@ class NanWatch:
         """Locate what this rank saw, agree with the other ranks, deliver if anyone is bad.
 
         Under FSDP a step runs collectives (the forward and the backward gather parameters, the
-        backward reduce-scatters gradients), so a replay on one rank alone would wait forever
-        for the others: the ranks first share what their cheap tier saw, and then every rank
-        replays the step or none does.
+        backward reduce-scatters gradients), and so may DTensor ops (redistributing a partial
+        sum), so a replay on one rank alone would wait forever for the others: the ranks first
+        share what their cheap tier saw, and then every rank replays the step or none does.
         """
         report = None
         seen = bad is not None and bad.kind is not None
         may_replay = True  # may this rank replay the step to locate what it saw?
         replay_all = False  # must every rank replay it (the others' collectives need this one)?
-        if self._collective_forward:
+        if self._collective:
             first = share(encode(phase, bad.kind) if bad is not None and bad.kind else 0)
             if not any(first):
                 return
@@ -468,7 +471,11 @@ class NanWatch:
         if self.mode == "break" and step is not None and report.cause != "other_rank":
             producer = step.producer
             stop_at_producer(report, producer.index if producer else None,
-                             partial(self._replay_to, step))
+                             partial(self._replay_to, step), refused=(
+                                 "the replay up to that line would run the step's collectives "
+                                 "(FSDP's parameter gathers, DTensor redistributions) on this "
+                                 "rank alone, and wait forever for the others"
+                                 if self._collective else ""))
         raise NonFiniteError(report)
 
     def _replay_to(self, step: _Step, index: int,
