@@ -225,6 +225,26 @@ def test_break_mode_under_fsdp_says_why_it_does_not_stop(gloo_world, capsys):
     model(torch.ones(3, 4)).sum().backward()  # and the model still trains
 
 
+def test_a_backward_that_skips_the_output_under_fsdp_says_why_it_is_not_replayed(gloo_world):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = Stack()
+    fully_shard(model)
+    kept: list[torch.Tensor] = []
+    model.blocks[1].register_forward_hook(lambda _m, _a, out: kept.append(out))
+    with pytest.raises(NonFiniteError) as err, watch_nans(model):
+        model(torch.rand(3, 4) + 0.5)
+        # a loss on an inner activation: no gradient reaches the model's output to replay from
+        torch.sqrt(kept[0] - kept[0]).sum().backward()
+    report = err.value.report
+    assert (report.phase, report.module, report.op, report.cause) == (
+        "backward", "blocks.1.fc", "", "not_reproduced")
+    assert ("under FSDP every rank replays the backward together or none does, and a rank had "
+            "no watched forward (or no output gradient) to replay it from") in report.hint
+    model(torch.ones(3, 4)).sum().backward()  # and the model still trains
+
+
 def _line(code: str) -> int:
     """The line of this file that holds ``code``."""
     lines = Path(__file__).read_text().splitlines()
