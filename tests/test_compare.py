@@ -192,9 +192,9 @@ def test_backward_names_the_op_whose_backward_differs() -> None:
     assert first.detail == (
         f"the backward of `clone` at {first.source} (its backward is HalfGradient.backward at "
         f"{here}:{line_of_here('def backward').split(':')[1]}): the gradient reaching its output "
-        f"agrees with the reference's, the gradient it passes to `x` does not")
+        f"agrees with the reference's, the gradient of `x` does not")
     assert [(row.role, row.status) for row in first.operands] == [("grad of out", "same"),
-                                                                 ("grad to in 0", "differs")]
+                                                                 ("grad of in 0", "differs")]
     assert [row.status for row in result.gradients][:2] == ["same", "same"]  # 2.bias, 2.weight
     assert [row.module for row in result.gradients if row.status == "differs"] == ["0.bias",
                                                                           "0.weight"]
@@ -223,7 +223,7 @@ def test_backward_names_a_detach_that_cuts_the_residual(idx: torch.Tensor) -> No
     assert first.detail == (
         f"`detach` at {bug_line('detach_residual')} cuts the gradient (its result does not "
         f"require grad: a detach(), .data or torch.no_grad()); the reference's gradient flows "
-        f"on to `x.detach(...)` of `add` at {bug_line('detach_residual')}")
+        f"back to `x` there")
     assert result.loss == ("next-token cross-entropy of the logits (B, T, V) against the input "
                            "ids shifted by one")
     text = str(result)
@@ -435,3 +435,25 @@ def test_cli_errors_are_one_clear_message(tmp_path: Path,
     assert code in (1, 2) and out == ""
     assert err.startswith("error: ") and message in err
     assert "Traceback" not in err
+
+
+def test_backward_says_when_the_reference_ties_weights_the_model_keeps_apart() -> None:
+    class Tiny(nn.Module):
+        def __init__(self, tie: bool) -> None:
+            super().__init__()
+            self.emb, self.head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+            if tie:
+                self.head.weight = self.emb.weight
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            return self.head(self.emb(idx))  # (B, T, V)
+
+    torch.manual_seed(0)
+    reference, model = Tiny(tie=True), Tiny(tie=False)
+    tle.copy_weights(reference, model)
+    model.head.weight.data.copy_(reference.emb.weight.data)
+    result = tle.compare(model, reference, torch.tensor([[1, 2, 3]]), backward=True)
+    assert result.first is not None and result.first.kind == "gradient"
+    assert ("the reference ties `emb.weight` and `head.weight` (one tensor, whose gradient sums "
+            "every use); your model keeps them apart, so their gradients differ even where each "
+            "use is right") in result.notes

@@ -3,11 +3,14 @@
 The module-level pass found the first module output (or parameter) whose gradient differs, in
 backward order. Here both sides run again with the graph kept, recording every op inside the
 enclosing module call; the model's ops are paired with the reference's by their forward values
-(which agree: a forward difference is reported first). Walking the ops from the output side,
-the first op whose incoming gradient (of its output) agrees with the reference's while the
-gradient it passes to one of its operands does not is the op whose backward differs: a custom
-``autograd.Function`` with a wrong ``backward``, or a ``detach()`` / ``torch.no_grad()`` that
-cuts a path the reference's gradient takes (then the op that cut it is named).
+(which agree: a forward difference is reported first). Walking the values from the output
+side, the first one whose gradient (the sum over every op that reads it) differs from the
+reference's, while the gradients of what those readers return agree, was made to differ by a
+reader's backward: a custom ``autograd.Function`` with a wrong ``backward``, or a ``detach()``
+/ ``torch.no_grad()`` that cuts a path the reference's gradient takes. Only gradients of whole
+values are compared, never "what one op passes back" (``autograd.grad`` of an op's output
+with respect to its operand would also follow any other path between them, through tied
+weights for one).
 """
 
 from __future__ import annotations
@@ -37,21 +40,6 @@ def _output_grads(ops: Sequence[OpCall], scalar: torch.Tensor) -> Grads:
     grads = torch.autograd.grad(scalar, [ops[i].live_outputs[k] for i, k in keys],
                                 retain_graph=True, allow_unused=True)
     return {key: grad for key, grad in zip(keys, grads, strict=True) if grad is not None}
-
-
-def _passed_on(op: OpCall, position: int, grads: Grads) -> list[torch.Tensor | None]:
-    """What the op's own backward passes to each operand (None: no gradient reaches it)."""
-    outs = [(k, t) for k, t in enumerate(op.live_outputs) if t.requires_grad]
-    wanted = [j for j, t in enumerate(op.live_inputs) if t.requires_grad]
-    passed: list[torch.Tensor | None] = [None] * len(op.live_inputs)
-    if not outs or not wanted:
-        return passed
-    incoming = [grads.get((position, k), torch.zeros_like(t)) for k, t in outs]
-    found = torch.autograd.grad([t for _, t in outs], [op.live_inputs[j] for j in wanted],
-                                incoming, retain_graph=True, allow_unused=True)
-    for j, grad in zip(wanted, found, strict=True):
-        passed[j] = grad
-    return passed
 
 
 def _custom_backward(op: OpCall) -> str:
@@ -91,81 +79,108 @@ def blame_backward(model: nn.Module, reference: nn.Module, forward: Callable[[],
     grads = _output_grads(ops, loss.of(output))
     ref_grads = _output_grads(ref_ops, loss.reference_of(ref_output))
     values = ReferenceValues(ref_ops, tolerance)
+    readers: dict[tuple[int, int], list[int]] = {}  # an op's output -> the ops that read it
+    for position, op in enumerate(ops):
+        for made in op.producers:
+            if made is not None and position not in readers.setdefault(made, []):
+                readers[made].append(position)
+    # from the output side: the latest value whose gradient differs from the reference's
     for position in range(len(ops) - 1, -1, -1):
-        op = ops[position]
-        r = _counterpart(values, op, ref_ops)
-        if r is None or not any(t.requires_grad for t in op.live_inputs):
+        r = _counterpart(values, ops[position], ref_ops)
+        if r is None:
             continue
-        ref = ref_ops[r]
-        incoming = [(grads.get((position, k)), ref_grads.get((r, k)))
-                    for k in range(min(len(op.outputs), len(ref.outputs)))]
-        if any(a is not None and b is not None and measure(a, b, tolerance).differs
-               for a, b in incoming):
-            continue  # its incoming gradient already differs: the cause is later in the forward
-        passed, ref_passed = _passed_on(op, position, grads), _passed_on(ref, r, ref_grads)
-        for j in range(min(len(op.inputs), len(ref.inputs))):
-            if op.inputs[j].shape != ref.inputs[j].shape:
+        for k in range(min(len(ops[position].outputs), len(ref_ops[r].outputs))):
+            grad, ref_grad = grads.get((position, k)), ref_grads.get((r, k))
+            if (grad is None and ref_grad is None) or not readers.get((position, k)):
                 continue
-            found = _compare_passed(ops, position, r, ref_ops, j, passed[j], ref_passed[j],
-                                    incoming, tolerance)
-            if found is not None:
-                return found
+            if grad is not None and ref_grad is not None and \
+                    not measure(grad, ref_grad, tolerance).differs:
+                continue
+            op = ops[position]
+            if grad is None and not any(t.requires_grad for t in op.live_outputs) and \
+                    any(t.requires_grad for t in op.live_inputs):  # this op cut the graph
+                return _cut(ops, ref_ops, position, r, grads, ref_grads, tolerance)
+            return _blame_readers(ops, ref_ops, values, grads, ref_grads, (position, k), r,
+                                  readers[position, k], tolerance)
     return None
 
 
-def _compare_passed(ops: Sequence[OpCall], position: int, r: int, ref_ops: Sequence[OpCall],
-                    j: int, grad: torch.Tensor | None, ref_grad: torch.Tensor | None,
-                    incoming: list[tuple[torch.Tensor | None, torch.Tensor | None]],
-                    tolerance: Tolerance) -> OpBlame | None:
+def _cut(ops: Sequence[OpCall], ref_ops: Sequence[OpCall], position: int, r: int,
+         grads: Grads, ref_grads: Grads, tolerance: Tolerance) -> OpBlame:
+    """The op at ``position`` returns a value without a gradient where the reference's value
+    has one: it cut the graph."""
     op, ref = ops[position], ref_ops[r]
-    name = operand_name(ops, op, j)
-    if grad is None and ref_grad is not None:
-        made = op.producers[j]
-        cut = ops[made[0]] if made is not None else op
-        if made is not None and not any(t.requires_grad for t in cut.live_inputs):
-            cut = op
-        return OpBlame(
-            kind="gradient", module=cut.module, reference_module=ref.module, op=cut.shown,
-            reference_op=ref.shown, source=cut.source,
-            reference_source=ref.source, diff=measure(torch.zeros_like(ref_grad), ref_grad,
-                                                      tolerance),
-            inputs_differed=False, operands=_grad_operands(ops, ref_ops, position, r, incoming, j,
-                                                           None, ref_grad, tolerance),
-            detail=f"`{cut.shown}` at {cut.source} cuts the gradient (its result does not "
-                   f"require grad: a detach(), .data or torch.no_grad()); the reference's "
-                   f"gradient flows on to `{name}` of `{op.shown}` at {op.source}")
-    if grad is None or ref_grad is None:
-        return None
-    diff = measure(grad, ref_grad, tolerance)
-    if not diff.differs:
-        return None
-    custom = _custom_backward(op)
-    whose = f" (its backward is {custom})" if custom else ""
-    return OpBlame(
-        kind="gradient", module=op.module, reference_module=ref.module, op=op.shown,
-        reference_op=ref.shown, source=op.source,
-        reference_source=ref.source, diff=diff, inputs_differed=False,
-        operands=_grad_operands(ops, ref_ops, position, r, incoming, j, grad, ref_grad,
-                                tolerance),
-        detail=f"the backward of `{op.shown}` at {op.source}{whose}: the gradient reaching its "
-               f"output agrees with the reference's, the gradient it passes to `{name}` does "
-               f"not")
+    j = next(j for j, t in enumerate(op.live_inputs) if t.requires_grad)
+    ref_grad = ref_grads[r, 0]
+    return OpBlame(kind="gradient", module=op.module, reference_module=ref.module, op=op.shown,
+                   reference_op=ref.shown, source=op.source, reference_source=ref.source,
+                   diff=measure(torch.zeros_like(ref_grad), ref_grad, tolerance),
+                   inputs_differed=False,
+                   operands=_grad_operands(ops, ref_ops, position, r, grads, ref_grads, j,
+                                           None, None, tolerance)[:1],
+                   detail=f"`{op.shown}` at {op.source} cuts the gradient (its result does not "
+                          f"require grad: a detach(), .data or torch.no_grad()); the "
+                          f"reference's gradient flows back to `{operand_name(ops, op, j)}` "
+                          f"there")
 
 
-def _grad_operands(ops: Sequence[OpCall], ref_ops: Sequence[OpCall], position: int, r: int,
-                   incoming: list[tuple[torch.Tensor | None, torch.Tensor | None]], j: int,
+def _blame_readers(ops: Sequence[OpCall], ref_ops: Sequence[OpCall], values: ReferenceValues,
+                   grads: Grads, ref_grads: Grads, value: tuple[int, int], r: int,
+                   readers: list[int], tolerance: Tolerance) -> OpBlame:
+    """The gradient of ``value`` differs while the gradients of what its readers return agree
+    (they come later in the forward): one reader's backward passes on another gradient, or
+    cuts it (its result does not require grad where the reference's gradient flows)."""
+    grad, ref_grad = grads.get(value), ref_grads.get((r, value[1]))
+    cut = [p for p in readers if not any(t.requires_grad for t in ops[p].live_outputs)
+           and any(t.requires_grad for t in ops[p].live_inputs)]
+    custom = [p for p in readers if _custom_backward(ops[p])]
+    at = (cut or custom or readers)[0]
+    reader = ops[at]
+    j = next(j for j, made in enumerate(reader.producers) if made == value)
+    name = operand_name(ops, reader, j)
+    theirs = _counterpart(values, reader, ref_ops)
+    ref = ref_ops[theirs] if theirs is not None else None
+    reference_grad = ref_grad if ref_grad is not None else (
+        torch.zeros_like(grad) if grad is not None else None)
+    shown_grad = grad if grad is not None else torch.zeros_like(ref_grad)  # type: ignore[arg-type]
+    diff = measure(shown_grad, reference_grad, tolerance) if reference_grad is not None else None
+    rows = _grad_operands(ops, ref_ops, at, theirs, grads, ref_grads, j, grad, ref_grad,
+                          tolerance)
+    common = dict(kind="gradient", module=reader.module,
+                  reference_module=ref.module if ref is not None else "", op=reader.shown,
+                  reference_op=ref.shown if ref is not None else "", source=reader.source,
+                  reference_source=ref.source if ref is not None else "", diff=diff,
+                  inputs_differed=False, operands=rows)
+    if cut:
+        return OpBlame(**common,  # type: ignore[arg-type]
+                       detail=f"`{reader.shown}` at {reader.source} cuts the gradient (its "
+                              f"result does not require grad: a detach(), .data or "
+                              f"torch.no_grad()); the reference's gradient flows back to "
+                              f"`{name}` there")
+    others = [ops[p] for p in readers if ops[p] is not reader]
+    also = "".join(f"; `{o.shown}` at {o.source} reads it too" for o in others[:2])
+    whose = f" (its backward is {_custom_backward(reader)})" if custom else ""
+    return OpBlame(**common,  # type: ignore[arg-type]
+                   detail=f"the backward of `{reader.shown}` at {reader.source}{whose}: the "
+                          f"gradient reaching its output agrees with the reference's, the "
+                          f"gradient of `{name}` does not{also}")
+
+
+def _grad_operands(ops: Sequence[OpCall], ref_ops: Sequence[OpCall], position: int,
+                   r: int | None, grads: Grads, ref_grads: Grads, j: int,
                    grad: torch.Tensor | None, ref_grad: torch.Tensor | None,
                    tolerance: Tolerance) -> list[Operand]:
-    """The gradient reaching the op's output and the one it passes to operand ``j``."""
-    op, ref = ops[position], ref_ops[r]
+    """The gradient reaching the reader's output, and the gradient of its operand ``j``."""
+    op, ref = ops[position], ref_ops[r] if r is not None else None
     rows = []
     out_name = op.output_names[0] if op.output_names and op.output_names[0] else "output"
-    ref_out = ref.output_names[0] if ref.output_names and ref.output_names[0] else "output"
-    in_name, ref_in = operand_name(ops, op, j), operand_name(ref_ops, ref, j)
-    pairs = [*((f"grad of out {k}" if len(incoming) > 1 else "grad of out",
-                f"d loss / d {out_name}", f"d loss / d {ref_out}", a, b)
-               for k, (a, b) in enumerate(incoming)),
-             (f"grad to in {j}", f"d loss / d {in_name}", f"d loss / d {ref_in}", grad,
+    ref_out = (ref.output_names[0] if ref is not None and ref.output_names
+               and ref.output_names[0] else "output")
+    in_name = operand_name(ops, op, j)
+    ref_in = operand_name(ref_ops, ref, j) if ref is not None and j < len(ref.inputs) else ""
+    pairs = [("grad of out", f"d loss / d {out_name}", f"d loss / d {ref_out}",
+              grads.get((position, 0)), ref_grads.get((r, 0)) if r is not None else None),
+             (f"grad of in {j}", f"d loss / d {in_name}", f"d loss / d {ref_in}", grad,
               ref_grad)]
     for role, name, ref_name, a, b in pairs:
         shown = a if a is not None else b
@@ -173,8 +188,7 @@ def _grad_operands(ops: Sequence[OpCall], ref_ops: Sequence[OpCall], position: i
             continue
         diff = measure(a, b, tolerance) if a is not None and b is not None else None
         rows.append(Operand(role=role, name=name if a is not None else f"{name}: no gradient",
-                            shape=tuple(shown.shape),
-                            dtype=dtype_name(shown.dtype),
+                            shape=tuple(shown.shape), dtype=dtype_name(shown.dtype),
                             reference_name=ref_name if b is not None else "",
                             reference_shape=tuple(b.shape) if b is not None else None,
                             max_abs=None if diff is None else diff.max_abs,

@@ -168,6 +168,7 @@ def compare(model: nn.Module, reference: nn.Module, *inputs: Any, rtol: float | 
     if backward:
         gradients, gradient_first, loss = _compare_gradients(model, reference, inputs, mine,
                                                              theirs, alignment, tolerance)
+        notes += _untied(model, reference)
         first = first or gradient_first
     for name, side in (("model", model), ("reference", reference)):
         if any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in side.modules()):
@@ -296,6 +297,24 @@ def _compare_gradients(model: nn.Module, reference: nn.Module, inputs: tuple[Any
         first = _locate_backward(model, reference, inputs, mine.calls, theirs.calls, alignment,
                                  first, loss, tolerance, enclosing=first is output_first)
     return rows, first, loss.description
+
+
+def _untied(model: nn.Module, reference: nn.Module) -> list[str]:
+    """Notes on parameters the reference ties (one tensor under two names, GPT-2's ``wte`` and
+    ``lm_head``) and the model keeps apart: their gradients differ by design."""
+    tied: dict[int, list[str]] = {}
+    for name, parameter in reference.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(parameter), []).append(name)
+    mine = dict(model.named_parameters(remove_duplicate=False))
+    notes = []
+    for names in tied.values():
+        if len(names) > 1 and all(n in mine for n in names) and \
+                len({id(mine[n]) for n in names}) > 1:
+            listed = " and ".join(f"`{n}`" for n in names)
+            notes.append(f"the reference ties {listed} (one tensor, whose gradient sums every "
+                         f"use); your model keeps them apart, so their gradients differ even "
+                         f"where each use is right")
+    return notes
 
 
 def _locate_backward(model: nn.Module, reference: nn.Module, inputs: tuple[Any, ...],
