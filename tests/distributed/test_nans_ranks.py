@@ -308,8 +308,12 @@ def test_nan_on_one_rank_is_reported_with_its_rank_and_nobody_hangs(two_ranks):
     nan = r1["dtensor_forward"]
     assert (nan["rank"], nan["phase"], nan["op"], nan["cause"]) == (1, "forward", "log", "log_sqrt")
     assert nan["source"] == f"{__file__}:{_line('h = self.fc(torch.log(x))  # log(-1)')}"
-    # the mean carried it to rank 0 too, which raises with its own report
+    # the mean carried it to rank 0 too, which raises with its own report, pointing at rank 1
     assert (r0["dtensor_forward"]["rank"], r0["dtensor_forward"]["phase"]) == (0, "forward")
+    assert ("rank 1 found non-finite values in this step too: a value that crosses ranks (a "
+            "DTensor redistribution, FSDP's gather of a parameter) reaches every rank, and the "
+            "rank whose producer had finite inputs made it") in r0["dtensor_forward"]["hint"]
+    assert "rank 0 found non-finite values in this step too" in nan["hint"]
     assert r0["all_reduce"] == r1["all_reduce"] == 2.0
 
 

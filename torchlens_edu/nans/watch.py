@@ -362,6 +362,13 @@ class NanWatch:
             report = self._other_rank_report(codes)
         if report is None:
             return
+        here = rank() or 0  # outside torch.distributed the only code is this process's
+        others = [str(r) for r, c in enumerate(codes) if c and r != here]
+        if others and report.cause != "other_rank":
+            report.hint += (
+                f"; rank {', '.join(others)} found non-finite values in this step too: a value "
+                "that crosses ranks (a DTensor redistribution, FSDP's gather of a parameter) "
+                "reaches every rank, and the rank whose producer had finite inputs made it")
         self._deliver(report, step)
 
     def _replay_along(self, step: _Step, phase: Phase) -> None:
