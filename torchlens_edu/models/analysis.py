@@ -59,7 +59,7 @@ def induction_head(model: GPT2, tok: Tokenizer, n: int | None = None
     >>> from torchlens_edu.models import get_tokenizer
     >>> m, tok = GPT2.from_pretrained("embedded", progress=False), get_tokenizer("embedded")
     >>> induction_head(m, tok)  # doctest: +ELLIPSIS
-    (1, 3, 0.9...)
+    (1, 3, 0.88...)
     """
     ctx = model.config.n_positions
     n = min(40, ctx // 2) if n is None else n
