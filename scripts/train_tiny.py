@@ -36,8 +36,9 @@ nats a letter against 3.2-3.5 for the first).
 
 Seeded, so a rerun with the same thread count on the same torch gives the same weights; the
 shipped ``model.safetensors`` is the output of ``python scripts/train_tiny.py --threads 2``
-(torch 2.13.0+cpu, written on 2026-11-28 in 26 minutes at low priority beside other jobs). The model code is part of the recipe: a change to
-``GPT2``'s initialisation or forward changes the weights this writes, so retrain then.
+(torch 2.13.0+cpu, written on 2026-11-28 in 26 minutes at low priority beside other jobs).
+The model code is part of the recipe: a change to ``GPT2``'s initialisation or forward changes
+the weights this writes, so retrain then.
 It goes through our readable :class:`~torchlens_edu.models.GPT2` for training and is saved by
 Hugging Face's own ``GPT2LMHeadModel.save_pretrained`` (Conv1D layout), so loading it exercises
 exactly the code path of the real GPT-2 weights.
