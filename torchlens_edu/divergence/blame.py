@@ -178,8 +178,10 @@ def _called(op: OpCall) -> str:
     return f"`{op.fused}` (its step `{op.step}`)" if op.step else f"`{op.name}`"
 
 
-def _worst(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor],
-           tolerance: Tolerance) -> TensorDiff | None:
+def worst_difference(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor],
+                     tolerance: Tolerance) -> TensorDiff | None:
+    """The largest difference between the paired tensors of two outputs (one that exceeds the
+    tolerance first), or None when no tensor pairs."""
     worst = None
     for i, j in pair_tensors(a, b):
         diff = measure(a[i], b[j], tolerance)
@@ -360,7 +362,7 @@ def blame(ops: list[OpCall], returned: Sequence[tuple[int, int] | None],
     op = ops[position]
     r = search.counterpart(position)
     ref = reference[r] if r is not None else None
-    diff = _worst(op.outputs, ref.outputs, tolerance) if ref is not None else None
+    diff = worst_difference(op.outputs, ref.outputs, tolerance) if ref is not None else None
     operands = search.operands(op, ref)
     weights = [op.parameters[j] for j in range(len(op.inputs))
                if op.producers[j] is None and op.parameters[j]
@@ -419,7 +421,7 @@ def _unpaired(search: _Blame, position: int) -> OpBlame:
     fused = search.fused(position)
     if fused is not None:
         ref, end = search.reference[fused[0]], search.ops[fused[1]]
-        diff = _worst(end.outputs, ref.outputs, search.tolerance)
+        diff = worst_difference(end.outputs, ref.outputs, search.tolerance)
         lines = op.source if end.source == op.source else f"{op.source} to {end.source}"
         return OpBlame(kind="op", op=op.shown, reference_op=ref.shown, source=op.source,
                        reference_source=ref.source, diff=diff, inputs_differed=False,

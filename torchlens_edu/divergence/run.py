@@ -21,9 +21,9 @@ import torch.nn as nn
 
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.dims import Dims, _config_of, dims_from_config
-from torchlens_edu.divergence.align import Alignment, ModuleCall, PathMap, align, pair_tensors
+from torchlens_edu.divergence.align import Alignment, ModuleCall, PathMap, align
 from torchlens_edu.divergence.backward import blame_backward
-from torchlens_edu.divergence.blame import OpBlame, blame
+from torchlens_edu.divergence.blame import OpBlame, blame, worst_difference
 from torchlens_edu.divergence.loss import Loss, choose_loss
 from torchlens_edu.divergence.ops import record_ops
 from torchlens_edu.divergence.result import Comparison, Divergence, Drift
@@ -101,19 +101,9 @@ def _outputs_of(calls: Sequence[ModuleCall], alignment: Alignment, position: int
     return [torch.cat([calls[p].outputs[0] for p in parts], dim=-1)]  # a split fused projection
 
 
-def _worst(values: Sequence[torch.Tensor], references: Sequence[torch.Tensor],
-           tolerance: Tolerance) -> TensorDiff | None:
-    worst = None
-    for i, j in pair_tensors(values, references):
-        diff = measure(values[i], references[j], tolerance)
-        if worst is None or (diff.differs, diff.max_abs) > (worst.differs, worst.max_abs):
-            worst = diff
-    return worst
-
-
 def _agree(values: Sequence[torch.Tensor], references: Sequence[torch.Tensor],
            tolerance: Tolerance) -> bool:
-    diff = _worst(values, references, tolerance)
+    diff = worst_difference(values, references, tolerance)
     return diff is None or not diff.differs
 
 
@@ -151,7 +141,8 @@ def compare(model: nn.Module, reference: nn.Module, *inputs: Any, rtol: float | 
     notes: list[str] = []
     for position in sorted(alignment.pairs, key=lambda p: mine.calls[p].finished):
         ref = theirs.calls[alignment.pairs[position]]
-        diff = _worst(_outputs_of(mine.calls, alignment, position), ref.outputs, tolerance)
+        outputs = _outputs_of(mine.calls, alignment, position)
+        diff = worst_difference(outputs, ref.outputs, tolerance)
         if diff is None:
             continue
         rows.append(Drift(module=mine.calls[position].path, reference_module=ref.path,
@@ -220,7 +211,8 @@ def _locate(model: nn.Module, reference: nn.Module, inputs: tuple[Any, ...],
         returned = [None if made is None else (moved[made[0]], made[1]) for made in returned]
         found = blame(ops, returned, ref_ops, tolerance)
     shown = (found.diff if found is not None and found.diff is not None else
-             _worst(_outputs_of(calls, alignment, blamed), ref.outputs, tolerance) or diff)
+             worst_difference(_outputs_of(calls, alignment, blamed), ref.outputs, tolerance)
+             or diff)
     if found is None:
         return Divergence(kind="shape" if shown.status == "shape" else "module",
                           module=call.path, reference_module=ref.path, op=None,
