@@ -12,18 +12,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import torchlens_edu as tle
-from tests.support import learner_gpt
+from tests.support import learner_gpt, source_lines
 from tests.support.learner_gpt import LearnerConfig, LearnerGPT, bug_line, pair
 from torchlens_edu.divergence import WeightsMismatchError
 
 
 def line_of(text: str) -> str:
     """``learner_gpt.py:LINE`` of the first line of learner_gpt.py that contains ``text``."""
-    with open(learner_gpt.__file__) as source:
-        for number, line in enumerate(source, start=1):
-            if text in line:
-                return f"learner_gpt.py:{number}"
-    raise LookupError(text)
+    return source_lines.line_of(text, learner_gpt.__file__)
 
 
 @pytest.fixture
@@ -205,11 +201,7 @@ def test_backward_names_the_op_whose_backward_differs() -> None:
 
 def line_of_here(text: str) -> str:
     """``test_compare.py:LINE`` of the first line of this file that contains ``text``."""
-    with open(__file__) as source:
-        for number, line in enumerate(source, start=1):
-            if text in line:
-                return f"{os.path.basename(__file__)}:{number}"
-    raise LookupError(text)
+    return source_lines.line_of(text, __file__)
 
 
 def test_backward_names_a_detach_that_cuts_the_residual(idx: torch.Tensor) -> None:

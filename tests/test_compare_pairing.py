@@ -14,19 +14,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import torchlens_edu as tle
-from tests.support import learner_gpt
+from tests.support import learner_gpt, source_lines
 from tests.support.learner_gpt import LearnerConfig, LearnerGPT, bug_line, pair
 from torchlens_edu._core.console import render_text
 
 
 def line_of(text: str, module: object = learner_gpt) -> str:
     """``file.py:LINE`` of the first line of ``module``'s file that contains ``text``."""
-    path = module.__file__  # type: ignore[attr-defined]
-    with open(path) as source:
-        for number, line in enumerate(source, start=1):
-            if text in line:
-                return f"{path.rsplit('/', 1)[-1]}:{number}"
-    raise LookupError(text)
+    return source_lines.line_of(text, module.__file__)  # type: ignore[attr-defined]
 
 
 @pytest.fixture
