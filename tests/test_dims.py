@@ -143,7 +143,7 @@ def test_module_dims_read_without_module_getattr_agree_with_getattr() -> None:
     ints: instance attributes, class attributes, properties, and a module's own __getattr__."""
     import torch.nn as nn
 
-    from torchlens_edu.dims import _first_int, _module_int
+    from torchlens_edu.dims import _MODULE_FIELDS, _first_int, _head_attributes
 
     class ClassHeads(nn.Module):
         n_head = 4
@@ -159,11 +159,11 @@ def test_module_dims_read_without_module_getattr_agree_with_getattr() -> None:
 
     own = nn.Linear(2, 2)
     own.n_heads = 2
-    names = ("n_head", "num_heads", "heads", "n_heads")
-    for module in (own, ClassHeads(), PropertyHeads(), DynamicHeads(), nn.Linear(2, 2)):
-        assert _module_int(module, names) == _first_int(module, names)
-    assert [_module_int(m, names) for m in (own, ClassHeads(), PropertyHeads(), DynamicHeads(),
-                                            nn.Linear(2, 2))] == [2, 4, 6, 8, None]
+    modules = (own, ClassHeads(), PropertyHeads(), DynamicHeads(), nn.Linear(2, 2))
+    for module in modules:
+        for role, fields in _MODULE_FIELDS.items():
+            assert _head_attributes([module])[role] == {_first_int(module, fields)} - {None}
+    assert [_head_attributes([m])["nh"] for m in modules] == [{2}, {4}, {6}, {8}, set()]
 
 
 # --- module roles settle shared sizes: GPT-2 with n_embd == n_positions ---------------------

@@ -50,26 +50,6 @@ def _first_int(config: Any, names: Iterable[str]) -> int | None:
     return None
 
 
-def _module_int(module: Any, names: Iterable[str]) -> int | None:
-    """:func:`_first_int` for a module, without ``nn.Module.__getattr__``'s AttributeError for
-    every name it lacks (hundreds per trace, most of a small model's trace time). The answer
-    is the same: a name that is neither in the instance's ``__dict__`` nor on its class is
-    looked up by ``nn.Module.__getattr__`` in the parameter, buffer and submodule tables,
-    which never hold an int."""
-    import torch.nn as nn
-
-    if type(module).__getattr__ is not nn.Module.__getattr__:  # its own lookup: ask it
-        return _first_int(module, names)
-    own, cls = vars(module), type(module)
-    for name in names:
-        if name not in own and not hasattr(cls, name):
-            continue
-        value = getattr(module, name, None)  # a property or other descriptor included
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
-
-
 def dims_from_config(config: Any) -> dict[str, int]:
     """Named sizes a config implies, e.g. ``{"C": 768, "nh": 12, "hs": 64, "V": 50257, ...}``.
 
@@ -99,6 +79,7 @@ _MODULE_FIELDS: dict[str, tuple[str, ...]] = {
     "hs": ("head_dim", "dim_head", "d_head", "head_size", "d_k"),
     "nkv": ("kv_heads", "n_kv_head", "n_kv_heads", "num_key_value_heads", "num_kv_heads"),
 }
+_MODULE_FIELD_NAMES = frozenset(name for names in _MODULE_FIELDS.values() for name in names)
 _POSITION_NAMES = ("wpe", "pos", "position")
 
 
@@ -135,10 +116,9 @@ def dims_from_modules(model: Any) -> dict[str, int]:
         sizes["V"], sizes["C"] = token.num_embeddings, token.embedding_dim
     if positional and positional[0][1].embedding_dim == sizes.get("C"):
         sizes["ctx"] = positional[0][1].num_embeddings
-    for role, fields in _MODULE_FIELDS.items():
-        found = {_module_int(m, fields) for _, m in named} - {None}
+    for role, found in _head_attributes(m for _, m in named).items():
         if len(found) == 1:  # one value everywhere: a name; two (encoder vs decoder): none
-            sizes[role] = found.pop()  # type: ignore[assignment]
+            sizes[role] = found.pop()
     C, nh = sizes.get("C"), sizes.get("nh")
     if C and nh and "hs" not in sizes and C % nh == 0:
         sizes["hs"] = C // nh
@@ -153,6 +133,36 @@ def dims_from_modules(model: Any) -> dict[str, int]:
     if sizes.get("nkv") == nh:
         sizes.pop("nkv", None)
     return sizes
+
+
+def _head_attributes(modules: Iterable[Any]) -> dict[str, set[int]]:
+    """Role -> the values of the modules' head attributes (``n_head``, ``dim_head``, ...).
+
+    Only the names a module defines are read: asking ``nn.Module.__getattr__`` for a name it
+    lacks raises (and catches) an AttributeError, hundreds per trace, once most of a small
+    model's trace time. A name neither in the instance's ``__dict__`` nor on its class would be
+    looked up in the parameter, buffer and submodule tables, which never hold an int; a module
+    with a ``__getattr__`` of its own (a wrapper that forwards) is asked for every name.
+    """
+    import torch.nn as nn
+
+    found: dict[str, set[int]] = {role: set() for role in _MODULE_FIELDS}
+    on_class: dict[type, frozenset[str]] = {}
+    for module in modules:
+        cls = type(module)
+        if cls not in on_class:
+            on_class[cls] = frozenset(n for n in _MODULE_FIELD_NAMES if hasattr(cls, n))
+        if cls.__getattr__ is not nn.Module.__getattr__:
+            defined: Iterable[str] = _MODULE_FIELD_NAMES
+        else:
+            defined = on_class[cls].union(vars(module).keys() & _MODULE_FIELD_NAMES)
+            if not defined:
+                continue  # the common case: a Linear, a LayerNorm, a Dropout
+        for role, fields in _MODULE_FIELDS.items():
+            value = _first_int(module, [name for name in fields if name in defined])
+            if value is not None:
+                found[role].add(value)
+    return found
 
 
 _HEADS = frozenset({"nh", "nkv"})

@@ -477,6 +477,8 @@ def _call_depths(named: list[tuple[str, nn.Module]]) -> dict[str, int]:
 
 def _outermost(models: list[nn.Module]) -> list[nn.Module]:
     """Drop models that are inside another one: the outer model's hooks already cover them."""
+    if len(models) < 2:
+        return models  # the usual one model: no walk
     inner = {id(sub) for m in models for sub in m.modules() if sub is not m}
     seen: set[int] = set()
     kept = []
