@@ -771,6 +771,29 @@ def test_a_backward_fault_is_found_when_batches_are_reduced_midway(x, small_batc
     assert r["source"] == line_of("where")
 
 
+def test_batch_kinds_are_exact_where_a_cpu_two_norm_overflows() -> None:
+    """On CPU a batch is screened with the 2-norm: one that overflows on finite values (a
+    ``-finfo.max`` mask, a huge activation) is re-checked exactly, never an alarm; a NaN or an
+    Inf in any of the tensors is one, of its kind, whatever else shares the batch."""
+    from torchlens_edu.nans.checks import Batch
+
+    big = torch.finfo(torch.float32).max
+    tensors = {
+        "mask": torch.tensor([[0.0, -big], [-big, -big]]),  # 2-norm inf, every element finite
+        "huge": torch.full((1000,), 1e20),  # squares overflow float32
+        "fine": torch.randn(64),
+        "minus inf": torch.tensor([1.0, -math.inf, big]),
+        "nan": torch.tensor([big, math.nan, -math.inf]),
+        "half": torch.tensor([60000.0, -60000.0], dtype=torch.float16),  # squares overflow
+    }
+    batch: Batch[None] = Batch(budget=1 << 20)
+    for label, t in tensors.items():
+        batch.add(label, t)
+    kinds = {r.label: r.kind for r in batch.read()}
+    assert kinds == {"mask": None, "huge": None, "fine": None, "minus inf": "inf", "nan": "nan",
+                     "half": None}
+
+
 # ----------------------------------------------------------------------------- tle.replaying()
 def test_user_hooks_run_in_the_replay_and_can_tell(x):
     torch.manual_seed(0)

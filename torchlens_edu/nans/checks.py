@@ -7,6 +7,12 @@ filled with ``-finfo.max`` sums to ``-inf``) and would report non-finite values 
 none. The model's inputs are reduced to their maximum instead, whose sign tells an additive mask
 that holds ``-inf`` on purpose (max ``-inf`` or finite) from a real ``+inf`` or NaN.
 
+On CPU the largest magnitude (``vector_norm(x, inf)``) runs ~10x slower than a sum or a 2-norm
+(torch 2.x: ~120 ms for GPT-2's 50257 x 768 embedding gradient, 6% of a training step), so CPU
+tensors are screened first with the 2-norm, finite exactly when every element is (a NaN or an
+Inf in ``x`` makes it NaN or Inf), and only the tensors it flags get the exact reduction: a
+2-norm of large finite values may overflow, and must not raise a false alarm.
+
 The reductions are batched: one multi-tensor ``torch._foreach_norm(tensors, inf)`` (one kernel
 launch per batch on a GPU, not one per tensor) over everything pending, and one host read of all
 results at the end of the phase. A pending tensor is held until its batch is reduced, which can
@@ -17,8 +23,8 @@ that keeps the extra memory a small fraction of the step's.
 >>> batch = Batch(budget=1 << 20)
 >>> batch.add("h.0", torch.tensor([1.0, -3.0]))
 >>> batch.add("h.1", torch.tensor([-torch.finfo(torch.float32).max, float("nan")]))
->>> [(r.label, r.value) for r in batch.read()]
-[('h.0', 3.0), ('h.1', nan)]
+>>> [(r.label, r.kind) for r in batch.read()]
+[('h.0', None), ('h.1', 'nan')]
 """
 
 from __future__ import annotations
@@ -79,7 +85,8 @@ def checkable(t: torch.Tensor) -> bool:
 
 @dataclass(frozen=True, kw_only=True)
 class Reading(Generic[Owner]):
-    """One entry's reduction: ``value`` is NaN, +-inf or finite, as the tensor was."""
+    """One entry's reduction: ``value`` is NaN or +-inf when the tensor held one (NaN first),
+    else a finite number (its largest magnitude, or on CPU maybe its 2-norm)."""
 
     label: str
     value: float
@@ -107,6 +114,23 @@ class _Pending:
     indices: dict[tuple[torch.device, bool], list[int]] = field(
         default_factory=lambda: defaultdict(list))
     bytes: int = 0
+
+
+def _screened_magnitudes(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """For CPU tensors: a finite 2-norm where every element is finite, else the exact largest
+    magnitude (NaN or inf, or finite where only the 2-norm overflowed). See the module doc.
+
+    >>> big = torch.full((4,), torch.finfo(torch.float32).max)
+    >>> [v.item() for v in _screened_magnitudes([torch.ones(4), big, torch.tensor([-math.inf])])]
+    [2.0, 3.4028234663852886e+38, inf]
+    """
+    norms = list(torch._foreach_norm(tensors, 2))
+    flagged = [i for i, n in enumerate(torch.stack(norms).tolist()) if not math.isfinite(n)]
+    if flagged:  # on CPU this read costs no synchronisation
+        exact = torch._foreach_norm([tensors[i] for i in flagged], math.inf)
+        for i, value in zip(flagged, exact, strict=True):
+            norms[i] = value
+    return tuple(norms)
 
 
 class Batch(Generic[Owner]):
@@ -156,13 +180,17 @@ class Batch(Generic[Owner]):
         pending, self._pending = self._pending, _Pending()
         if not pending.tensors:
             return
-        for key, tensors in pending.tensors.items():
+        for (device, signed), tensors in pending.tensors.items():
             # no graph (a ``detach`` per tensor would be an op each), unseen by op traces; not
             # ``torch.no_grad()``: a Ctrl-C at the first line of its __exit__ left grad mode off
             with unseen():
-                results = (call_without_grad(torch._foreach_max, tensors) if key[1]
-                           else call_without_grad(torch._foreach_norm, tensors, math.inf))
-            self._results.append((pending.indices[key], results))
+                if signed:
+                    results = call_without_grad(torch._foreach_max, tensors)
+                elif device.type == "cpu":
+                    results = call_without_grad(_screened_magnitudes, tensors)
+                else:  # one fused kernel on a GPU, read with the rest at the end of the phase
+                    results = call_without_grad(torch._foreach_norm, tensors, math.inf)
+            self._results.append((pending.indices[(device, signed)], results))
 
     def read(self) -> list[Reading[Owner]]:
         """Every entry's reduction, in the order added (one host read per device); the batch

@@ -5,8 +5,8 @@ Two tiers:
 - cheap, every checked step: forward hooks hand each module's outputs (and the model's inputs)
   to a :class:`~torchlens_edu.nans.checks.Batch`, and tensor hooks do the same for the
   gradients reaching those outputs. A batch reduces everything it holds with one multi-tensor op
-  to each tensor's largest magnitude (exact: NaN, inf or finite as the tensor is, no overflow),
-  and is read back once at the end of the forward and once at the end of the backward: a few
+  to each tensor's largest magnitude (exact: NaN, inf or finite as the tensor is, no overflow;
+  on CPU a 2-norm screens first), and is read back once at the end of the forward and once at the end of the backward: a few
   ops and one host sync per phase, however deep the model.
 - precise, only when the cheap tier fires: the failing step is replayed identically and watched
   call by call (see :mod:`~torchlens_edu.nans.replay`) to name the producing op, its module and
