@@ -214,21 +214,31 @@ def _locate(model: nn.Module, reference: nn.Module, inputs: tuple[Any, ...],
              worst_difference(_outputs_of(calls, alignment, blamed), ref.outputs, tolerance)
              or diff)
     if found is None:
-        return Divergence(kind="shape" if shown.status == "shape" else "module",
-                          module=call.path, reference_module=ref.path, op=None,
-                          reference_op=None, source="", reference_source="",
-                          shape=shown.shape, reference_shape=shown.reference_shape,
-                          max_abs=shown.max_abs, max_rel=shown.max_rel,
-                          worst_index=shown.worst_index, inputs_differed=inputs_differed,
-                          detail=f"the output of `{call.path or 'the model'}` differs; no "
-                                 f"single op inside it could be blamed")
-    return Divergence(kind=found.kind, module=call.path, reference_module=ref.path, op=found.op,
-                      reference_op=found.reference_op or None, source=found.source,
-                      reference_source=found.reference_source, shape=shown.shape,
-                      reference_shape=shown.reference_shape, max_abs=shown.max_abs,
-                      max_rel=shown.max_rel, worst_index=shown.worst_index,
-                      inputs_differed=found.inputs_differed, detail=found.detail,
-                      operands=found.operands)
+        return _divergence(shown, kind="shape" if shown.status == "shape" else "module",
+                           module=call.path, reference_module=ref.path,
+                           inputs_differed=inputs_differed,
+                           detail=f"the output of `{call.path or 'the model'}` differs; no "
+                                  f"single op inside it could be blamed")
+    return _divergence(shown, kind=found.kind, module=call.path, reference_module=ref.path,
+                       op=found.op, reference_op=found.reference_op or None, source=found.source,
+                       reference_source=found.reference_source,
+                       inputs_differed=found.inputs_differed, detail=found.detail,
+                       operands=found.operands)
+
+
+def _divergence(diff: TensorDiff, **found: Any) -> Divergence:
+    """A :class:`Divergence` at the tensor ``diff`` measured: its shapes, its largest
+    differences and its worst element; what was found there (kind, module, op...) as keywords,
+    no op or source line unless given."""
+    where = dict(op=None, reference_op=None, source="", reference_source="",
+                 inputs_differed=False)
+    return Divergence(**(where | found | _measured(diff)))
+
+
+def _measured(diff: TensorDiff) -> dict[str, Any]:
+    """The fields of a :class:`Divergence` that describe the tensor ``diff`` measured."""
+    return dict(shape=diff.shape, reference_shape=diff.reference_shape, max_abs=diff.max_abs,
+                max_rel=diff.max_rel, worst_index=diff.worst_index)
 
 
 def _no_grad(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
@@ -277,14 +287,10 @@ def _compare_gradients(model: nn.Module, reference: nn.Module, inputs: tuple[Any
         rows.append(Drift(module=name, reference_module=ref_name, max_abs=diff.max_abs,
                           max_rel=diff.max_rel, status=diff.status))
         if diff.differs and first is None:
-            first = Divergence(kind="gradient", module=name.rpartition(".")[0],
-                               reference_module=ref_name.rpartition(".")[0], op=None,
-                               reference_op=None, source="", reference_source="",
-                               shape=diff.shape, reference_shape=diff.reference_shape,
-                               max_abs=diff.max_abs, max_rel=diff.max_rel,
-                               worst_index=diff.worst_index, inputs_differed=False,
-                               detail=f"the gradient of `{name}` is the first (in backward "
-                                      f"order) that differs from the reference's `{ref_name}`")
+            first = _divergence(diff, kind="gradient", module=name.rpartition(".")[0],
+                                reference_module=ref_name.rpartition(".")[0],
+                                detail=f"the gradient of `{name}` is the first (in backward "
+                                       f"order) that differs from the reference's `{ref_name}`")
     if first is not None:  # the ops that consumed a module's output run in its parent
         first = _locate_backward(model, reference, inputs, mine.calls, theirs.calls, alignment,
                                  first, loss, tolerance, enclosing=first is output_first)
@@ -336,9 +342,7 @@ def _locate_backward(model: nn.Module, reference: nn.Module, inputs: tuple[Any, 
     shown = found.diff  # the gradient the op passes on, against the reference's
     if shown is None:
         return located
-    return dataclasses.replace(located, shape=shown.shape, reference_shape=shown.reference_shape,
-                               max_abs=shown.max_abs, max_rel=shown.max_rel,
-                               worst_index=shown.worst_index)
+    return dataclasses.replace(located, **_measured(shown))
 
 
 def _with_grad(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
@@ -359,12 +363,8 @@ def _first_output_gradient(calls: list[ModuleCall], references: list[ModuleCall]
         diff = measure(grad, ref_grad, tolerance)
         if diff.differs:
             call, ref = calls[position], references[alignment.pairs[position]]
-            return Divergence(kind="gradient", module=call.path, reference_module=ref.path,
-                              op=None, reference_op=None, source="", reference_source="",
-                              shape=diff.shape, reference_shape=diff.reference_shape,
-                              max_abs=diff.max_abs, max_rel=diff.max_rel,
-                              worst_index=diff.worst_index, inputs_differed=False,
-                              detail=f"the gradient reaching the output of "
+            return _divergence(diff, kind="gradient", module=call.path, reference_module=ref.path,
+                               detail=f"the gradient reaching the output of "
                                      f"`{call.path or 'the model'}` is the first (in backward "
                                      f"order) that differs: the backward of what runs after "
                                      f"it is where the gradients part")
