@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import textwrap
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -330,8 +331,8 @@ def _wrap_comment(body: str, first: str, indent: str, width: int) -> list[str]:
                          break_long_words=False, break_on_hyphens=False) or [first.rstrip()]
 
 
-def _split_comment(line: str) -> tuple[str, str]:
-    """The code and the ``// comment`` of one line (``//`` inside a string is code)."""
+def _outside_strings(line: str) -> Iterator[int]:
+    """The positions of ``line``'s characters that are neither inside a string nor its quotes."""
     in_string = escaped = False
     for i, char in enumerate(line):
         if in_string:
@@ -339,23 +340,22 @@ def _split_comment(line: str) -> tuple[str, str]:
             escaped = not escaped and char == "\\"
         elif char == '"':
             in_string = True
-        elif line.startswith("//", i):
+        else:
+            yield i
+
+
+def _split_comment(line: str) -> tuple[str, str]:
+    """The code and the ``// comment`` of one line (``//`` inside a string is code)."""
+    for i in _outside_strings(line):
+        if line.startswith("//", i):
             return line[:i], line[i:]
     return line, ""
 
 
 def _wrap_code(code: str, width: int, continuation: str) -> list[str]:
     """Break ``code`` at the spaces between tokens (never inside a string)."""
-    breaks, in_string, escaped = [], False, False
     indent = len(code) - len(code.lstrip())
-    for i, char in enumerate(code):
-        if in_string:
-            in_string = escaped or char != '"'
-            escaped = not escaped and char == "\\"
-        elif char == '"':
-            in_string = True
-        elif char == " " and i > indent:
-            breaks.append(i)
+    breaks = [i for i in _outside_strings(code) if code[i] == " " and i > indent]
     lines, start, prefix = [], 0, ""
     while len(prefix) + len(code) - start > width:
         fits = [b for b in breaks if b > start and len(prefix) + b - start <= width]
