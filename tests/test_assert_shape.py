@@ -51,6 +51,16 @@ def test_rank_mismatch_shows_the_named_shape() -> None:
     assert str(info.value) == "expected 3 axes (B, T, C), got 2: (B=2, 8)"
     with pytest.raises(ShapeError, match=r"expected at least 3 axes \(B, \.\.\., T, C\)"):
         assert_shape(torch.zeros(2, 8), "B ... T C")
+    with pytest.raises(ShapeError, match=r"^expected 1 axis \(B\), got 2: \(B=2, 8\)$"):
+        assert_shape(torch.zeros(2, 8), "B", B=2)
+
+
+@pytest.mark.parametrize("value", [None, "x", 3, {"B": 2}])
+def test_what_is_not_a_tensor_or_a_shape_says_so(value: object) -> None:
+    with pytest.raises(TypeError) as info:
+        assert_shape(value, "B T")
+    assert str(info.value) == (f"assert_shape checks a tensor (anything with a .shape) or a shape "
+                               f"tuple, got {type(value).__name__}: assert_shape(x, 'B T C')")
 
 
 def test_repeated_name_must_repeat_its_size() -> None:

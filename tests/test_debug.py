@@ -137,6 +137,13 @@ def test_stop_at_module_bad_input():
         debug.stop_at_module(model, "0", condition=True)
 
 
+def test_a_stop_point_that_is_not_a_name_says_what_to_give():
+    with pytest.raises(TypeError) as info:
+        tle.stop_at(None)  # type: ignore[arg-type]
+    assert str(info.value) == "a stop point is a name ('attention'), not NoneType None"
+    assert not debug.requested_stops()
+
+
 def test_cli_flags(tmp_path, capsys):
     assert main(["debug", "--stop", "atention", "--device", "cpu"]) == 2
     assert "did you mean 'attention'" in capsys.readouterr().err

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
 
 import torchlens_edu as tle
 from support.zoo import ZOO, ZOO_BY_NAME, InplaceAfter, ModelGuard, ZooEntry, reference_outputs
-from torchlens_edu._core.modules import PatternError
+from torchlens_edu._core.modules import PatternError, require_module
 from torchlens_edu._core.tree import iter_tensors
-from torchlens_edu.hookset import HookCall, require_module
+from torchlens_edu.hookset import HookCall
 
 
 @pytest.mark.parametrize("entry", ZOO, ids=lambda e: e.name)
@@ -221,6 +223,25 @@ def test_pattern_that_matches_nothing_suggests_paths() -> None:
         tle.hooks(model).forward("lm_head", "not a function")
 
 
+def test_a_module_given_as_a_pattern_names_its_path() -> None:
+    """A module is callable, but not a (path, module) -> bool test: it is never called."""
+    model = ZOO_BY_NAME["gpt2_ours"].build()
+    attn = model.transformer.h[0].attn
+    start = ("a module pattern is a path such as 'transformer.h.*.attn' or a function "
+             "(path, module) -> bool, not the CausalSelfAttention module itself; ")
+    at = "it is at 'transformer.h.0.attn' in this model: pass that path"
+    with pytest.raises(TypeError) as info:
+        tle.hooks(model).forward(attn, lambda c: None)  # type: ignore[arg-type]
+    assert str(info.value) == start + at
+    with pytest.raises(TypeError) as info, tle.inspect(model).capture(attn):  # type: ignore[arg-type]
+        pass
+    assert str(info.value) == start + at
+    other = ZOO_BY_NAME["gpt2_ours"].build().transformer.h[0].attn
+    with pytest.raises(TypeError) as info:
+        tle.trace_shapes(model, torch.zeros(1, 4, dtype=torch.long), include=other)
+    assert str(info.value) == start + "it is not part of this model either"
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_torchscript_modules_are_refused_with_a_clear_message() -> None:
     scripted = torch.jit.script(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
@@ -261,12 +282,23 @@ def test_compiled_modules_say_what_works() -> None:
     ("gpt2", "load the model first"),
     (torch.zeros(2), "this is a tensor"),
     (type("Pipeline", (), {"model": nn.Linear(1, 1)})(), "pass its .model"),
+    (nn.Linear, r"this is the class Linear, not a model: build one first, e\.g\. model = "
+                r"Linear\(\.\.\.\)"),
+    (None, "pass the model object itself"),
 ])
 def test_non_modules_get_a_hint(obj: object, hint: str) -> None:
     with pytest.raises(TypeError, match=hint):
         require_module(obj, "hooks()")
-    with pytest.raises(TypeError, match=r"needs a torch\.nn\.Module"):
-        tle.hooks(obj)  # type: ignore[arg-type]
+    for call, who in [(lambda: tle.hooks(obj), "hooks()"),  # type: ignore[arg-type]
+                      (lambda: tle.inspect(obj), "inspect()"),  # type: ignore[arg-type]
+                      (lambda: tle.watch_nans(obj), "watch_nans()"),  # type: ignore[arg-type]
+                      (lambda: tle.copy_weights(obj, nn.Linear(1, 1)),  # type: ignore[arg-type]
+                       "copy_weights(src, dst)"),
+                      (lambda: tle.copy_weights(nn.Linear(1, 1), obj),  # type: ignore[arg-type]
+                       "copy_weights(src, dst)")]:
+        with pytest.raises(TypeError, match=re.escape(who) + r" needs a torch\.nn\.Module, got "
+                           + type(obj).__name__ + ": .*" + hint):
+            call()
 
 
 def test_paused_hooks_do_nothing() -> None:

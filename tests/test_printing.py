@@ -114,6 +114,20 @@ def test_bad_options_say_what_to_do() -> None:
         tle.set_printoptions(precission=3)
     with pytest.raises(TypeError), tle.printoptions(edge_items=3):
         pass
+    # torch's first positional argument is precision; ours is the preset: say so
+    with pytest.raises(TypeError) as info:
+        tle.set_printoptions(4)  # type: ignore[arg-type]
+    assert str(info.value) == ("a print preset is a name ('edu', 'short', 'full', 'default') or "
+                               "None, not int 4; for 4 digits after the decimal point pass "
+                               "precision=4")
+    # a value the user gives is taken as it is, never called (only a preset's may be computed)
+    calls: list[int] = []
+    with pytest.raises(ValueError, match=r"print option precision=.*: give an int >= 0"):
+        tle.set_printoptions(precision=lambda: calls.append(1) or 4)
+    with pytest.raises(ValueError, match=r"print option linewidth=Linear\(.*\): give an int >= 1"
+                       ), tle.printoptions(linewidth=torch.nn.Linear(2, 2)):
+        pass
+    assert not calls
     assert _opts() == before
 
 

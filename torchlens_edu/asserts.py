@@ -172,6 +172,9 @@ def assert_shape(t: Any, spec: str | Sequence[str | int | None], **sizes: int) -
     torchlens_edu.asserts.ShapeError: expected (B, T, 768), got (B=2, T=8, 96)
       axis 2: 96, but the spec says 768
     """
+    if not isinstance(t, (tuple, list)) and not hasattr(t, "shape"):
+        raise TypeError(f"assert_shape checks a tensor (anything with a .shape) or a shape "
+                        f"tuple, got {type(t).__name__}: assert_shape(x, 'B T C')")
     shape = tuple(int(s) for s in (t if isinstance(t, (tuple, list)) else t.shape))
     tokens = _parse_spec(spec)
     given = dict(Dims(sizes))
@@ -191,7 +194,8 @@ def assert_shape(t: Any, spec: str | Sequence[str | int | None], **sizes: int) -
     if len(shape) < fixed or ("rest" not in kinds and len(shape) != fixed):
         named = Dims({**(dict(scope) if scope is not None else {}), **given}).format(shape)
         axes = f"at least {fixed}" if "rest" in kinds else str(fixed)
-        raise ShapeError(f"expected {axes} axes {expected}, got {len(shape)}: {named}")
+        noun = "axis" if fixed == 1 else "axes"
+        raise ShapeError(f"expected {axes} {noun} {expected}, got {len(shape)}: {named}")
     split = kinds.index("rest") if "rest" in kinds else len(tokens)
     after = tokens[split + 1:]
     placed = [(axis, *tok) for axis, tok in enumerate(tokens[:split])]

@@ -43,11 +43,17 @@ from rich.text import Text
 from torchlens_edu._core.console import render_html, render_text
 from torchlens_edu._core.formatting import did_you_mean, format_bytes, short_dtype
 from torchlens_edu._core.interrupts import safe_contextmanager
-from torchlens_edu._core.modules import Pattern, every_path, match_modules, module_aliases
+from torchlens_edu._core.modules import (
+    Pattern,
+    every_path,
+    match_modules,
+    module_aliases,
+    require_module,
+)
 from torchlens_edu._core.replay_state import replaying
 from torchlens_edu._core.tree import iter_tensors, map_tensors
 from torchlens_edu.dims import Dims, dims_argument
-from torchlens_edu.hookset import HookCall, HookSet, require_module
+from torchlens_edu.hookset import HookCall, HookSet
 from torchlens_edu.shapes.meta import inputs_to_meta, meta_twin, sharding, twin_running
 
 DEFAULT_MAX_BYTES = 2 * 2**30  # 2 GiB: more than a learner means to keep by accident

@@ -63,6 +63,9 @@ class StopRequest:
     head: int | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.point, str):
+            raise TypeError(f"a stop point is a name ({', '.join(map(repr, STOP_POINTS))}), "
+                            f"not {type(self.point).__name__} {self.point!r}")
         if self.point not in STOP_POINTS:
             hint = did_you_mean(self.point, STOP_POINTS)
             hint = f" ({hint})" if hint else ""

@@ -42,7 +42,13 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from torchlens_edu._core.interrupts import arm, disarm, uninterruptible
-from torchlens_edu._core.modules import Pattern, every_path, match_modules, module_paths
+from torchlens_edu._core.modules import (
+    Pattern,
+    every_path,
+    match_modules,
+    module_paths,
+    require_module,
+)
 from torchlens_edu._core.replay_state import recomputing, replaying
 from torchlens_edu._core.tree import iter_tensors
 
@@ -537,28 +543,3 @@ def _refuse_compiled(model: nn.Module, paths: list[str]) -> None:
                     "TorchScript runs a compiled graph, so Python hooks on it or inside it do not "
                     "run (torch ignores them on submodules). Hook the eager nn.Module before "
                     "scripting it, and run that one while you look inside.")
-
-
-def require_module(obj: Any, who: str) -> nn.Module:
-    """``obj`` if it is an ``nn.Module``, else an error that says what to pass instead."""
-    if isinstance(obj, nn.Module):
-        return obj
-    kind = type(obj).__name__
-    if isinstance(getattr(obj, "model", None), nn.Module):  # HF pipeline, wrappers, trainers
-        hint = (f"it wraps one: pass its .model (e.g. {who.rstrip('()')}(pipe.model) for a "
-                "Hugging Face pipeline)")
-    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        hint = ("this looks like a state dict (names -> tensors): build the model first, then "
-                "model.load_state_dict(state_dict), and pass the model")
-    elif isinstance(obj, torch.Tensor):
-        hint = "this is a tensor: pass the model that produces or consumes it"
-    elif isinstance(obj, str):
-        hint = ("this is a name: load the model first, e.g. "
-                "GPT2.from_pretrained('gpt2') from torchlens_edu.models")
-    elif callable(obj):
-        hint = ("this is a function: pass the nn.Module it calls, or wrap the function in an "
-                "nn.Module whose forward calls it")
-    else:
-        hint = "pass the torch.nn.Module you want to look inside"
-    raise TypeError(f"{who} needs a torch.nn.Module, got {kind}: {hint}")
-

@@ -38,11 +38,12 @@ from torchlens_edu._core.modules import (
     is_hook_point,
     match_modules,
     module_aliases,
+    require_module,
 )
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.capture import ActivationCache, capture
 from torchlens_edu.dims import AxisRoles, Dims, dims_argument, model_parameter_axes
-from torchlens_edu.hookset import HookCall, HookSet, require_module
+from torchlens_edu.hookset import HookCall, HookSet
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -101,6 +101,8 @@ def close_matches(word: str, choices: Iterable[str], *, n: int = 1,
     >>> close_matches("c", ["B", "T", "C"]), close_matches("precison", ["precision", "profile"])
     (['C'], ['precision'])
     """
+    if not isinstance(word, str):
+        return []  # not a name at all: nothing was mistyped (the caller says what to give)
     options = sorted(set(choices))
     same = [c for c in options if c.lower() == word.lower() and c != word]
     found = same + [c for c in difflib.get_close_matches(word, options, n=n, cutoff=cutoff)

@@ -23,7 +23,9 @@ from __future__ import annotations
 import fnmatch
 import sys
 from collections.abc import Callable
+from typing import Any
 
+import torch
 import torch.nn as nn
 
 from torchlens_edu._core.formatting import did_you_mean
@@ -49,6 +51,13 @@ def match_modules(model: nn.Module, pattern: Pattern, *, required: bool = True
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     named = every_path(model)  # a shared module once per path it is reachable under
+    if isinstance(pattern, nn.Module):  # callable, but not a (path, module) -> bool test
+        paths = [repr(path) for path, module in named if module is pattern]
+        where = (f"it is at {' and '.join(paths)} in this model: pass that path" if paths else
+                 "it is not part of this model either")
+        raise TypeError(f"a module pattern is a path such as 'transformer.h.*.attn' or a "
+                        f"function (path, module) -> bool, not the {type(pattern).__name__} "
+                        f"module itself; {where}")
     if callable(pattern):
         hits = [(path, module) for path, module in named if pattern(path, module)]
     elif isinstance(pattern, str):
@@ -69,6 +78,42 @@ def match_modules(model: nn.Module, pattern: Pattern, *, required: bool = True
     for path, module in hits:
         first.setdefault(module, path)
     return [(path, module) for module, path in first.items()]
+
+
+def require_module(obj: Any, who: str) -> nn.Module:
+    """``obj`` if it is an ``nn.Module``, else a TypeError that says what to pass instead
+    (``who`` is the call, as the user wrote it: ``"inspect()"``).
+
+    >>> require_module(nn.Linear(2, 2), "inspect()")
+    Linear(in_features=2, out_features=2, bias=True)
+    >>> require_module("gpt2", "inspect()")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    TypeError: inspect() needs a torch.nn.Module, got str: this is a name: load the model first...
+    """
+    if isinstance(obj, nn.Module):
+        return obj
+    kind = type(obj).__name__
+    if isinstance(getattr(obj, "model", None), nn.Module):  # HF pipeline, wrappers, trainers
+        hint = (f"it wraps one: pass its .model (e.g. {who.rstrip('()')}(pipe.model) for a "
+                "Hugging Face pipeline)")
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        hint = ("this looks like a state dict (names -> tensors): build the model first, then "
+                "model.load_state_dict(state_dict), and pass the model")
+    elif isinstance(obj, torch.Tensor):
+        hint = "this is a tensor: pass the model that produces or consumes it"
+    elif isinstance(obj, str):
+        hint = ("this is a name: load the model first, e.g. "
+                "GPT2.from_pretrained('gpt2') from torchlens_edu.models")
+    elif isinstance(obj, type) and issubclass(obj, nn.Module):
+        hint = (f"this is the class {obj.__name__}, not a model: build one first, e.g. "
+                f"model = {obj.__name__}(...), and pass the model")
+    elif callable(obj):
+        hint = ("this is a function: pass the nn.Module it calls, or wrap the function in an "
+                "nn.Module whose forward calls it")
+    else:
+        hint = "pass the model object itself (an instance of a torch.nn.Module subclass)"
+    raise TypeError(f"{who} needs a torch.nn.Module, got {kind}: {hint}")
 
 
 def every_path(model: nn.Module) -> list[tuple[str, nn.Module]]:

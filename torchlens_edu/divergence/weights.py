@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from torchlens_edu._core.console import render_html, render_text
+from torchlens_edu._core.modules import require_module
 from torchlens_edu.divergence.align import PathMap, translate
 
 # True/False for every 2-D weight, "auto" (Hugging Face Conv1D), or key globs
@@ -122,6 +123,8 @@ def copy_weights(src: nn.Module, dst: nn.Module, map: PathMap | None = None,
     >>> torch.equal(src[0].weight, dst[0].weight)
     True
     """
+    require_module(src, "copy_weights(src, dst)")
+    require_module(dst, "copy_weights(src, dst)")
     modules = dict(src.named_modules())
     parameters = {name for name, _ in src.named_parameters(remove_duplicate=False)}
     targets = dst.state_dict(keep_vars=True)

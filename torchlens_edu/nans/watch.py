@@ -6,8 +6,8 @@ Two tiers:
   to a :class:`~torchlens_edu.nans.checks.Batch`, and tensor hooks do the same for the
   gradients reaching those outputs. A batch reduces everything it holds with one multi-tensor op
   to each tensor's largest magnitude (exact: NaN, inf or finite as the tensor is, no overflow;
-  on CPU a 2-norm screens first), and is read back once at the end of the forward and once at the end of the backward: a few
-  ops and one host sync per phase, however deep the model.
+  on CPU a 2-norm screens first), and is read back once at the end of the forward and once at
+  the end of the backward: a few ops and one host sync per phase, however deep the model.
 - precise, only when the cheap tier fires: the failing step is replayed identically and watched
   call by call (see :mod:`~torchlens_edu.nans.replay`) to name the producing op, its module and
   the user's line.
@@ -35,7 +35,13 @@ import torch.nn as nn
 from torchlens_edu._core.console import get_console
 from torchlens_edu._core.frames import user_source
 from torchlens_edu._core.interrupts import arm, disarm, uninterruptible, uninterruptible_enter
-from torchlens_edu._core.modules import is_hook_point, module_aliases, module_paths, uses_fsdp
+from torchlens_edu._core.modules import (
+    is_hook_point,
+    module_aliases,
+    module_paths,
+    require_module,
+    uses_fsdp,
+)
 from torchlens_edu._core.replay_state import recomputing, replay_scope
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.dims import Dims, dims_argument
@@ -118,8 +124,7 @@ class NanWatch:
 
     def __init__(self, model: nn.Module, *, mode: Mode = "raise", check_inf: bool = True,
                  every: int = 1, dims: Mapping[str, int] | None = None) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"watch_nans watches an nn.Module, got {type(model).__name__}")
+        require_module(model, "watch_nans()")
         if mode not in ("raise", "warn", "break"):
             raise ValueError(f"mode={mode!r}: choose 'raise' (stop with NonFiniteError), 'warn' "
                              "(print and go on) or 'break' (open the debugger at the line)")

@@ -94,14 +94,21 @@ def _resolve(preset: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
             hint = f" ({hint})" if hint else ""
             raise TypeError(f"unknown print option {name!r}{hint}; "
                             f"choose from {', '.join(sorted(fields))}")
+    if preset is not None and not isinstance(preset, str):
+        digits = (f"; for {preset} digits after the decimal point pass precision={preset}"
+                  if isinstance(preset, int) and not isinstance(preset, bool) else "")
+        raise TypeError(f"a print preset is a name ({', '.join(map(repr, PRESETS))}) or None, "
+                        f"not {type(preset).__name__} {preset!r}{digits}")
     if preset is not None and preset not in PRESETS:
         hint = did_you_mean(preset, PRESETS)
         hint = f" ({hint})" if hint else ""
         raise ValueError(f"unknown print preset {preset!r}{hint}; choose one of "
                          f"{', '.join(map(repr, PRESETS))}, or None to keep the current options")
-    chosen = dict(PRESETS[preset]) if preset is not None else {}
-    chosen.update(overrides)
-    resolved = {k: (v() if callable(v) else v) for k, v in chosen.items()}
+    # a preset's value may be computed when applied (the terminal's width); a value the user
+    # gives is taken as it is (a callable there is a mistake for _check_option to name)
+    resolved = {k: (v() if callable(v) else v)
+                for k, v in (PRESETS[preset] if preset is not None else {}).items()}
+    resolved.update(overrides)
     for name, value in resolved.items():
         _check_option(name, value)
     return resolved
