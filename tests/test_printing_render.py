@@ -151,7 +151,7 @@ def test_show_attention_long_sequences_use_blocks() -> None:
     (torch.rand(2, 3, 5, 5), {"head": 3}, "head=3 is out of range.*head=0..2"),
     (torch.rand(2, 3, 5, 5), {"batch": 2}, "batch=2 is out of range"),
     ([torch.rand(1, 2, 5, 5)] * 2, {}, "2 layers: pass layer=0..1"),
-    (torch.rand(5, 5), {"tokens": ["a"]}, "1 tokens for 5 key positions"),
+    (torch.rand(5, 5), {"tokens": ["a"]}, "1 token for 5 key positions"),
     ("weights", {}, "takes a tensor"),
     (torch.ones(3, 3, dtype=torch.long), {}, "must be floating point"),
 ])

@@ -40,6 +40,7 @@ import torch.nn as nn
 from rich.table import Table
 from rich.text import Text
 
+from torchlens_edu._core.arguments import require_flag
 from torchlens_edu._core.console import render_html, render_text
 from torchlens_edu._core.formatting import did_you_mean, format_bytes, short_dtype
 from torchlens_edu._core.interrupts import safe_contextmanager
@@ -395,6 +396,9 @@ def capture(model: nn.Module, pattern: Pattern = "*", *, grads: bool = False,
     (torch.Size([3, 1]), 4)
     """
     require_module(model, "capture()")
+    for name, flag in (("grads", grads), ("inputs", inputs), ("detach", detach),
+                       ("clone", clone)):
+        require_flag(flag, name, "capture")
     dims = dims_argument(dims)
     limit = parse_bytes(DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
     cache = ActivationCache(dims)

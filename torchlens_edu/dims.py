@@ -417,6 +417,9 @@ class Dims(Mapping[str, int]):
         >>> Dims({"B": 2, "T": 16}).format((2, 16, 5), brackets="[]")
         '[B=2, T=16, 5]'
         """
+        if not isinstance(shape, (tuple, list)):  # torch.Size is a tuple
+            raise TypeError(f"Dims.format takes a shape such as (2, 16, 768) or x.shape, got "
+                            f"{type(shape).__name__}")
         return brackets[0] + ", ".join(self.labels(shape, axes)) + brackets[1]
 
 

@@ -137,6 +137,9 @@ class Inspector:
         """
         import torchinfo.torchinfo as torchinfo
 
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
+            raise ValueError(f"summary(depth={depth!r:.40}): give a module depth >= 0 (the "
+                             "model is depth 0, its children 1, ...)")
         modes = {m: m.training for m in self.model.modules()}
         cached = dict(torchinfo._cached_forward_pass)  # it keeps the last model per class name
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))

@@ -52,6 +52,31 @@ def _fill(glob: str, parts: Sequence[str]) -> str:
     return ".".join(next(filled, "*") if part == "*" else part for part in glob.split("."))
 
 
+def map_argument(path_map: object, who: str) -> PathMap | None:
+    """``path_map`` if it is None or a dict of module globs to a glob (or a list of globs),
+    else a TypeError with an example.
+
+    >>> map_argument({"h.*.attn": "blocks.*.attention"}, "compare")
+    {'h.*.attn': 'blocks.*.attention'}
+    >>> map_argument("h.*.attn", "compare")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    TypeError: compare(map='h.*.attn'): give a dict of module globs, ...
+    """
+    def target(value: object) -> bool:
+        return isinstance(value, str) or (isinstance(value, (list, tuple)) and bool(value)
+                                          and all(isinstance(v, str) for v in value))
+
+    if path_map is None:
+        return None
+    if isinstance(path_map, Mapping) and all(isinstance(k, str) and target(v)
+                                             for k, v in path_map.items()):
+        return path_map
+    raise TypeError(f"{who}(map={path_map!r:.60}): give a dict of module globs, the first "
+                    "model's to the second's, each a glob or a list of globs (a fused weight "
+                    "split in parts), e.g. {'h.*.attn.c_attn': 'blocks.*.qkv'}")
+
+
 def translate(path: str, path_map: PathMap | None) -> list[str] | None:
     """The model path(s) that a reference ``path`` becomes under ``path_map`` (None: unmapped).
 

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from torchlens_edu._core.arguments import require_flag
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.dims import Dims, _config_of, dims_from_config
-from torchlens_edu.divergence.align import Alignment, ModuleCall, PathMap, align
+from torchlens_edu.divergence.align import Alignment, ModuleCall, PathMap, align, map_argument
 from torchlens_edu.divergence.backward import blame_backward
 from torchlens_edu.divergence.blame import OpBlame, blame, worst_difference
 from torchlens_edu.divergence.loss import Loss, choose_loss
@@ -131,6 +132,8 @@ def compare(model: nn.Module, reference: nn.Module, *inputs: Any, rtol: float | 
     if not isinstance(model, nn.Module) or not isinstance(reference, nn.Module):
         raise TypeError("compare(model, reference, *inputs): both models must be nn.Modules, "
                         f"got {type(model).__name__} and {type(reference).__name__}")
+    require_flag(backward, "backward", "compare")
+    map = map_argument(map, "compare")
     tolerance = Tolerance(rtol=rtol, atol=atol)
     mine = _record(model, lambda: model(*inputs), keep_graph=backward)
     theirs = _record(reference, lambda: reference(*inputs), keep_graph=backward)

@@ -22,7 +22,7 @@ from rich.text import Text
 
 from torchlens_edu._core.console import render_html, render_text
 from torchlens_edu._core.modules import require_module
-from torchlens_edu.divergence.align import PathMap, translate
+from torchlens_edu.divergence.align import PathMap, map_argument, translate
 
 # True/False for every 2-D weight, "auto" (Hugging Face Conv1D), or key globs
 Transpose: TypeAlias = "bool | str | Sequence[str]"
@@ -125,6 +125,7 @@ def copy_weights(src: nn.Module, dst: nn.Module, map: PathMap | None = None,
     """
     require_module(src, "copy_weights(src, dst)")
     require_module(dst, "copy_weights(src, dst)")
+    map = map_argument(map, "copy_weights")
     modules = dict(src.named_modules())
     parameters = {name for name, _ in src.named_parameters(remove_duplicate=False)}
     targets = dst.state_dict(keep_vars=True)

@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
+from torchlens_edu._core.arguments import require_flag
 from torchlens_edu._core.console import get_console
 from torchlens_edu._core.frames import user_source
 from torchlens_edu._core.interrupts import arm, disarm, uninterruptible, uninterruptible_enter
@@ -131,6 +132,7 @@ class NanWatch:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every={every!r}: check every N-th forward, N an int >= 1")
         self.model, self.mode, self.every = model, mode, every
+        require_flag(check_inf, "check_inf", "watch_nans")
         self.kinds: frozenset[Kind] = ALL_KINDS if check_inf else frozenset({"nan"})
         self.dims = dims_argument(dims)
         self.reports: list[NonFiniteReport] = []

@@ -16,7 +16,7 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
-from torchlens_edu._core.console import get_console
+from torchlens_edu._core.arguments import console_argument
 from torchlens_edu.printing.stats import unobserved
 from torchlens_edu.printing.table import Heat, RichView, is_plain
 
@@ -36,6 +36,13 @@ def select_attention(weights: Any, *, layer: int | None = None, head: int | None
     >>> tuple(m.shape), title
     ((5, 5), 'attention  batch 1 of 2 · head 1 of 4')
     """
+    for name, index, meaning in (("layer", layer, "None when there is one layer"),
+                                 ("head", head, "None to average the heads"),
+                                 ("batch", batch, "")):
+        if not (isinstance(index, int) and not isinstance(index, bool)) and (
+                index is not None or name == "batch"):
+            raise TypeError(f"show_attention({name}={index!r:.40}): give an int index (negative "
+                            f"ones count from the end){', or ' + meaning if meaning else ''}")
     parts: list[str] = []
     if isinstance(weights, (list, tuple)):
         if not weights or not all(isinstance(w, torch.Tensor) for w in weights):
@@ -125,7 +132,8 @@ class AttentionView(RichView):
             raise ValueError(f"attention of shape ({tq}, {tk}) has more queries than keys; "
                              "expected (T_q, T_k) with T_q <= T_k (the last two axes)")
         if tokens is not None and len(tokens) != tk:
-            raise ValueError(f"{len(tokens)} tokens for {tk} key positions: pass one token "
+            given = f"{len(tokens)} token{'s' if len(tokens) != 1 else ''}"
+            raise ValueError(f"{given} for {tk} key positions: pass one token "
                              f"per position (the last axis of the weights has size {tk})")
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
@@ -207,4 +215,4 @@ def show_attention(weights: Any, tokens: Sequence[Any] | None = None, *,
     ␣there 0.00   1.00
     """
     view = AttentionView(weights, tokens, layer=layer, head=head, batch=batch)
-    (console or get_console()).print(view)
+    console_argument(console, "show_attention").print(view)

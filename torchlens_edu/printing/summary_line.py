@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
+from torchlens_edu._core.arguments import require_flag
 from torchlens_edu._core.formatting import format_bytes, short_dtype
 from torchlens_edu.dims import Dims
 from torchlens_edu.printing.stats import (
@@ -42,6 +43,7 @@ def describe(t: torch.Tensor, *, dims: Mapping[str, int] | None = None,
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"describe() takes a torch.Tensor, got {type(t).__name__}; "
                         "for a model use tle.inspect(model)")
+    require_flag(stats, "stats", "describe")
     named = dims if isinstance(dims, Dims) else Dims(dims)
     with unobserved():  # even reading .shape is seen by torch-function modes: hide our work
         try:

@@ -21,7 +21,8 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
-from torchlens_edu._core.console import get_console, render_html, render_text
+from torchlens_edu._core.arguments import console_argument, require_flag
+from torchlens_edu._core.console import render_html, render_text
 from torchlens_edu.dims import Dims
 from torchlens_edu.printing.stats import (
     TensorStats,
@@ -176,7 +177,8 @@ def show(t: torch.Tensor, *, dims: Mapping[str, int] | None = None, heatmap: boo
     0  1.0000  0.0000
     1  0.0000  1.0000
     """
-    (console or get_console()).print(TensorView(t, dims=dims, heatmap=heatmap))
+    out = console_argument(console, "show")
+    out.print(TensorView(t, dims=dims, heatmap=require_flag(heatmap, "heatmap", "show")))
 
 
 def _displayable(t: torch.Tensor) -> tuple[torch.Tensor | None, str]:

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
+from torchlens_edu._core.arguments import require_flag
 from torchlens_edu._core.interrupts import arm, disarm, uninterruptible, uninterruptible_enter
 from torchlens_edu._core.modules import (
     Pattern,
@@ -145,6 +146,8 @@ class ShapeTracer:
             if not isinstance(root, nn.Module):
                 raise TypeError(f"trace_shapes needs an nn.Module, got {type(root).__name__}; "
                                 "pass the model first: trace_shapes(model, inputs)")
+        require_flag(ops, "ops", "trace_shapes")
+        require_flag(meta, "meta", "trace_shapes")
         if depth is not None and (not isinstance(depth, int) or depth < 0):
             raise ValueError(f"depth={depth!r}: give a module depth >= 0 (the model is depth 0)")
         for root in roots:
