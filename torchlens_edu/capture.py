@@ -55,6 +55,7 @@ from torchlens_edu._core.replay_state import replaying
 from torchlens_edu._core.tree import iter_tensors, map_tensors
 from torchlens_edu.dims import Dims, dims_argument
 from torchlens_edu.hookset import HookCall, HookSet
+from torchlens_edu.printing.stats import padded_shape
 from torchlens_edu.shapes.meta import inputs_to_meta, meta_twin, sharding, twin_running
 
 DEFAULT_MAX_BYTES = 2 * 2**30  # 2 GiB: more than a learner means to keep by accident
@@ -362,7 +363,8 @@ class ActivationCache:
                                       tensor.dtype)
                 g = a.grads[index] if index < len(a.grads) else None
                 grad = "-" if g is None else _grad_text(tensor_stats(g))
-                rows.append([name, self.dims.format(tensor.shape), short_dtype(tensor.dtype),
+                shape = self.dims.format(padded_shape(tensor))
+                rows.append([name, shape, short_dtype(tensor.dtype),
                              _short(values), Text(f"{bad}", "bold red" if bad else "dim"), grad])
         return rows
 
@@ -537,7 +539,7 @@ def _version_if_alias(kept: torch.Tensor, source: torch.Tensor) -> int | None:
 
 
 def _specs(obj: Any) -> tuple:
-    return tuple((tuple(t.shape), t.dtype, t.device.type) for t in iter_tensors(obj))
+    return tuple((tuple(padded_shape(t)), t.dtype, t.device.type) for t in iter_tensors(obj))
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

@@ -75,6 +75,7 @@ def dims_from_config(config: Any) -> dict[str, int]:
 
 # role -> attribute names a module's own code gives it (minGPT, x-transformers, tutorials)
 _MODULE_FIELDS: dict[str, tuple[str, ...]] = {
+    "C": ("embed_dim", "d_model"),  # nn.MultiheadAttention, nn.Transformer: no embedding
     "nh": ("n_head", "num_heads", "heads", "n_heads", "num_attention_heads", "nhead"),
     "hs": ("head_dim", "dim_head", "d_head", "head_size", "d_k"),
     "nkv": ("kv_heads", "n_kv_head", "n_kv_heads", "num_key_value_heads", "num_kv_heads"),
@@ -92,7 +93,8 @@ def _is_positional(name: str) -> bool:
 def dims_from_modules(model: Any) -> dict[str, int]:
     """Named sizes read off the modules themselves, for models without a config: the token
     embedding gives ``V`` and ``C`` (the largest ``nn.Embedding``), a position embedding
-    (``wpe``, ``pos_emb``...) gives ``ctx``, attributes such as ``n_head``, ``heads``,
+    (``wpe``, ``pos_emb``...) gives ``ctx``, attributes such as ``embed_dim`` (``C`` without
+    a token embedding: ``nn.MultiheadAttention``), ``n_head``, ``heads``,
     ``num_heads``, ``dim_head`` give ``nh``, ``hs`` and ``nkv`` (when every module that has one
     agrees), and the widening ``nn.Linear`` of an MLP gives ``4C`` or ``ff``.
 
@@ -117,6 +119,8 @@ def dims_from_modules(model: Any) -> dict[str, int]:
     if positional and positional[0][1].embedding_dim == sizes.get("C"):
         sizes["ctx"] = positional[0][1].num_embeddings
     for role, found in _head_attributes(m for _, m in named).items():
+        if role in sizes:  # C from the token embedding
+            continue
         if len(found) == 1:  # one value everywhere: a name; two (encoder vs decoder): none
             sizes[role] = found.pop()
     C, nh = sizes.get("C"), sizes.get("nh")

@@ -51,6 +51,7 @@ from torchlens_edu._core.modules import (
 )
 from torchlens_edu._core.replay_state import recomputing, replaying
 from torchlens_edu._core.tree import iter_tensors
+from torchlens_edu.printing.stats import padded_shape
 
 Kind = Literal["forward", "forward_pre", "backward"]
 HookFn = Callable[["HookCall"], Any]
@@ -466,7 +467,8 @@ def _input_key(args: tuple) -> tuple[int, torch.Size] | None:
         pointer = first.data_ptr()
     except RuntimeError:  # no storage of its own (sparse, some tensor subclasses)
         return None
-    return (pointer, first.shape) if pointer else None
+    # a nested tensor (nn.TransformerEncoder's padding fast path) has no sizes: its padded shape
+    return (pointer, padded_shape(first)) if pointer else None
 
 
 def _pattern_text(pattern: Pattern) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ from rich.tree import Tree
 
 from torchlens_edu._core.console import render_html, render_text
 from torchlens_edu._core.formatting import format_count
+from torchlens_edu._core.model_state import kept_state
 from torchlens_edu._core.modules import (
     Pattern,
     also_reachable,
@@ -44,6 +45,7 @@ from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.capture import ActivationCache, capture
 from torchlens_edu.dims import AxisRoles, Dims, dims_argument, model_parameter_axes
 from torchlens_edu.hookset import HookCall, HookSet
+from torchlens_edu.printing.stats import padded_shape
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,10 +154,11 @@ class Inspector:
 
         def note(call: HookCall) -> None:
             if call.module not in outputs:
-                outputs[call.module] = [t.shape for t in iter_tensors(call.output)]
+                outputs[call.module] = [padded_shape(t) for t in iter_tensors(call.output)]
 
         try:
-            with HookSet(self.model) as h:
+            # the forward is ours: caches, counters, the random stream stay as they were
+            with kept_state(self.model), _fast_path_off(), HookSet(self.model) as h:
                 h.forward("*", note)
                 stats = torchinfo.summary(
                     self.model, input_data=data, depth=depth, verbose=0, device=device,
@@ -174,7 +177,8 @@ class Inspector:
             # dataclass: the forward runs here, and torchinfo lists the modules without one
             outputs.clear()
             self.model.eval()
-            with HookSet(self.model) as h, torch.no_grad():
+            with kept_state(self.model), _fast_path_off(), HookSet(self.model) as h, \
+                    torch.no_grad():
                 h.forward("*", note)
                 self.model(*inputs, **forward_kwargs)
             stats = torchinfo.summary(self.model, depth=depth, verbose=0)
@@ -275,6 +279,18 @@ class Inspector:
 
 
 _TORCHINFO_TYPES = "Model contains a layer with an unsupported input or output type"
+
+
+@contextmanager
+def _fast_path_off() -> Iterator[None]:
+    """PyTorch's fused attention fast path off: in eval under no_grad ``nn.TransformerEncoder``
+    packs a padded batch into a nested tensor, which has no sizes for a summary to list."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def inspect(model: nn.Module, *, dims: Mapping[str, int] | None = None) -> Inspector:

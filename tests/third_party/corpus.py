@@ -293,6 +293,18 @@ def _hooked_transformer() -> nn.Module:
     return ZOO_BY_NAME["hooked_transformer"].build()
 
 
+def _torch_encoder() -> nn.Module:
+    """PyTorch's own encoder, as learners build it: in eval under no_grad, with no hook on it,
+    it takes a fused fast path (test_torch_modules.py: with a padding mask it packs the batch
+    into a nested tensor)."""
+    layer = nn.TransformerEncoderLayer(C, NH, 2 * C, dropout=0.1, batch_first=True)
+    return nn.TransformerEncoder(layer, 2)
+
+
+def _embedded(ids: torch.Tensor) -> torch.Tensor:
+    return torch.randn(*ids.shape, C, generator=torch.Generator().manual_seed(3))
+
+
 def _seq2seq_inputs() -> Inputs:
     return (), {"input_ids": _ids(), "attention_mask": _padding_mask(),
                 "decoder_input_ids": _ids(seed=2, tokens=5)}
@@ -330,6 +342,9 @@ CORPUS: list[Specimen] = [
     Specimen(name="hf_bert_padding", build=_hf_bert,
              inputs=lambda: ((), {"input_ids": _ids(), "attention_mask": _padding_mask()}),
              mlp_in="encoder.layer.0.intermediate.dense", needs="transformers"),
+    Specimen(name="torch_transformer_encoder", build=_torch_encoder,
+             inputs=lambda: ((_embedded(_ids()),), {}),
+             mlp_in="layers.0.linear1"),
     Specimen(name="hooked_transformer", build=_hooked_transformer,
              inputs=lambda: ((_ids(),), {}), needs="transformer_lens",
              mlp_in="blocks.0._original_component.mlp._original_component.fc_in"

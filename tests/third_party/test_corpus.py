@@ -35,12 +35,17 @@ def _loss(output: Any) -> torch.Tensor:
     return first.float().pow(2).mean()
 
 
+def _padded(t: torch.Tensor) -> torch.Tensor:
+    """A copy to compare: nn.TransformerEncoder's nested tensors (its padding fast path) padded."""
+    return (t.to_padded_tensor(0.0) if t.is_nested else t).detach().clone()
+
+
 def _plain_hooks(model: nn.Module, specimen: Specimen) -> list[tuple[str, list[torch.Tensor]]]:
     """``(path, output tensors)`` of every module call, from plain torch forward hooks."""
     seen: list[tuple[str, list[torch.Tensor]]] = []
     handles = [m.register_forward_hook(
         lambda mod, a, out, path=path: seen.append(
-            (path, [t.detach().clone() for t in iter_tensors(out)])))
+            (path, [_padded(t) for t in iter_tensors(out)])))
         for path, m in model.named_modules()]
     try:
         with torch.no_grad():
@@ -79,8 +84,7 @@ def test_capture_with_grads_and_hooks_agree_with_plain_torch_hooks(specimen: Spe
     guard = ModelGuard(model)
     seen: list[tuple[str, list[torch.Tensor]]] = []
     with tle.hooks(model) as h:
-        h.forward("*", lambda c: seen.append(
-            (c.path, [t.detach().clone() for t in iter_tensors(c.output)])))
+        h.forward("*", lambda c: seen.append((c.path, [_padded(t) for t in iter_tensors(c.output)])))
         with torch.no_grad():
             _run(model, specimen)
     assert [p for p, _ in seen] == [p for p, _ in reference]
@@ -112,20 +116,28 @@ def test_nan_watch_is_quiet_on_a_healthy_model_in_train_and_eval(specimen: Speci
     guard.check()
 
 
-class _LogOfNegative(nn.Module):
+class _Wrapper(nn.Module):
+    """Wraps a layer, and shows its attributes: nn.TransformerEncoderLayer reads
+    ``linear1.weight`` to choose its fast path."""
+
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
         self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("inner"), name)
+
+
+class _LogOfNegative(_Wrapper):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.log(-self.inner(x).abs() - 1.0)  # @log
 
 
-class _SqrtOfZero(nn.Module):
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
+class _SqrtOfZero(_Wrapper):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.inner(x)
         return h + torch.sqrt(h - h)  # @sqrt

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from torchlens_edu._core.arguments import require_flag
+from torchlens_edu._core.model_state import kept_state
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.dims import Dims, _config_of, dims_from_config
 from torchlens_edu.divergence.align import Alignment, ModuleCall, PathMap, align, map_argument
@@ -134,7 +135,16 @@ def compare(model: nn.Module, reference: nn.Module, *inputs: Any, rtol: float | 
                         f"got {type(model).__name__} and {type(reference).__name__}")
     require_flag(backward, "backward", "compare")
     map = map_argument(map, "compare")
-    tolerance = Tolerance(rtol=rtol, atol=atol)
+    # the forwards are ours: running statistics, caches, counters and the random stream of
+    # both models stay as they were
+    with kept_state(model, reference):
+        return _compare(model, reference, inputs, Tolerance(rtol=rtol, atol=atol), backward,
+                        map, rtol, atol)
+
+
+def _compare(model: nn.Module, reference: nn.Module, inputs: tuple[Any, ...],
+             tolerance: Tolerance, backward: bool, map: PathMap | None, rtol: float | None,
+             atol: float | None) -> Comparison:
     mine = _record(model, lambda: model(*inputs), keep_graph=backward)
     theirs = _record(reference, lambda: reference(*inputs), keep_graph=backward)
     alignment = align(mine.calls, theirs.calls, map)

@@ -160,6 +160,8 @@ class Batch(Generic[Owner]):
 
     def _add(self, label: str, t: torch.Tensor, owner: Owner | None, signed: bool) -> None:
         t = local_shard(t)  # a DTensor's own shard: checks never start a collective
+        if t.is_nested:  # nn.TransformerEncoder's padding fast path: the components' values
+            t = t.values()
         if t.is_complex():
             t = torch.view_as_real(t.detach())  # |a + bi| could overflow where a, b do not
         size = t.numel() * t.element_size()

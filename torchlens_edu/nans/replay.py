@@ -39,6 +39,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from torchlens_edu._core.frames import frame_location, user_frame
+from torchlens_edu._core.model_state import kept_state, set_rng
 from torchlens_edu._core.modules import module_paths
 from torchlens_edu._core.replay_state import replay_scope
 from torchlens_edu._core.tree import iter_tensors
@@ -117,17 +118,6 @@ class ReplayInputs:
     rng_cuda: list[torch.Tensor] | None
     out_grads: dict[int, torch.Tensor] = field(default_factory=dict)
 
-
-def save_rng() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    """The CPU and (when in use) CUDA random states, to replay dropout identically."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng(cpu: torch.Tensor, cuda: list[torch.Tensor] | None) -> None:
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
 
 
 class Replayer(TorchFunctionMode):
@@ -248,19 +238,13 @@ class Replayer(TorchFunctionMode):
     # ---------------------------------------------------------------- replay plumbing
     @contextmanager
     def _replaying(self, step: ReplayInputs, *, grad: bool) -> Iterator[None]:
-        """Same random state and buffers as the recorded step; everything put back after."""
-        rng_now = save_rng()
-        buffers = [(b, b.detach().clone()) for b in self.target.buffers()]
-        try:
-            _set_rng(step.rng_cpu, step.rng_cuda)
+        """Same random state as the recorded step; everything it changes put back after."""
+        # buffers, attributes (a step counter, a rebound cache) and the random state
+        with kept_state(self.target):
+            set_rng((step.rng_cpu, step.rng_cuda))
             # tle.replaying() is True inside: hooks with side effects and our observers skip it
             with replay_scope(backward=grad), torch.set_grad_enabled(grad):
                 yield
-        finally:
-            with torch.no_grad():
-                for buf, saved in buffers:
-                    buf.copy_(saved)
-            _set_rng(*rng_now)
 
     def _run(self, step: ReplayInputs) -> Any:
         """The target's forward with every torch call and module boundary observed."""

@@ -36,6 +36,7 @@ from torchlens_edu._core.arguments import require_flag
 from torchlens_edu._core.console import get_console
 from torchlens_edu._core.frames import user_source
 from torchlens_edu._core.interrupts import arm, disarm, uninterruptible, uninterruptible_enter
+from torchlens_edu._core.model_state import save_rng
 from torchlens_edu._core.modules import (
     is_hook_point,
     module_aliases,
@@ -50,7 +51,7 @@ from torchlens_edu.nans.breakpoint import stop_at_producer
 from torchlens_edu.nans.causes import hint_for
 from torchlens_edu.nans.checks import Batch, Reading, checkable, memory_budget, unseen
 from torchlens_edu.nans.ranks import decode, encode, rank, share
-from torchlens_edu.nans.replay import Replayer, ReplayInputs, Stopped, save_rng
+from torchlens_edu.nans.replay import Replayer, ReplayInputs, Stopped
 from torchlens_edu.nans.report import (
     ALL_KINDS,
     Kind,

@@ -173,6 +173,20 @@ def local_shard(t: torch.Tensor) -> torch.Tensor:
     return shard if isinstance(shard, torch.Tensor) else t
 
 
+def padded_shape(t: torch.Tensor) -> torch.Size:
+    """A tensor's shape; a strided nested tensor's (whose ragged axes have no size, as
+    ``nn.TransformerEncoder`` makes from a padding mask in eval) is its padded one, each axis as
+    long as its longest component, as ``to_padded_tensor`` makes it. A jagged one has a shape.
+
+    >>> padded_shape(torch.nested.nested_tensor([torch.ones(3, 2), torch.ones(1, 2)]))
+    torch.Size([2, 3, 2])
+    """
+    if not t.is_nested or t.layout == torch.jagged:
+        return t.shape
+    sizes = t._nested_tensor_size()  # (components, axes of one component)
+    return torch.Size([sizes.shape[0], *sizes.amax(dim=0).tolist()])
+
+
 def _why_no_data(t: torch.Tensor) -> str:
     if t.is_meta:
         return "meta tensor: no data"

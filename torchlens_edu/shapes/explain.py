@@ -130,6 +130,13 @@ def _user_line(failure: Failure) -> tuple[FrameType | None, str, int]:
     for frame, line in reversed(entries):
         if is_user_file(frame.f_code.co_filename):
             return frame, frame.f_code.co_filename, line
+    # all of it ran in library code (PyTorch's own nn.TransformerEncoderLayer calling its
+    # linear1): the user's line is the one that ran the model, above the traceback
+    caller = entries[0][0].f_back if entries else None
+    while caller is not None:
+        if is_user_file(caller.f_code.co_filename):
+            return caller, caller.f_code.co_filename, caller.f_lineno
+        caller = caller.f_back
     return None, "", 0
 
 

@@ -29,6 +29,7 @@ from torch.utils.hooks import RemovableHandle
 
 from torchlens_edu._core.arguments import require_flag
 from torchlens_edu._core.interrupts import arm, disarm, uninterruptible, uninterruptible_enter
+from torchlens_edu._core.model_state import kept_state
 from torchlens_edu._core.modules import (
     Pattern,
     every_path,
@@ -40,6 +41,7 @@ from torchlens_edu._core.replay_state import recomputing, replaying
 from torchlens_edu._core.sites import Site, caller_site, user_site
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.dims import AxisRoles, Dims, dims_argument, model_parameter_axes
+from torchlens_edu.printing.stats import padded_shape
 from torchlens_edu.shapes import meta as _shape_meta
 from torchlens_edu.shapes import ops as _shape_ops
 from torchlens_edu.shapes.events import ShapeEvent, Spec
@@ -47,19 +49,24 @@ from torchlens_edu.shapes.explain import Failure, add_context, explain
 from torchlens_edu.shapes.trace import ShapeTrace
 
 
+def _spec(t: torch.Tensor) -> Spec:
+    # a nested tensor (nn.TransformerEncoder's padding fast path) has no sizes: its padded shape
+    return (t.shape if not t.is_nested else padded_shape(t)), t.dtype
+
+
 def _specs(values: Any) -> tuple[Spec, ...]:
-    return tuple([(t.shape, t.dtype) for t in values])  # a list: half a generator's cost
+    return tuple([_spec(t) for t in values])  # a list: half a generator's cost
 
 
 def _arg_specs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Spec, ...]:
     specs = []
     for arg in args:  # the common case, tensors passed directly, skips the tree walk
         if isinstance(arg, torch.Tensor):
-            specs.append((arg.shape, arg.dtype))
+            specs.append(_spec(arg))
         elif arg is not None and not isinstance(arg, (int, float, str)):
-            specs.extend((t.shape, t.dtype) for t in iter_tensors(arg))
+            specs.extend(_spec(t) for t in iter_tensors(arg))
     if kwargs:
-        specs.extend((t.shape, t.dtype) for t in iter_tensors(kwargs))
+        specs.extend(_spec(t) for t in iter_tensors(kwargs))
     return tuple(specs)
 
 
@@ -67,7 +74,7 @@ def _output_specs(output: Any, meta: bool) -> tuple[tuple[Spec, ...], int]:
     """A module output's specs, and in a meta run the bytes of its tensors (else 0)."""
     if isinstance(output, torch.Tensor):  # the common case skips the tree walk
         outs: list[torch.Tensor] = [output]
-        specs: tuple[Spec, ...] = ((output.shape, output.dtype),)
+        specs: tuple[Spec, ...] = (_spec(output),)
     else:
         outs = list(iter_tensors(output))
         specs = _specs(outs)
@@ -237,6 +244,9 @@ class ShapeTracer:
         if self.meta:
             if not self._twins:
                 self.home = next((t.device for t in root.parameters() if not t.is_meta), self.home)
+            # a shape-only run is no step: what its forward writes (a counter, a cache rebound
+            # to a meta tensor) is put back with the real buffers
+            self._exits.enter_context(kept_state(root, bits=False))
             self._exits.enter_context(_shape_meta.on_meta(root, self._twins))
         self._root_names.append(type(root).__name__)
         if self.ops or self.meta:  # weights are op operands: their modules name their axes
@@ -517,8 +527,10 @@ def trace_shapes(model: nn.Module, *inputs: Any, ops: bool = False, meta: bool =
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace_shapes needs an nn.Module first, got {type(model).__name__}: "
                         "trace_shapes(model, *inputs)")
-    with ShapeTracer(model, ops=ops, meta=meta, depth=depth, include=include,
-                     dims=dims) as tracer:
+    # the forward is ours, not a step of the user's: running statistics, caches, counters and
+    # the random stream stay as they were (a meta run's tracer keeps them itself)
+    with kept_state(model, bits=not meta), ShapeTracer(
+            model, ops=ops, meta=meta, depth=depth, include=include, dims=dims) as tracer:
         model(*inputs, **forward_kwargs)
     return tracer.trace
 

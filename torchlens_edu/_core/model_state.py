@@ -1,0 +1,109 @@
+"""What a forward that the toolkit runs itself may change, put back afterwards.
+
+A forward writes state: BatchNorm's running statistics and ``num_batches_tracked`` in train
+mode, spectral norm's power-iteration vector, a KV cache or step counter kept in a buffer or a
+plain attribute (``self.steps += 1``, ``self.cache = torch.cat([self.cache, k])``), dropout's
+draw from the random stream. When the user runs the forward (inside ``hooks``, ``capture``,
+``watch_nans``) that is their step. When the toolkit runs one (a trace, a summary, a NaN
+replay, a comparison) it is not, so :func:`kept_state` puts every module's buffers and
+parameters back (the same tensor objects, with the same bits), its plain attributes (rebound
+ones are bound back, added ones removed), and the random state.
+
+>>> import torch.nn as nn
+>>> bn = nn.BatchNorm1d(2).train()
+>>> with kept_state(bn):
+...     _ = bn(torch.randn(4, 2))
+>>> int(bn.num_batches_tracked)
+0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+Rng = tuple[torch.Tensor, list[torch.Tensor] | None]
+# a module's own bookkeeping: the entries inside are put back, not the dicts
+_TABLES = ("_parameters", "_buffers", "_modules")
+
+
+def save_rng() -> Rng:
+    """The CPU and (when in use) CUDA random states.
+
+    >>> cpu, _ = save_rng()
+    >>> cpu.dtype
+    torch.uint8
+    """
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def set_rng(state: Rng) -> None:
+    """Put back random states from :func:`save_rng`.
+
+    >>> state = save_rng(); _ = torch.rand(1); set_rng(state)
+    """
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _saved(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A tensor and a copy of its bits to write back (None where there are none: meta, nested,
+    sparse). Written back whatever its version counter says: BatchNorm's kernel updates the
+    running statistics in place without bumping it."""
+    if value.is_meta or value.is_nested or value.layout != torch.strided:
+        return value, None
+    with torch.no_grad():
+        return value, value.detach().clone()
+
+
+class _Snapshot:
+    """Every module's tables and attributes; a copy of the bits of its buffers and tensor
+    attributes (not of its parameters: a forward does not write them, and a meta trace of a
+    large model must not copy its weights)."""
+
+    def __init__(self, models: tuple[nn.Module, ...], bits: bool) -> None:
+        self.modules = list({id(m): m for model in models for m in model.modules()}.values())
+        self.attributes = [dict(m.__dict__) for m in self.modules]
+        self.tables = [{name: dict(getattr(m, name)) for name in _TABLES} for m in self.modules]
+        state = {id(t): t for m in self.modules
+                 for t in (*m._buffers.values(), *m.__dict__.values())
+                 if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter)}
+        self.bits = [_saved(t) for t in state.values()] if bits else []
+        self.rng = save_rng()
+
+    def restore(self) -> None:
+        for module, attributes, tables in zip(self.modules, self.attributes, self.tables,
+                                              strict=True):
+            now = module.__dict__
+            for name in [name for name in now if name not in attributes]:
+                del now[name]  # made by the forward (a cached mask on the first call)
+            for name, value in attributes.items():
+                if name in _TABLES:
+                    table = now[name]
+                    table.clear()
+                    table.update(tables[name])
+                elif now.get(name, attributes) is not value:
+                    now[name] = value  # rebound: ``self.steps += 1`` on an int
+        with torch.no_grad():
+            for tensor, bits in self.bits:
+                if bits is not None:
+                    tensor.copy_(bits)
+        set_rng(self.rng)
+
+
+@contextmanager
+def kept_state(*models: nn.Module, bits: bool = True) -> Iterator[None]:
+    """Run the block, then put back what a forward of ``models`` changed in them (buffers,
+    parameters, attributes) and the random state (see the module's docstring). ``bits=False``
+    for a meta run: its buffers are meta twins, the real ones are not written and not copied."""
+    snapshot = _Snapshot(models, bits)
+    try:
+        yield
+    finally:
+        snapshot.restore()
