@@ -47,6 +47,11 @@ class Specimen:
         return self.build().eval()
 
 
+def padded_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy to compare: a nested tensor (nn.TransformerEncoder's padding fast path) padded."""
+    return (t.to_padded_tensor(0.0) if t.is_nested else t).detach().clone()
+
+
 def _ids(seed: int = 1, tokens: int = T) -> torch.Tensor:
     return torch.randint(0, V, (B, tokens), generator=torch.Generator().manual_seed(seed))
 

@@ -13,7 +13,7 @@ import corpus
 import pytest
 import torch
 import torch.nn as nn
-from corpus import CORPUS, CORPUS_BY_NAME, C, Specimen
+from corpus import CORPUS, CORPUS_BY_NAME, C, Specimen, padded_copy
 
 import torchlens_edu as tle
 from support.zoo import ModelGuard
@@ -35,17 +35,12 @@ def _loss(output: Any) -> torch.Tensor:
     return first.float().pow(2).mean()
 
 
-def _padded(t: torch.Tensor) -> torch.Tensor:
-    """A copy to compare: nn.TransformerEncoder's nested tensors (its padding fast path) padded."""
-    return (t.to_padded_tensor(0.0) if t.is_nested else t).detach().clone()
-
-
 def _plain_hooks(model: nn.Module, specimen: Specimen) -> list[tuple[str, list[torch.Tensor]]]:
     """``(path, output tensors)`` of every module call, from plain torch forward hooks."""
     seen: list[tuple[str, list[torch.Tensor]]] = []
     handles = [m.register_forward_hook(
         lambda mod, a, out, path=path: seen.append(
-            (path, [_padded(t) for t in iter_tensors(out)])))
+            (path, [padded_copy(t) for t in iter_tensors(out)])))
         for path, m in model.named_modules()]
     try:
         with torch.no_grad():
@@ -84,7 +79,8 @@ def test_capture_with_grads_and_hooks_agree_with_plain_torch_hooks(specimen: Spe
     guard = ModelGuard(model)
     seen: list[tuple[str, list[torch.Tensor]]] = []
     with tle.hooks(model) as h:
-        h.forward("*", lambda c: seen.append((c.path, [_padded(t) for t in iter_tensors(c.output)])))
+        h.forward("*", lambda c: seen.append(
+            (c.path, [padded_copy(t) for t in iter_tensors(c.output)])))
         with torch.no_grad():
             _run(model, specimen)
     assert [p for p, _ in seen] == [p for p, _ in reference]

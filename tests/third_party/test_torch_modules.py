@@ -1,0 +1,204 @@
+"""PyTorch's own modules and stateful code we did not write: ``nn.TransformerEncoder``'s padding
+fast path (a nested tensor between its layers), and forwards that write state (BatchNorm's
+running statistics, a step counter, a cache rebound in a buffer, dropout's random draw). A
+forward the toolkit runs itself (a trace, a summary, a comparison, a NaN replay) leaves all of
+it as it was; a forward the user runs under an observer leaves it as a plain step does."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+from corpus import NH, C, padded_copy
+
+import torchlens_edu as tle
+from support.zoo import ModelGuard
+from torchlens_edu._core.tree import iter_tensors
+from torchlens_edu.nans import NonFiniteError, watch_nans
+
+pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+
+
+def _encoder() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(C, NH, 2 * C, dropout=0.1, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2).eval()
+    x = torch.randn(2, 8, C, generator=torch.Generator().manual_seed(1))
+    padding = torch.zeros(2, 8, dtype=torch.bool)
+    padding[1, 5:] = True  # the second sequence is padded
+    return model, x, padding
+
+
+def test_a_padded_batch_on_the_encoders_fast_path_is_observed_like_plain_hooks() -> None:
+    model, x, padding = _encoder()
+    guard = ModelGuard(model)
+    reference: list[tuple[str, list[torch.Tensor]]] = []
+    handles = [m.register_forward_hook(lambda mod, a, out, path=path: reference.append(
+        (path, [padded_copy(t) for t in iter_tensors(out)]))) for path, m in model.named_modules()]
+    with torch.no_grad():
+        model(x, src_key_padding_mask=padding)
+    for handle in handles:
+        handle.remove()
+    assert any(t.is_nested for t in iter_tensors(model.layers[0].linear1(  # what the layers get
+        torch._nested_tensor_from_mask(x, ~padding, mask_check=False))))
+    seen: list[tuple[str, list[torch.Tensor]]] = []
+    with tle.hooks(model) as h, torch.no_grad():
+        h.forward("*", lambda c: seen.append(
+            (c.path, [padded_copy(t) for t in iter_tensors(c.output)])))
+        model(x, src_key_padding_mask=padding)
+    assert [p for p, _ in seen] == [p for p, _ in reference]
+    for (path, got), (_, want) in zip(seen, reference, strict=True):
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=path)
+    with tle.inspect(model).capture("layers.*.linear1") as cache, torch.no_grad():
+        model(x, src_key_padding_mask=padding)
+    assert cache["layers.0.linear1"].is_nested
+    assert "layers.0.linear1 │ (B=2, 8" in repr(cache)  # its padded shape
+    with torch.no_grad():
+        trace = tle.trace_shapes(model, x, src_key_padding_mask=padding)
+        summary = tle.inspect(model).summary(x, src_key_padding_mask=padding)
+    assert trace.modules("layers.0.linear1")[0].output_shapes == [(2, 8, 2 * C)]
+    assert "TransformerEncoderLayer" in repr(summary)
+    with watch_nans(model), torch.no_grad():  # healthy: quiet
+        model(x, src_key_padding_mask=padding)
+    guard.check()
+
+
+def test_a_fault_on_the_encoders_fast_path_names_its_layer() -> None:
+    model, x, padding = _encoder()
+    with torch.no_grad():
+        model.layers[1].linear1.weight[0, 0] = math.inf
+    with pytest.raises(NonFiniteError) as info, watch_nans(model), torch.no_grad():
+        model(x, src_key_padding_mask=padding)
+    report = info.value.report
+    assert (report.phase, report.module, report.op) == ("forward", "layers.1.linear1", "linear")
+    assert "parameter layers.1.linear1.weight already held +inf" in report.hint
+
+
+def test_a_layer_inside_torchs_own_module_is_explained_at_the_line_that_ran_the_model() -> None:
+    model, x, _ = _encoder()
+    model.layers[0].linear1 = nn.Linear(C + 1, 2 * C)
+    with pytest.raises(RuntimeError) as info:
+        tle.trace_shapes(model, x)  # @ran
+    lines = [line.strip() for line in "\n".join(info.value.__notes__).splitlines()]
+    assert lines[0] == "torchlens_edu: the forward failed in layers.0.linear1 (Linear)"
+    number = _line("# @ran")
+    assert lines[1].startswith("at ") and lines[1].endswith(
+        f"test_torch_modules.py:{number}  tle.trace_shapes(model, x)  # @ran")
+    assert (f"expected: the input's last axis (C={C}) equal to the layer's in_features "
+            f"({C + 1})") in lines
+
+
+def _line(tag: str) -> int:
+    with open(__file__) as source:
+        return next(n for n, text in enumerate(source, 1) if text.rstrip().endswith(tag))
+
+
+class Stateful(nn.Module):
+    """Writes state in its forward, the ways learners' code does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(C, C)
+        self.bn = nn.BatchNorm1d(C)  # running statistics, num_batches_tracked
+        self.drop = nn.Dropout(0.5)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # in place
+        self.register_buffer("cache", torch.zeros(0, C))  # rebound: a growing KV cache
+        self.calls = 0  # a plain attribute, rebound
+        self.fault = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.steps += 1
+        self.calls += 1
+        h = self.bn(self.fc(x).transpose(1, 2)).transpose(1, 2)  # (B, T, C)
+        self.cache = torch.cat([self.cache, h.detach()[0]])
+        if self.fault:
+            h = torch.log(h - 1e6)  # @fault
+        return self.drop(h) * self.steps
+
+
+def _state(model: Stateful) -> tuple[dict[str, torch.Tensor], int, torch.Tensor]:
+    return ({k: v.clone() for k, v in model.state_dict().items()}, model.calls,
+            torch.get_rng_state())
+
+
+def _assert_same(got: tuple, want: tuple) -> None:
+    assert got[0].keys() == want[0].keys()
+    for key in want[0]:
+        assert torch.equal(got[0][key], want[0][key]), key
+    assert got[1] == want[1], "the plain attribute"
+    assert torch.equal(got[2], want[2]), "the random state"
+
+
+def _stateful() -> tuple[Stateful, torch.Tensor]:
+    torch.manual_seed(0)
+    return Stateful().train(), torch.randn(2, 8, C, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("call", ["trace", "ops", "meta", "summary", "compare"])
+def test_a_forward_the_toolkit_runs_leaves_the_models_state_and_the_rng(call: str) -> None:
+    twin, _ = _stateful()
+    model, x = _stateful()
+    torch.manual_seed(7)
+    before = _state(model)
+    guard = ModelGuard(model)
+    if call == "summary":
+        tle.inspect(model).summary(x)
+    elif call == "compare":
+        twin_guard = ModelGuard(twin)
+        assert tle.compare(model, twin, x).first is None
+        twin_guard.check()
+    else:
+        tle.trace_shapes(model, x, ops=call != "trace", meta=call == "meta")
+    _assert_same(_state(model), before)
+    assert model.cache.shape == (0, C) and not model.cache.is_meta
+    guard.check()
+
+
+@pytest.mark.parametrize("how", ["hooks", "capture", "watch_nans", "watch_nans_replay"])
+def test_a_users_step_under_an_observer_changes_the_state_as_a_plain_step(how: str) -> None:
+    plain, x = _stateful()
+    torch.manual_seed(7)
+    plain(x).pow(2).mean().backward()
+    want = _state(plain)
+    model, _ = _stateful()
+    torch.manual_seed(7)
+    loss: Any = None
+    if how == "hooks":
+        with tle.hooks(model) as h:
+            h.forward("*", lambda c: None)
+            loss = model(x).pow(2).mean()
+    elif how == "capture":
+        with tle.inspect(model).capture("*", grads=True):
+            loss = model(x).pow(2).mean()
+            loss.backward()
+        loss = None
+    elif how == "watch_nans":
+        with watch_nans(model):
+            loss = model(x).pow(2).mean()
+    else:  # a fault after the forward: the watch replays the step to find its producer
+        model.fault = True
+        with pytest.raises(NonFiniteError) as info, watch_nans(model):
+            model(x).mean().backward()
+        assert info.value.report.op == "log"
+        assert info.value.report.source.endswith(f"test_torch_modules.py:{_line('@fault')}")
+    if loss is not None:
+        loss.backward()
+    got = _state(model)
+    if how == "watch_nans_replay":  # the faulty step stopped after its forward
+        plain, _ = _stateful()
+        plain.fault = True
+        torch.manual_seed(7)
+        plain(x)
+        want = _state(plain)
+    _assert_same(got, want)
+    assert model.cache.shape == (8, C)  # one step's rows, once
+
+
+def test_without_a_token_embedding_the_width_comes_from_multihead_attention() -> None:
+    model, x, _ = _encoder()
+    dims = tle.trace_shapes(model, x).dims
+    assert (dims["B"], dims["C"], dims["nh"], dims["hs"]) == (2, C, NH, C // NH)
