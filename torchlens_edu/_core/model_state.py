@@ -5,9 +5,9 @@ mode, spectral norm's power-iteration vector, a KV cache or step counter kept in
 plain attribute (``self.steps += 1``, ``self.cache = torch.cat([self.cache, k])``), dropout's
 draw from the random stream. When the user runs the forward (inside ``hooks``, ``capture``,
 ``watch_nans``) that is their step. When the toolkit runs one (a trace, a summary, a NaN
-replay, a comparison) it is not, so :func:`kept_state` puts every module's buffers and
-parameters back (the same tensor objects, with the same bits), its plain attributes (rebound
-ones are bound back, added ones removed), and the random state.
+replay, a comparison) it is not, so :func:`kept_state` puts every module's buffers back (the
+same tensor objects, with the same bits), its data attributes (numbers, strings, tensors:
+rebound ones are bound back, added ones removed), and the random state.
 
 >>> import torch.nn as nn
 >>> bn = nn.BatchNorm1d(2).train()
@@ -26,8 +26,13 @@ import torch
 import torch.nn as nn
 
 Rng = tuple[torch.Tensor, list[torch.Tensor] | None]
-# a module's own bookkeeping: the entries inside are put back, not the dicts
-_TABLES = ("_parameters", "_buffers", "_modules")
+# what a forward's own state is made of; anything else in a module's ``__dict__`` (FSDP's
+# state, a framework's handles set up lazily on the first call) is not the toolkit's to undo
+_DATA = (bool, int, float, complex, str, type(None), torch.Tensor)
+
+
+def _is_data(value: object) -> bool:
+    return isinstance(value, _DATA) and not isinstance(value, nn.Parameter)
 
 
 def save_rng() -> Rng:
@@ -63,14 +68,14 @@ def _saved(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 class _Snapshot:
-    """Every module's tables and attributes; a copy of the bits of its buffers and tensor
-    attributes (not of its parameters: a forward does not write them, and a meta trace of a
-    large model must not copy its weights)."""
+    """Every module's buffer table and data attributes (numbers, strings, tensors); a copy of
+    the bits of its buffers and tensor attributes (not of its parameters: a forward does not
+    write them, and a meta trace of a large model must not copy its weights)."""
 
     def __init__(self, models: tuple[nn.Module, ...], bits: bool) -> None:
         self.modules = list({id(m): m for model in models for m in model.modules()}.values())
         self.attributes = [dict(m.__dict__) for m in self.modules]
-        self.tables = [{name: dict(getattr(m, name)) for name in _TABLES} for m in self.modules]
+        self.buffers = [dict(m._buffers) for m in self.modules]
         state = {id(t): t for m in self.modules
                  for t in (*m._buffers.values(), *m.__dict__.values())
                  if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter)}
@@ -78,17 +83,16 @@ class _Snapshot:
         self.rng = save_rng()
 
     def restore(self) -> None:
-        for module, attributes, tables in zip(self.modules, self.attributes, self.tables,
-                                              strict=True):
+        for module, attributes, buffers in zip(self.modules, self.attributes, self.buffers,
+                                               strict=True):
+            module._buffers.clear()  # ``self.cache = torch.cat([self.cache, k])`` rebinds one
+            module._buffers.update(buffers)
             now = module.__dict__
-            for name in [name for name in now if name not in attributes]:
-                del now[name]  # made by the forward (a cached mask on the first call)
+            for name in [n for n, value in now.items() if n not in attributes and _is_data(value)]:
+                del now[name]  # made by the forward (a mask cached on the first call)
             for name, value in attributes.items():
-                if name in _TABLES:
-                    table = now[name]
-                    table.clear()
-                    table.update(tables[name])
-                elif now.get(name, attributes) is not value:
+                if name in now and now[name] is not value and _is_data(value) \
+                        and _is_data(now[name]):
                     now[name] = value  # rebound: ``self.steps += 1`` on an int
         with torch.no_grad():
             for tensor, bits in self.bits:
@@ -100,7 +104,7 @@ class _Snapshot:
 @contextmanager
 def kept_state(*models: nn.Module, bits: bool = True) -> Iterator[None]:
     """Run the block, then put back what a forward of ``models`` changed in them (buffers,
-    parameters, attributes) and the random state (see the module's docstring). ``bits=False``
+    data attributes) and the random state (see the module's docstring). ``bits=False``
     for a meta run: its buffers are meta twins, the real ones are not written and not copied."""
     snapshot = _Snapshot(models, bits)
     try:
