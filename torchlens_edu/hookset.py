@@ -29,7 +29,6 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,6 +44,7 @@ from torchlens_edu._core.interrupts import arm, disarm, uninterruptible
 from torchlens_edu._core.modules import (
     Pattern,
     every_path,
+    is_compiled,
     match_modules,
     module_paths,
     require_module,
@@ -519,11 +519,10 @@ def _as_inputs(result: Any, args: tuple, kwargs: dict, path: str) -> tuple[tuple
 
 def _refuse_compiled(model: nn.Module, paths: list[str]) -> None:
     """Hooks inside torch.compile'd or TorchScript code would silently never run: say so."""
-    compiled_type = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
     compiled: list[str] = []
     scripted: list[str] = []
     for path, module in every_path(model):  # a matched path may be a module's second one
-        if compiled_type is not None and isinstance(module, compiled_type):
+        if is_compiled(module):
             compiled.append(path)
         elif isinstance(module, torch.jit.ScriptModule):
             scripted.append(path)

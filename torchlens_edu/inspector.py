@@ -36,6 +36,7 @@ from torchlens_edu._core.model_state import kept_state
 from torchlens_edu._core.modules import (
     Pattern,
     also_reachable,
+    eager_original,
     is_hook_point,
     match_modules,
     module_aliases,
@@ -131,7 +132,8 @@ class Inspector:
         """A torchinfo table: every module to ``depth`` with its output shape (when inputs are
         given: one forward in eval mode under ``no_grad``; train/eval flags are restored) in
         named dims and its parameters, and a footer that explains the parameter count
-        (weight tying).
+        (weight tying). A ``torch.compile``'d model is summarized through its eager original
+        (``model._orig_mod``), which its first row says.
 
         >>> insp = inspect(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
         >>> insp.summary(torch.zeros(3, 4)).rows[1]
@@ -142,9 +144,12 @@ class Inspector:
         if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
             raise ValueError(f"summary(depth={depth!r:.40}): give a module depth >= 0 (the "
                              "model is depth 0, its children 1, ...)")
-        modes = {m: m.training for m in self.model.modules()}
+        # torch.compile'd: its eager original has the same modules, and runs without
+        # TorchDynamo compiling the hooks into a graph
+        model = eager_original(self.model)
+        modes = {m: m.training for m in model.modules()}
         cached = dict(torchinfo._cached_forward_pass)  # it keeps the last model per class name
-        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
         # torchinfo calls model(*list) or model(**dict): keyword-only models pass a dict
         data: Any = list(inputs) if inputs else (dict(forward_kwargs) or None)
         extra = forward_kwargs if inputs else {}
@@ -158,10 +163,10 @@ class Inspector:
 
         try:
             # the forward is ours: caches, counters, the random stream stay as they were
-            with kept_state(self.model), _fast_path_off(), HookSet(self.model) as h:
+            with kept_state(model), _fast_path_off(), HookSet(model) as h:
                 h.forward("*", note)
                 stats = torchinfo.summary(
-                    self.model, input_data=data, depth=depth, verbose=0, device=device,
+                    model, input_data=data, depth=depth, verbose=0, device=device,
                     mode="eval", **extra)  # eval: BatchNorm statistics stay as they are
         except RuntimeError as error:
             cause = error.__cause__
@@ -171,25 +176,28 @@ class Inspector:
                 # torchinfo hides the model's own error behind "see above stack traces": show it
                 if hasattr(cause, "add_note"):  # Python >= 3.11
                     cause.add_note(f"(raised by the forward that inspect(model).summary(...) "
-                                   f"ran on {type(self.model).__name__} with the inputs you gave)")
+                                   f"ran on {type(model).__name__} with the inputs you gave)")
                 raise cause from None
             # torchinfo sizes only the outputs it knows (tensors, tuples, lists, dicts), not a
             # dataclass: the forward runs here, and torchinfo lists the modules without one
             outputs.clear()
-            self.model.eval()
-            with kept_state(self.model), _fast_path_off(), HookSet(self.model) as h, \
+            model.eval()
+            with kept_state(model), _fast_path_off(), HookSet(model) as h, \
                     torch.no_grad():
                 h.forward("*", note)
-                self.model(*inputs, **forward_kwargs)
-            stats = torchinfo.summary(self.model, depth=depth, verbose=0)
+                model(*inputs, **forward_kwargs)
+            stats = torchinfo.summary(model, depth=depth, verbose=0)
         finally:
             torchinfo._cached_forward_pass.clear()
             torchinfo._cached_forward_pass.update(cached)
             for module, training in modes.items():  # torchinfo resets only the root's mode
                 module.training = training
-        dims = Dims.infer(self.model, [inputs, forward_kwargs], self._overrides)
-        return ModelSummary(self.model, stats.summary_list, depth, dims, self.parameters(),
-                            outputs)
+        dims = Dims.infer(model, [inputs, forward_kwargs], self._overrides)
+        summary = ModelSummary(model, stats.summary_list, depth, dims, self.parameters(),
+                               outputs)
+        if model is not self.model and summary.notes:
+            summary.notes[0] = "torch.compile's eager model._orig_mod"
+        return summary
 
     # -- the tools, bound to this model ---------------------------------------------------
 

@@ -202,3 +202,24 @@ def test_without_a_token_embedding_the_width_comes_from_multihead_attention() ->
     model, x, _ = _encoder()
     dims = tle.trace_shapes(model, x).dims
     assert (dims["B"], dims["C"], dims["nh"], dims["hs"]) == (2, C, NH, C // NH)
+
+
+def test_a_compiled_model_is_traced_and_summarized_through_its_eager_original() -> None:
+    model, x, _ = _encoder()
+    compiled = torch.compile(model, backend="eager")
+    guard = ModelGuard(compiled)
+    for options in ({}, {"ops": True}, {"meta": True}):
+        eager = tle.trace_shapes(model, x, **options)
+        trace = tle.trace_shapes(compiled, x, **options)
+        assert [(e.kind, e.path, e.name, e.input_shapes, e.output_shapes) for e in trace.events] \
+            == [(e.kind, e.path, e.name, e.input_shapes, e.output_shapes) for e in eager.events]
+        assert trace.roots == [
+            "TransformerEncoder (model._orig_mod, the eager model torch.compile wraps)"]
+    summary = tle.inspect(compiled).summary(x)
+    assert summary.rows[0][:2] == ("", "TransformerEncoder")
+    assert summary.notes[0] == "torch.compile's eager model._orig_mod"
+    first = repr(summary).splitlines()[2]
+    assert first.startswith("<model> (torch.compile's eager model._orig_mod) ")
+    assert [cell.strip() for cell in first.split("│")[1:]] == [
+        "TransformerEncoder", "(B=2, 8:T|hs, C=32)", "17,088"]
+    guard.check()

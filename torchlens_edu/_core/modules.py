@@ -219,3 +219,27 @@ def uses_fsdp(model: nn.Module) -> bool:
     """
     fsdp_module = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
     return fsdp_module is not None and any(isinstance(m, fsdp_module) for m in model.modules())
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """True for what ``torch.compile(model)`` returns (an ``OptimizedModule``). Read from
+    ``sys.modules``: only a program that compiled something has imported TorchDynamo.
+
+    >>> is_compiled(nn.Linear(2, 2))
+    False
+    """
+    compiled_type = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+    return compiled_type is not None and isinstance(module, compiled_type)
+
+
+def eager_original(model: nn.Module) -> nn.Module:
+    """The eager model under ``torch.compile``'s wrapper (``model._orig_mod``), else ``model``:
+    a forward the toolkit runs to look inside runs it, with the same modules and ops, instead
+    of code TorchDynamo would compile with the observers' hooks in it.
+
+    >>> eager_original(nn.Linear(2, 2))
+    Linear(in_features=2, out_features=2, bias=True)
+    """
+    while is_compiled(model):
+        model = model._orig_mod
+    return model

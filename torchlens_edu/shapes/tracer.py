@@ -32,6 +32,7 @@ from torchlens_edu._core.interrupts import arm, disarm, uninterruptible, uninter
 from torchlens_edu._core.model_state import kept_state
 from torchlens_edu._core.modules import (
     Pattern,
+    eager_original,
     every_path,
     is_hook_point,
     match_modules,
@@ -515,6 +516,9 @@ def trace_shapes(model: nn.Module, *inputs: Any, ops: bool = False, meta: bool =
       ``ModuleList``/``ModuleDict`` do not count); ``include``: module-path glob.
     - ``dims``: names for sizes, e.g. ``{"B": 2, "T": 16}`` (more come from the config).
 
+    A ``torch.compile``'d model is traced through its eager original (``model._orig_mod``):
+    the same modules and ops, with paths relative to it.
+
     When the forward raises, the original exception is re-raised with an explanation, and the
     trace up to the failure is ``exc.shape_trace``.
 
@@ -527,11 +531,16 @@ def trace_shapes(model: nn.Module, *inputs: Any, ops: bool = False, meta: bool =
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace_shapes needs an nn.Module first, got {type(model).__name__}: "
                         "trace_shapes(model, *inputs)")
+    # torch.compile'd: its eager original runs the same modules and ops, where TorchDynamo
+    # would compile the tracer's hooks into the graph (graph breaks, recompiles)
+    eager = eager_original(model)
     # the forward is ours, not a step of the user's: running statistics, caches, counters and
     # the random stream stay as they were (a meta run's tracer keeps them itself)
-    with kept_state(model, bits=not meta), ShapeTracer(
-            model, ops=ops, meta=meta, depth=depth, include=include, dims=dims) as tracer:
-        model(*inputs, **forward_kwargs)
+    with kept_state(eager, bits=not meta), ShapeTracer(
+            eager, ops=ops, meta=meta, depth=depth, include=include, dims=dims) as tracer:
+        if eager is not model:
+            tracer._root_names[0] += " (model._orig_mod, the eager model torch.compile wraps)"
+        eager(*inputs, **forward_kwargs)
     return tracer.trace
 
 
