@@ -363,7 +363,7 @@ class ActivationCache:
                                       tensor.dtype)
                 g = a.grads[index] if index < len(a.grads) else None
                 grad = "-" if g is None else _grad_text(tensor_stats(g))
-                shape = self.dims.format(padded_shape(tensor))
+                shape = self.dims.format(padded_shape(tensor), dtype=tensor.dtype)
                 rows.append([name, shape, short_dtype(tensor.dtype),
                              _short(values), Text(f"{bad}", "bold red" if bad else "dim"), grad])
         return rows

@@ -347,11 +347,13 @@ class Dims(Mapping[str, int]):
         """
         return [name for name, value in self._sizes.items() if value == size]
 
-    def labels(self, shape: Sequence[int], axes: AxisRoles | None = None) -> list[str]:
+    def labels(self, shape: Sequence[int], axes: AxisRoles | None = None,
+               dtype: torch.dtype | None = None) -> list[str]:
         """One label per axis: ``"B=2"``, ``"64:T|hs"`` (ambiguous) or ``"7"`` (unnamed).
 
         ``axes``: what each axis may be named, from the tensor's role in its module
         (:func:`parameter_axes`); an axis whose size has no name its role allows stays a number.
+        ``dtype``: a complex tensor's last axis stays a number (``view_as_complex`` halved it).
 
         >>> Dims({"B": 2, "nh": 2, "T": 8}).labels((2, 2, 8))
         ['B=2', 'nh=2', 'T=8']
@@ -361,6 +363,10 @@ class Dims(Mapping[str, int]):
         shape = [int(s) for s in shape]
         if axes is not None and len(axes) != len(shape):
             axes = None  # not the tensor the roles were read from (a view of it, say)
+        if dtype is not None and dtype.is_complex and shape:
+            # view_as_complex pairs the last axis: its size is half a named one (hs/2 of a
+            # rotary embedding), and any name its size happens to match would be wrong
+            axes = (*(axes or (None,) * len(shape))[:-1], frozenset())
         candidates = [self._candidates(shape, axis, axes[axis] if axes else None)
                       for axis in range(len(shape))]
         # A name the position gave to one axis is not a candidate for another axis:
@@ -414,7 +420,7 @@ class Dims(Mapping[str, int]):
         return ", ".join(f"{name}={int(i)}" for name, i in zip(names, index, strict=True))
 
     def format(self, shape: Sequence[int] | torch.Size, *, brackets: str = "()",
-               axes: AxisRoles | None = None) -> str:
+               axes: AxisRoles | None = None, dtype: torch.dtype | None = None) -> str:
         """``(B=2, T=16, C=768)``; with ``brackets="[]"`` for one-line summaries; ``axes`` as
         in :meth:`labels`.
 
@@ -424,7 +430,7 @@ class Dims(Mapping[str, int]):
         if not isinstance(shape, (tuple, list)):  # torch.Size is a tuple
             raise TypeError(f"Dims.format takes a shape such as (2, 16, 768) or x.shape, got "
                             f"{type(shape).__name__}")
-        return brackets[0] + ", ".join(self.labels(shape, axes)) + brackets[1]
+        return brackets[0] + ", ".join(self.labels(shape, axes, dtype)) + brackets[1]
 
 
 def _settle_by_position(names: list[str], axis: int, shape: list[int],
@@ -444,7 +450,8 @@ def _settle_by_position(names: list[str], axis: int, shape: list[int],
 
 
 def format_shape(shape: Sequence[int] | torch.Size, dims: Mapping[str, int] | None = None,
-                 *, brackets: str = "()", axes: AxisRoles | None = None) -> str:
+                 *, brackets: str = "()", axes: AxisRoles | None = None,
+                 dtype: torch.dtype | None = None) -> str:
     """Format a shape with names when ``dims`` knows them, else plainly; ``axes``: the roles
     of a weight's axes (:func:`parameter_axes`), which settle a size with two names.
 
@@ -454,4 +461,4 @@ def format_shape(shape: Sequence[int] | torch.Size, dims: Mapping[str, int] | No
     '(3, 4)'
     """
     named = dims if isinstance(dims, Dims) else Dims(dims)
-    return named.format(shape, brackets=brackets, axes=axes)
+    return named.format(shape, brackets=brackets, axes=axes, dtype=dtype)

@@ -230,6 +230,55 @@ class EinopsAttention(nn.Module):
         return x + self.ff(x)
 
 
+def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
+    """Llama-from-scratch rotary frequencies as complex numbers (``torch.polar``)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))
+    t = torch.arange(end)
+    freqs = torch.outer(t, freqs).float()  # (end, dim/2)
+    return torch.polar(torch.ones_like(freqs), freqs)  # complex64
+
+
+def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))  # (B, T, nh, hs/2)
+    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
+    freqs_cis = freqs_cis[: xq.shape[1]].view(1, xq.shape[1], 1, xq_.shape[-1])
+    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)  # @rotary
+    xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+class ComplexRotaryLlama(nn.Module):
+    """A Llama written from scratch with complex rotary embeddings, RMSNorm and SwiGLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = NH, C // NH
+        self.tok_embeddings = nn.Embedding(V, C)
+        self.attention_norm, self.ffn_norm = nn.RMSNorm(C), nn.RMSNorm(C)
+        self.wq, self.wk = nn.Linear(C, C, bias=False), nn.Linear(C, C, bias=False)
+        self.wv, self.wo = nn.Linear(C, C, bias=False), nn.Linear(C, C, bias=False)
+        self.w1, self.w3 = nn.Linear(C, 3 * C, bias=False), nn.Linear(C, 3 * C, bias=False)
+        self.w2 = nn.Linear(3 * C, C, bias=False)
+        self.output = nn.Linear(C, V, bias=False)
+        self.register_buffer("freqs_cis", precompute_freqs_cis(C // NH, 16), persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.tok_embeddings(tokens)  # (B, T, C)
+        b, t, _ = x.shape
+        h = self.attention_norm(x)
+        q = self.wq(h).view(b, t, self.n_heads, self.head_dim)  # (B, T, nh, hs)
+        k = self.wk(h).view(b, t, self.n_heads, self.head_dim)
+        v = self.wv(h).view(b, t, self.n_heads, self.head_dim)
+        q, k = apply_rotary_emb(q, k, self.freqs_cis)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                           v.transpose(1, 2), is_causal=True)  # (B, nh, T, hs)
+        x = x + self.wo(y.transpose(1, 2).reshape(b, t, -1))
+        h = self.ffn_norm(x)
+        x = x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+        return self.output(x)  # (B, T, V)
+
+
 # --- from packages ----------------------------------------------------------------------------
 
 def _x_decoder() -> nn.Module:
@@ -326,6 +375,8 @@ CORPUS: list[Specimen] = [
              mlp_in="transformer.h.0.mlp.c_fc"),
     Specimen(name="tutorial_tied_two_parents", build=TutorialEncoder,
              inputs=lambda: ((_ids(), _padding_mask()), {}), mlp_in="ff.0"),
+    Specimen(name="llama_complex_rotary", build=ComplexRotaryLlama,
+             inputs=lambda: ((_ids(),), {}), mlp_in="w1"),
     Specimen(name="einops_attention", build=EinopsAttention, inputs=lambda: ((_ids(),), {}),
              mlp_in="ff.0", needs="einops"),
     Specimen(name="x_decoder_rotary_gqa", build=_x_decoder, inputs=lambda: ((_ids(),), {}),

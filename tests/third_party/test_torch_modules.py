@@ -9,12 +9,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import corpus
 import pytest
 import torch
 import torch.nn as nn
-from corpus import NH, C, padded_copy
+from corpus import CORPUS_BY_NAME, NH, C, padded_copy
 
 import torchlens_edu as tle
+from support.source_lines import line_of
 from support.zoo import ModelGuard
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.nans import NonFiniteError, watch_nans
@@ -85,16 +87,11 @@ def test_a_layer_inside_torchs_own_module_is_explained_at_the_line_that_ran_the_
         tle.trace_shapes(model, x)  # @ran
     lines = [line.strip() for line in "\n".join(info.value.__notes__).splitlines()]
     assert lines[0] == "torchlens_edu: the forward failed in layers.0.linear1 (Linear)"
-    number = _line("# @ran")
+    where = line_of("tle.trace_shapes(model, x)  # @ran", __file__)
     assert lines[1].startswith("at ") and lines[1].endswith(
-        f"test_torch_modules.py:{number}  tle.trace_shapes(model, x)  # @ran")
+        f"{where}  tle.trace_shapes(model, x)  # @ran")
     assert (f"expected: the input's last axis (C={C}) equal to the layer's in_features "
             f"({C + 1})") in lines
-
-
-def _line(tag: str) -> int:
-    with open(__file__) as source:
-        return next(n for n, text in enumerate(source, 1) if text.rstrip().endswith(tag))
 
 
 class Stateful(nn.Module):
@@ -184,7 +181,7 @@ def test_a_users_step_under_an_observer_changes_the_state_as_a_plain_step(how: s
         with pytest.raises(NonFiniteError) as info, watch_nans(model):
             model(x).mean().backward()
         assert info.value.report.op == "log"
-        assert info.value.report.source.endswith(f"test_torch_modules.py:{_line('@fault')}")
+        assert info.value.report.source.endswith(line_of("# @fault", __file__))
     if loss is not None:
         loss.backward()
     got = _state(model)
@@ -223,3 +220,23 @@ def test_a_compiled_model_is_traced_and_summarized_through_its_eager_original() 
     assert [cell.strip() for cell in first.split("│")[1:]] == [
         "TransformerEncoder", "(B=2, 8:T|hs, C=32)", "17,088"]
     guard.check()
+
+
+def test_a_complex_rotary_embeddings_paired_axis_gets_no_borrowed_name() -> None:
+    specimen = CORPUS_BY_NAME["llama_complex_rotary"]
+    model = specimen.model()
+    (ids,), _ = specimen.inputs()
+    rows = {e.name: e for e in tle.trace_shapes(model, ids, ops=True, meta=True).events
+            if e.kind == "op" and e.filename == corpus.__file__}
+    trace = " ".join(tle.trace_shapes(model, ids, ops=True).to_text(400).split())
+    # hs/2 = 4 = nh: the complex axis is not "nh"
+    assert "view_as_complex (B=2, 8:T|hs, nh=4, 8:T|hs) -> (B=2, 8:T|hs, nh=4, 4) c64" in trace
+    assert "[], view (16, 4) c64 -> (1, 8:T|hs, 1, 4) c64" in trace
+    assert rows["view_as_complex"].output_shapes == [(2, 8, NH, C // NH // 2)]
+    model.freqs_cis[3, 1] = complex(math.inf, 0.0)
+    with pytest.raises(NonFiniteError) as info, watch_nans(model):
+        model(ids).float().pow(2).mean().backward()
+    report = info.value.report
+    assert (report.phase, report.op) == ("forward", "mul")
+    assert report.source.endswith("/" + line_of("# @rotary", corpus.__file__))
+    assert "buffer freqs_cis already held +inf before 'mul' used it" in report.hint

@@ -28,7 +28,7 @@ from torchlens_edu._core.modules import also_reachable
 from torchlens_edu._core.sites import source_text
 from torchlens_edu.dims import AxisRoles, format_shape
 from torchlens_edu.nans.shards import has_values
-from torchlens_edu.printing.stats import local_shard
+from torchlens_edu.printing.stats import local_shard, padded_shape
 
 Phase = Literal["input", "forward", "backward"]  # where a non-finite value showed up
 # "inf": an Inf of either sign, as the cheap tier sees it (largest magnitude) when no replay
@@ -64,7 +64,8 @@ class TensorSummary:
 
         t = local_shard(t)  # a DTensor: this rank's shard (the report says which rank)
         s = tensor_stats(t)
-        return cls(name=name, shape=format_shape(tuple(t.shape), dims, axes=axes),
+        shape = format_shape(padded_shape(t), dims, axes=axes, dtype=t.dtype)
+        return cls(name=name, shape=shape,
                    dtype=dtype_name(t.dtype),
                    nan=s.nan, posinf=s.posinf, neginf=s.neginf, zeros=s.zeros, min=s.min,
                    max=s.max, note=s.note)

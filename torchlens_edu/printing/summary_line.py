@@ -109,10 +109,10 @@ def sparkline(hist: tuple[int, ...]) -> str:
 def _metadata(t: torch.Tensor, dims: Dims) -> str:
     kind = "Tensor" if type(t) is torch.Tensor or is_fake(t) else type(t).__name__
     if t.is_nested:  # no single shape: list the components'
-        shapes = [dims.format(tuple(c.shape), brackets="[]") for c in t.unbind()]
+        shapes = [dims.format(tuple(c.shape), brackets="[]", dtype=t.dtype) for c in t.unbind()]
         shown = ", ".join(shapes[:3]) + (", …" if len(shapes) > 3 else "")
         return f"NestedTensor[{len(shapes)} tensors: {shown}] {short_dtype(t.dtype)} {t.device}"
-    parts = [kind + dims.format(tuple(t.shape), brackets="[]"), short_dtype(t.dtype),
+    parts = [kind + dims.format(tuple(t.shape), brackets="[]", dtype=t.dtype), short_dtype(t.dtype),
              _device(t)]
     if is_dtensor(t):
         parts.append(placement(t))

@@ -91,7 +91,8 @@ def explain(failure: Failure, trace: Any, roots: list[nn.Module]) -> str:
         width = max(len(o.name) for o in operands)
         for o in operands:
             device = f" {o.device}" if o.device is not None else ""
-            lines.append(f"    {o.name:<{width}}  {dims.format(o.shape, axes=o.axes)}  "
+            shape = dims.format(o.shape, axes=o.axes, dtype=o.dtype)
+            lines.append(f"    {o.name:<{width}}  {shape}  "
                          f"{dtype_name(o.dtype)}{device}")
     if expected:
         lines.append(f"  expected: {expected}")

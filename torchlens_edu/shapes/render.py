@@ -163,7 +163,7 @@ def _specs_text(specs: tuple[Spec, ...] | list[Spec], dims: Dims,
     for index, (shape, dtype) in enumerate(specs):
         short = "" if dtype == torch.float32 else short_dtype(dtype)  # float32 goes unsaid
         roles = axes[index] if index < len(axes) else None
-        parts.append(dims.format(shape, axes=roles) + (f" {short}" if short else ""))
+        parts.append(dims.format(shape, axes=roles, dtype=dtype) + (f" {short}" if short else ""))
     return ", ".join(parts)
 
 
