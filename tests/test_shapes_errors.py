@@ -92,7 +92,18 @@ def test_mask_of_wrong_length():
     assert "`masked_fill` failed" in note
     assert "scores  (B=2, nh=2, T=8, T=8)" in note
     assert "axis -1: T=8 vs 7" in note and "axis -2: T=8 vs 7" in note
-    assert "was built for another length" in note
+    assert ("hint: ~mask looks built for another length: build it from the current sizes (e.g. "
+            "torch.ones(T, T, dtype=torch.bool).tril())") in note
+
+
+def test_a_mask_for_the_whole_context_says_to_crop_it():
+    """nanoGPT's bias buffer used without [:, :, :T, :T]: the mask is the larger operand."""
+    scores = torch.randn(2, 2, 8, 8)
+    mask = torch.ones(16, 16, dtype=torch.bool).tril()
+    with pytest.raises(RuntimeError, match="must match the size") as info:
+        trace_shapes(MaskedScores(), scores, mask, ops=True, dims={"B": 2, "nh": 2, "T": 8})
+    assert ("hint: ~mask looks built for a longer sequence (the context size?): crop it to this "
+            "one, as nanoGPT does with bias[:, :, :T, :T]") in _note(info.value)
 
 
 def test_a_cpu_tensor_made_in_the_forward_meets_meta_ones_in_a_meta_run():
@@ -262,3 +273,95 @@ def test_reshape_says_which_size_was_given_and_which_was_needed(options):
         f": 640; {given}") for text in lines)
     assert ("hint: to merge the trailing axes let -1 compute the last size: (2, 5, -1) gives "
             "(B=2, T=5, 64)") in lines
+
+
+class LearnerSlip(nn.Module):
+    """The shape slips of a learner's first training loop, one per ``slip``."""
+
+    def __init__(self, slip: str) -> None:
+        super().__init__()
+        self.slip = slip
+        self.head = nn.Linear(16, 64)  # C=16 -> V=64
+
+    def forward(self, x, targets):
+        logits = self.head(x)  # (B, T, V)
+        if self.slip == "loss":
+            return nn.functional.cross_entropy(logits, targets)
+        if self.slip == "flat_logits":
+            return nn.functional.cross_entropy(logits.view(-1, 64), targets)
+        if self.slip == "flat_targets":
+            return nn.functional.cross_entropy(logits, targets.view(-1))
+        if self.slip == "cat":
+            shorter = logits[:, 1:]
+            return torch.cat([logits, shorter], dim=-1)
+        if self.slip == "rank":
+            return torch.cat([logits, targets], dim=-1)
+        if self.slip == "stack":
+            shorter = logits[:, 1:]
+            return torch.stack([logits, shorter])
+        if self.slip == "index":
+            return logits[:, 5]
+        if self.slip == "expand":
+            return logits.expand(3, 5, 64)
+        if self.slip == "vector":
+            weights = torch.ones(5)
+            return logits @ weights
+        raise AssertionError(self.slip)
+
+
+def _slip(slip: str, **options) -> list[str]:
+    x, targets = torch.randn(2, 5, 16), torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises((RuntimeError, IndexError, ValueError)) as info:
+        trace_shapes(LearnerSlip(slip), x, targets, dims={"C": 16, "V": 64}, **options)
+    return [line.strip() for line in _note(info.value).splitlines()]
+
+
+OPTIONS = pytest.mark.parametrize("options", [{}, {"ops": True}], ids=["modules", "ops"])
+
+
+@OPTIONS
+def test_cross_entropy_on_3d_logits_says_to_flatten_the_tokens(options):
+    lines = _slip("loss", **options)
+    assert ("expected: cross_entropy(input, target) takes the class scores with the classes on "
+            "axis 1: input (N, C) with target (N,), or input (N, C, d1, ...) with target "
+            "(N, d1, ...)") in lines
+    assert ("hint: logits (B=2, T=5, V=64) has its classes last: flatten the tokens, "
+            "cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1)) as nanoGPT does, "
+            "or move the classes to axis 1 with logits.transpose(1, 2)") in lines
+    lines = _slip("flat_logits", ops=True)  # the operands themselves: logits already flat
+    assert any(text.startswith("expected: cross_entropy(input, target) takes") for text in lines)
+    assert ("hint: flatten targets too: targets.view(-1) gives one target per row of "
+            "logits.view(-1, 64)") in lines
+    lines = _slip("flat_targets", ops=True)
+    assert ("hint: flatten logits too: logits.view(-1, logits.size(-1)) gives one row per "
+            "target") in lines
+
+
+@OPTIONS
+def test_cat_and_stack_say_which_axis_differs(options):
+    lines = _slip("cat", **options)
+    assert ("expected: every axis but the joined one (dim=2) equal in all the tensors: logits "
+            "has T=5 on axis 1, shorter has 4") in lines
+    assert ("hint: join along the axis where they differ (dim=...), or make the other axes "
+            "equal first (e.g. crop to the shorter)") in lines
+    lines = _slip("rank", **options)
+    assert "expected: tensors with the same number of axes to join (got 3 and 2)" in lines
+    assert "hint: add the missing axis first, e.g. x.unsqueeze(-1)" in lines
+    lines = _slip("stack", **options)
+    assert ("expected: tensors of one shape for stack, which adds a new axis: logits "
+            "(B=2, T=5, V=64); shorter (B=2, 4, V=64)") in lines
+    assert ("hint: to join along an existing axis use torch.cat; else make the shapes equal "
+            "first") in lines
+
+
+@OPTIONS
+def test_index_expand_and_vector_products_say_what_fits(options):
+    lines = _slip("index", **options)
+    assert ("expected: an index from 0 to 4 (or -5 to -1) along logits's axis 1 (T=5); 5 is "
+            "past the end") in lines
+    assert "hint: Python counts from 0: the last position is -1 (or size - 1)" in lines
+    lines = _slip("expand", **options)
+    assert ("expected: expand to stretch only axes of size 1: axis 0 has size 2, which cannot "
+            "become 3") in lines
+    lines = _slip("vector", **options)
+    assert "expected: a @ v needs a's last axis (V=64) to equal v's length (T=5)" in lines

@@ -23,7 +23,7 @@ from __future__ import annotations
 import fnmatch
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -241,5 +241,5 @@ def eager_original(model: nn.Module) -> nn.Module:
     Linear(in_features=2, out_features=2, bias=True)
     """
     while is_compiled(model):
-        model = model._orig_mod
+        model = cast(nn.Module, model._orig_mod)
     return model

@@ -263,6 +263,7 @@ def _expectation(failure: Failure, ops: list[_Operand], message: str, dims: Dims
     if name == "einsum" or "einsum()" in low:
         return _einsum_expectation(failure.equation, ops, message, dims)
     if ("cannot be multiplied" in low or "batch2 tensor" in low or "same reduction dim" in low
+            or "size mismatch, got input" in low  # matrix @ vector
             or name in _MATMUL or name == "linear"):  # the last: meta kernels' own words
         return _matmul_expectation(name, ops, dims)
     if "must match the size of tensor" in low:
@@ -286,6 +287,84 @@ def _expectation(failure: Failure, ops: list[_Operand], message: str, dims: Dims
         shape = re.search(r"normalized_shape=\[([\d, ]+)\]", message)
         return (f"the input's last axes to be [{shape.group(1) if shape else '...'}]",
                 "check that the features are on the last axis")
+    if name in _LOSSES or "expected target size" in low or "match target batch_size" in low:
+        return _loss_expectation(name or "cross_entropy", ops, dims)
+    joined = _join_expectation(name, ops, message, dims)
+    if joined[0]:
+        return joined
+    bounds = re.search(r"index (-?\d+) is out of bounds for dimension (\d+) with size (\d+)",
+                       message)
+    if bounds:
+        index, axis, size = (int(v) for v in bounds.groups())
+        label = _label(dims, ops[0].shape, axis) if ops and len(ops[0].shape) > axis else str(size)
+        on = f"{ops[0].name}'s axis {axis} ({label})" if ops else f"axis {axis} (size {size})"
+        return (f"an index from 0 to {size - 1} (or -{size} to -1) along {on}; {index} is "
+                "past the end",
+                "Python counts from 0: the last position is -1 (or size - 1)")
+    expand = re.search(r"expanded size of the tensor \((-?\d+)\) must match the existing size "
+                       r"\((\d+)\) at non-singleton dimension (\d+)", message)
+    if expand:
+        target, existing, axis = (int(v) for v in expand.groups())
+        return (f"expand to stretch only axes of size 1: axis {axis} has size {existing}, which "
+                f"cannot become {target}",
+                "use .repeat(...) to copy the data along an axis, or check the target sizes")
+    return "", ""
+
+
+_LOSSES = frozenset({"cross_entropy", "nll_loss"})
+
+
+def _loss_expectation(name: str, ops: list[_Operand], dims: Dims) -> tuple[str, str]:
+    """cross_entropy / nll_loss: the classes go on axis 1, the target has no class axis."""
+    expected = (f"{name}(input, target) takes the class scores with the classes on axis 1: "
+                "input (N, C) with target (N,), or input (N, C, d1, ...) with target (N, d1, ...)")
+    if len(ops) < 2:
+        return expected, ""
+    scores, target = ops[0], ops[1]
+    if len(scores.shape) == 3 and scores.shape[:2] == target.shape[:2] and (
+            len(target.shape) == 2):
+        return expected, (f"{scores.name} {dims.format(scores.shape)} has its classes last: "
+                          f"flatten the tokens, {name}({scores.name}.view(-1, "
+                          f"{scores.name}.size(-1)), {target.name}.view(-1)) as nanoGPT does, "
+                          f"or move the classes to axis 1 with {scores.name}.transpose(1, 2)")
+    if len(scores.shape) == 2 and len(target.shape) > 1 and (
+            math.prod(target.shape) == scores.shape[0]):
+        return expected, (f"flatten {target.name} too: {target.name}.view(-1) gives one target "
+                          f"per row of {scores.name}")
+    if len(scores.shape) > 2 and len(target.shape) == 1 and (
+            math.prod(scores.shape[:-1]) == target.shape[0]):
+        return expected, (f"flatten {scores.name} too: {scores.name}.view(-1, "
+                          f"{scores.name}.size(-1)) gives one row per target")
+    return expected, ""
+
+
+def _join_expectation(name: str, ops: list[_Operand], message: str, dims: Dims
+                      ) -> tuple[str, str]:
+    """cat / stack: which tensor differs from the first, on which axis."""
+    ranks = re.search(r"same number of dimensions: got (\d+) and (\d+)", message)
+    if ranks:
+        return (f"tensors with the same number of axes to join (got {ranks.group(1)} and "
+                f"{ranks.group(2)})", "add the missing axis first, e.g. x.unsqueeze(-1)")
+    sizes = re.search(r"Sizes of tensors must match except in dimension (-?\d+)\. Expected size "
+                      r"(\d+) but got size (\d+) for tensor number (\d+)", message)
+    if sizes:
+        along, want, got, index = (int(v) for v in sizes.groups())
+        first = ops[0] if ops else None
+        other = ops[index] if index < len(ops) else None
+        clash = ""
+        if first is not None and other is not None and len(first.shape) == len(other.shape):
+            axis = next((k for k in range(len(first.shape)) if k != along
+                         and (first.shape[k], other.shape[k]) == (want, got)), None)
+            if axis is not None:
+                clash = (f": {first.name} has {_label(dims, first.shape, axis)} on axis {axis}, "
+                         f"{other.name} has {got}")
+        return (f"every axis but the joined one (dim={along}) equal in all the tensors{clash}",
+                "join along the axis where they differ (dim=...), or make the other axes "
+                "equal first (e.g. crop to the shorter)")
+    if "stack expects each tensor to be equal size" in message:
+        shapes = "; ".join(f"{o.name} {dims.format(o.shape)}" for o in ops[:3])
+        return (f"tensors of one shape for stack, which adds a new axis: {shapes or '?'}",
+                "to join along an existing axis use torch.cat; else make the shapes equal first")
     return "", ""
 
 
@@ -321,6 +400,9 @@ def _matmul_expectation(name: str, ops: list[_Operand], dims: Dims) -> tuple[str
         return (f"the input's last axis ({_label(dims, a.shape, -1)}) equal to the layer's "
                 f"in_features ({_label(dims, b.shape, -1, b.axes)})",
                 "put the features on the last axis, or build the layer for this size")
+    if len(a.shape) >= 1 and len(b.shape) == 1:  # matrix @ vector
+        return (f"a @ v needs a's last axis ({_label(dims, a.shape, -1)}) to equal v's length "
+                f"({_label(dims, b.shape, -1)})", "")
     if len(a.shape) < 1 or len(b.shape) < 2:
         return "", ""
     inner = (f"a's last axis ({_label(dims, a.shape, -1)}) to equal b's second-to-last axis "
@@ -443,11 +525,16 @@ def _broadcast_expectation(ops: list[_Operand], dims: Dims) -> tuple[str, str]:
             clashes.append(f"axis -{k}: {_label(dims, a.shape, -k)} vs {_label(dims, b.shape, -k)}")
     expected = ("shapes that broadcast (lined up from the right, each axis equal or 1); "
                 + "; ".join(clashes))
-    small = min(ops[:2], key=lambda o: math.prod(o.shape))
-    if small.dtype == torch.bool:
-        return expected, (f"the mask {small.name} was built for another length: build it from "
-                          "the current sizes (e.g. mask[:T, :T])")
-    return expected, ""
+    mask = next((o for o in ops[:2] if o.dtype == torch.bool), None)
+    if mask is None:
+        return expected, ""
+    other = b if mask is a else a
+    what = mask.name if "mask" in mask.name.lower() else f"the mask {mask.name}"
+    if mask.shape and other.shape and mask.shape[-1] > other.shape[-1]:  # keys: longer
+        return expected, (f"{what} looks built for a longer sequence (the context size?): crop "
+                          "it to this one, as nanoGPT does with bias[:, :, :T, :T]")
+    return expected, (f"{what} looks built for another length: build it from the current "
+                      "sizes (e.g. torch.ones(T, T, dtype=torch.bool).tril())")
 
 
 def _dtype_expectation(ops: list[_Operand], low: str) -> tuple[str, str]:
