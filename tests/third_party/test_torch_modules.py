@@ -240,3 +240,46 @@ def test_a_complex_rotary_embeddings_paired_axis_gets_no_borrowed_name() -> None
     assert (report.phase, report.op) == ("forward", "mul")
     assert report.source.endswith("/" + line_of("# @rotary", corpus.__file__))
     assert "buffer freqs_cis already held +inf before 'mul' used it" in report.hint
+
+
+def _normed(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(C, 2 * C), nn.BatchNorm1d(2 * C), nn.GELU(),
+                          nn.Linear(2 * C, C)).train()
+    if kind == "weight_norm":
+        nn.utils.parametrizations.weight_norm(model[0])
+    elif kind == "spectral_norm":  # a power-iteration buffer (_u) updated in train mode
+        nn.utils.parametrizations.spectral_norm(model[0])
+    elif kind == "old_weight_norm":  # a forward pre-hook sets ``weight`` as a plain attribute
+        nn.utils.weight_norm(model[0])
+    elif kind == "old_spectral_norm":
+        nn.utils.spectral_norm(model[0])
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm. is deprecated:FutureWarning")
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "old_weight_norm",
+                                  "old_spectral_norm"])
+def test_toolkit_calls_between_a_forward_and_its_backward_change_nothing(kind: str) -> None:
+    x = torch.randn(4, C, generator=torch.Generator().manual_seed(1))
+    plain = _normed(kind)
+    plain(x).pow(2).mean().backward()
+    model = _normed(kind)
+    loss = model(x).pow(2).mean()  # the user's step, its graph waiting for backward
+    guard = ModelGuard(model)
+    for options in ({}, {"ops": True}, {"meta": True}):
+        tle.trace_shapes(model, x, **options)
+    tle.inspect(model).summary(x)
+    tle.compare(model, _normed(kind), x)
+    guard.check()
+    loss.backward()  # BatchNorm's backward reads the running statistics the traces ran over
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
+    for (name, b), c in zip(model.named_buffers(), plain.buffers(), strict=True):
+        assert torch.equal(b, c), name  # _u and the running statistics: one step's update
+    model.zero_grad(set_to_none=True)
+    with watch_nans(model):  # a step under the watch updates them as a plain step
+        model(x).pow(2).mean().backward()
+    plain(x).pow(2).mean().backward()
+    for (name, b), c in zip(model.named_buffers(), plain.buffers(), strict=True):
+        assert torch.equal(b, c), name

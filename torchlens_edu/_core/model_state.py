@@ -57,14 +57,19 @@ def set_rng(state: Rng) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _saved(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A tensor and a copy of its bits to write back (None where there are none: meta, nested,
-    sparse). Written back whatever its version counter says: BatchNorm's kernel updates the
-    running statistics in place without bumping it."""
+def _saved(value: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """A tensor, its version counter, and a copy of its bits to write back (None where there
+    are none: meta, nested, sparse)."""
     if value.is_meta or value.is_nested or value.layout != torch.strided:
-        return value, None
+        return value, value._version, None
     with torch.no_grad():
-        return value, value.detach().clone()
+        return value, value._version, value.detach().clone()
+
+
+def _changed(tensor: torch.Tensor, version: int, bits: torch.Tensor) -> bool:
+    # the counter alone misses BatchNorm's running statistics: its kernel writes them in place
+    # without a bump
+    return tensor._version != version or not torch.equal(tensor, bits)
 
 
 class _Snapshot:
@@ -95,9 +100,12 @@ class _Snapshot:
                         and _is_data(now[name]):
                     now[name] = value  # rebound: ``self.steps += 1`` on an int
         with torch.no_grad():
-            for tensor, bits in self.bits:
-                if bits is not None:
-                    tensor.copy_(bits)
+            for tensor, version, bits in self.bits:
+                if bits is not None and _changed(tensor, version, bits):
+                    # through .data: no version bump. A graph the user built before saved
+                    # these bits (BatchNorm's backward reads its running statistics); it gets
+                    # them back, and its backward still runs
+                    tensor.data.copy_(bits)
         set_rng(self.rng)
 
 
