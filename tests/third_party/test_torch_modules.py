@@ -283,3 +283,78 @@ def test_toolkit_calls_between_a_forward_and_its_backward_change_nothing(kind: s
     plain(x).pow(2).mean().backward()
     for (name, b), c in zip(model.named_buffers(), plain.buffers(), strict=True):
         assert torch.equal(b, c), name
+
+
+class TopKMoE(nn.Module):
+    """A mixture of experts with top-k routing, as Mixtral-from-scratch tutorials write it."""
+
+    def __init__(self, experts: int = 4, k: int = 2) -> None:
+        super().__init__()
+        self.k = k
+        self.gate = nn.Linear(C, experts, bias=False)
+        self.experts = nn.ModuleList([nn.Sequential(nn.Linear(C, 3 * C), nn.GELU(),
+                                                    nn.Linear(3 * C, C)) for _ in range(experts)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        flat = x.view(-1, c)  # (B*T, C)
+        weights, chosen = torch.topk(self.gate(flat).softmax(-1), self.k, dim=-1)  # (B*T, k)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)  # @route
+            out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+        return out.view(b, t, c)
+
+
+def test_a_top_k_mixture_of_experts_traces_and_its_meta_trace_names_the_routing_line() -> None:
+    torch.manual_seed(0)
+    model = TopKMoE().eval()
+    x = torch.randn(2, 8, C, generator=torch.Generator().manual_seed(1))
+    guard = ModelGuard(model)
+    ops = tle.trace_shapes(model, x, ops=True)
+    names = [e.name for e in ops.events if e.kind == "op"]
+    assert {"topk", "where", "index_add_"} <= set(names)
+    calls = {e.path: e.input_shapes[0][0] for e in ops.events
+             if e.kind == "module" and e.path.startswith("experts.") and e.path.endswith(".0")
+             and e.path.count(".") == 2}  # experts.N.0: each expert's first layer
+    assert sum(calls.values()) == 2 * 8 * model.k  # every token reaches k experts
+    for options in ({"meta": True}, {"meta": True, "ops": True}):
+        with pytest.raises(NotImplementedError) as info:
+            tle.trace_shapes(model, x, **options)
+        lines = [line.strip() for line in "\n".join(info.value.__notes__).splitlines()]
+        assert lines[0] == "torchlens_edu: `where` failed in TopKMoE.forward"
+        assert lines[1].endswith(line_of("# @route", __file__) +
+                                 "  token, slot = torch.where(chosen == e)  # @route")
+        assert ("hint: this line needs values: trace with meta=False on a small input, or move "
+                "the check out of the forward") in lines
+    with watch_nans(model):
+        model(x).pow(2).mean().backward()
+    model.zero_grad(set_to_none=True)
+    guard.check()
+    with torch.no_grad():
+        model.experts[2][2].weight[0, 0] = math.inf
+    with pytest.raises(NonFiniteError) as fault, watch_nans(model):
+        model(x).pow(2).mean().backward()
+    assert (fault.value.report.module, fault.value.report.op) == ("experts.2.2", "linear")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_under_every_observer(dtype: torch.dtype) -> None:
+    specimen = CORPUS_BY_NAME["nanogpt_bias_mask"]
+    model = specimen.model().to(dtype)
+    (ids,), _ = specimen.inputs()
+    guard = ModelGuard(model)
+    short = {torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
+    trace = tle.trace_shapes(model, ids, ops=True, meta=True)
+    assert trace.modules("h.0.c_fc")[0].output_shapes == [(2, 8, 4 * C)]
+    assert f"(B=2, 8:T|hs, 4C=128) {short}" in " ".join(trace.to_text(200).split())
+    with tle.inspect(model).capture("h.0.c_fc", grads=True) as cache:
+        model(ids).float().pow(2).mean().backward()
+    assert cache["h.0.c_fc"].dtype == dtype and cache.grad("h.0.c_fc").dtype == dtype
+    model.zero_grad(set_to_none=True)
+    guard.check()
+    with torch.no_grad():
+        model.h[0].c_fc.weight[0, 0] = math.inf
+    with pytest.raises(NonFiniteError) as info, watch_nans(model):
+        model(ids).float().pow(2).mean().backward()
+    assert (info.value.report.module, info.value.report.op) == ("h.0.c_fc", "linear")
