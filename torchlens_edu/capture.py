@@ -136,6 +136,7 @@ class ActivationCache:
         self.never_called: list[tuple[str, str]] = []  # matched modules that never ran: why
         self.aliases: dict[str, str] = {}  # another path of a captured module -> its key path
         self.untied_grads = 0  # gradients of recomputed calls no captured call could be tied to
+        self.no_weights: list[str] = []  # nn.MultiheadAttention calls with need_weights=False
         self._entries: dict[tuple[str, int], Activation] = {}
         self._held = 0  # bytes captured in this forward, for the limit
 
@@ -329,6 +330,14 @@ class ActivationCache:
             notes.append(f"{self.untied_grads} gradients not captured: they reached outputs a "
                          "reentrant checkpoint recomputed inside its block, which no captured "
                          "call can be tied to; checkpoint with use_reentrant=False to see them")
+        if self.no_weights:
+            first = self.no_weights[0]
+            notes.append(
+                f"{', '.join(self.no_weights)}: nn.MultiheadAttention returned no attention "
+                "weights (out[1] is None): its caller passed need_weights=False, as "
+                "nn.TransformerEncoderLayer does. To see them, capture with inputs=True, then "
+                f"args, kwargs = cache.inputs({first!r}); model.get_submodule({first!r})"
+                "(*args, **{**kwargs, 'need_weights': True, 'average_attn_weights': False})[1]")
         if any(a.modified_in_place for a in self._entries.values()):
             notes.append("* changed in place by the model after the capture: use clone=True")
         if not self._entries and self.never_called:
@@ -422,6 +431,7 @@ def capture(model: nn.Module, pattern: Pattern = "*", *, grads: bool = False,
             cache._entries.clear()
             cache._held = 0
             cache.untied_grads = 0
+            cache.no_weights.clear()
             cache.forwards += 1
             if cache.forwards == 1:
                 cache.dims = Dims.infer(model, [call.args, call.kwargs], dims)
@@ -445,6 +455,8 @@ def capture(model: nn.Module, pattern: Pattern = "*", *, grads: bool = False,
             held = entry.tensors + list(iter_tensors((entry.args, entry.kwargs)))
             _guard(cache, held, limit, pattern, len(paths))
             cache._entries[(call.path, call.call)] = entry
+            if _without_weights(call) and call.path not in cache.no_weights:
+                cache.no_weights.append(call.path)
 
         def record_grad(call: HookCall) -> None:
             if replaying():  # the NaN watch re-running this step: already recorded
@@ -470,6 +482,13 @@ def capture(model: nn.Module, pattern: Pattern = "*", *, grads: bool = False,
         if grads:
             hookset.backward(pattern, record_grad)
         yield cache
+
+
+def _without_weights(call: HookCall) -> bool:
+    """An ``nn.MultiheadAttention`` call that returned ``(output, None)``: no weights asked."""
+    output = call.output
+    return (isinstance(call.module, nn.MultiheadAttention) and isinstance(output, tuple)
+            and len(output) == 2 and output[1] is None)
 
 
 def _estimate(model: nn.Module, paths: set[str], args: tuple, kwargs: dict, grads: bool,

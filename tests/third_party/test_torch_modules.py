@@ -358,3 +358,29 @@ def test_a_half_precision_model_under_every_observer(dtype: torch.dtype) -> None
     with pytest.raises(NonFiniteError) as info, watch_nans(model):
         model(ids).float().pow(2).mean().backward()
     assert (info.value.report.module, info.value.report.op) == ("h.0.c_fc", "linear")
+
+
+def test_capturing_an_encoder_layers_attention_says_how_to_get_its_weights() -> None:
+    model, x, _ = _encoder()
+    with tle.inspect(model).capture("layers.*.self_attn", inputs=True) as cache, \
+            torch.no_grad():
+        model(x)
+    assert cache.no_weights == ["layers.0.self_attn", "layers.1.self_attn"]
+    text = " ".join(repr(cache).split())
+    assert ("layers.0.self_attn, layers.1.self_attn: nn.MultiheadAttention returned no attention "
+            "weights (out[1] is None): its caller passed need_weights=False, as "
+            "nn.TransformerEncoderLayer does.") in text
+    recipe = ("args, kwargs = cache.inputs('layers.0.self_attn'); "
+              "model.get_submodule('layers.0.self_attn')(*args, **{**kwargs, 'need_weights': "
+              "True, 'average_attn_weights': False})[1]")
+    assert recipe in text
+    args, kwargs = cache.inputs("layers.0.self_attn")
+    with torch.no_grad():  # the recipe works: one row of weights per head and query
+        weights = model.get_submodule("layers.0.self_attn")(
+            *args, **{**kwargs, "need_weights": True, "average_attn_weights": False})[1]
+    assert weights.shape == (2, NH, 8, 8)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, NH, 8))
+    mha = nn.MultiheadAttention(C, NH, batch_first=True).eval()  # asked for: no note
+    with tle.inspect(mha).capture("") as cache, torch.no_grad():
+        mha(x, x, x)
+    assert cache.no_weights == [] and "need_weights" not in repr(cache)
