@@ -18,7 +18,7 @@ twice and gives 163M.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +32,7 @@ from rich.tree import Tree
 
 from torchlens_edu._core.console import render_html, render_text
 from torchlens_edu._core.formatting import format_count
-from torchlens_edu._core.model_state import kept_state
+from torchlens_edu._core.model_state import kept_state, private_inputs
 from torchlens_edu._core.modules import (
     Pattern,
     also_reachable,
@@ -147,6 +147,7 @@ class Inspector:
         # torch.compile'd: its eager original has the same modules, and runs without
         # TorchDynamo compiling the hooks into a graph
         model = eager_original(self.model)
+        inputs, forward_kwargs = private_inputs(inputs, forward_kwargs)  # a KV cache stays
         modes = {m: m.training for m in model.modules()}
         cached = dict(torchinfo._cached_forward_pass)  # it keeps the last model per class name
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -161,13 +162,25 @@ class Inspector:
             if call.module not in outputs:
                 outputs[call.module] = [padded_shape(t) for t in iter_tensors(call.output)]
 
-        try:
-            # the forward is ours: caches, counters, the random stream stay as they were
-            with kept_state(model), _fast_path_off(), HookSet(model) as h:
+        def run_ourselves() -> Any:
+            # the forward runs here, and torchinfo lists the modules without running one
+            outputs.clear()
+            model.eval()
+            with kept_state(model), _fast_path_off(), HookSet(model) as h, torch.no_grad():
                 h.forward("*", note)
-                stats = torchinfo.summary(
-                    model, input_data=data, depth=depth, verbose=0, device=device,
-                    mode="eval", **extra)  # eval: BatchNorm statistics stay as they are
+                model(*inputs, **forward_kwargs)
+            return torchinfo.summary(model, depth=depth, verbose=0)
+
+        try:
+            if _rebuilt_by_torchinfo((inputs, forward_kwargs)):
+                stats = run_ourselves()
+            else:
+                # the forward is ours: caches, counters, the random stream stay as they were
+                with kept_state(model), _fast_path_off(), HookSet(model) as h:
+                    h.forward("*", note)
+                    stats = torchinfo.summary(
+                        model, input_data=data, depth=depth, verbose=0, device=device,
+                        mode="eval", **extra)  # eval: BatchNorm statistics stay as they are
         except RuntimeError as error:
             cause = error.__cause__
             if not str(error).startswith("Failed to run torchinfo") or cause is None:
@@ -179,14 +192,8 @@ class Inspector:
                                    f"ran on {type(model).__name__} with the inputs you gave)")
                 raise cause from None
             # torchinfo sizes only the outputs it knows (tensors, tuples, lists, dicts), not a
-            # dataclass: the forward runs here, and torchinfo lists the modules without one
-            outputs.clear()
-            model.eval()
-            with kept_state(model), _fast_path_off(), HookSet(model) as h, \
-                    torch.no_grad():
-                h.forward("*", note)
-                model(*inputs, **forward_kwargs)
-            stats = torchinfo.summary(model, depth=depth, verbose=0)
+            # dataclass
+            stats = run_ourselves()
         finally:
             torchinfo._cached_forward_pass.clear()
             torchinfo._cached_forward_pass.update(cached)
@@ -287,6 +294,17 @@ class Inspector:
 
 
 _TORCHINFO_TYPES = "Model contains a layer with an unsupported input or output type"
+
+
+def _rebuilt_by_torchinfo(value: Any) -> bool:
+    """Whether torchinfo would rebuild an input as ``type(value)(list of its items)``: it does
+    that to every iterable other than a tuple, list, dict or string (Hugging Face's
+    ``DynamicCache`` came back broken)."""
+    if isinstance(value, (tuple, list)):
+        return any(_rebuilt_by_torchinfo(item) for item in value)
+    if isinstance(value, dict):
+        return any(_rebuilt_by_torchinfo(item) for item in value.values())
+    return isinstance(value, Iterable) and not isinstance(value, (str, bytes, torch.Tensor))
 
 
 @contextmanager

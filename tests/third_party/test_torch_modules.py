@@ -384,3 +384,41 @@ def test_capturing_an_encoder_layers_attention_says_how_to_get_its_weights() -> 
     with tle.inspect(mha).capture("") as cache, torch.no_grad():
         mha(x, x, x)
     assert cache.no_weights == [] and "need_weights" not in repr(cache)
+
+
+class _CachedStep(nn.Module):
+    """One decoding step of a Hugging Face model with its KV cache passed in."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, cache: Any) -> torch.Tensor:
+        return self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+
+
+@pytest.mark.slow  # importing transformers, when no other test did
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+def test_a_kv_cache_passed_in_is_not_advanced_by_the_toolkits_own_forwards() -> None:
+    transformers = pytest.importorskip("transformers")
+    model = CORPUS_BY_NAME["hf_llama"].model()
+    ids = torch.randint(0, corpus.V, (2, 5), generator=torch.Generator().manual_seed(1))
+
+    def prefilled() -> Any:
+        cache = transformers.DynamicCache()
+        with torch.no_grad():
+            model(input_ids=ids[:, :4], past_key_values=cache, use_cache=True)
+        return cache
+
+    cache = prefilled()
+    trace = tle.trace_shapes(model, input_ids=ids[:, 4:], past_key_values=cache, use_cache=True)
+    assert trace.events[0].output_shapes[0] == (2, 1, corpus.V)
+    summary = tle.inspect(model).summary(input_ids=ids[:, 4:], past_key_values=cache,
+                                         use_cache=True)
+    assert summary.rows[0][:2] == ("", "LlamaForCausalLM")
+    assert summary.rows[0][3][0] == (2, 1, corpus.V)  # the logits of the one new token
+    step = _CachedStep(model)
+    twin = _CachedStep(CORPUS_BY_NAME["hf_llama"].model())
+    comparison = tle.compare(step, twin, ids[:, 4:], cache)
+    assert comparison.first is None  # both ran on the same 4 cached tokens
+    assert cache.get_seq_length() == 4  # none of them appended its token to the user's cache

@@ -10,6 +10,8 @@ same tensor objects, with the same bits), its data attributes (numbers, strings,
 rebound ones are bound back, added ones removed), and the random state.
 
 >>> import torch.nn as nn
+
+from torchlens_edu._core.tree import iter_tensors
 >>> bn = nn.BatchNorm1d(2).train()
 >>> with kept_state(bn):
 ...     _ = bn(torch.randn(4, 2))
@@ -19,11 +21,15 @@ rebound ones are bound back, added ones removed), and the random state.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn as nn
+
+from torchlens_edu._core.tree import iter_tensors
 
 Rng = tuple[torch.Tensor, list[torch.Tensor] | None]
 # what a forward's own state is made of; anything else in a module's ``__dict__`` (FSDP's
@@ -119,3 +125,24 @@ def kept_state(*models: nn.Module, bits: bool = True) -> Iterator[None]:
         yield
     finally:
         snapshot.restore()
+
+
+def private_inputs(args: tuple, kwargs: dict[str, Any] | None = None
+                   ) -> tuple[tuple, dict[str, Any]]:
+    """A forward's arguments for a run of the toolkit's own: the tensors as they are, stateful
+    objects (a KV cache the forward appends to, Hugging Face's ``DynamicCache``) copied, so
+    that the run does not advance the user's.
+
+    >>> cache = [torch.ones(1)]
+    >>> args, _ = private_inputs((cache,))
+    >>> args[0] is cache, args[0][0] is cache[0]
+    (False, True)
+    """
+    kwargs = {} if kwargs is None else kwargs
+    tensors = {id(t): t for t in iter_tensors((args, kwargs))}
+    try:
+        return copy.deepcopy((args, kwargs), memo=dict(tensors))
+    except (TypeError, RuntimeError, copy.Error):
+        # an object that cannot be copied (a lock, a graph tensor deep inside): the originals,
+        # as the user's own call would have them
+        return args, kwargs

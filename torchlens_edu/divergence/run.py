@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from torchlens_edu._core.arguments import require_flag
-from torchlens_edu._core.model_state import kept_state
+from torchlens_edu._core.model_state import kept_state, private_inputs
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.dims import Dims, _config_of, dims_from_config
 from torchlens_edu.divergence.align import Alignment, ModuleCall, PathMap, align, map_argument
@@ -145,8 +145,10 @@ def compare(model: nn.Module, reference: nn.Module, *inputs: Any, rtol: float | 
 def _compare(model: nn.Module, reference: nn.Module, inputs: tuple[Any, ...],
              tolerance: Tolerance, backward: bool, map: PathMap | None, rtol: float | None,
              atol: float | None) -> Comparison:
-    mine = _record(model, lambda: model(*inputs), keep_graph=backward)
-    theirs = _record(reference, lambda: reference(*inputs), keep_graph=backward)
+    # each run its own copy of a stateful input (a KV cache the forward appends to)
+    mine = _record(model, lambda: model(*private_inputs(inputs)[0]), keep_graph=backward)
+    theirs = _record(reference, lambda: reference(*private_inputs(inputs)[0]),
+                     keep_graph=backward)
     alignment = align(mine.calls, theirs.calls, map)
     rows: list[Drift] = []
     first_position: int | None = None
@@ -256,7 +258,7 @@ def _measured(diff: TensorDiff) -> dict[str, Any]:
 
 def _no_grad(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
     with torch.no_grad():
-        return model(*inputs)
+        return model(*private_inputs(inputs)[0])
 
 
 def _compare_gradients(model: nn.Module, reference: nn.Module, inputs: tuple[Any, ...],
@@ -360,7 +362,7 @@ def _locate_backward(model: nn.Module, reference: nn.Module, inputs: tuple[Any, 
 
 def _with_grad(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
     with torch.enable_grad():
-        return model(*inputs)
+        return model(*private_inputs(inputs)[0])
 
 
 def _first_output_gradient(calls: list[ModuleCall], references: list[ModuleCall],

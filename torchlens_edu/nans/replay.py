@@ -22,7 +22,6 @@ meanwhile, so that hooks with side effects, and the toolkit's own observers, can
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import os
@@ -39,7 +38,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from torchlens_edu._core.frames import frame_location, user_frame
-from torchlens_edu._core.model_state import kept_state, set_rng
+from torchlens_edu._core.model_state import kept_state, private_inputs, set_rng
 from torchlens_edu._core.modules import module_paths
 from torchlens_edu._core.replay_state import replay_scope
 from torchlens_edu._core.tree import iter_tensors
@@ -256,7 +255,7 @@ class Replayer(TorchFunctionMode):
             handles.append(module.register_forward_hook(self._after_module, always_call=True))
         try:
             with self:
-                args, kwargs = _private_copy(step.args, step.kwargs)
+                args, kwargs = private_inputs(step.args, step.kwargs)
                 return self.target(*args, **kwargs)
         finally:
             for handle in handles:
@@ -466,18 +465,6 @@ class Replayer(TorchFunctionMode):
                 for n, p in module.named_parameters(recurse=False)]
 
     # ---------------------------------------------------------------- backward hooks
-def _private_copy(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """The step's arguments for a replay: its tensors as they are, but stateful objects (a KV
-    cache the forward appends to) copied, so that replaying does not advance the user's."""
-    tensors = {id(t): t for t in iter_tensors((args, kwargs))}
-    try:
-        return copy.deepcopy((args, kwargs), memo=dict(tensors))
-    except (TypeError, RuntimeError, copy.Error):
-        # an object that cannot be copied (a lock, a graph tensor deep inside): replay with
-        # the originals, as the step itself ran
-        return args, kwargs
-
-
 def _display(name: str) -> str:
     """``__rdiv__`` -> ``div``, ``__iadd__`` -> ``add_``; plain names stay as they are."""
     if name in _REVERSED:

@@ -29,7 +29,7 @@ from torch.utils.hooks import RemovableHandle
 
 from torchlens_edu._core.arguments import require_flag
 from torchlens_edu._core.interrupts import arm, disarm, uninterruptible, uninterruptible_enter
-from torchlens_edu._core.model_state import kept_state
+from torchlens_edu._core.model_state import kept_state, private_inputs
 from torchlens_edu._core.modules import (
     Pattern,
     eager_original,
@@ -540,7 +540,8 @@ def trace_shapes(model: nn.Module, *inputs: Any, ops: bool = False, meta: bool =
             eager, ops=ops, meta=meta, depth=depth, include=include, dims=dims) as tracer:
         if eager is not model:
             tracer._root_names[0] += " (model._orig_mod, the eager model torch.compile wraps)"
-        eager(*inputs, **forward_kwargs)
+        args, kwargs = private_inputs(inputs, forward_kwargs)  # the user's KV cache stays
+        eager(*args, **kwargs)
     return tracer.trace
 
 
