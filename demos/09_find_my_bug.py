@@ -26,7 +26,7 @@ import torchlens_edu as tle
 from torchlens_edu.models import GPT2, GPT2Config, get_tokenizer
 from torchlens_edu.models.loading import load_pretrained
 
-console = Console(highlight=False, width=100)
+console = Console(highlight=False)
 
 
 class Attention(nn.Module):

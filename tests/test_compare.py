@@ -151,6 +151,11 @@ def test_a_clean_copy_with_other_names_aligns_by_structure(idx: torch.Tensor) ->
     result = tle.compare(renamed, reference, idx)
     assert result.agree and result.alignment == "structure"
     assert "by structure (the order of module calls and their shapes)" in str(result)
+    from torchlens_edu._core.console import render_text
+    from torchlens_edu.divergence.result import _table
+
+    table = render_text(_table("module", "reference", result.modules), width=120)
+    assert "┃ module " in table and "┃ reference" in table  # other paths: both columns
     assert tle.compare(renamed, reference, idx, map=NAMES).alignment == "map"
 
 
@@ -338,7 +343,11 @@ def test_rendering_in_jupyter_and_at_80_columns(idx: torch.Tensor) -> None:
     assert "first difference" in result._repr_html_()
     from torchlens_edu._core.console import render_text
 
-    assert all(len(line) <= 80 for line in render_text(result, width=80).splitlines())
+    text = render_text(result, width=80)
+    assert all(len(line) <= 80 for line in text.splitlines())
+    # the same paths on both sides: one column, so that paths are not cut in the middle
+    assert "┃ module (same path in both)" in text and "┃ reference" not in text
+    assert all(row.module in text for row in result.modules[:4])
 
 
 def test_compare_restores_the_rng_and_the_models(idx: torch.Tensor) -> None:

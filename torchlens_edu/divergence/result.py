@@ -261,6 +261,8 @@ class Comparison:
 
 
 def _table(title: str, reference_title: str, rows: list[Drift]) -> Table:
+    if reference_title and all(row.reference_module == row.module for row in rows):
+        title, reference_title = f"{title} (same path in both)", ""  # one column: fits 80
     shown = rows
     if len(rows) > _TABLE_ROWS:
         shown = [row for row in rows if row.status != "same"][:_TABLE_ROWS - 1]
