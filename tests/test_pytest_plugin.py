@@ -169,7 +169,50 @@ def test_typo():
 """)
     result = run("--tle-print=edu")
     result.assert_outcomes(passed=3, failed=1)
-    result.stdout.fnmatch_lines(["*unknown print option 'precison' (did you mean 'precision'?)*"])
+    result.stdout.fnmatch_lines(["*@pytest.mark.print_options: unknown print option 'precison' "
+                                 "(did you mean 'precision'?)*"])
+    assert "options.py" not in result.stdout.str()  # the message, not our machinery's frames
+
+
+def test_a_wrong_nan_watch_marker_fails_its_test_saying_what_to_write(
+        pytester: pytest.Pytester, run) -> None:
+    """Checked before the test runs, so a test that calls no model is not silently unwatched."""
+    pytester.makepyfile("""
+import pytest
+
+@pytest.mark.nan_watch(mode="bogus")
+def test_mode():
+    pass
+
+@pytest.mark.nan_watch("warn")
+def test_positional():
+    pass
+
+@pytest.mark.nan_watch(moed="warn")
+def test_typo():
+    pass
+
+@pytest.mark.nan_watch(check_inf="yes")
+def test_flag():
+    pass
+
+@pytest.mark.nan_watch(mode="warn", every=2)
+def test_fine():
+    pass
+""")
+    result = run()
+    result.assert_outcomes(passed=1, failed=4)
+    usage = "mode=..., check_inf=..., every=..., dims=..."
+    result.stdout.fnmatch_lines([
+        "*_ test_mode _*", "@pytest.mark.nan_watch: mode='bogus': choose 'raise'*",
+        "*_ test_positional _*", f"@pytest.mark.nan_watch takes keyword options only ({usage}), "
+        "got 'warn': write e.g. mode='warn'",
+        "*_ test_typo _*", "@pytest.mark.nan_watch: unknown option 'moed' (did you mean "
+        f"'mode'?); the options are {usage}",
+        "*_ test_flag _*", "@pytest.mark.nan_watch: watch_nans(check_inf='yes'): give True or "
+        "False",
+    ])
+    assert "During handling" not in result.stdout.str()
 
 
 NAN_TESTS = """

@@ -113,10 +113,49 @@ def _test_context(item: pytest.Item) -> Iterator[None]:
             args, kwargs = (print_marker.args, print_marker.kwargs) if print_marker else ((), {})
             if print_marker is None or (not args and "preset" not in kwargs and preset):
                 kwargs = {"preset": preset, **kwargs}
-            stack.enter_context(printoptions(*args, **kwargs))
+            problem = ""
+            try:
+                stack.enter_context(printoptions(*args, **kwargs))
+            except (TypeError, ValueError) as err:  # checked before any option is changed
+                problem = str(err)
+            if problem:
+                pytest.fail(f"@pytest.mark.print_options: {problem}", pytrace=False)
         if watch:
-            stack.enter_context(_watch_every_model(**(nan_marker.kwargs if nan_marker else {})))
+            stack.enter_context(_watch_every_model(**_watch_options(nan_marker)))
         yield
+
+
+def _watch_options(marker: pytest.Mark | None) -> dict[str, Any]:
+    """The marker's options, checked before the test runs: a wrong one fails the test with what
+    to write, instead of being ignored until (or unless) the test calls a model."""
+    if marker is None:
+        return {}
+    import inspect
+
+    import torch
+
+    from torchlens_edu._core.formatting import did_you_mean
+    from torchlens_edu.nans.watch import watch_nans
+
+    names = [n for n in inspect.signature(watch_nans).parameters if n != "model"]
+    usage = ", ".join(f"{n}=..." for n in names)
+    if marker.args:
+        pytest.fail(f"@pytest.mark.nan_watch takes keyword options only ({usage}), got "
+                    f"{', '.join(map(repr, marker.args))}: write e.g. mode={marker.args[0]!r}",
+                    pytrace=False)
+    for name in marker.kwargs:
+        if name not in names:
+            hint = did_you_mean(name, names)
+            pytest.fail(f"@pytest.mark.nan_watch: unknown option {name!r}"
+                        f"{' (' + hint + ')' if hint else ''}; the options are {usage}",
+                        pytrace=False)
+    try:  # the watch checks its options when made: make one that is never entered
+        watch_nans(torch.nn.Identity(), **marker.kwargs)
+    except (TypeError, ValueError) as err:
+        problem = str(err)
+    else:
+        return dict(marker.kwargs)
+    pytest.fail(f"@pytest.mark.nan_watch: {problem}", pytrace=False)  # outside: no chained error
 
 
 @contextmanager
