@@ -422,3 +422,34 @@ def test_a_kv_cache_passed_in_is_not_advanced_by_the_toolkits_own_forwards() -> 
     comparison = tle.compare(step, twin, ids[:, 4:], cache)
     assert comparison.first is None  # both ran on the same 4 cached tokens
     assert cache.get_seq_length() == 4  # none of them appended its token to the user's cache
+
+
+LAYER_NOTE = ("TransformerEncoderLayer: in eval without gradients PyTorch runs it as one fused "
+              "kernel when no hook is on it; traced, it runs step by step (the same math), as "
+              "shown")
+MHA_NOTE = ("MultiheadAttention: in eval without gradients PyTorch runs it as one fused kernel "
+            "(torch._native_multi_head_attention); an op trace sees its step-by-step path (the "
+            "same math)")
+NESTED_NOTE = ("nn.TransformerEncoder packed the padded batch into a nested tensor (its fast "
+               "path for src_key_padding_mask in eval without gradients): inside it, shapes are "
+               "padded shapes, and the padding is not computed")
+
+
+def test_a_trace_says_when_pytorchs_fused_fast_path_would_run_instead() -> None:
+    model, x, padding = _encoder()
+    with torch.no_grad():
+        assert tle.trace_shapes(model, x).notes == [LAYER_NOTE]
+        ops = tle.trace_shapes(model, x, ops=True)
+        assert ops.notes == [LAYER_NOTE, MHA_NOTE]
+        assert tle.trace_shapes(model, x, src_key_padding_mask=padding).notes == [
+            LAYER_NOTE, NESTED_NOTE]
+        assert tle.trace_shapes(model.train(), x).notes == []  # training: no fast path
+    assert tle.trace_shapes(model.eval(), x).notes == []  # gradients: no fast path
+    text = " ".join(ops.to_text(100).split())
+    assert f"note {LAYER_NOTE} note {MHA_NOTE}" in text
+    torch.manual_seed(0)  # batch_first=False: PyTorch never fuses it
+    sequence_first = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(C, NH, 2 * C, batch_first=False), 1,
+        enable_nested_tensor=False).eval()
+    with torch.no_grad():
+        assert tle.trace_shapes(sequence_first, x.transpose(0, 1), ops=True).notes == []

@@ -37,10 +37,11 @@ Item = Union[int, list[int]]  # noqa: UP007
 
 def trace_tree(events: list[ShapeEvent], dims: Dims, *, roots: Sequence[str] = (),
                ops: bool = False, meta: bool = False, error: str = "",
-               axes: Mapping[int, AxisRoles] | None = None) -> Tree:
+               axes: Mapping[int, AxisRoles] | None = None, notes: Sequence[str] = ()) -> Tree:
     """A trace's events as a rich Tree: modules nest, identical sibling blocks fold into one
     row. ``roots`` names the traced models; ``ops``/``meta`` say how it was recorded;
-    ``axes`` what the axes of the model's weights are, by ``id`` (op operands)."""
+    ``axes`` what the axes of the model's weights are, by ``id`` (op operands); ``notes``
+    what a plain run would do differently, under the header."""
     children: dict[int, list[int]] = {}
     for index, event in enumerate(events):
         children.setdefault(event.parent, []).append(index)
@@ -50,6 +51,8 @@ def trace_tree(events: list[ShapeEvent], dims: Dims, *, roots: Sequence[str] = (
                            f"{len(events)} events ({kinds}{mode})")
     if len(dims):
         header.append("\n" + "dims  " + ", ".join(f"{k}={v}" for k, v in dims.items()), "dim")
+    for note in notes:
+        header.append("\nnote  " + note, "yellow")
     tree = Tree(header, guide_style="dim")
     _add_items(tree, _items(children.get(-1, []), events), "", events, children,
                _Names(dims=dims, axes=axes or {}))

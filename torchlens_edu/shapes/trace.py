@@ -35,6 +35,8 @@ class ShapeTrace:
     meta: bool = False
     error: str = ""  # the explanation, when the forward raised
     roots: list[str] = field(default_factory=list)
+    # what a plain run would do differently: PyTorch's fused fast paths (see tracer.py)
+    notes: list[str] = field(default_factory=list)
     # id(weight) -> what its axes are (wpe.weight is (ctx, C)): names op operands by role
     axes: dict[int, AxisRoles] = field(default_factory=dict)
 
@@ -104,7 +106,7 @@ class ShapeTrace:
 
     def __rich__(self) -> Any:
         return trace_tree(self.events, self.dims, roots=self.roots, ops=self.ops,
-                          meta=self.meta, error=self.error, axes=self.axes)
+                          meta=self.meta, error=self.error, axes=self.axes, notes=self.notes)
 
     def to_text(self, width: int = 100) -> str:
         """The tree as plain text (no colours), ``width`` characters wide.

@@ -101,6 +101,45 @@ _read_inputs, _read_outputs = _unseen(_arg_specs), _unseen(_output_specs)
 _infer_dims = _unseen(Dims.infer)
 
 
+_NESTED_NOTE = ("nn.TransformerEncoder packed the padded batch into a nested tensor (its fast "
+                "path for src_key_padding_mask in eval without gradients): inside it, shapes are "
+                "padded shapes, and the padding is not computed")
+
+
+def _fast_path_note(module: nn.Module, sees_ops: bool) -> str:
+    """What to say when ``module`` would run as one fused kernel in a plain eval run without
+    gradients, but runs step by step while traced, or "" when nothing.
+
+    nn.TransformerEncoderLayer turns its fast path off when a hook is on it or inside it (the
+    tracer's are); nn.MultiheadAttention only for an op trace (a TorchFunctionMode)."""
+    name = type(module).__name__
+    if isinstance(module, nn.TransformerEncoderLayer):
+        return (f"{name}: in eval without gradients PyTorch runs it as one fused kernel when "
+                "no hook is on it; traced, it runs step by step (the same math), as shown")
+    if isinstance(module, nn.MultiheadAttention) and sees_ops:
+        return (f"{name}: in eval without gradients PyTorch runs it as one fused kernel "
+                "(torch._native_multi_head_attention); an op trace sees its step-by-step path "
+                "(the same math)")
+    return ""
+
+
+def _fuses(module: nn.Module, args: tuple[Any, ...]) -> bool:
+    """Whether PyTorch's own conditions for the fused path hold for this call (torch 2.x's
+    ``why_not_sparsity_fast_path`` / ``why_not_fast_path``), grad mode and hooks aside."""
+    attn = module.self_attn if isinstance(module, nn.TransformerEncoderLayer) else module
+    if not isinstance(attn, nn.MultiheadAttention) or not args or \
+            not isinstance(args[0], torch.Tensor):
+        return False
+    shared = (torch.backends.mha.get_fastpath_enabled() and not torch.is_autocast_enabled()
+              and args[0].dim() == 3 and attn.batch_first and attn.num_heads % 2 == 0
+              and attn.in_proj_bias is not None and attn._qkv_same_embed_dim)
+    if isinstance(module, nn.TransformerEncoderLayer):
+        return bool(shared and module.activation_relu_or_gelu
+                    and module.norm1.eps == module.norm2.eps)
+    return bool(shared and len(args) >= 3 and args[0] is args[1] is args[2]  # self-attention
+                and attn.bias_k is None and attn.bias_v is None and not attn.add_zero_attn)
+
+
 def _param_counts(root: nn.Module) -> dict[str, int]:
     """Parameters under each module path, each tensor once per module (tied weights too)."""
     counts: dict[str, int] = {}
@@ -193,6 +232,7 @@ class ShapeTracer:
         self._failing_module: tuple[BaseException, str] | None = None  # innermost, when raised
         self._pre_hooks: dict[int, Callable[..., Any]] = {}
         self._root_names: list[str] = []
+        self._notes: dict[str, None] = {}  # PyTorch's fast paths this trace turned off, in order
         self._used = False
         self._thread = threading.get_ident()  # the forwards of this thread are traced
 
@@ -302,10 +342,16 @@ class ShapeTracer:
         frame = sys._getframe
         thread, this_thread = self._thread, threading.get_ident
 
+        fused = _fast_path_note(module, self.ops or self.meta)
+
         def pre(mod: nn.Module, args: tuple[Any, ...], *rest: Any) -> Any:
             if this_thread() != thread:  # another thread's forward (or a kwargs hook that
                 return None              # torch calls without kwargs while it registers it)
             (kwargs,) = rest
+            if fused and not mod.training and not torch.is_grad_enabled() and _fuses(mod, args):
+                self._notes[fused] = None
+            if fused and args and isinstance(args[0], torch.Tensor) and args[0].is_nested:
+                self._notes[_NESTED_NOTE] = None
             if is_root and self._dims is None:
                 self._dims = _infer_dims(mod, [args, kwargs], self._overrides)
             parent = stack[-1].index if stack else -1
@@ -461,7 +507,8 @@ class ShapeTracer:
                                         self._overrides)
         error = self._failure.explanation if self._failure is not None else ""
         return ShapeTrace(events=list(self._events), dims=dims, ops=self.ops, meta=self.meta,
-                          error=error, roots=list(self._root_names), axes=self._axes)
+                          error=error, roots=list(self._root_names), axes=self._axes,
+                          notes=list(self._notes))
 
     def _explain(self, exc: Exception) -> None:
         failure = self._failure if self._failure is not None and self._failure.exc is exc else None
