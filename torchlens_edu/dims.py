@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.nn.parameter import is_lazy
 
 # role -> config attribute names that carry it (ours, Hugging Face, TransformerLens, others)
 _CONFIG_FIELDS: dict[str, tuple[str, ...]] = {
@@ -228,7 +229,7 @@ def model_parameter_axes(model: Any) -> dict[int, AxisRoles]:
     for path, module in model.named_modules():
         module_name = path.rsplit(".", 1)[-1]
         for name, param in module._parameters.items():
-            if param is None or id(param) in axes:
+            if param is None or id(param) in axes or is_lazy(param):  # lazy: no size yet
                 continue
             roles = parameter_axes(module_name, module, name, param.dim())
             if roles is not None:

@@ -29,6 +29,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
+from torch.nn.parameter import is_lazy
 
 from torchlens_edu._core.console import render_html, render_text
 from torchlens_edu._core.formatting import format_count
@@ -66,12 +67,17 @@ class ParamCount:
     trainable: int
     naive: int
     tied: list[tuple[list[str], int]] = field(default_factory=list)
+    lazy: list[str] = field(default_factory=list)  # not sized yet: a lazy module never ran
 
     def explain(self) -> str:
         """One or two sentences a learner can read."""
         text = f"{self.unique:,} parameters ({format_count(self.unique)})"
         if self.trainable != self.unique:
             text += f", {self.trainable:,} trainable"
+        if self.lazy:
+            text += (f", and {len(self.lazy)} not sized yet ({', '.join(self.lazy[:3])}"
+                     f"{', ...' if len(self.lazy) > 3 else ''}: lazy modules learn their sizes "
+                     "from the first forward)")
         if not self.tied:
             return text + "."
         shared = "; ".join(f"{' = '.join(names)} ({numel:,})" for names, numel in self.tied)
@@ -83,7 +89,11 @@ def count_parameters(model: nn.Module) -> ParamCount:
     """:class:`ParamCount` of ``model``: unique, trainable, naive (per-name) and tied."""
     names: dict[int, list[str]] = defaultdict(list)
     tensors: dict[int, torch.Tensor] = {}
+    lazy: list[str] = []
     for name, p in model.named_parameters(remove_duplicate=False):
+        if is_lazy(p):  # an UninitializedParameter has no size to count
+            lazy.append(name)
+            continue
         names[id(p)].append(name)
         tensors[id(p)] = p
     unique = sum(t.numel() for t in tensors.values())
@@ -91,7 +101,7 @@ def count_parameters(model: nn.Module) -> ParamCount:
     naive = sum(tensors[key].numel() * len(n) for key, n in names.items())
     tied = [(list(dict.fromkeys(n)), tensors[key].numel()) for key, n in names.items()
             if len(set(n)) > 1]
-    return ParamCount(unique=unique, trainable=trainable, naive=naive, tied=tied)
+    return ParamCount(unique=unique, trainable=trainable, naive=naive, tied=tied, lazy=lazy)
 
 
 class Inspector:
@@ -349,6 +359,10 @@ def _grow(node: Tree, module: nn.Module, path: str, dims: Dims, seen: dict[int, 
           aliases: dict[nn.Module, list[str]], axes: dict[int, AxisRoles]) -> None:
     for name, p in module.named_parameters(recurse=False):
         full = f"{path}.{name}" if path else name
+        if is_lazy(p):
+            node.add(Text.assemble(("· ", "dim"), name, " ", ("not sized yet (lazy: the first "
+                                                             "forward sizes it)", "yellow")))
+            continue
         shape = dims.format(p.shape, axes=axes.get(id(p)))  # wpe.weight is (ctx, C)
         line = Text.assemble(("· ", "dim"), name, " ", shape, "  ", (f"{p.numel():,}", "cyan"))
         if id(p) in seen:
@@ -404,8 +418,8 @@ def _repeats(children: list[tuple[str, nn.Module]], index: int) -> int:
 
 
 def _signature(module: nn.Module) -> tuple:
-    return tuple((name, type(m).__name__, tuple((n, tuple(p.shape)) for n, p in
-                                               m.named_parameters(recurse=False)))
+    return tuple((name, type(m).__name__, tuple((n, None if is_lazy(p) else tuple(p.shape))
+                                               for n, p in m.named_parameters(recurse=False)))
                  for name, m in module.named_modules())
 
 
@@ -420,7 +434,7 @@ def _layer_path(layer: Any) -> str:
 
 
 def _own_total(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    return sum(p.numel() for p in module.parameters() if not is_lazy(p))
 
 
 # -- summary --------------------------------------------------------------------------------

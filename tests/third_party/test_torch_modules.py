@@ -453,3 +453,28 @@ def test_a_trace_says_when_pytorchs_fused_fast_path_would_run_instead() -> None:
         enable_nested_tensor=False).eval()
     with torch.no_grad():
         assert tle.trace_shapes(sequence_first, x.transpose(0, 1), ops=True).notes == []
+
+
+def test_a_lazy_model_that_never_ran_is_inspected_and_its_meta_trace_says_run_it_first() -> None:
+    model = nn.Sequential(nn.LazyLinear(2 * C), nn.ReLU(), nn.Linear(2 * C, C))
+    text = " ".join(repr(tle.inspect(model)).split())
+    assert ("2,080 parameters (2.1K), and 2 not sized yet (0.weight, 0.bias: lazy modules learn "
+            "their sizes from the first forward).") in text
+    assert "· weight not sized yet (lazy: the first forward sizes it)" in text
+    with pytest.raises(ValueError) as info:
+        tle.trace_shapes(model, torch.zeros(2, C), meta=True)
+    assert str(info.value) == (
+        "meta=True cannot run a model whose lazy modules never ran: LazyLinear '0' learns its "
+        "sizes from the first real forward. Run the model once on a real input first "
+        "(model(x)), or trace with meta=False")
+    assert isinstance(model[0], nn.LazyLinear)  # untouched: still waiting for its first input
+    trace = tle.trace_shapes(model, torch.zeros(2, C), ops=True)  # sizes it, as a forward does
+    assert trace.modules("0")[0].output_shapes == [(2, 2 * C)]
+    # after the ops that size and initialize LazyLinear's parameters (kaiming_uniform_, ...)
+    assert [e.name for e in trace.events if e.kind == "op"][-3:] == ["linear", "relu", "linear"]
+    lazy = nn.Sequential(nn.LazyLinear(2 * C), nn.ReLU(), nn.Linear(2 * C, C))
+    with torch.no_grad():
+        lazy[2].weight[0, 0] = math.inf
+    with pytest.raises(NonFiniteError) as fault, watch_nans(lazy):
+        lazy(torch.ones(2, C)).sum().backward()
+    assert (fault.value.report.module, fault.value.report.op) == ("2", "linear")

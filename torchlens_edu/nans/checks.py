@@ -38,6 +38,7 @@ from typing import Generic, TypeVar
 
 import torch
 import torch.nn as nn
+from torch.nn.parameter import is_lazy
 
 from torchlens_edu._core.interrupts import call_without_grad
 from torchlens_edu.nans.report import Kind
@@ -72,7 +73,8 @@ def memory_budget(model: nn.Module) -> int:
     >>> memory_budget(torch.nn.Linear(2, 2))
     1048576
     """
-    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
+               if not is_lazy(t))  # a lazy module's are sized by its first forward
     return max(size // 20, _MIN_BUDGET)
 
 

@@ -25,6 +25,7 @@ from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn as nn
+from torch.nn.parameter import is_lazy
 from torch.utils.hooks import RemovableHandle
 
 from torchlens_edu._core.arguments import require_flag
@@ -141,11 +142,13 @@ def _fuses(module: nn.Module, args: tuple[Any, ...]) -> bool:
 
 
 def _param_counts(root: nn.Module) -> dict[str, int]:
-    """Parameters under each module path, each tensor once per module (tied weights too)."""
+    """Parameters under each module path, each tensor once per module (tied weights too); a
+    lazy module's, not sized before its first forward, count 0."""
     counts: dict[str, int] = {}
 
     def visit(module: nn.Module, path: str) -> dict[int, int]:  # id -> numel, whole subtree
-        tensors = {id(p): p.numel() for p in module._parameters.values() if p is not None}
+        tensors = {id(p): p.numel() for p in module._parameters.values()
+                   if p is not None and not is_lazy(p)}
         for name, child in module._modules.items():
             if child is not None:
                 tensors.update(visit(child, f"{path}.{name}" if path else name))
@@ -205,6 +208,16 @@ class ShapeTracer:
                     "the parameters, which FSDP/DTensor manage themselves. Trace it with real "
                     "tensors instead (meta=False, on every rank), or trace the model before "
                     "sharding it (before fully_shard / distribute_tensor)")
+            lazy = [path for path, m in root.named_modules()
+                    if isinstance(m, nn.modules.lazy.LazyModuleMixin)
+                    and m.has_uninitialized_params()] if meta else []
+            if lazy:  # their sizes come from the first real input: a meta run has none
+                kinds = type(root.get_submodule(lazy[0])).__name__
+                raise ValueError(
+                    f"meta=True cannot run a model whose lazy modules never ran: {kinds} "
+                    f"'{lazy[0]}'{f' and {len(lazy) - 1} more' if len(lazy) > 1 else ''} "
+                    "learns its sizes from the first real forward. Run the model once on a "
+                    "real input first (model(x)), or trace with meta=False")
             if not meta and any(p.is_meta for p in root.parameters()):
                 raise ValueError("the model's weights are on the meta device (no values): trace "
                                  "it with meta=True, or load real weights first")
@@ -431,6 +444,8 @@ class ShapeTracer:
         if not (record or self.meta):
             return
         ins, outs = _shape_ops.tensors_in(args, kwargs), _shape_ops.tensors_out(result)
+        if any(is_lazy(t) for t in ins):  # a lazy module sizing its parameters: no shapes yet
+            return
         flops = _shape_meta.op_flops(name, ins, outs) if self.meta else 0
         self._flops += flops
         if not record:
