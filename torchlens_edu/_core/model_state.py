@@ -64,8 +64,11 @@ def set_rng(state: Rng) -> None:
 
 
 def _saved(value: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor | None]:
-    """A tensor, its version counter, and a copy of its bits to write back (None where there
-    are none: meta, nested, sparse)."""
+    """A tensor (a DTensor's local shard: comparing the global one would start a collective),
+    its version counter, and a copy of its bits to write back (None where there are none:
+    meta, nested, sparse)."""
+    local = getattr(value, "_local_tensor", None)
+    value = local if isinstance(local, torch.Tensor) else value
     if value.is_meta or value.is_nested or value.layout != torch.strided:
         return value, value._version, None
     with torch.no_grad():
