@@ -478,3 +478,13 @@ def test_a_lazy_model_that_never_ran_is_inspected_and_its_meta_trace_says_run_it
     with pytest.raises(NonFiniteError) as fault, watch_nans(lazy):
         lazy(torch.ones(2, C)).sum().backward()
     assert (fault.value.report.module, fault.value.report.op) == ("2", "linear")
+
+
+def test_compare_on_the_encoders_nested_fast_path_names_the_changed_layer() -> None:
+    model, x, padding = _encoder()
+    twin, _, _ = _encoder()
+    with torch.no_grad():
+        assert tle.compare(model, twin, x, None, padding).first is None
+        twin.layers[1].linear2.weight[0, 0] += 1.0
+        first = tle.compare(model, twin, x, None, padding).first
+    assert first is not None and (first.module, first.op) == ("layers.1.linear2", "linear")

@@ -44,7 +44,9 @@ class _Recording:
 
 
 def _copies(value: Any) -> list[torch.Tensor]:
-    return [t.detach().clone() for t in iter_tensors(value)]
+    # a nested tensor (nn.TransformerEncoder's padding fast path) has no sizes: compared padded
+    return [(t.to_padded_tensor(0.0) if t.is_nested else t).detach().clone()
+            for t in iter_tensors(value)]
 
 
 def _seeded(model: nn.Module, forward: Callable[[], Any]) -> Any:
