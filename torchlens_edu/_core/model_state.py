@@ -11,6 +11,7 @@ rebound ones are bound back, added ones removed), and the random state.
 
 >>> import torch.nn as nn
 
+from torchlens_edu._core.interrupts import safe_contextmanager
 from torchlens_edu._core.tree import iter_tensors
 >>> bn = nn.BatchNorm1d(2).train()
 >>> with kept_state(bn):
@@ -23,12 +24,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from torchlens_edu._core.interrupts import safe_contextmanager
 from torchlens_edu._core.tree import iter_tensors
 
 Rng = tuple[torch.Tensor, list[torch.Tensor] | None]
@@ -118,7 +119,7 @@ class _Snapshot:
         set_rng(self.rng)
 
 
-@contextmanager
+@safe_contextmanager  # a Ctrl-C never leaves the model half put back
 def kept_state(*models: nn.Module, bits: bool = True) -> Iterator[None]:
     """Run the block, then put back what a forward of ``models`` changed in them (buffers,
     data attributes) and the random state (see the module's docstring). ``bits=False``
