@@ -488,3 +488,17 @@ def test_compare_on_the_encoders_nested_fast_path_names_the_changed_layer() -> N
         twin.layers[1].linear2.weight[0, 0] += 1.0
         first = tle.compare(model, twin, x, None, padding).first
     assert first is not None and (first.module, first.op) == ("layers.1.linear2", "linear")
+
+
+def test_a_meta_shape_tracer_block_leaves_no_meta_state_behind() -> None:
+    model, x = _stateful()
+    before = _state(model)
+    with tle.ShapeTracer(model, meta=True) as tracer:
+        model(x)  # the user's code, on meta tensors: no step of theirs
+        model(x)
+    assert [e.path for e in tracer.trace.events if e.path == "bn"] == ["bn", "bn"]
+    _assert_same(_state(model), before)
+    assert model.cache.shape == (0, C) and not model.cache.is_meta and model.calls == 0
+    with tle.ShapeTracer(model) as tracer:  # a real block is the user's step: it counts
+        model(x)
+    assert model.calls == 1 and int(model.steps) == 1 and model.cache.shape == (8, C)
