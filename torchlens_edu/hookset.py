@@ -449,6 +449,11 @@ def never_called_because(module: nn.Module, path: str) -> str:
             module, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)):
         return (f"a {type(module).__name__}: a container has no forward of its own and is never "
                 f"called; its children are (hook '{path + '.' if path else ''}*')")
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):  # MHA's alone
+        parent = path.rpartition(".")[0]
+        return ("nn.MultiheadAttention's out_proj is never called: MultiheadAttention reads "
+                "out_proj.weight and .bias inside F.multi_head_attention_forward (or its fused "
+                f"kernel); hook '{parent or '<model>'}' for the attention's output")
     if next(module.parameters(), None) is None:  # nothing to use but its forward
         return ("its forward was never called: the model skips it on this input (a branch, "
                 "or an option that is off)")

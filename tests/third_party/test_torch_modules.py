@@ -502,3 +502,16 @@ def test_a_meta_shape_tracer_block_leaves_no_meta_state_behind() -> None:
     with tle.ShapeTracer(model) as tracer:  # a real block is the user's step: it counts
         model(x)
     assert model.calls == 1 and int(model.steps) == 1 and model.cache.shape == (8, C)
+
+
+def test_hooks_on_multihead_attentions_out_proj_say_it_is_never_called() -> None:
+    model, x, _ = _encoder()
+    with tle.hooks(model) as h:
+        h.forward("layers.0.self_attn.out_proj", lambda c: None)
+        with torch.no_grad():
+            model(x)
+        never = h.never_called()
+    assert never == [("layers.0.self_attn.out_proj", (
+        "nn.MultiheadAttention's out_proj is never called: MultiheadAttention reads "
+        "out_proj.weight and .bias inside F.multi_head_attention_forward (or its fused kernel); "
+        "hook 'layers.0.self_attn' for the attention's output"))]
