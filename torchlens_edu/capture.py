@@ -137,6 +137,7 @@ class ActivationCache:
         self.aliases: dict[str, str] = {}  # another path of a captured module -> its key path
         self.untied_grads = 0  # gradients of recomputed calls no captured call could be tied to
         self.no_weights: list[str] = []  # nn.MultiheadAttention calls with need_weights=False
+        self.averaged: list[str] = []  # ... whose weights are averaged over the heads
         self._entries: dict[tuple[str, int], Activation] = {}
         self._held = 0  # bytes captured in this forward, for the limit
 
@@ -330,14 +331,21 @@ class ActivationCache:
             notes.append(f"{self.untied_grads} gradients not captured: they reached outputs a "
                          "reentrant checkpoint recomputed inside its block, which no captured "
                          "call can be tied to; checkpoint with use_reentrant=False to see them")
+        if self.averaged:
+            notes.append(
+                f"{', '.join(p or '<model>' for p in self.averaged)}: out[1] holds "
+                "nn.MultiheadAttention's attention weights averaged over its heads "
+                "(average_attn_weights=True, the default); one map per head: call it with "
+                "average_attn_weights=False")
         if self.no_weights:
             first = self.no_weights[0]
             notes.append(
-                f"{', '.join(self.no_weights)}: nn.MultiheadAttention returned no attention "
-                "weights (out[1] is None): its caller passed need_weights=False, as "
-                "nn.TransformerEncoderLayer does. To see them, capture with inputs=True, then "
-                f"args, kwargs = cache.inputs({first!r}); model.get_submodule({first!r})"
-                "(*args, **{**kwargs, 'need_weights': True, 'average_attn_weights': False})[1]")
+                f"{', '.join(p or '<model>' for p in self.no_weights)}: nn.MultiheadAttention "
+                "returned no attention weights (out[1] is None): its caller passed "
+                "need_weights=False, as nn.TransformerEncoderLayer does. To see them, capture "
+                f"with inputs=True, then args, kwargs = cache.inputs({first!r}); "
+                f"model.get_submodule({first!r})(*args, **{{**kwargs, 'need_weights': True, "
+                "'average_attn_weights': False})[1]")
         if any(a.modified_in_place for a in self._entries.values()):
             notes.append("* changed in place by the model after the capture: use clone=True")
         if not self._entries and self.never_called:
@@ -432,6 +440,7 @@ def capture(model: nn.Module, pattern: Pattern = "*", *, grads: bool = False,
             cache._held = 0
             cache.untied_grads = 0
             cache.no_weights.clear()
+            cache.averaged.clear()
             cache.forwards += 1
             if cache.forwards == 1:
                 cache.dims = Dims.infer(model, [call.args, call.kwargs], dims)
@@ -457,6 +466,8 @@ def capture(model: nn.Module, pattern: Pattern = "*", *, grads: bool = False,
             cache._entries[(call.path, call.call)] = entry
             if _without_weights(call) and call.path not in cache.no_weights:
                 cache.no_weights.append(call.path)
+            if _averaged_weights(call) and call.path not in cache.averaged:
+                cache.averaged.append(call.path)
 
         def record_grad(call: HookCall) -> None:
             if replaying():  # the NaN watch re-running this step: already recorded
@@ -489,6 +500,15 @@ def _without_weights(call: HookCall) -> bool:
     output = call.output
     return (isinstance(call.module, nn.MultiheadAttention) and isinstance(output, tuple)
             and len(output) == 2 and output[1] is None)
+
+
+def _averaged_weights(call: HookCall) -> bool:
+    """An ``nn.MultiheadAttention`` call whose weights are one map averaged over the heads:
+    ``(B, T, S)`` for a ``(B, T, C)`` query (per head they are ``(B, nh, T, S)``)."""
+    output, query = call.output, call.args[0] if call.args else call.kwargs.get("query")
+    return (isinstance(call.module, nn.MultiheadAttention) and isinstance(output, tuple)
+            and len(output) == 2 and isinstance(output[1], torch.Tensor)
+            and isinstance(query, torch.Tensor) and output[1].dim() == query.dim())
 
 
 def _estimate(model: nn.Module, paths: set[str], args: tuple, kwargs: dict, grads: bool,

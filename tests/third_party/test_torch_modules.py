@@ -380,10 +380,17 @@ def test_capturing_an_encoder_layers_attention_says_how_to_get_its_weights() -> 
             *args, **{**kwargs, "need_weights": True, "average_attn_weights": False})[1]
     assert weights.shape == (2, NH, 8, 8)
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, NH, 8))
-    mha = nn.MultiheadAttention(C, NH, batch_first=True).eval()  # asked for: no note
+    mha = nn.MultiheadAttention(C, NH, batch_first=True).eval()  # asked for: no such note
     with tle.inspect(mha).capture("") as cache, torch.no_grad():
-        mha(x, x, x)
+        assert mha(x, x, x)[1].shape == (2, 8, 8)  # the default: averaged over the heads
     assert cache.no_weights == [] and "need_weights" not in repr(cache)
+    assert cache.averaged == [""]
+    assert ("<model>: out[1] holds nn.MultiheadAttention's attention weights averaged over its "
+            "heads (average_attn_weights=True, the default); one map per head: call it with "
+            "average_attn_weights=False") in " ".join(repr(cache).split())
+    with tle.inspect(mha).capture("") as cache, torch.no_grad():
+        assert mha(x, x, x, average_attn_weights=False)[1].shape == (2, NH, 8, 8)
+    assert cache.averaged == [] and "averaged" not in repr(cache)
 
 
 class _CachedStep(nn.Module):
