@@ -172,6 +172,13 @@ def assert_shape(t: Any, spec: str | Sequence[str | int | None], **sizes: int) -
     torchlens_edu.asserts.ShapeError: expected (B, T, 768), got (B=2, T=8, 96)
       axis 2: 96, but the spec says 768
     """
+    # a nested tensor (nn.TransformerEncoder's padding fast path) raises on .shape itself
+    if getattr(type(t), "is_nested", None) is not None and t.is_nested:
+        parts = ", ".join(str(list(c.shape)) for c in t.unbind()[:3])
+        raise TypeError(f"assert_shape got a nested tensor, which has no single shape (its "
+                        f"components: {parts}{', ...' if t.size(0) > 3 else ''}): check each "
+                        f"component (for c in t.unbind(): assert_shape(c, ...)), or its padded "
+                        f"form (assert_shape(t.to_padded_tensor(0.0), ...))")
     if not isinstance(t, (tuple, list)) and not hasattr(t, "shape"):
         raise TypeError(f"assert_shape checks a tensor (anything with a .shape) or a shape "
                         f"tuple, got {type(t).__name__}: assert_shape(x, 'B T C')")

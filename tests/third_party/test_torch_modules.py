@@ -522,3 +522,14 @@ def test_hooks_on_multihead_attentions_out_proj_say_it_is_never_called() -> None
         "nn.MultiheadAttention's out_proj is never called: MultiheadAttention reads "
         "out_proj.weight and .bias inside F.multi_head_attention_forward (or its fused kernel); "
         "hook 'layers.0.self_attn' for the attention's output"))]
+
+
+def test_assert_shape_on_a_nested_tensor_says_it_has_no_single_shape() -> None:
+    _, x, padding = _encoder()
+    nested = torch._nested_tensor_from_mask(x, ~padding, mask_check=False)
+    with pytest.raises(TypeError) as info:
+        tle.assert_shape(nested, "B T C")
+    assert str(info.value) == (
+        f"assert_shape got a nested tensor, which has no single shape (its components: [8, {C}]"
+        f", [5, {C}]): check each component (for c in t.unbind(): assert_shape(c, ...)), or "
+        "its padded form (assert_shape(t.to_padded_tensor(0.0), ...))")
