@@ -785,13 +785,15 @@ def test_batch_kinds_are_exact_where_a_cpu_two_norm_overflows() -> None:
         "minus inf": torch.tensor([1.0, -math.inf, big]),
         "nan": torch.tensor([big, math.nan, -math.inf]),
         "half": torch.tensor([60000.0, -60000.0], dtype=torch.float16),  # squares overflow
+        "double": torch.tensor([1e300, -1e300], dtype=torch.float64),  # past float32's range
+        "double nan": torch.tensor([1e300, math.nan], dtype=torch.float64),
     }
     batch: Batch[None] = Batch(budget=1 << 20)
     for label, t in tensors.items():
         batch.add(label, t)
     kinds = {r.label: r.kind for r in batch.read()}
     assert kinds == {"mask": None, "huge": None, "fine": None, "minus inf": "inf", "nan": "nan",
-                     "half": None}
+                     "half": None, "double": None, "double nan": "nan"}
 
 
 # ----------------------------------------------------------------------------- tle.replaying()
