@@ -126,8 +126,10 @@ def _screened_magnitudes(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...
     >>> [v.item() for v in _screened_magnitudes([torch.ones(4), big, torch.tensor([-math.inf])])]
     [2.0, 3.4028234663852886e+38, inf]
     """
-    # summed in float32: half precision's squares overflow past 256 (65504 is fp16's max)
-    norms = list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    # summed in float32: half precision's squares overflow past 256 (65504 is fp16's max);
+    # float64 cannot be narrowed to it, and keeps its own precision
+    wide = any(t.dtype == torch.float64 for t in tensors)
+    norms = list(torch._foreach_norm(tensors, 2, dtype=None if wide else torch.float32))
     flagged = [i for i, n in enumerate(torch.stack(norms).tolist()) if not math.isfinite(n)]
     if flagged:  # on CPU this read costs no synchronisation
         exact = torch._foreach_norm([tensors[i] for i in flagged], math.inf)

@@ -210,7 +210,8 @@ class ShapeTracer:
                     "sharding it (before fully_shard / distribute_tensor)")
             lazy = [path for path, m in root.named_modules()
                     if isinstance(m, nn.modules.lazy.LazyModuleMixin)
-                    and m.has_uninitialized_params()] if meta else []
+                    and m.has_uninitialized_params()  # type: ignore[misc]  # (torch's stub)
+                    ] if meta else []
             if lazy:  # their sizes come from the first real input: a meta run has none
                 kinds = type(root.get_submodule(lazy[0])).__name__
                 raise ValueError(
