@@ -199,6 +199,25 @@ def test_summary_and_module_tree_say_where_else_the_module_is() -> None:
     assert "lm_head TiedEmbedding 128 same module as transformer.wte" in tree
 
 
+@pytest.mark.parametrize("width", [110, 80, 60])
+def test_a_summary_of_calls_says_which_row_is_a_second_call_and_drops_no_column(width) -> None:
+    """With inputs the rows are calls: the tied module's second call is not "the same module
+    as" itself, and long notes wrap instead of pushing the params column out."""
+    from torchlens_edu._core.console import render_text
+
+    summary = tle.inspect(_model()).summary(IDS)
+    assert summary.notes[-1] == "same module, call 2"
+    assert not any(note == f"same module as {path}"
+                   for (path, *_), note in zip(summary.rows, summary.notes, strict=True))
+    text = render_text(summary, width=width)
+    assert all(len(line) <= width for line in text.splitlines())
+    assert "┃ params" in text
+    flat = " ".join(text.split())
+    for (_, _, _, _, params), count in zip(summary.rows, ["272", "128", "144", "72", "72", "128"],
+                                           strict=True):
+        assert f"{params:,}" == count and f"│ {count}" in flat
+
+
 def test_the_nan_watch_names_a_shared_module_once() -> None:
     model = _model()
     with torch.no_grad():

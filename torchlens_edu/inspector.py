@@ -456,13 +456,17 @@ class ModelSummary:
         self.rows: list[tuple[str, str, int, list[torch.Size], int]] = []
         self.notes: list[str] = []
         shown: dict[nn.Module, str] = {}  # module -> the path of its first row
+        rows_of: dict[nn.Module, int] = {}  # module -> its rows so far
         for layer in layers:
             if layer.depth > depth or is_hook_point(layer.module):
                 continue
             path = _layer_path(layer)
             self.rows.append((path, layer.class_name, layer.depth,
                               outputs.get(layer.module, []), _own_total(layer.module)))
-            if layer.module in shown:
+            rows_of[layer.module] = rows_of.get(layer.module, 0) + 1
+            if layer.module in shown and shown[layer.module] == path:  # a forward's 2nd call
+                self.notes.append(f"same module, call {rows_of[layer.module]}")
+            elif layer.module in shown:
                 self.notes.append(f"same module as {shown[layer.module] or '<model>'}")
             else:
                 shown[layer.module] = path
@@ -472,11 +476,13 @@ class ModelSummary:
         return iter(self.rows)
 
     def __rich__(self) -> Group:
+        # In a narrow console the paths' notes and the shapes wrap; nothing is cut or dropped
+        # (a column of no_wrap cells that does not fit takes the width of the others)
         table = Table(show_edge=False, pad_edge=False, title_justify="left")
-        table.add_column("module", no_wrap=True)
-        table.add_column("class", style="magenta", no_wrap=True)
-        table.add_column("output", no_wrap=True)
-        table.add_column("params", justify="right", style="cyan")
+        table.add_column("module", overflow="fold")
+        table.add_column("class", style="magenta", overflow="fold")
+        table.add_column("output", overflow="fold")
+        table.add_column("params", justify="right", style="cyan", no_wrap=True)
         for (path, cls, depth, output, params), note in zip(self.rows, self.notes, strict=True):
             shape = self.dims.format(output[0]) if output else ""
             if len(output) > 1:  # tuples, dicts, ModelOutput: the first tensor, and a count
