@@ -222,6 +222,27 @@ def test_a_compiled_model_is_traced_and_summarized_through_its_eager_original() 
     guard.check()
 
 
+def test_compare_runs_a_compiled_model_eagerly_and_the_nan_watch_says_how_to_watch_one(
+        ) -> None:
+    model, x, _ = _encoder()
+    compiled = torch.compile(model, backend="eager")
+    guard = ModelGuard(compiled)
+    result = tle.compare(compiled, model, x)
+    assert result.agree and result.notes == [
+        "the model is torch.compile'd: its eager original (model._orig_mod) was compared, the "
+        "same modules and weights"]
+    holder = nn.Sequential(nn.Linear(32, 32), torch.compile(nn.Linear(32, 32), backend="eager"))
+    for watched, name in ((compiled, "model"), (holder, "model.1")):
+        with pytest.raises(TypeError) as info:
+            tle.watch_nans(watched)
+        assert str(info.value) == (
+            f"watch_nans cannot look inside torch.compile'd code ({name} is an OptimizedModule): "
+            "TorchDynamo would compile the watch's hooks into it. While you hunt the NaN, watch "
+            f"and run the eager original {name}._orig_mod (the same modules and weights), e.g. "
+            f"with tle.watch_nans({name}._orig_mod): ..., and compile again when it is fixed")
+    guard.check()
+
+
 def test_a_complex_rotary_embeddings_paired_axis_gets_no_borrowed_name() -> None:
     specimen = CORPUS_BY_NAME["llama_complex_rotary"]
     model = specimen.model()

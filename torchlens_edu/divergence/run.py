@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from torchlens_edu._core.arguments import require_flag
 from torchlens_edu._core.model_state import kept_state, private_inputs
+from torchlens_edu._core.modules import eager_original, is_compiled
 from torchlens_edu._core.tree import iter_tensors
 from torchlens_edu.dims import Dims, _config_of, dims_from_config
 from torchlens_edu.divergence.align import Alignment, ModuleCall, PathMap, align, map_argument
@@ -137,11 +138,19 @@ def compare(model: nn.Module, reference: nn.Module, *inputs: Any, rtol: float | 
                         f"got {type(model).__name__} and {type(reference).__name__}")
     require_flag(backward, "backward", "compare")
     map = map_argument(map, "compare")
+    # a torch.compile'd side runs its eager original: the same modules and weights, without
+    # TorchDynamo compiling the observers' hooks (the same forward, graph breaks aside)
+    compiled = [name for name, side in (("model", model), ("reference", reference))
+                if is_compiled(side)]
+    model, reference = eager_original(model), eager_original(reference)
     # the forwards are ours: running statistics, caches, counters and the random stream of
     # both models stay as they were
     with kept_state(model, reference):
-        return _compare(model, reference, inputs, Tolerance(rtol=rtol, atol=atol), backward,
-                        map, rtol, atol)
+        result = _compare(model, reference, inputs, Tolerance(rtol=rtol, atol=atol), backward,
+                          map, rtol, atol)
+    return dataclasses.replace(result, notes=[
+        *result.notes, *(f"the {name} is torch.compile'd: its eager original ({name}._orig_mod) "
+                         "was compared, the same modules and weights" for name in compiled)])
 
 
 def _compare(model: nn.Module, reference: nn.Module, inputs: tuple[Any, ...],

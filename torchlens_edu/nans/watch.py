@@ -38,6 +38,7 @@ from torchlens_edu._core.frames import user_source
 from torchlens_edu._core.interrupts import arm, disarm, uninterruptible, uninterruptible_enter
 from torchlens_edu._core.model_state import save_rng
 from torchlens_edu._core.modules import (
+    is_compiled,
     is_hook_point,
     module_aliases,
     module_paths,
@@ -111,6 +112,20 @@ def _is_float(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
 
 
+def _refuse_compiled(model: nn.Module) -> None:
+    """The watch's hooks inside torch.compile'd code would be compiled by TorchDynamo: slow
+    (seconds for a toy model), pages of graph-break warnings. Say how to watch instead."""
+    compiled = [path for module, path in module_paths(model).items() if is_compiled(module)]
+    if not compiled:
+        return
+    name = f"model.{compiled[0]}" if compiled[0] else "model"
+    raise TypeError(f"watch_nans cannot look inside torch.compile'd code ({name} is an "
+                    "OptimizedModule): TorchDynamo would compile the watch's hooks into it. "
+                    f"While you hunt the NaN, watch and run the eager original {name}._orig_mod "
+                    f"(the same modules and weights), e.g. with tle.watch_nans({name}._orig_mod): "
+                    "..., and compile again when it is fixed")
+
+
 class NanWatch:
     """The context manager :func:`watch_nans` returns; ``.reports`` lists what it found.
 
@@ -127,6 +142,7 @@ class NanWatch:
     def __init__(self, model: nn.Module, *, mode: Mode = "raise", check_inf: bool = True,
                  every: int = 1, dims: Mapping[str, int] | None = None) -> None:
         require_module(model, "watch_nans()")
+        _refuse_compiled(model)
         if mode not in ("raise", "warn", "break"):
             raise ValueError(f"mode={mode!r}: choose 'raise' (stop with NonFiniteError), 'warn' "
                              "(print and go on) or 'break' (open the debugger at the line)")
