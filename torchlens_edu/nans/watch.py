@@ -112,10 +112,10 @@ def _is_float(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
 
 
-def _refuse_compiled(model: nn.Module) -> None:
+def _refuse_compiled(paths: dict[nn.Module, str]) -> None:
     """The watch's hooks inside torch.compile'd code would be compiled by TorchDynamo: slow
     (seconds for a toy model), pages of graph-break warnings. Say how to watch instead."""
-    compiled = [path for module, path in module_paths(model).items() if is_compiled(module)]
+    compiled = [path for module, path in paths.items() if is_compiled(module)]
     if not compiled:
         return
     name = f"model.{compiled[0]}" if compiled[0] else "model"
@@ -142,7 +142,6 @@ class NanWatch:
     def __init__(self, model: nn.Module, *, mode: Mode = "raise", check_inf: bool = True,
                  every: int = 1, dims: Mapping[str, int] | None = None) -> None:
         require_module(model, "watch_nans()")
-        _refuse_compiled(model)
         if mode not in ("raise", "warn", "break"):
             raise ValueError(f"mode={mode!r}: choose 'raise' (stop with NonFiniteError), 'warn' "
                              "(print and go on) or 'break' (open the debugger at the line)")
@@ -154,6 +153,7 @@ class NanWatch:
         self.dims = dims_argument(dims)
         self.reports: list[NonFiniteReport] = []
         self._paths = module_paths(model)
+        _refuse_compiled(self._paths)
         # DistributedDataParallel's forward starts collectives: replay the module inside it
         target = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self._replayer = Replayer(model, target, self.kinds, self.dims)
