@@ -92,3 +92,36 @@ def test_summary_depth_and_dims_format_say_what_to_give() -> None:
         tle.Dims({"B": 2}).format(None)  # type: ignore[arg-type]
     assert str(info.value) == ("Dims.format takes a shape such as (2, 16, 768) or x.shape, got "
                                "NoneType")
+
+
+class TakesMask(nn.Module):
+    """A forward with a keyword of its own, and one that takes any keyword."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, **extra: Any
+                ) -> torch.Tensor:
+        return x if mask is None else x * mask
+
+
+@pytest.mark.parametrize(("run", "who", "typo", "meant"), [
+    (lambda: tle.trace_shapes(MODEL, X, op=True), "trace_shapes", "op", "ops"),
+    (lambda: tle.inspect(MODEL).trace(X, opps=True), "trace_shapes", "opps", "ops"),
+    (lambda: tle.trace_shapes(TakesMask(), X, mete=True), "trace_shapes", "mete", "meta"),
+    (lambda: tle.inspect(MODEL).summary(X, dept=2), "summary", "dept", "depth"),
+])
+def test_a_typo_of_an_option_is_not_passed_to_the_model(run: Callable[[], Any], who: str,
+                                                         typo: str, meant: str) -> None:
+    """Keywords the call does not know go to the model's forward: a close miss of one of the
+    call's own options is refused before the forward runs (also where **kwargs would swallow
+    it)."""
+    with pytest.raises(TypeError) as info:
+        run()
+    model = "TakesMask" if typo == "mete" else "Sequential"
+    assert str(info.value) == (
+        f"{who}({typo}=...): '{typo}' is not an option of {who} (did you mean '{meant}'?) nor a "
+        f"parameter of {model}.forward; {who} passes the keywords it does not know on to the "
+        "model's forward")
+
+
+def test_the_models_own_keywords_still_reach_its_forward() -> None:
+    trace = tle.trace_shapes(TakesMask(), X, mask=torch.ones(2, 4))
+    assert trace.events[0].input_shapes == [(2, 4), (2, 4)]

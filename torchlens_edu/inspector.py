@@ -31,6 +31,7 @@ from rich.text import Text
 from rich.tree import Tree
 from torch.nn.parameter import is_lazy
 
+from torchlens_edu._core.arguments import forward_keywords
 from torchlens_edu._core.console import render_html, render_text
 from torchlens_edu._core.formatting import format_count
 from torchlens_edu._core.model_state import kept_state, private_inputs
@@ -157,6 +158,7 @@ class Inspector:
         # torch.compile'd: its eager original has the same modules, and runs without
         # TorchDynamo compiling the hooks into a graph
         model = eager_original(self.model)
+        forward_keywords(model, forward_kwargs, ("depth",), "summary")
         inputs, forward_kwargs = private_inputs(inputs, forward_kwargs)  # a KV cache stays
         modes = {m: m.training for m in model.modules()}
         cached = dict(torchinfo._cached_forward_pass)  # it keeps the last model per class name

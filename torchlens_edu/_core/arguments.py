@@ -5,11 +5,15 @@ deep inside torch or rich, and never a silent guess (a truthy string taken as Tr
 
 from __future__ import annotations
 
+import inspect
 import reprlib
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from rich.console import Console
 
 from torchlens_edu._core.console import get_console
+from torchlens_edu._core.formatting import did_you_mean
 
 _short = reprlib.Repr()
 _short.maxother = 40  # a tensor or a model given by mistake: its repr's start is enough
@@ -48,3 +52,29 @@ def console_argument(console: object, who: str) -> Console:
         return console
     raise TypeError(f"{who}(console={_short.repr(console)}): give a rich.console.Console, or leave "
                     "it out to print to the terminal or notebook")
+
+
+def forward_keywords(model: Any, kwargs: Mapping[str, Any], options: Iterable[str],
+                     who: str) -> None:
+    """Check the keywords a call passes on to ``model``'s forward (``trace_shapes(model, x,
+    op=True)``): one that the forward does not name but that is close to one of ``who``'s own
+    options is a typo, not an argument for the model, and gets a TypeError that says so
+    (else it would fail inside the forward, or vanish into its ``**kwargs``).
+
+    >>> import torch.nn as nn
+    >>> forward_keywords(nn.Linear(2, 2), {"op": True}, ["ops", "meta"], "trace_shapes")
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    TypeError: trace_shapes(op=...): 'op' is not an option of trace_shapes (did you mean ...
+    """
+    try:
+        named = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # a forward without a signature: the model will say
+        return
+    for name in kwargs:
+        hint = "" if name in named else did_you_mean(name, options)
+        if hint:
+            raise TypeError(f"{who}({name}=...): {name!r} is not an option of {who} ({hint}) nor "
+                            f"a parameter of {type(model).__name__}.forward; {who} passes the "
+                            "keywords it does not know on to the model's forward")

@@ -28,7 +28,7 @@ import torch.nn as nn
 from torch.nn.parameter import is_lazy
 from torch.utils.hooks import RemovableHandle
 
-from torchlens_edu._core.arguments import require_flag
+from torchlens_edu._core.arguments import forward_keywords, require_flag
 from torchlens_edu._core.interrupts import arm, disarm, uninterruptible, uninterruptible_enter
 from torchlens_edu._core.model_state import kept_state, private_inputs
 from torchlens_edu._core.modules import (
@@ -597,6 +597,8 @@ def trace_shapes(model: nn.Module, *inputs: Any, ops: bool = False, meta: bool =
     # torch.compile'd: its eager original runs the same modules and ops, where TorchDynamo
     # would compile the tracer's hooks into the graph (graph breaks, recompiles)
     eager = eager_original(model)
+    forward_keywords(eager, forward_kwargs, ("ops", "meta", "depth", "include", "dims"),
+                     "trace_shapes")
     # the forward is ours, not a step of the user's: running statistics, caches, counters and
     # the random stream stay as they were (a meta run's tracer keeps them itself)
     with kept_state(eager, bits=not meta), ShapeTracer(
