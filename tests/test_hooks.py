@@ -363,3 +363,30 @@ def test_a_matched_module_that_never_runs_is_named_with_the_reason(capsys) -> No
         model(torch.zeros(1, 3, dtype=torch.long))
         assert h.never_called() == []
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(("kind", "torch_style", "fields"), [
+    ("forward", "(module, args, output)", "call.module, call.args, call.output"),
+    ("forward_pre", "(module, args)", "call.module, call.args"),
+    ("backward", "(module, grad_input, grad_output)", "call.module, call.grad"),
+])
+def test_a_hook_written_for_torch_is_refused_when_added_with_the_fields_to_use(
+        kind: str, torch_style: str, fields: str) -> None:
+    """A function with torch's hook signature would fail at the model's first call with
+    "missing 2 required positional arguments": it is refused when added, with what to write."""
+    model = nn.Sequential(nn.Linear(2, 2))
+
+    def torch_hook(module, args, output=None):  # the signature torch's register_*_hook wants
+        return None
+
+    with tle.hooks(model) as h:
+        with pytest.raises(TypeError) as info:
+            getattr(h, kind)("0", torch_hook)
+        assert str(info.value) == (
+            "a hook function takes one HookCall, but torch_hook(module, args, output=None) cannot "
+            f"be called with one argument. torch's own {kind} hooks take {torch_style}; here "
+            f"they are {fields}: write def torch_hook(call): ...")
+        with pytest.raises(TypeError, match=r"write lambda call: \.\.\.$"):
+            getattr(h, kind)("0", lambda module, args: None)
+        assert getattr(h, kind)("0", lambda call, extra=1: None) == ["0"]  # one argument: fine
+    assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks

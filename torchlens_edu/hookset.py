@@ -29,6 +29,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -186,6 +187,7 @@ class HookSet:
         if not callable(fn):
             raise TypeError(f"a hook function takes one HookCall and returns None or a "
                             f"replacement; got {type(fn).__name__} instead of a function")
+        _takes_one_call(fn, kind)
         matched = match_modules(self.model, pattern)
         _refuse_compiled(self.model, [path for path, _ in matched])
         arm(self)
@@ -520,6 +522,33 @@ def _as_inputs(result: Any, args: tuple, kwargs: dict, path: str) -> tuple[tuple
         return result, kwargs
     raise TypeError(f"a forward_pre hook on '{path}' returned {type(result).__name__}; return "
                     "None, a tensor (new first argument), a tuple of arguments, or (args, kwargs)")
+
+
+# what torch's own hooks take, and where a HookCall has the same things
+_TORCH_STYLE: dict[Kind, tuple[str, str]] = {
+    "forward": ("(module, args, output)", "call.module, call.args, call.output"),
+    "forward_pre": ("(module, args)", "call.module, call.args"),
+    "backward": ("(module, grad_input, grad_output)", "call.module, call.grad"),
+}
+
+
+def _takes_one_call(fn: Callable[..., Any], kind: Kind) -> None:
+    """Refuse, when it is added, a hook function that cannot take one HookCall: one written for
+    torch's ``register_forward_hook`` (module, args, output) would fail at the first call."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check
+        return
+    try:
+        signature.bind(None)
+    except TypeError:
+        name = getattr(fn, "__name__", type(fn).__name__)
+        torch_style, fields = _TORCH_STYLE[kind]
+        write = f"def {name}(call): ..." if name.isidentifier() else "lambda call: ..."
+        raise TypeError(
+            f"a hook function takes one HookCall, but {name}{signature} cannot be called with "
+            f"one argument. torch's own {kind} hooks take {torch_style}; here they are "
+            f"{fields}: write {write}") from None
 
 
 def _refuse_compiled(model: nn.Module, paths: list[str]) -> None:
