@@ -302,3 +302,34 @@ def test_capture_under_inference_mode_and_sparse_outputs() -> None:
         model(torch.ones(2, 4))
     assert cache["1"].is_sparse and not cache.activation("0").modified_in_place
     assert "(2, 4)" in repr(cache)
+
+
+def test_reading_the_cache_wrongly_says_what_to_do() -> None:
+    """An int key, a path that was not captured, gradients that were not asked for or never
+    arrived: one message each, never a silent None or a message that contradicts itself."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    x = torch.zeros(2, 4)
+    with tle.inspect(model).capture("*", grads=True) as cache:
+        y = model(x)
+    with pytest.raises(TypeError) as info:
+        cache[0]  # type: ignore[index]
+    assert str(info.value) == ("the cache is keyed by module path, a str such as "
+                               "'transformer.h.0.attn', not int 0: write cache['0']")
+    with pytest.raises(KeyError) as missing:
+        cache["2"]
+    assert missing.value.args[0] == "'2' was not captured. Captured: '' (the model), '0', '1'"
+    y.sum().backward()  # after the block: its gradient hooks are gone
+    with pytest.raises(RuntimeError) as late:
+        cache.grad("0")
+    assert str(late.value) == ("no gradient has reached a captured output: call loss.backward() "
+                               "inside the `with` block (its gradient hooks end with it), on "
+                               "outputs made with gradients on (not under torch.no_grad())")
+    with tle.inspect(model).capture("*") as plain:
+        model(x).sum().backward()
+    with pytest.raises(KeyError) as unasked:
+        plain.grad("0")
+    assert unasked.value.args[0] == ("gradients were not captured: use capture(..., "
+                                     "grads=True), then call loss.backward()")
+    with tle.inspect(model).capture("*", grads=True) as inside:
+        model(x).sum().backward()
+    assert inside.grad("0").shape == (2, 4)

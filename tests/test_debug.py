@@ -135,6 +135,14 @@ def test_stop_at_module_bad_input():
         debug.stop_at_module(model, "0", when="backwards")
     with pytest.raises(TypeError, match="condition"):
         debug.stop_at_module(model, "0", condition=True)
+    # refused when made, not at the first forward with "takes 1 positional argument"
+    with pytest.raises(TypeError) as info:
+        debug.stop_at_module(model, "0", condition=lambda module: True)
+    assert str(info.value) == ("condition must take three arguments (module, inputs, output) "
+                               "and return a bool; <lambda>(module) cannot be called with three: "
+                               "write e.g. lambda module, inputs, output: ...")
+    with pytest.raises(TypeError, match=r"three arguments \(module, grad_input, grad_output\)"):
+        debug.stop_at_module(model, "0", when="backward", condition=lambda m, g: True)
 
 
 def test_a_stop_point_that_is_not_a_name_says_what_to_give():

@@ -138,6 +138,7 @@ class ActivationCache:
         self.untied_grads = 0  # gradients of recomputed calls no captured call could be tied to
         self.no_weights: list[str] = []  # nn.MultiheadAttention calls with need_weights=False
         self.averaged: list[str] = []  # ... whose weights are averaged over the heads
+        self.grads_requested = False  # capture(..., grads=True)
         self._entries: dict[tuple[str, int], Activation] = {}
         self._held = 0  # bytes captured in this forward, for the limit
 
@@ -156,6 +157,11 @@ class ActivationCache:
         >>> cache.activation("0").output.shape
         torch.Size([3, 8])
         """
+        if not isinstance(path, str):  # cache[0] for the Sequential's first layer: "0"
+            fix = f": write cache[{str(path)!r}]" if type(path) is int else ""
+            raise TypeError(f"the cache is keyed by module path, a str such as "
+                            f"'transformer.h.0.attn', not {type(path).__name__} "
+                            f"{path!r:.40}{fix}")
         calls = [a for (p, _), a in self._entries.items() if p == path]
         if not calls and path in self.aliases:  # the same module, by another of its paths
             path = self.aliases[path]
@@ -185,7 +191,15 @@ class ActivationCache:
                 [1.],
                 [1.]])
         """
-        return self.activation(path, call).grad
+        entry = self.activation(path, call)
+        if not self.grads_requested:
+            raise KeyError("gradients were not captured: use capture(..., grads=True), then "
+                           "call loss.backward()")
+        if not any(g is not None for a in self._entries.values() for g in a.grads):
+            raise RuntimeError("no gradient has reached a captured output: call loss.backward() "
+                               "inside the `with` block (its gradient hooks end with it), on "
+                               "outputs made with gradients on (not under torch.no_grad())")
+        return entry.grad
 
     def inputs(self, path: str, call: int | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """``(args, kwargs)`` the module was called with (needs ``inputs=True``).
@@ -215,7 +229,8 @@ class ActivationCache:
                  if p != path]
         hint = did_you_mean(path, known, n=3, cutoff=0.5, quote=False, start=True)
         hint = f" {hint}" if hint else ""
-        return (f"'{path}' was not captured.{hint} Captured: {', '.join(paths[:8])}"
+        shown = ", ".join(repr(p) if p else "'' (the model)" for p in paths[:8])
+        return (f"'{path}' was not captured.{hint} Captured: {shown}"
                 f"{' ...' if len(paths) > 8 else ''}")
 
     def __contains__(self, key: object) -> bool:
@@ -421,6 +436,7 @@ def capture(model: nn.Module, pattern: Pattern = "*", *, grads: bool = False,
     dims = dims_argument(dims)
     limit = parse_bytes(DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
     cache = ActivationCache(dims)
+    cache.grads_requested = grads
     matched = match_modules(model, pattern)
     paths = {path for path, _ in matched}
     aliases = module_aliases(model)

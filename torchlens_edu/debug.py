@@ -21,6 +21,7 @@ hang.
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import threading
@@ -383,6 +384,19 @@ def _say(markup: str) -> None:
 When = Literal["forward", "backward"]
 
 
+def _takes_three(condition: Callable[..., bool]) -> bool:
+    """Whether ``condition(a, b, c)`` binds (True when the signature cannot be read)."""
+    try:
+        signature = inspect.signature(condition)
+    except (TypeError, ValueError):  # a builtin without one: the call itself will say
+        return True
+    try:
+        signature.bind(None, None, None)
+    except TypeError:
+        return False
+    return True
+
+
 class ModuleStop:
     """Pauses after the forward (or during the backward) of the modules matching a pattern.
 
@@ -399,9 +413,15 @@ class ModuleStop:
         if when not in ("forward", "backward"):
             raise ValueError(f"when={when!r}: choose 'forward' (locals module, inputs, output) "
                              "or 'backward' (locals module, grad_input, grad_output)")
+        takes = ("(module, inputs, output)" if when == "forward"
+                 else "(module, grad_input, grad_output)")
         if condition is not None and not callable(condition):
-            raise TypeError("condition must be a function (module, inputs, output) -> bool "
-                            f"(or (module, grad_input, grad_output) -> bool), not {condition!r}")
+            raise TypeError(f"condition must be a function {takes} -> bool, not {condition!r}")
+        if condition is not None and not _takes_three(condition):  # fail now, not mid-forward
+            raise TypeError(f"condition must take three arguments {takes} and return a bool; "
+                            f"{getattr(condition, '__name__', 'it')}"
+                            f"{inspect.signature(condition)} cannot be called with three: "
+                            "write e.g. lambda module, inputs, output: ...")
         found = match_modules(model, pattern)
         self.when = when
         self.paths = [path for path, _ in found]
