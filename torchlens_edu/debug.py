@@ -21,7 +21,6 @@ hang.
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 import threading
@@ -33,6 +32,7 @@ from typing import Any, Literal
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
+from torchlens_edu._core.arguments import signature_refusing
 from torchlens_edu._core.console import get_console
 from torchlens_edu._core.debugger import debugger_attached
 from torchlens_edu._core.formatting import did_you_mean
@@ -384,19 +384,6 @@ def _say(markup: str) -> None:
 When = Literal["forward", "backward"]
 
 
-def _takes_three(condition: Callable[..., bool]) -> bool:
-    """Whether ``condition(a, b, c)`` binds (True when the signature cannot be read)."""
-    try:
-        signature = inspect.signature(condition)
-    except (TypeError, ValueError):  # a builtin without one: the call itself will say
-        return True
-    try:
-        signature.bind(None, None, None)
-    except TypeError:
-        return False
-    return True
-
-
 class ModuleStop:
     """Pauses after the forward (or during the backward) of the modules matching a pattern.
 
@@ -417,11 +404,11 @@ class ModuleStop:
                  else "(module, grad_input, grad_output)")
         if condition is not None and not callable(condition):
             raise TypeError(f"condition must be a function {takes} -> bool, not {condition!r}")
-        if condition is not None and not _takes_three(condition):  # fail now, not mid-forward
+        refused = signature_refusing(condition, 3) if condition is not None else None
+        if refused is not None:  # fail now, not in the middle of a forward
             raise TypeError(f"condition must take three arguments {takes} and return a bool; "
-                            f"{getattr(condition, '__name__', 'it')}"
-                            f"{inspect.signature(condition)} cannot be called with three: "
-                            "write e.g. lambda module, inputs, output: ...")
+                            f"{getattr(condition, '__name__', 'it')}{refused} cannot be called "
+                            "with three: write e.g. lambda module, inputs, output: ...")
         found = match_modules(model, pattern)
         self.when = when
         self.paths = [path for path, _ in found]

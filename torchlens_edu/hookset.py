@@ -29,7 +29,6 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import inspect
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,6 +40,7 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
+from torchlens_edu._core.arguments import signature_refusing
 from torchlens_edu._core.interrupts import arm, disarm, uninterruptible
 from torchlens_edu._core.modules import (
     Pattern,
@@ -535,20 +535,15 @@ _TORCH_STYLE: dict[Kind, tuple[str, str]] = {
 def _takes_one_call(fn: Callable[..., Any], kind: Kind) -> None:
     """Refuse, when it is added, a hook function that cannot take one HookCall: one written for
     torch's ``register_forward_hook`` (module, args, output) would fail at the first call."""
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):  # a builtin without a signature: nothing to check
-        return
-    try:
-        signature.bind(None)
-    except TypeError:
+    signature = signature_refusing(fn, 1)
+    if signature is not None:
         name = getattr(fn, "__name__", type(fn).__name__)
         torch_style, fields = _TORCH_STYLE[kind]
         write = f"def {name}(call): ..." if name.isidentifier() else "lambda call: ..."
         raise TypeError(
             f"a hook function takes one HookCall, but {name}{signature} cannot be called with "
             f"one argument. torch's own {kind} hooks take {torch_style}; here they are "
-            f"{fields}: write {write}") from None
+            f"{fields}: write {write}")
 
 
 def _refuse_compiled(model: nn.Module, paths: list[str]) -> None:

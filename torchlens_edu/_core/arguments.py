@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 import reprlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from rich.console import Console
@@ -33,6 +33,26 @@ def require_flag(value: object, name: str, who: str) -> bool:
     if isinstance(value, bool):
         return value
     raise TypeError(f"{who}({name}={_short.repr(value)}): give True or False")
+
+
+def signature_refusing(fn: Callable[..., Any], count: int) -> inspect.Signature | None:
+    """``fn``'s signature when it cannot be called with ``count`` positional arguments, else
+    None (also when it has no readable signature: a builtin; its own call will say).
+
+    >>> str(signature_refusing(lambda module, args, output: None, 1))
+    '(module, args, output)'
+    >>> signature_refusing(lambda call: None, 1) is None
+    True
+    """
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(*[None] * count)
+    except TypeError:
+        return signature
+    return None
 
 
 def console_argument(console: object, who: str) -> Console:
