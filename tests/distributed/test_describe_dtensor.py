@@ -73,6 +73,7 @@ def _worker(rank: int, world: int, out: Path) -> None:
     results["all_reduce"] = total.item()
     results["sharded"] = all(isinstance(p, DTensor) for p in model.parameters())
     out.write_text(json.dumps(results))
+    dist.barrier()  # gloo: a rank that tears down while the other still talks aborts
     dist.destroy_process_group()
 
 

@@ -108,6 +108,7 @@ def _worker(rank: int, world: int, out: Path) -> None:
     dist.all_reduce(total)  # the process group still works
     results["all_reduce"] = total.item()
     out.write_text(json.dumps(results))
+    dist.barrier()  # gloo: a rank that tears down while the other still talks aborts
     dist.destroy_process_group()
 
 
